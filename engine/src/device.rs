@@ -1,0 +1,70 @@
+//! Opening the wgpu device burn runs on, and what the user should know about it.
+
+use std::sync::OnceLock;
+
+use burn::backend::wgpu::{
+    RuntimeOptions, WgpuDevice, WgpuRuntime, graphics::AutoGraphicsApi, init_setup,
+};
+
+use crate::error::{Error, Result};
+
+/// The engine's wgpu backend: burn's CubeCL backend on wgpu, f32 floats, i32 ints.
+pub type Wgpu = burn::backend::wgpu::CubeBackend<WgpuRuntime, f32, i32, u32>;
+
+/// The adapter burn-wgpu runs on.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GpuInfo {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+}
+
+impl std::fmt::Display for GpuInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}, {}, {})",
+            self.name, self.backend, self.device_type, self.driver
+        )
+    }
+}
+
+static GPU: OnceLock<std::result::Result<GpuInfo, String>> = OnceLock::new();
+
+/// Open the default wgpu adapter once per process (later calls return the same one).
+pub fn init_wgpu() -> Result<(WgpuDevice, GpuInfo)> {
+    let device = WgpuDevice::DefaultDevice;
+    let info = GPU.get_or_init(|| {
+        // wgpu/cubecl panic when no adapter exists; turn that into an error the user can act on.
+        let setup = std::panic::catch_unwind(|| {
+            init_setup::<AutoGraphicsApi>(&WgpuDevice::DefaultDevice, RuntimeOptions::default())
+        });
+        match setup {
+            Ok(setup) => {
+                let i = setup.adapter.get_info();
+                Ok(GpuInfo {
+                    name: i.name,
+                    backend: format!("{:?}", i.backend),
+                    device_type: format!("{:?}", i.device_type),
+                    driver: format!("{} {}", i.driver, i.driver_info).trim().to_string(),
+                })
+            }
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown error".into());
+                Err(format!(
+                    "{msg}. Install a Vulkan driver (on Debian/Ubuntu without a GPU: \
+                     `apt-get install mesa-vulkan-drivers libvulkan1` for the software one)"
+                ))
+            }
+        }
+    });
+    match info {
+        Ok(i) => Ok((device, i.clone())),
+        Err(e) => Err(Error::NoAdapter(e.clone())),
+    }
+}

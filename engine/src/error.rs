@@ -1,0 +1,114 @@
+//! The engine's error type: one enum with structured fields, handled once by the caller.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the engine. Each variant names the file or tensor involved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: not a GGUF file (magic {got:#010x}, expected 0x46554747 \"GGUF\")")]
+    BadMagic { path: PathBuf, got: u32 },
+
+    #[error("{path}: GGUF version {version} is not supported (2 and 3 are)")]
+    UnsupportedGgufVersion { path: PathBuf, version: u32 },
+
+    #[error("{path}: file is truncated or corrupt at byte {offset}: {what}")]
+    Truncated {
+        path: PathBuf,
+        offset: u64,
+        what: String,
+    },
+
+    #[error("{path}: {what}")]
+    Malformed { path: PathBuf, what: String },
+
+    #[error("{path}: tensor `{tensor}`: {what}")]
+    BadTensor {
+        path: PathBuf,
+        tensor: String,
+        what: String,
+    },
+
+    #[error("tensor `{tensor}` not found in {path}")]
+    MissingTensor { path: PathBuf, tensor: String },
+
+    #[error("tensor `{tensor}`: expected shape {expected:?}, got {got:?}")]
+    ShapeMismatch {
+        tensor: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+
+    #[error("tensor `{tensor}`: data type {dtype} is not supported ({why})")]
+    UnsupportedDtype {
+        tensor: String,
+        dtype: String,
+        why: String,
+    },
+
+    #[error("{path}: metadata key `{key}`: {what}")]
+    Metadata {
+        path: PathBuf,
+        key: String,
+        what: String,
+    },
+
+    #[error("{path}: architecture `{arch}` is not supported (supported: {supported})")]
+    UnsupportedArchitecture {
+        path: PathBuf,
+        arch: String,
+        supported: String,
+    },
+
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+
+    #[error("tokenizer from {path}: {what}")]
+    Tokenizer { path: PathBuf, what: String },
+
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    #[error("no GPU adapter could be opened: {0}")]
+    NoAdapter(String),
+
+    #[error("fetching the default model: {0}")]
+    Fetch(String),
+
+    #[error("checksum mismatch for {path}: expected {expected}, got {got}")]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        got: String,
+    },
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    #[error("cancelled")]
+    Cancelled,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Model file loaders. Each source hands out tensors by their HF names
+//! (`model.layers.0.self_attn.q_proj.weight`), row-major, either as f32 or as ggml blocks that
+//! can go to the GPU without dequantising.
+
+pub mod gguf;
+pub mod safetensors;
+pub mod tokenizer;
+
+use crate::error::{Error, Result};
+use crate::quant::{GgmlType, dequantize_into};
+use gguf::GgufFile;
+
+/// Tensor data on the host.
+#[derive(Debug, Clone)]
+pub enum HostData {
+    F32(Vec<f32>),
+    /// Whole ggml blocks of `ty`; each row of the tensor is a whole number of blocks.
+    Blocks {
+        ty: GgmlType,
+        bytes: Vec<u8>,
+    },
+}
+
+/// A tensor on the host, row-major (`shape[0]` outermost).
+#[derive(Debug, Clone)]
+pub struct HostTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: HostData,
+}
+
+impl HostTensor {
+    pub fn n_elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The values as f32, dequantising blocks.
+    pub fn into_f32(self) -> Vec<f32> {
+        match self.data {
+            HostData::F32(v) => v,
+            HostData::Blocks { ty, bytes } => {
+                let mut out = Vec::new();
+                dequantize_into(ty, &bytes, &mut out);
+                out
+            }
+        }
+    }
+
+    pub fn expect_shape(&self, expected: &[usize]) -> Result<()> {
+        if self.shape != expected {
+            return Err(Error::ShapeMismatch {
+                tensor: self.name.clone(),
+                expected: expected.to_vec(),
+                got: self.shape.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reorder the rows of a 2-D tensor: row `i` of the result is row `from[i]` of `self`.
+    /// Works on quantised blocks too, since each row is a whole number of blocks.
+    pub fn permute_rows(self, from: &[usize]) -> Self {
+        let rows = self.shape[0];
+        let data = match self.data {
+            HostData::F32(v) => {
+                let w = v.len() / rows;
+                HostData::F32(
+                    from.iter()
+                        .flat_map(|&r| v[r * w..(r + 1) * w].iter().copied())
+                        .collect(),
+                )
+            }
+            HostData::Blocks { ty, bytes } => {
+                let w = bytes.len() / rows;
+                let bytes = from
+                    .iter()
+                    .flat_map(|&r| bytes[r * w..(r + 1) * w].iter().copied())
+                    .collect();
+                HostData::Blocks { ty, bytes }
+            }
+        };
+        Self { data, ..self }
+    }
+}
+
+/// Where a model's weights come from.
+pub trait WeightSource {
+    /// The tensor with this HF name, or `None` if the file does not hold it.
+    fn get(&self, hf_name: &str) -> Result<Option<HostTensor>>;
+
+    /// The file, for error messages.
+    fn path(&self) -> &std::path::Path;
+
+    fn require(&self, hf_name: &str) -> Result<HostTensor> {
+        self.get(hf_name)?.ok_or_else(|| Error::MissingTensor {
+            path: self.path().into(),
+            tensor: hf_name.into(),
+        })
+    }
+}
+
+/// GGUF tensor names (llama.cpp's `convert_hf_to_gguf.py`) for HF names.
+pub fn gguf_name(hf_name: &str) -> Option<String> {
+    let fixed = match hf_name {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.into());
+    }
+    let rest = hf_name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// Tensors of a GGUF file under HF names.
+///
+/// llama.cpp's converter permutes the rows of `q_proj`/`k_proj` (weights and biases) of Llama
+/// models so that its interleaved RoPE matches HF's rotate-half; we undo that here, as
+/// transformers does when it loads a GGUF, so one model implementation serves both formats.
+pub struct GgufWeights<'a> {
+    pub file: &'a GgufFile,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    /// Whether q/k rows were permuted (Llama-arch GGUFs; Qwen2 GGUFs are not).
+    pub unpermute_qk: bool,
+}
+
+impl WeightSource for GgufWeights<'_> {
+    fn get(&self, hf_name: &str) -> Result<Option<HostTensor>> {
+        let Some(name) = gguf_name(hf_name) else {
+            return Ok(None);
+        };
+        let Some(info) = self.file.tensor(&name) else {
+            return Ok(None);
+        };
+        let bytes = self.file.tensor_bytes(info);
+        let data = match info.ty {
+            GgmlType::F32
+            | GgmlType::F16
+            | GgmlType::Bf16
+            | GgmlType::Q4K
+            | GgmlType::Q5K
+            | GgmlType::Q6K => {
+                let mut v = Vec::new();
+                dequantize_into(info.ty, bytes, &mut v);
+                HostData::F32(v)
+            }
+            ty => HostData::Blocks {
+                ty,
+                bytes: bytes.to_vec(),
+            },
+        };
+        let mut shape = info.shape();
+        if shape.len() == 1 && matches!(data, HostData::Blocks { .. }) {
+            shape.insert(0, 1);
+        }
+        let t = HostTensor {
+            name: hf_name.into(),
+            shape,
+            data,
+        };
+        let heads = if hf_name.contains("q_proj") {
+            self.n_heads
+        } else if hf_name.contains("k_proj") {
+            self.n_kv_heads
+        } else {
+            return Ok(Some(t));
+        };
+        if !self.unpermute_qk {
+            return Ok(Some(t));
+        }
+        let rows = t.shape[0];
+        if rows % heads != 0 || (rows / heads) % 2 != 0 {
+            return Err(Error::BadTensor {
+                path: self.file.path.clone(),
+                tensor: name,
+                what: format!("{rows} rows do not split into {heads} heads of even size"),
+            });
+        }
+        // GGUF row 2i + j of a head holds HF row j * half + i (llama.cpp `permute`).
+        let head_dim = rows / heads;
+        let half = head_dim / 2;
+        let from: Vec<usize> = (0..rows)
+            .map(|r| {
+                let (h, within) = (r / head_dim, r % head_dim);
+                let (j, i) = (within / half, within % half);
+                h * head_dim + 2 * i + j
+            })
+            .collect();
+        if t.shape.len() == 1 {
+            // Biases: permute as a column of rows.
+            let v = t.into_f32();
+            let data = HostData::F32(from.iter().map(|&r| v[r]).collect());
+            return Ok(Some(HostTensor {
+                name: hf_name.into(),
+                shape: vec![rows],
+                data,
+            }));
+        }
+        Ok(Some(t.permute_rows(&from)))
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.file.path
+    }
+}

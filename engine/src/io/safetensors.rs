@@ -1,0 +1,141 @@
+//! HF safetensors weights: `model.safetensors` or sharded `model.safetensors.index.json`,
+//! memory-mapped, f32/f16/bf16 converted to f32.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors};
+
+use super::{HostData, HostTensor, WeightSource};
+use crate::error::{Error, Result};
+
+struct Shard {
+    path: PathBuf,
+    map: memmap2::Mmap,
+}
+
+/// The safetensors files of an HF model directory.
+pub struct SafetensorsWeights {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    /// Tensor name → shard index.
+    index: HashMap<String, usize>,
+}
+
+impl SafetensorsWeights {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index_path.exists() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| Error::Json {
+                    path: index_path.clone(),
+                    source,
+                })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Malformed {
+                    path: index_path.clone(),
+                    what: "no `weight_map` object".into(),
+                })?;
+            let mut files: Vec<PathBuf> = Vec::new();
+            for v in map.values() {
+                let name = v
+                    .as_str()
+                    .filter(|s| !s.contains('/') && !s.contains(".."))
+                    .ok_or_else(|| Error::Malformed {
+                        path: index_path.clone(),
+                        what: format!("bad shard name {v}"),
+                    })?;
+                let p = dir.join(name);
+                if !files.contains(&p) {
+                    files.push(p);
+                }
+            }
+            files
+        } else {
+            return Err(Error::Malformed {
+                path: dir.into(),
+                what: "no model.safetensors or model.safetensors.index.json".into(),
+            });
+        };
+
+        let mut shards = Vec::new();
+        let mut index = HashMap::new();
+        for path in files {
+            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            // SAFETY: read-only private map; safetensors validates the header against the length,
+            // and every tensor slice it returns is bounds-checked.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+            let st = SafeTensors::deserialize(&map).map_err(|e| Error::Malformed {
+                path: path.clone(),
+                what: e.to_string(),
+            })?;
+            for name in st.names() {
+                index.insert(name.to_string(), shards.len());
+            }
+            drop(st);
+            shards.push(Shard { path, map });
+        }
+        Ok(Self {
+            dir: dir.into(),
+            shards,
+            index,
+        })
+    }
+}
+
+impl WeightSource for SafetensorsWeights {
+    fn get(&self, hf_name: &str) -> Result<Option<HostTensor>> {
+        let Some(&i) = self.index.get(hf_name) else {
+            return Ok(None);
+        };
+        let shard = &self.shards[i];
+        let st = SafeTensors::deserialize(&shard.map).map_err(|e| Error::Malformed {
+            path: shard.path.clone(),
+            what: e.to_string(),
+        })?;
+        let view = st.tensor(hf_name).map_err(|e| Error::BadTensor {
+            path: shard.path.clone(),
+            tensor: hf_name.into(),
+            what: e.to_string(),
+        })?;
+        let bytes = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::UnsupportedDtype {
+                    tensor: hf_name.into(),
+                    dtype: format!("{other:?}"),
+                    why: format!("{}: weights must be F32, F16 or BF16", shard.path.display()),
+                });
+            }
+        };
+        Ok(Some(HostTensor {
+            name: hf_name.into(),
+            shape: view.shape().to_vec(),
+            data: HostData::F32(values),
+        }))
+    }
+
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+}

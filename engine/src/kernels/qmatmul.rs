@@ -1,0 +1,140 @@
+//! Launchers of `shaders/qmatvec.wgsl` (decode) and `shaders/qmatmul.wgsl` (prefill) on
+//! burn-wgpu, through burn's template route (`KernelSource` → `SourceKernel`).
+
+use burn::backend::wgpu::{
+    BoolElement, CubeBackend, CubeTensor, IntElement, KernelSource, SourceKernel, SourceTemplate,
+    WgpuRuntime, into_contiguous,
+};
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use cubecl::prelude::KernelId;
+use cubecl::server::{KernelArguments, MetadataBindingInfo};
+use cubecl::{CubeCount, CubeDim};
+
+use super::{QTensor, QuantBackend};
+use crate::quant::QFormat;
+
+/// Uniform parameters of both kernels. Keep in sync with `Params` in shaders/qmatvec.wgsl and
+/// shaders/qmatmul.wgsl.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct QMatmulParams {
+    /// Rows of x and y.
+    pub m: u32,
+    /// Rows of W = columns of y.
+    pub n: u32,
+    /// Columns of x and W.
+    pub k: u32,
+    /// k / 32.
+    pub blocks_per_row: u32,
+}
+
+/// Rows of x up to which the mat-vec kernel is used (it reads W once per row of x).
+pub const MATVEC_MAX_ROWS: usize = 4;
+/// Rows of W per mat-vec workgroup (16 lanes each).
+const MATVEC_ROWS_PER_WG: u32 = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Op {
+    MatVec,
+    MatMul,
+}
+
+#[derive(Debug)]
+struct QKernel {
+    op: Op,
+    format: QFormat,
+}
+
+impl KernelSource for QKernel {
+    fn source(&self) -> SourceTemplate {
+        // WGSL has no includes: the op and the format's helpers are concatenated.
+        let op = match self.op {
+            Op::MatVec => include_str!("../../../shaders/qmatvec.wgsl"),
+            Op::MatMul => include_str!("../../../shaders/qmatmul.wgsl"),
+        };
+        let format = match self.format {
+            QFormat::Q4_0 => include_str!("../../../shaders/common/q4_0.wgsl"),
+            QFormat::Q4_1 => include_str!("../../../shaders/common/q4_1.wgsl"),
+            QFormat::Q8_0 => include_str!("../../../shaders/common/q8_0.wgsl"),
+        };
+        SourceTemplate::new(format!("{op}\n{format}"))
+            .register("rows", MATVEC_ROWS_PER_WG.to_string())
+            .register("workgroup", (16 * MATVEC_ROWS_PER_WG).to_string())
+    }
+
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info((self.op, self.format))
+    }
+}
+
+type WgpuCube<I, BT> = CubeBackend<WgpuRuntime, f32, I, BT>;
+
+/// `x · Wᵀ` on burn-wgpu with the WGSL kernels. `x: [m, k]` f32, `W: [n, k]`.
+pub fn q_matmul_wgpu<I: IntElement, BT: BoolElement>(
+    x: Tensor<WgpuCube<I, BT>, 2>,
+    w: &QTensor<WgpuCube<I, BT>>,
+) -> Tensor<WgpuCube<I, BT>, 2> {
+    let [m, k] = x.dims();
+    assert_eq!(k, w.cols, "q_matmul: x has {k} columns, W has {}", w.cols);
+    let n = w.rows;
+    let x: CubeTensor<WgpuRuntime> = into_contiguous(x.into_primitive().tensor());
+    assert_eq!(x.dtype, DType::F32, "q_matmul kernels take f32 activations");
+    let qs = w.qs.clone().into_primitive();
+    let scales = w.scales.clone().into_primitive();
+    let client = x.client.clone();
+    let out = CubeTensor::new_contiguous(
+        client.clone(),
+        x.device.clone(),
+        Shape::new([m, n]),
+        client.empty(m * n * size_of::<f32>()),
+        DType::F32,
+    );
+    let params = QMatmulParams {
+        m: m as u32,
+        n: n as u32,
+        k: k as u32,
+        blocks_per_row: (k / 32) as u32,
+    };
+    let info: Vec<u64> = bytemuck::pod_collect_to_vec(&[params]);
+    let (op, cube_dim, count) = if m <= MATVEC_MAX_ROWS {
+        let wg = 16 * MATVEC_ROWS_PER_WG;
+        (
+            Op::MatVec,
+            CubeDim { x: wg, y: 1, z: 1 },
+            CubeCount::Static(n.div_ceil(MATVEC_ROWS_PER_WG as usize) as u32, m as u32, 1),
+        )
+    } else {
+        (
+            Op::MatMul,
+            CubeDim { x: 16, y: 16, z: 1 },
+            CubeCount::Static(n.div_ceil(32) as u32, m.div_ceil(32) as u32, 1),
+        )
+    };
+    let kernel = QKernel {
+        op,
+        format: w.format,
+    };
+    client.launch(
+        Box::new(SourceKernel::new(kernel, cube_dim)),
+        count,
+        KernelArguments::new()
+            .with_buffers(vec![
+                x.handle.clone().binding(),
+                qs.handle.clone().binding(),
+                scales.handle.clone().binding(),
+                out.handle.clone().binding(),
+            ])
+            .with_info(MetadataBindingInfo::custom(info)),
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+impl<I: IntElement, BT: BoolElement> QuantBackend for WgpuCube<I, BT> {
+    fn q_matmul(x: Tensor<Self, 2>, w: &QTensor<Self>) -> Tensor<Self, 2> {
+        q_matmul_wgpu(x, w)
+    }
+
+    fn q_matmul_impl() -> &'static str {
+        "WGSL (qmatvec/qmatmul)"
+    }
+}

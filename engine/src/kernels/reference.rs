@@ -1,0 +1,105 @@
+//! The reference for the quantised kernels, from plain burn tensor ops: unpack nibbles/bytes
+//! and f16 scales with integer ops, dequantise, matmul. Runs on every backend.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+
+use super::QTensor;
+use crate::quant::QFormat;
+
+fn shifts<B: Backend>(values: [i32; 4], device: &B::Device) -> Tensor<B, 3, Int> {
+    Tensor::<B, 1, Int>::from_data(TensorData::new(values.to_vec(), [4]), device).reshape([1, 1, 4])
+}
+
+/// `(x >> shift) & mask` elementwise, shifts broadcast along the last dim.
+fn extract<B: Backend>(
+    x: Tensor<B, 3, Int>,
+    shift: Tensor<B, 3, Int>,
+    mask: i32,
+) -> Tensor<B, 3, Int> {
+    let [a, b, _] = x.dims();
+    x.expand([a, b, 4])
+        .bitwise_right_shift(shift.expand([a, b, 4]))
+        .bitwise_and_scalar(mask.elem())
+}
+
+/// Decode IEEE f16 bit patterns (in the low 16 bits of each value) to f32, with int/float ops.
+fn f16_bits_to_f32<B: Backend>(h: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let sign = h
+        .clone()
+        .bitwise_right_shift_scalar(15.elem())
+        .bitwise_and_scalar(1.elem())
+        .float();
+    let exp = h
+        .clone()
+        .bitwise_right_shift_scalar(10.elem())
+        .bitwise_and_scalar(0x1F.elem());
+    let man = h.bitwise_and_scalar(0x3FF.elem()).float();
+    let normal = exp.clone().greater_equal_elem(1).float();
+    // normal: (1024 + man) * 2^(exp - 25); subnormal: man * 2^-24 = man * 2^(1 - 25).
+    let mantissa = man + normal * 1024.0;
+    let exponent = exp.clamp_min(1i32).float() - 25.0;
+    let magnitude = mantissa * (exponent * std::f32::consts::LN_2).exp();
+    magnitude * (sign * -2.0 + 1.0)
+}
+
+/// The f16 scales of `w`, `[n_blocks, scales_per_block]`.
+fn scales<B: Backend>(w: &QTensor<B>, n_blocks: usize) -> Tensor<B, 2> {
+    let device = w.scales.device();
+    let words = w.scales.clone();
+    let n_words = words.dims()[0];
+    let halves = Tensor::cat(
+        vec![
+            words
+                .clone()
+                .bitwise_and_scalar(0xFFFF.elem())
+                .reshape([n_words, 1]),
+            words
+                .bitwise_right_shift_scalar(16.elem())
+                .bitwise_and_scalar(0xFFFF.elem())
+                .reshape([n_words, 1]),
+        ],
+        1,
+    )
+    .reshape([2 * n_words]);
+    let per = w.format.scales_per_block();
+    let _ = device;
+    f16_bits_to_f32(halves.slice(0..n_blocks * per)).reshape([n_blocks, per])
+}
+
+/// Dequantise `w` to `[rows, cols]` with tensor ops.
+pub fn dequantize<B: Backend>(w: &QTensor<B>) -> Tensor<B, 2> {
+    let device = w.qs.device();
+    let n_blocks = w.rows * w.cols / QFormat::BLOCK_LEN;
+    let s = scales(w, n_blocks);
+    let values = match w.format {
+        QFormat::Q4_0 | QFormat::Q4_1 => {
+            let words = w.qs.clone().reshape([n_blocks, 4, 1]);
+            // Byte j of word i is weight 4i + j (low nibble) and 4i + j + 16 (high nibble).
+            let lo = extract(words.clone(), shifts::<B>([0, 8, 16, 24], &device), 0xF)
+                .reshape([n_blocks, 16]);
+            let hi =
+                extract(words, shifts::<B>([4, 12, 20, 28], &device), 0xF).reshape([n_blocks, 16]);
+            let q = Tensor::cat(vec![lo, hi], 1).float(); // [n_blocks, 32]
+            let d = s.clone().slice([0..n_blocks, 0..1]);
+            if w.format == QFormat::Q4_0 {
+                (q - 8.0) * d
+            } else {
+                q * d + s.slice([0..n_blocks, 1..2])
+            }
+        }
+        QFormat::Q8_0 => {
+            let words = w.qs.clone().reshape([n_blocks, 8, 1]);
+            let bytes =
+                extract(words, shifts::<B>([0, 8, 16, 24], &device), 0xFF).reshape([n_blocks, 32]);
+            let signed = bytes.clone() - bytes.greater_equal_elem(128).int() * 256;
+            signed.float() * s
+        }
+    };
+    values.reshape([w.rows, w.cols])
+}
+
+/// `x · Wᵀ` by dequantising `W`.
+pub fn q_matmul<B: Backend>(x: Tensor<B, 2>, w: &QTensor<B>) -> Tensor<B, 2> {
+    x.matmul(dequantize(w).transpose())
+}

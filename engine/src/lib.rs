@@ -1,0 +1,18 @@
+//! codelsi engine: loads Llama-family models (GGUF, HF safetensors), runs them on burn-wgpu with
+//! hand-written WGSL kernels for quantised products, and samples text from them.
+//!
+//! The library never prints: long work reports through callbacks and honours a
+//! [`generate::CancelToken`]. See ARCHITECTURE.md for the path a request takes.
+
+pub mod device;
+pub mod error;
+pub mod fetch;
+pub mod generate;
+pub mod io;
+pub mod kernels;
+pub mod model;
+pub mod models;
+pub mod quant;
+pub mod sampling;
+
+pub use error::{Error, Result};

@@ -1,0 +1,144 @@
+//! Loading a model from what a user points at: a GGUF file, an HF directory, or `default`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::fetch::{FetchStep, ensure_default_model};
+use crate::io::gguf::GgufFile;
+use crate::io::safetensors::SafetensorsWeights;
+use crate::io::tokenizer::Tokenizer;
+use crate::io::{GgufWeights, WeightSource};
+use crate::kernels::QuantBackend;
+use crate::models::config::{Architecture, Config};
+use crate::models::llama::Llama;
+use crate::quant::QFormat;
+
+/// What a loaded model is, for reports and the app.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    pub path: PathBuf,
+    pub format: &'static str,
+    pub architecture: &'static str,
+    pub parameters: usize,
+    /// Tensor types and their counts as stored in the file, e.g. `Q4_1 ×210`.
+    pub quantization: String,
+    pub context_length: usize,
+    pub layers: usize,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    /// Bytes of weights in device memory.
+    pub device_bytes: usize,
+}
+
+pub struct LoadedModel<B: QuantBackend> {
+    pub model: Llama<B>,
+    pub tokenizer: Tokenizer,
+    pub info: ModelInfo,
+}
+
+/// Progress events while loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadEvent {
+    Fetch(FetchStep),
+    /// Tensors uploaded so far (`done`, `total` layers + embeddings + head).
+    Upload {
+        done: usize,
+        total: usize,
+    },
+}
+
+/// Turn a `--model` argument into a path: `default` fetches the default model if needed.
+pub fn resolve_model(spec: &str, progress: &mut dyn FnMut(LoadEvent)) -> Result<PathBuf> {
+    if spec == "default" {
+        return ensure_default_model(&mut |s| progress(LoadEvent::Fetch(s)));
+    }
+    let p = PathBuf::from(spec);
+    if !p.exists() {
+        return Err(Error::io(
+            &p,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        ));
+    }
+    Ok(p)
+}
+
+fn type_census(gguf: &GgufFile) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for t in &gguf.tensors {
+        *counts.entry(t.ty.name()).or_default() += 1;
+    }
+    let mut v: Vec<_> = counts.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.iter()
+        .map(|(n, c)| format!("{n} ×{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Load a model and its tokenizer onto `device`.
+pub fn load_model<B: QuantBackend>(
+    path: &Path,
+    quantize: Option<QFormat>,
+    device: &B::Device,
+    progress: &mut dyn FnMut(LoadEvent),
+) -> Result<LoadedModel<B>> {
+    let mut upload = |done, total| progress(LoadEvent::Upload { done, total });
+    if path.is_dir() {
+        let config = Config::from_hf_json(&path.join("config.json"))?;
+        let tokenizer = Tokenizer::from_hf_dir(path)?;
+        let weights = SafetensorsWeights::open(path)?;
+        let quantization = match quantize {
+            Some(q) => format!("f32/f16/bf16 → {:?} at load", q),
+            None => "f32 (from safetensors)".into(),
+        };
+        let model = Llama::load(config.clone(), &weights, quantize, device, &mut upload)?;
+        let info = info(path, "HF safetensors", &config, quantization, &model);
+        return Ok(LoadedModel {
+            model,
+            tokenizer,
+            info,
+        });
+    }
+    let gguf = GgufFile::open(path)?;
+    let config = Config::from_gguf(&gguf)?;
+    let tokenizer = Tokenizer::from_gguf(&gguf)?;
+    let weights = GgufWeights {
+        file: &gguf,
+        n_heads: config.num_attention_heads,
+        n_kv_heads: config.num_key_value_heads,
+        unpermute_qk: matches!(
+            config.architecture,
+            Architecture::Llama | Architecture::Mistral
+        ),
+    };
+    let model = Llama::load(config.clone(), &weights, quantize, device, &mut upload)?;
+    let info = info(path, "GGUF", &config, type_census(&gguf), &model);
+    let _ = weights.path();
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        info,
+    })
+}
+
+fn info<B: QuantBackend>(
+    path: &Path,
+    format: &'static str,
+    c: &Config,
+    quantization: String,
+    m: &Llama<B>,
+) -> ModelInfo {
+    ModelInfo {
+        path: path.into(),
+        format,
+        architecture: c.architecture.name(),
+        parameters: c.num_parameters(),
+        quantization,
+        context_length: c.max_position_embeddings,
+        layers: c.num_hidden_layers,
+        hidden_size: c.hidden_size,
+        vocab_size: c.vocab_size,
+        device_bytes: m.device_bytes(),
+    }
+}

@@ -1,0 +1,375 @@
+//! The Llama family (Llama 1-3, CodeLlama, Mistral, SmolLM, Qwen2): RMSNorm, RoPE (rotate-half,
+//! as HF `modeling_llama.py`), grouped-query attention with a KV cache, SwiGLU MLP, tied or
+//! untied LM head. Generic over any [`QuantBackend`]; weights quantised or not.
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Tensor, TensorData};
+
+use super::config::Config;
+use super::{Embedding, Linear, RmsNorm};
+use crate::error::{Error, Result};
+use crate::io::WeightSource;
+use crate::kernels::QuantBackend;
+use crate::quant::QFormat;
+
+/// Keys and values of past positions, per layer: `[batch, kv_heads, capacity, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: QuantBackend> {
+    layers: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
+    /// Positions filled.
+    pub len: usize,
+    pub capacity: usize,
+}
+
+impl<B: QuantBackend> KvCache<B> {
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention<B: QuantBackend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp<B: QuantBackend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer<B: QuantBackend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+/// Progress while loading: `(tensors done, tensors in all)`.
+pub type LoadProgress<'a> = &'a mut dyn FnMut(usize, usize);
+
+#[derive(Debug, Clone)]
+pub struct Llama<B: QuantBackend> {
+    pub config: Config,
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    pub lm_head: Linear<B>,
+    inv_freq: Vec<f32>,
+    device: B::Device,
+}
+
+/// RoPE tables for positions `start..start + len`: `(cos, sin)`, each `[len, head_dim]`
+/// (the frequencies repeated for both halves, as HF builds them).
+fn rope_tables(inv_freq: &[f32], start: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(len * 2 * half);
+    let mut sin = Vec::with_capacity(len * 2 * half);
+    for p in start..start + len {
+        for _ in 0..2 {
+            for &f in inv_freq {
+                let angle = p as f64 * f as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+    }
+    (cos, sin)
+}
+
+/// # Shapes
+/// - `x`: `[batch, heads, seq, head_dim]`, `cos`/`sin`: `[1, 1, seq, head_dim]` → like `x`
+fn apply_rope<B: QuantBackend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let [b, h, s, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
+    let x2 = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos + rotated * sin
+}
+
+impl<B: QuantBackend> Llama<B> {
+    /// Load from HF-named weights. `quantize` quantises f32/f16/bf16 (and K-quant) linear weights
+    /// to a kernel format at load; weights already in Q4_0/Q4_1/Q8_0 stay as they are.
+    pub fn load(
+        config: Config,
+        source: &dyn WeightSource,
+        quantize: Option<QFormat>,
+        device: &B::Device,
+        progress: LoadProgress<'_>,
+    ) -> Result<Self> {
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let total = c.num_hidden_layers + 2;
+        let embed_host = source.require("model.embed_tokens.weight")?;
+        let embed_tokens = Embedding::load(&embed_host, c.vocab_size, h)?;
+        progress(1, total);
+
+        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear<B>> {
+            let w = source.require(&format!("{name}.weight"))?;
+            w.expect_shape(&[out, inp])?;
+            let b = if bias {
+                Some(source.require(&format!("{name}.bias"))?)
+            } else {
+                None
+            };
+            Linear::load(w, b, quantize, device)
+        };
+        let norm = |name: &str| RmsNorm::load(source.require(name)?, h, c.rms_norm_eps, device);
+
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+            layers.push(DecoderLayer {
+                input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention {
+                    q_proj: linear(&format!("{p}.self_attn.q_proj"), q, h, c.qkv_bias)?,
+                    k_proj: linear(&format!("{p}.self_attn.k_proj"), kv, h, c.qkv_bias)?,
+                    v_proj: linear(&format!("{p}.self_attn.v_proj"), kv, h, c.qkv_bias)?,
+                    o_proj: linear(&format!("{p}.self_attn.o_proj"), h, q, false)?,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: linear(
+                        &format!("{p}.mlp.gate_proj"),
+                        c.intermediate_size,
+                        h,
+                        false,
+                    )?,
+                    up_proj: linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, h, false)?,
+                    down_proj: linear(
+                        &format!("{p}.mlp.down_proj"),
+                        h,
+                        c.intermediate_size,
+                        false,
+                    )?,
+                },
+            });
+            progress(i + 2, total);
+        }
+        let lm_head = match source.get("lm_head.weight")? {
+            Some(w) if !c.tie_word_embeddings => {
+                w.expect_shape(&[c.vocab_size, h])?;
+                Linear::load(w, None, quantize, device)?
+            }
+            _ => Linear::load(embed_host, None, quantize, device)?,
+        };
+        let norm = norm("model.norm.weight")?;
+        progress(total, total);
+        let inv_freq = config.rope_inv_freq();
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            device: device.clone(),
+            config,
+        })
+    }
+
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// A KV cache for `capacity` positions (at most the model's context length).
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache<B> {
+        let c = &self.config;
+        let capacity = capacity.min(c.max_position_embeddings).max(1);
+        let shape = [batch, c.num_key_value_heads, capacity, c.head_dim];
+        let layers = (0..c.num_hidden_layers)
+            .map(|_| {
+                (
+                    Tensor::zeros(shape, &self.device),
+                    Tensor::zeros(shape, &self.device),
+                )
+            })
+            .collect();
+        KvCache {
+            layers,
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Bytes of weights in device memory.
+    pub fn device_bytes(&self) -> usize {
+        let per_layer: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                let m = &l.mlp;
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+                .iter()
+                .map(|x| x.device_bytes())
+                .sum::<usize>()
+            })
+            .sum();
+        per_layer + self.lm_head.device_bytes()
+    }
+
+    /// Run `token_ids` (one sequence) through the model after the `cache.len` positions already
+    /// in the cache, and append them to it. Returns the logits of the last position
+    /// (`[1, vocab]`), or of every new position when `all_logits` (`[seq, vocab]`).
+    pub fn forward(
+        &self,
+        token_ids: &[u32],
+        cache: &mut KvCache<B>,
+        all_logits: bool,
+    ) -> Result<Tensor<B, 2>> {
+        let seq = token_ids.len();
+        if seq == 0 {
+            return Err(Error::InvalidArgument(
+                "forward of an empty sequence".into(),
+            ));
+        }
+        if cache.len + seq > cache.capacity {
+            return Err(Error::InvalidArgument(format!(
+                "{} positions exceed the KV cache of {} (context length {})",
+                cache.len + seq,
+                cache.capacity,
+                self.config.max_position_embeddings
+            )));
+        }
+        let h = self.config.hidden_size;
+        let embedded = self.embed_tokens.lookup(token_ids)?;
+        let mut x = Tensor::<B, 3>::from_data(TensorData::new(embedded, [1, seq, h]), &self.device);
+
+        let hd = self.config.head_dim;
+        let (cos, sin) = rope_tables(&self.inv_freq, cache.len, seq);
+        let cos = Tensor::<B, 4>::from_data(TensorData::new(cos, [1, 1, seq, hd]), &self.device);
+        let sin = Tensor::<B, 4>::from_data(TensorData::new(sin, [1, 1, seq, hd]), &self.device);
+        let mask = self.causal_mask(cache.len, seq);
+
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let residual = x.clone();
+            let a = layer.self_attn.forward(
+                layer.input_layernorm.forward(x),
+                &self.config,
+                kv,
+                cache.len,
+                (&cos, &sin),
+                mask.as_ref(),
+            );
+            x = residual + a;
+            let residual = x.clone();
+            x = residual + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+        }
+        cache.len += seq;
+
+        let x = if all_logits {
+            x
+        } else {
+            x.slice([0..1, seq - 1..seq, 0..h])
+        };
+        let x = self.norm.forward(x);
+        let rows = x.dims()[1];
+        Ok(self
+            .lm_head
+            .forward(x)
+            .reshape([rows, self.config.vocab_size]))
+    }
+
+    /// Additive mask `[1, 1, rep * seq, past + seq]` for grouped queries (see
+    /// [`Attention::forward`]); `None` when a single new position sees everything.
+    fn causal_mask(&self, past: usize, seq: usize) -> Option<Tensor<B, 4>> {
+        if seq == 1 {
+            return None;
+        }
+        let rep = self.config.num_attention_heads / self.config.num_key_value_heads;
+        let total = past + seq;
+        let mut m = Vec::with_capacity(rep * seq * total);
+        for _ in 0..rep {
+            for i in 0..seq {
+                m.extend((0..total).map(|j| {
+                    if j <= past + i {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                }));
+            }
+        }
+        Some(Tensor::from_data(
+            TensorData::new(m, [1, 1, rep * seq, total]),
+            &self.device,
+        ))
+    }
+}
+
+impl<B: QuantBackend> Attention<B> {
+    /// Grouped-query attention. The `rep` query heads that share a KV head are laid out as one
+    /// longer query sequence (`[batch, kv_heads, rep * seq, head_dim]`), so keys and values are
+    /// never repeated in memory. Head `h` uses KV head `h / rep`, as HF `repeat_kv`.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
+    /// - `kv`: `[batch, kv_heads, capacity, head_dim]` each, written at `past..past + seq`
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        c: &Config,
+        kv: &mut (Tensor<B, 4>, Tensor<B, 4>),
+        past: usize,
+        (cos, sin): (&Tensor<B, 4>, &Tensor<B, 4>),
+        mask: Option<&Tensor<B, 4>>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let (n_heads, n_kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let rep = n_heads / n_kv;
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, hd]).swap_dims(1, 2);
+        let q = heads(self.q_proj.forward(x.clone()), n_heads); // [b, n_heads, seq, hd]
+        let k = heads(self.k_proj.forward(x.clone()), n_kv); // [b, n_kv, seq, hd]
+        let v = heads(self.v_proj.forward(x), n_kv);
+        let q = apply_rope(q, cos.clone(), sin.clone());
+        let k = apply_rope(k, cos.clone(), sin.clone());
+
+        let total = past + seq;
+        let range = [0..batch, 0..n_kv, past..total, 0..hd];
+        kv.0 = kv.0.clone().slice_assign(range.clone(), k);
+        kv.1 = kv.1.clone().slice_assign(range, v);
+        let keys = kv.0.clone().slice([0..batch, 0..n_kv, 0..total, 0..hd]);
+        let values = kv.1.clone().slice([0..batch, 0..n_kv, 0..total, 0..hd]);
+
+        let q = q.reshape([batch, n_kv, rep * seq, hd]);
+        let scores = q.matmul(keys.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt()); // [b, n_kv, rep*seq, total]
+        let scores = match mask {
+            Some(m) => scores + m.clone(),
+            None => scores,
+        };
+        let probs = softmax(scores, 3);
+        let out = probs.matmul(values); // [b, n_kv, rep*seq, hd]
+        let out = out
+            .reshape([batch, n_heads, seq, hd])
+            .swap_dims(1, 2)
+            .reshape([batch, seq, n_heads * hd]);
+        self.o_proj.forward(out)
+    }
+}
+
+impl<B: QuantBackend> Mlp<B> {
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` → same
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}

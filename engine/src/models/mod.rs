@@ -1,0 +1,213 @@
+//! Model families and the layers they share.
+
+pub mod config;
+pub mod llama;
+
+use burn::tensor::{Tensor, TensorData};
+
+use crate::error::{Error, Result};
+use crate::io::{HostData, HostTensor};
+use crate::kernels::{QTensor, QuantBackend};
+use crate::quant::{GgmlType, QFormat, QMatrix, dequantize_into};
+
+/// How a linear layer's weight is stored on the device. One model implementation serves both
+/// (STYLE.md: no quantised copy of the model).
+#[derive(Debug, Clone)]
+pub enum LinearWeight<B: QuantBackend> {
+    /// `[in, out]`: transposed once at load so the forward is `x.matmul(w)`.
+    Dense(Tensor<B, 2>),
+    /// `[out, in]` blocks, dequantised in registers by the kernels.
+    Quantized(QTensor<B>),
+}
+
+/// `y = x·Wᵀ + b`.
+#[derive(Debug, Clone)]
+pub struct Linear<B: QuantBackend> {
+    pub weight: LinearWeight<B>,
+    pub bias: Option<Tensor<B, 1>>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl<B: QuantBackend> Linear<B> {
+    /// Upload `[out, in]` weights: ggml blocks of a kernel format stay quantised; anything else
+    /// becomes f32, or is quantised to `quantize` when given.
+    pub fn load(
+        weight: HostTensor,
+        bias: Option<HostTensor>,
+        quantize: Option<QFormat>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let [out_features, in_features] = match weight.shape[..] {
+            [o, i] => [o, i],
+            _ => {
+                return Err(Error::ShapeMismatch {
+                    tensor: weight.name.clone(),
+                    expected: vec![0, 0],
+                    got: weight.shape.clone(),
+                });
+            }
+        };
+        let bias = match bias {
+            Some(b) => {
+                b.expect_shape(&[out_features])?;
+                Some(Tensor::from_data(
+                    TensorData::new(b.into_f32(), [out_features]),
+                    device,
+                ))
+            }
+            None => None,
+        };
+        let native = match &weight.data {
+            HostData::Blocks { ty, .. } => ty.gpu_format(),
+            HostData::F32(_) => None,
+        };
+        let weight = match (native, weight.data, quantize) {
+            (Some(format), HostData::Blocks { bytes, .. }, _) => {
+                LinearWeight::Quantized(QTensor::from_qmatrix(
+                    &QMatrix::from_ggml_blocks(format, out_features, in_features, &bytes),
+                    device,
+                ))
+            }
+            (_, data, q) => {
+                let values = HostTensor {
+                    name: weight.name,
+                    shape: weight.shape,
+                    data,
+                }
+                .into_f32();
+                match q {
+                    Some(format) if in_features % QFormat::BLOCK_LEN == 0 => {
+                        LinearWeight::Quantized(QTensor::from_qmatrix(
+                            &QMatrix::quantize(format, out_features, in_features, &values),
+                            device,
+                        ))
+                    }
+                    _ => LinearWeight::Dense(
+                        Tensor::<B, 2>::from_data(
+                            TensorData::new(values, [out_features, in_features]),
+                            device,
+                        )
+                        .transpose(),
+                    ),
+                }
+            }
+        };
+        Ok(Self {
+            weight,
+            bias,
+            in_features,
+            out_features,
+        })
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, seq, in_features]` → `[batch, seq, out_features]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let x = x.reshape([batch * seq, self.in_features]);
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => x.matmul(w.clone()),
+            LinearWeight::Quantized(q) => <B as QuantBackend>::q_matmul(x, q),
+        };
+        let y = match &self.bias {
+            Some(b) => y + b.clone().unsqueeze(),
+            None => y,
+        };
+        y.reshape([batch, seq, self.out_features])
+    }
+
+    pub fn device_bytes(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.shape().num_elements() * 4,
+            LinearWeight::Quantized(q) => q.device_bytes(),
+        }
+    }
+}
+
+/// RMSNorm: `x / sqrt(mean(x²) + eps) * weight`.
+#[derive(Debug, Clone)]
+pub struct RmsNorm<B: QuantBackend> {
+    pub weight: Tensor<B, 1>,
+    pub eps: f64,
+}
+
+impl<B: QuantBackend> RmsNorm<B> {
+    pub fn load(t: HostTensor, dim: usize, eps: f64, device: &B::Device) -> Result<Self> {
+        t.expect_shape(&[dim])?;
+        Ok(Self {
+            weight: Tensor::from_data(TensorData::new(t.into_f32(), [dim]), device),
+            eps,
+        })
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` → same
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let ms = (x.clone() * x.clone()).mean_dim(2); // [batch, seq, 1]
+        x / (ms + self.eps).sqrt() * self.weight.clone().unsqueeze()
+    }
+}
+
+/// The token embedding table, kept on the host in its file format (quantised rows are
+/// dequantised on lookup): a lookup needs a handful of rows per step, and the table can be as
+/// large as the rest of the model.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    pub ty: GgmlType,
+    pub vocab_size: usize,
+    pub dim: usize,
+    bytes: Vec<u8>,
+    values: Vec<f32>,
+}
+
+impl Embedding {
+    pub fn load(t: &HostTensor, vocab_size: usize, dim: usize) -> Result<Self> {
+        t.expect_shape(&[vocab_size, dim])?;
+        Ok(match &t.data {
+            HostData::F32(v) => Self {
+                ty: GgmlType::F32,
+                vocab_size,
+                dim,
+                bytes: vec![],
+                values: v.clone(),
+            },
+            HostData::Blocks { ty, bytes } => Self {
+                ty: *ty,
+                vocab_size,
+                dim,
+                bytes: bytes.clone(),
+                values: vec![],
+            },
+        })
+    }
+
+    /// Rows for `ids`, concatenated. Fails on an id outside the vocabulary.
+    pub fn lookup(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(ids.len() * self.dim);
+        for &id in ids {
+            let id = id as usize;
+            if id >= self.vocab_size {
+                return Err(Error::InvalidArgument(format!(
+                    "token id {id} is outside the vocabulary of {}",
+                    self.vocab_size
+                )));
+            }
+            if self.ty == GgmlType::F32 {
+                out.extend_from_slice(&self.values[id * self.dim..(id + 1) * self.dim]);
+            } else {
+                let row_bytes = self.bytes.len() / self.vocab_size;
+                dequantize_into(
+                    self.ty,
+                    &self.bytes[id * row_bytes..(id + 1) * row_bytes],
+                    &mut out,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn host_bytes(&self) -> usize {
+        self.bytes.len() + 4 * self.values.len()
+    }
+}

@@ -1,0 +1,55 @@
+//! Quantised matrix-vector product for decode, launched by `q_matmul` in
+//! engine/src/kernels/qmatmul.rs; the format's `block_dot` is appended from shaders/common/.
+//!
+//! y[m, n] = sum_k x[m, k] * W[n, k] for a few rows m of x. Each row of W is reduced by
+//! LANES threads striding over its blocks, which are dequantised in registers: W stays
+//! quantised in GPU memory and is read once per row of x.
+
+// Keep in sync with `QMatmulParams` in engine/src/kernels/qmatmul.rs.
+struct Params {
+    /// Rows of x and y.
+    m: u32,
+    /// Rows of W = columns of y.
+    n: u32,
+    /// Columns of x and W.
+    k: u32,
+    /// k / 32.
+    blocks_per_row: u32,
+}
+
+@group(0) @binding(0) var<storage, read_write> x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> qs: array<u32>;
+@group(0) @binding(2) var<storage, read_write> scales: array<u32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<uniform> params: Params;
+
+const LANES: u32 = 16u;
+const ROWS: u32 = {{ rows }}u;
+const WG: u32 = {{ workgroup }}u; // LANES * ROWS
+
+var<workgroup> partial: array<f32, WG>;
+
+@compute @workgroup_size({{ workgroup }}, 1, 1)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let lane = lid % LANES;
+    let n = wg.x * ROWS + lid / LANES;
+    let m = wg.y;
+    var acc = 0.0;
+    if (n < params.n) {
+        let x_row = m * params.k;
+        for (var b = lane; b < params.blocks_per_row; b += LANES) {
+            acc += block_dot(n * params.blocks_per_row + b, x_row + b * 32u);
+        }
+    }
+    partial[lid] = acc;
+    workgroupBarrier();
+    for (var s = LANES / 2u; s > 0u; s >>= 1u) {
+        if (lane < s) {
+            partial[lid] += partial[lid + s];
+        }
+        workgroupBarrier();
+    }
+    if (lane == 0u && n < params.n) {
+        y[m * params.n + n] = partial[lid];
+    }
+}
