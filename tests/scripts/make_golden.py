@@ -15,7 +15,6 @@ the quantised model computed in f32: the same numbers our kernels compute in reg
 """
 
 import argparse
-import base64
 import json
 import os
 
@@ -174,7 +173,7 @@ def kquants():
             for off in scale_offsets:
                 raw[b * bb + off: b * bb + off + 2] = np.float16(rng.uniform(0.01, 0.5)).tobytes()
         vals = dequantize(np.frombuffer(bytes(raw), dtype=np.uint8), ty).astype(np.float32)
-        out.append({"type": ty.name, "type_id": int(ty), "bytes_b64": base64.b64encode(bytes(raw)).decode(),
+        out.append({"type": ty.name, "type_id": int(ty), "bytes_hex": bytes(raw).hex(),
                     "values": [float(v) for v in vals.ravel()]})
     with open(os.path.join(FIX, "kquants.json"), "w") as fh:
         json.dump(out, fh)
