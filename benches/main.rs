@@ -1,1 +1,144 @@
-fn main() {}
+//! codelsi benchmarks (not tests: timings never decide pass/fail).
+//!
+//! `cargo run --release -p codelsi-benches -- [kernels|model|all] [--model M]`
+//!
+//! - kernels: device copy bandwidth (the roofline for a memory-bound mat-vec), then GB/s of the
+//!   quantised mat-vec kernel per format and GFLOP/s of the tiled prefill kernel.
+//! - model: prefill and decode tokens/s of a model (default: the default model).
+//!
+//! Every timed region ends with a device sync.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::tensor::backend::Backend as _;
+use burn::tensor::{Distribution, Tensor};
+use codelsi_engine::device::{Wgpu, init_wgpu};
+use codelsi_engine::kernels::{QTensor, QuantBackend};
+use codelsi_engine::model::{load_model, resolve_model};
+use codelsi_engine::quant::{QFormat, QMatrix};
+
+type B = Wgpu;
+
+fn time<F: FnMut()>(device: &burn::backend::wgpu::WgpuDevice, reps: usize, mut f: F) -> f64 {
+    f(); // warm-up: shader compile
+    let _ = B::sync(device);
+    let t = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    let _ = B::sync(device);
+    t.elapsed().as_secs_f64() / reps as f64
+}
+
+fn kernels(device: &burn::backend::wgpu::WgpuDevice) {
+    let n_copy = 16 << 20; // 64 MiB of f32
+    let x = Tensor::<B, 1>::random([n_copy], Distribution::Uniform(-1.0, 1.0), device);
+    let s = time(device, 10, || {
+        let _ = x.clone() * 1.0001;
+    });
+    let copy_gbs = 2.0 * 4.0 * n_copy as f64 / s / 1e9;
+    println!("device copy (read+write 64 MiB): {copy_gbs:.2} GB/s  <- roofline for the mat-vec");
+    let small = Tensor::<B, 2>::random([1, 576], Distribution::Uniform(-1.0, 1.0), device);
+    let s = time(device, 200, || {
+        let _ = small.clone() * 1.0001;
+    });
+    println!(
+        "one small elementwise op (576 f32): {:.1} us per launch",
+        s * 1e6
+    );
+
+    let (n, k) = (4096, 4096);
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    for format in [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0] {
+        let q = QMatrix::quantize(format, n, k, &w);
+        let qt = QTensor::<B>::from_qmatrix(&q, device);
+        let bytes = q.gpu_bytes() as f64;
+        let xv = Tensor::<B, 2>::random([1, k], Distribution::Uniform(-1.0, 1.0), device);
+        let s = time(device, 20, || {
+            let _ = <B as QuantBackend>::q_matmul(xv.clone(), &qt);
+        });
+        println!(
+            "qmatvec {format:?} {n}x{k}: {:.3} ms, {:.2} GB/s of weights ({:.0}% of copy)",
+            s * 1e3,
+            bytes / s / 1e9,
+            100.0 * bytes / s / 1e9 / copy_gbs
+        );
+        let m = 128;
+        let xm = Tensor::<B, 2>::random([m, k], Distribution::Uniform(-1.0, 1.0), device);
+        let s = time(device, 3, || {
+            let _ = <B as QuantBackend>::q_matmul(xm.clone(), &qt);
+        });
+        let dense = Tensor::<B, 2>::random([k, n], Distribution::Uniform(-1.0, 1.0), device);
+        let s_dense = time(device, 3, || {
+            let _ = xm.clone().matmul(dense.clone());
+        });
+        println!(
+            "qmatmul {format:?} m={m}: {:.1} ms, {:.2} GFLOP/s (burn f32 matmul, same shape: {:.2} GFLOP/s)",
+            s * 1e3,
+            2.0 * (m * n * k) as f64 / s / 1e9,
+            2.0 * (m * n * k) as f64 / s_dense / 1e9
+        );
+    }
+}
+
+fn model(device: &burn::backend::wgpu::WgpuDevice, spec: &str) -> Result<()> {
+    let path = resolve_model(spec, &mut |_| {})?;
+    let loaded = load_model::<B>(&path, None, device, &mut |_| {})?;
+    let m = &loaded.model;
+    let prompt: Vec<u32> = loaded.tokenizer.encode(
+        &"export function parse(input: string): Token[] { const out = []; ".repeat(8),
+        false,
+    )?;
+    let prompt = &prompt[..prompt.len().min(128)];
+    // Warm-up: compile every shader once.
+    let mut cache = m.new_cache(1, prompt.len() + 64);
+    let _ = m.forward(prompt, &mut cache, false)?.into_data();
+    let _ = m.forward(&[1], &mut cache, false)?.into_data();
+
+    let mut cache = m.new_cache(1, prompt.len() + 64);
+    let t = Instant::now();
+    let _ = m.forward(prompt, &mut cache, false)?.into_data();
+    let prefill = t.elapsed().as_secs_f64();
+    let steps = 32;
+    let t = Instant::now();
+    for i in 0..steps {
+        let _ = m
+            .forward(&[(i * 37 % 1000) as u32 + 100], &mut cache, false)?
+            .into_data();
+    }
+    let decode = t.elapsed().as_secs_f64();
+    println!(
+        "model {}: prefill {} tokens {:.1} tok/s; decode {:.2} tok/s ({:.0} ms/token, logits read back each step); weights {:.1} MB on the GPU",
+        path.file_name()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        prompt.len(),
+        prompt.len() as f64 / prefill,
+        steps as f64 / decode,
+        decode / steps as f64 * 1e3,
+        m.device_bytes() as f64 / 1e6
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let what = args.first().map(String::as_str).unwrap_or("all");
+    let spec = args
+        .iter()
+        .position(|a| a == "--model")
+        .and_then(|i| args.get(i + 1))
+        .map_or("default", |s| s);
+    let (device, gpu) = init_wgpu()?;
+    println!("adapter: {gpu}");
+    if matches!(what, "kernels" | "all") {
+        kernels(&device);
+    }
+    if matches!(what, "model" | "all") {
+        model(&device, spec)?;
+    }
+    Ok(())
+}

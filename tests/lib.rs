@@ -36,9 +36,14 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], abs: f32, rel: f32) {
     assert_eq!(got.len(), want.len(), "{what}: lengths differ");
     let mut worst = (0usize, 0f32);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let excess = (g - w).abs() - (abs + rel * w.abs());
-        if !(excess <= worst.1) || g.is_nan() {
-            worst = (i, if g.is_nan() { f32::INFINITY } else { excess });
+        let diff = (g - w).abs();
+        let excess = if diff.is_nan() {
+            f32::INFINITY
+        } else {
+            diff - (abs + rel * w.abs())
+        };
+        if excess > worst.1 {
+            worst = (i, excess);
         }
     }
     let (i, excess) = worst;

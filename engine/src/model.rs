@@ -69,7 +69,7 @@ fn type_census(gguf: &GgufFile) -> String {
         *counts.entry(t.ty.name()).or_default() += 1;
     }
     let mut v: Vec<_> = counts.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|&(_, count)| std::cmp::Reverse(count));
     v.iter()
         .map(|(n, c)| format!("{n} ×{c}"))
         .collect::<Vec<_>>()

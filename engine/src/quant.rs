@@ -89,7 +89,7 @@ impl GgmlType {
     /// Bytes taken by `n` elements, or `None` if `n` is not a whole number of blocks or overflows.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let block_len = self.block_len() as u64;
-        if n % block_len != 0 {
+        if !n.is_multiple_of(block_len) {
             return None;
         }
         (n / block_len).checked_mul(self.block_bytes() as u64)
@@ -351,7 +351,7 @@ impl QMatrix {
             for s in 0..spb {
                 let half = i * spb + s;
                 let word = self.scales[half / 2];
-                let h = if half % 2 == 0 {
+                let h = if half.is_multiple_of(2) {
                     word as u16
                 } else {
                     (word >> 16) as u16

@@ -266,7 +266,7 @@ impl GgufFile {
                 }
             }
         }
-        drop(r);
+
         Ok(Self {
             path,
             version,

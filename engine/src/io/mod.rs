@@ -186,7 +186,7 @@ impl WeightSource for GgufWeights<'_> {
             return Ok(Some(t));
         }
         let rows = t.shape[0];
-        if rows % heads != 0 || (rows / heads) % 2 != 0 {
+        if !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
             return Err(Error::BadTensor {
                 path: self.file.path.clone(),
                 tensor: name,

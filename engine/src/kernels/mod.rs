@@ -64,12 +64,6 @@ pub trait QuantBackend: Backend {
     }
 }
 
+/// burn-cuda (the datacenter path) runs the plain-tensor reference until it has kernels of its own.
 #[cfg(feature = "cuda")]
-impl<F, I, BT> QuantBackend
-    for burn::backend::cuda::CubeBackend<burn::backend::cuda::CudaRuntime, F, I, BT>
-where
-    F: burn::backend::cuda::FloatElement,
-    I: burn::backend::cuda::IntElement,
-    BT: burn::backend::cuda::BoolElement,
-{
-}
+impl QuantBackend for burn::backend::Cuda {}
