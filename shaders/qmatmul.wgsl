@@ -1,9 +1,10 @@
 //! Quantised matrix-matrix product for prefill, launched by `q_matmul` in
-//! engine/src/kernels/qmatmul.rs; the format's `dequant` is appended from shaders/common/.
+//! engine/src/kernels/qmatmul.rs; the format's `dequant4` is appended from shaders/common/.
 //!
-//! y[m, n] = sum_k x[m, k] * W[n, k]. A workgroup of 16x16 threads computes a 32x32 tile of y,
-//! each thread 2x2 outputs; per block of 32 along k it stages x and the dequantised W in
-//! workgroup memory. W stays quantised in GPU memory.
+//! y[m, n] = sum_k x[m, k] * W[n, k]. A workgroup of 16x16 threads computes a 64x64 tile of y,
+//! each thread a 4x4 register tile; per block of 32 along k it stages 64 rows of x and 64 rows
+//! of W, dequantised, in workgroup memory (16 KiB, wgpu's default limit). W stays quantised in
+//! GPU memory.
 
 // Keep in sync with `QMatmulParams` in engine/src/kernels/qmatmul.rs.
 struct Params {
@@ -17,16 +18,16 @@ struct Params {
     blocks_per_row: u32,
 }
 
-@group(0) @binding(0) var<storage, read_write> x: array<f32>;
+@group(0) @binding(0) var<storage, read_write> x: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read_write> qs: array<u32>;
 @group(0) @binding(2) var<storage, read_write> scales: array<u32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<uniform> params: Params;
 
-const TILE: u32 = 32u;
+const TILE: u32 = 64u;
 
-var<workgroup> x_tile: array<f32, 1024>; // [TILE rows of x][32]
-var<workgroup> w_tile: array<f32, 1024>; // [TILE rows of W][32]
+var<workgroup> x_tile: array<vec4<f32>, 512>; // [64 rows of x][8 vec4 = 32 columns]
+var<workgroup> w_tile: array<vec4<f32>, 512>; // [64 rows of W][8 vec4]
 
 @compute @workgroup_size(16, 16, 1)
 fn main(
@@ -36,45 +37,48 @@ fn main(
 ) {
     let n0 = wg.x * TILE;
     let m0 = wg.y * TILE;
-    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    var acc: array<vec4<f32>, 4>; // acc[i][j]: row m0 + 4 local.y + i, column n0 + 4 local.x + j
+    for (var i = 0u; i < 4u; i++) {
+        acc[i] = vec4<f32>(0.0);
+    }
+    let k4 = params.k / 4u;
     for (var kb = 0u; kb < params.blocks_per_row; kb++) {
-        // 1024 values of each tile, 4 per thread.
-        for (var t = 0u; t < 4u; t++) {
+        // 512 vec4 of each tile, 2 per thread.
+        for (var t = 0u; t < 2u; t++) {
             let idx = lid + t * 256u;
-            let r = idx / 32u;
-            let c = idx % 32u;
-            let m = m0 + r;
-            var xv = 0.0;
-            if (m < params.m) {
-                xv = x[m * params.k + kb * 32u + c];
+            let r = idx / 8u;
+            let g = idx % 8u;
+            var xv = vec4<f32>(0.0);
+            if (m0 + r < params.m) {
+                xv = x[(m0 + r) * k4 + kb * 8u + g];
             }
             x_tile[idx] = xv;
-            let n = n0 + r;
-            var wv = 0.0;
-            if (n < params.n) {
-                wv = dequant(n * params.blocks_per_row + kb, c);
+            var wv = vec4<f32>(0.0);
+            if (n0 + r < params.n) {
+                wv = dequant4((n0 + r) * params.blocks_per_row + kb, g);
             }
             w_tile[idx] = wv;
         }
         workgroupBarrier();
-        for (var c = 0u; c < 32u; c++) {
-            let x0 = x_tile[(local.y * 2u) * 32u + c];
-            let x1 = x_tile[(local.y * 2u + 1u) * 32u + c];
-            let w0 = w_tile[(local.x * 2u) * 32u + c];
-            let w1 = w_tile[(local.x * 2u + 1u) * 32u + c];
-            acc[0] += x0 * w0;
-            acc[1] += x0 * w1;
-            acc[2] += x1 * w0;
-            acc[3] += x1 * w1;
+        for (var g = 0u; g < 8u; g++) {
+            var xs: array<vec4<f32>, 4>;
+            var ws: array<vec4<f32>, 4>;
+            for (var i = 0u; i < 4u; i++) {
+                xs[i] = x_tile[(local.y * 4u + i) * 8u + g];
+                ws[i] = w_tile[(local.x * 4u + i) * 8u + g];
+            }
+            for (var i = 0u; i < 4u; i++) {
+                acc[i] += vec4<f32>(dot(xs[i], ws[0]), dot(xs[i], ws[1]), dot(xs[i], ws[2]), dot(xs[i], ws[3]));
+            }
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 2u; i++) {
-        for (var j = 0u; j < 2u; j++) {
-            let m = m0 + local.y * 2u + i;
-            let n = n0 + local.x * 2u + j;
+    for (var i = 0u; i < 4u; i++) {
+        let m = m0 + local.y * 4u + i;
+        for (var j = 0u; j < 4u; j++) {
+            let n = n0 + local.x * 4u + j;
             if (m < params.m && n < params.n) {
-                y[m * params.n + n] = acc[i * 2u + j];
+                y[m * params.n + n] = acc[i][j];
             }
         }
     }

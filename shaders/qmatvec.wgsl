@@ -1,9 +1,11 @@
 //! Quantised matrix-vector product for decode, launched by `q_matmul` in
-//! engine/src/kernels/qmatmul.rs; the format's `block_dot` is appended from shaders/common/.
+//! engine/src/kernels/qmatmul.rs; the format's `dequant4` is appended from shaders/common/.
 //!
 //! y[m, n] = sum_k x[m, k] * W[n, k] for a few rows m of x. Each row of W is reduced by
-//! LANES threads striding over its blocks, which are dequantised in registers: W stays
-//! quantised in GPU memory and is read once per row of x.
+//! LANES threads striding over its 32-weight blocks, dequantised in registers: W stays
+//! quantised in GPU memory and is read once per row of x. LANES is 16 on GPUs (neighbouring
+//! threads read neighbouring blocks) and 1 on CPU adapters such as lavapipe, where a thread per
+//! row needs no reduction and every SIMD lane reads the same x.
 
 // Keep in sync with `QMatmulParams` in engine/src/kernels/qmatmul.rs.
 struct Params {
@@ -17,13 +19,13 @@ struct Params {
     blocks_per_row: u32,
 }
 
-@group(0) @binding(0) var<storage, read_write> x: array<f32>;
+@group(0) @binding(0) var<storage, read_write> x: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read_write> qs: array<u32>;
 @group(0) @binding(2) var<storage, read_write> scales: array<u32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<uniform> params: Params;
 
-const LANES: u32 = 16u;
+const LANES: u32 = {{ lanes }}u;
 const ROWS: u32 = {{ rows }}u;
 const WG: u32 = {{ workgroup }}u; // LANES * ROWS
 
@@ -36,9 +38,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let m = wg.y;
     var acc = 0.0;
     if (n < params.n) {
-        let x_row = m * params.k;
+        let x_row = m * params.k / 4u; // in vec4s
         for (var b = lane; b < params.blocks_per_row; b += LANES) {
-            acc += block_dot(n * params.blocks_per_row + b, x_row + b * 32u);
+            let block = n * params.blocks_per_row + b;
+            let xb = x_row + b * 8u;
+            for (var g = 0u; g < 8u; g++) {
+                acc += dot(dequant4(block, g), x[xb + g]);
+            }
         }
     }
     partial[lid] = acc;

@@ -2,6 +2,7 @@
 //! reference (dequantise with int ops + matmul) and a naive CPU loop over the dequantised weights.
 
 use burn::tensor::{Tensor, TensorData};
+use codelsi_engine::kernels::qmatmul::{MatVecShape, q_matmul_wgpu};
 use codelsi_engine::kernels::{QTensor, QuantBackend, reference};
 use codelsi_engine::quant::{QFormat, QMatrix};
 use codelsi_tests::{B, assert_close, device, random_values};
@@ -77,6 +78,17 @@ fn q_matmul_kernels_match_references() {
             let x = Tensor::<B, 2>::from_data(TensorData::new(x_host.clone(), [m, k]), &dev);
             let qt = QTensor::<B>::from_qmatrix(&q, &dev);
             let kernel = to_vec(<B as QuantBackend>::q_matmul(x.clone(), &qt));
+            // Both mat-vec thread layouts, whichever this adapter picks by default.
+            for shape in [MatVecShape::GPU, MatVecShape::CPU] {
+                let y = to_vec(q_matmul_wgpu(x.clone(), &qt, shape));
+                assert_close(
+                    &format!("{format:?} m={m} n={n} k={k} {shape:?}"),
+                    &y,
+                    &kernel,
+                    1e-5,
+                    1e-5,
+                );
+            }
             let plain = to_vec(reference::q_matmul(x, &qt));
             let cpu = cpu_matmul(&x_host, &q.dequantize(), m, n, k);
             let what = format!("{format:?} m={m} n={n} k={k}");

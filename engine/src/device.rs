@@ -68,3 +68,9 @@ pub fn init_wgpu() -> Result<(WgpuDevice, GpuInfo)> {
         Err(e) => Err(Error::NoAdapter(e.clone())),
     }
 }
+
+/// Whether the opened adapter is a CPU implementation (lavapipe, SwiftShader, WARP): kernels pick
+/// shapes that suit SIMD lanes on a few cores rather than thousands of GPU threads.
+pub fn adapter_is_cpu() -> bool {
+    matches!(GPU.get(), Some(Ok(info)) if info.device_type == "Cpu")
+}

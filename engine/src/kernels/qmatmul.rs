@@ -30,8 +30,29 @@ pub struct QMatmulParams {
 
 /// Rows of x up to which the mat-vec kernel is used (it reads W once per row of x).
 pub const MATVEC_MAX_ROWS: usize = 4;
-/// Rows of W per mat-vec workgroup (16 lanes each).
-const MATVEC_ROWS_PER_WG: u32 = 8;
+/// How the mat-vec kernel splits rows of W over threads: `lanes` threads per row, `rows` rows per
+/// workgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MatVecShape {
+    pub lanes: u32,
+    pub rows: u32,
+}
+
+impl MatVecShape {
+    pub const GPU: Self = Self { lanes: 16, rows: 8 };
+    pub const CPU: Self = Self { lanes: 1, rows: 64 };
+
+    /// GPUs: 16 lanes per row, so neighbouring threads read neighbouring blocks. CPU adapters
+    /// (lavapipe): one thread per row, no reduction; measured 1.6-2x faster there
+    /// (benches/, README).
+    fn for_adapter() -> Self {
+        if crate::device::adapter_is_cpu() {
+            Self::CPU
+        } else {
+            Self::GPU
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Op {
@@ -43,6 +64,7 @@ enum Op {
 struct QKernel {
     op: Op,
     format: QFormat,
+    matvec: MatVecShape,
 }
 
 impl KernelSource for QKernel {
@@ -58,21 +80,27 @@ impl KernelSource for QKernel {
             QFormat::Q8_0 => include_str!("../../../shaders/common/q8_0.wgsl"),
         };
         SourceTemplate::new(format!("{op}\n{format}"))
-            .register("rows", MATVEC_ROWS_PER_WG.to_string())
-            .register("workgroup", (16 * MATVEC_ROWS_PER_WG).to_string())
+            .register("lanes", self.matvec.lanes.to_string())
+            .register("rows", self.matvec.rows.to_string())
+            .register(
+                "workgroup",
+                (self.matvec.lanes * self.matvec.rows).to_string(),
+            )
     }
 
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.op, self.format))
+        KernelId::new::<Self>().info((self.op, self.format, self.matvec))
     }
 }
 
 type WgpuCube<I, BT> = CubeBackend<WgpuRuntime, f32, I, BT>;
 
-/// `x · Wᵀ` on burn-wgpu with the WGSL kernels. `x: [m, k]` f32, `W: [n, k]`.
+/// `x · Wᵀ` on burn-wgpu with the WGSL kernels. `x: [m, k]` f32, `W: [n, k]`. `matvec` picks the
+/// mat-vec kernel's thread layout (tests run both on any adapter).
 pub fn q_matmul_wgpu<I: IntElement, BT: BoolElement>(
     x: Tensor<WgpuCube<I, BT>, 2>,
     w: &QTensor<WgpuCube<I, BT>>,
+    matvec: MatVecShape,
 ) -> Tensor<WgpuCube<I, BT>, 2> {
     let [m, k] = x.dims();
     assert_eq!(k, w.cols, "q_matmul: x has {k} columns, W has {}", w.cols);
@@ -97,22 +125,23 @@ pub fn q_matmul_wgpu<I: IntElement, BT: BoolElement>(
     };
     let info: Vec<u64> = bytemuck::pod_collect_to_vec(&[params]);
     let (op, cube_dim, count) = if m <= MATVEC_MAX_ROWS {
-        let wg = 16 * MATVEC_ROWS_PER_WG;
+        let wg = matvec.lanes * matvec.rows;
         (
             Op::MatVec,
             CubeDim { x: wg, y: 1, z: 1 },
-            CubeCount::Static(n.div_ceil(MATVEC_ROWS_PER_WG as usize) as u32, m as u32, 1),
+            CubeCount::Static(n.div_ceil(matvec.rows as usize) as u32, m as u32, 1),
         )
     } else {
         (
             Op::MatMul,
             CubeDim { x: 16, y: 16, z: 1 },
-            CubeCount::Static(n.div_ceil(32) as u32, m.div_ceil(32) as u32, 1),
+            CubeCount::Static(n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1),
         )
     };
     let kernel = QKernel {
         op,
         format: w.format,
+        matvec,
     };
     client.launch(
         Box::new(SourceKernel::new(kernel, cube_dim)),
@@ -131,7 +160,7 @@ pub fn q_matmul_wgpu<I: IntElement, BT: BoolElement>(
 
 impl<I: IntElement, BT: BoolElement> QuantBackend for WgpuCube<I, BT> {
     fn q_matmul(x: Tensor<Self, 2>, w: &QTensor<Self>) -> Tensor<Self, 2> {
-        q_matmul_wgpu(x, w)
+        q_matmul_wgpu(x, w, MatVecShape::for_adapter())
     }
 
     fn q_matmul_impl() -> &'static str {

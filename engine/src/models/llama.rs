@@ -344,8 +344,12 @@ impl<B: QuantBackend> Attention<B> {
 
         let total = past + seq;
         let range = [0..batch, 0..n_kv, past..total, 0..hd];
-        kv.0 = kv.0.clone().slice_assign(range.clone(), k);
-        kv.1 = kv.1.clone().slice_assign(range, v);
+        // Take the cache tensors out so their buffers are uniquely owned: burn then writes in
+        // place instead of copying the whole cache.
+        let device = k.device();
+        let placeholder = || Tensor::<B, 4>::empty([1, 1, 1, 1], &device);
+        kv.0 = std::mem::replace(&mut kv.0, placeholder()).slice_assign(range.clone(), k);
+        kv.1 = std::mem::replace(&mut kv.1, placeholder()).slice_assign(range, v);
         let keys = kv.0.clone().slice([0..batch, 0..n_kv, 0..total, 0..hd]);
         let values = kv.1.clone().slice([0..batch, 0..n_kv, 0..total, 0..hd]);
 
