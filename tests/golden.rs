@@ -238,3 +238,55 @@ fn gguf_tokenizer_matches_hf() {
     assert_eq!(tok.eos_token_ids, vec![2]);
     assert_eq!(tok.vocab_size(), 49152);
 }
+
+/// Sharded safetensors (`model.safetensors.index.json`) load to the same model: the tiny Llama
+/// split into two shards gives the reference logits.
+#[test]
+fn sharded_safetensors_load_the_same_model() {
+    let src = fixtures().join("tiny_llama");
+    let dir = std::env::temp_dir().join(format!("codelsi-sharded-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let views: Vec<(String, safetensors::tensor::TensorView)> = part
+            .iter()
+            .map(|n| (n.clone(), st.tensor(n).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(shard)).unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), serde_json::Value::String(shard.into()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let loaded = load_model::<B>(&dir, None, &device(), &mut |_| {}).unwrap();
+    let g: TinyGolden = read(src.join("golden.json"));
+    let mut cache = loaded.model.new_cache(1, 64);
+    let last = to_vec(
+        loaded
+            .model
+            .forward(&g.prompt_ids, &mut cache, false)
+            .unwrap(),
+    );
+    assert_close(
+        "sharded tiny_llama last logits",
+        &last,
+        &g.last_logits,
+        1e-4,
+        1e-4,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -6,7 +6,7 @@ mod window;
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use codelsi_engine::device::{GpuInfo, Wgpu, init_wgpu};
 use codelsi_engine::fetch::{FetchStep, cache_dir, default_manifest, default_model_path};
@@ -141,8 +141,8 @@ fn load(
     };
     let path = resolve_model(spec, &mut report)?;
     let (device, gpu) = init_wgpu()?;
-    let loaded = load_model::<Wgpu>(&path, quantize, &device, &mut report)
-        .with_context(|| format!("loading {}", path.display()))?;
+    // Engine errors already name the file and the problem.
+    let loaded = load_model::<Wgpu>(&path, quantize, &device, &mut report)?;
     Ok((loaded, gpu))
 }
 

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 /// Everything that can go wrong in the engine. Each variant names the file or tensor involved.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    // The cause is the `source`, shown by whoever prints the chain (handled once).
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -66,7 +67,7 @@ pub enum Error {
         supported: String,
     },
 
-    #[error("{path}: invalid JSON: {source}")]
+    #[error("{path}: invalid JSON")]
     Json {
         path: PathBuf,
         #[source]

@@ -113,6 +113,11 @@ pub fn generate<B: QuantBackend>(
     on_text: &mut dyn FnMut(&str),
 ) -> Result<GenerateOutput> {
     options.sampling.validate()?;
+    if options.max_tokens == 0 {
+        return Err(Error::InvalidArgument(
+            "max-tokens must be at least 1".into(),
+        ));
+    }
     if prompt_ids.is_empty() {
         return Err(Error::InvalidArgument("the prompt is empty".into()));
     }
