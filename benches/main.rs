@@ -14,7 +14,7 @@ use anyhow::Result;
 use burn::tensor::backend::Backend as _;
 use burn::tensor::{Distribution, Tensor};
 use codelsi_engine::device::{Wgpu, init_wgpu};
-use codelsi_engine::kernels::{QTensor, QuantBackend};
+use codelsi_engine::kernels::{KernelBackend, QTensor};
 use codelsi_engine::model::{load_model, resolve_model};
 use codelsi_engine::quant::{QFormat, QMatrix};
 
@@ -58,7 +58,7 @@ fn kernels(device: &burn::backend::wgpu::WgpuDevice) {
         let bytes = q.gpu_bytes() as f64;
         let xv = Tensor::<B, 2>::random([1, k], Distribution::Uniform(-1.0, 1.0), device);
         let s = time(device, 20, || {
-            let _ = <B as QuantBackend>::q_matmul(xv.clone(), &qt);
+            let _ = <B as KernelBackend>::q_matmul(xv.clone(), &qt);
         });
         println!(
             "qmatvec {format:?} {n}x{k}: {:.3} ms, {:.2} GB/s of weights ({:.0}% of copy)",
@@ -69,7 +69,7 @@ fn kernels(device: &burn::backend::wgpu::WgpuDevice) {
         let m = 128;
         let xm = Tensor::<B, 2>::random([m, k], Distribution::Uniform(-1.0, 1.0), device);
         let s = time(device, 3, || {
-            let _ = <B as QuantBackend>::q_matmul(xm.clone(), &qt);
+            let _ = <B as KernelBackend>::q_matmul(xm.clone(), &qt);
         });
         let dense = Tensor::<B, 2>::random([k, n], Distribution::Uniform(-1.0, 1.0), device);
         let s_dense = time(device, 3, || {

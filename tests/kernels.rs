@@ -3,7 +3,7 @@
 
 use burn::tensor::{Tensor, TensorData};
 use codelsi_engine::kernels::qmatmul::{MatVecShape, q_matmul_wgpu};
-use codelsi_engine::kernels::{QTensor, QuantBackend, reference};
+use codelsi_engine::kernels::{KernelBackend, QTensor, reference};
 use codelsi_engine::quant::{QFormat, QMatrix};
 use codelsi_tests::{B, assert_close, device, random_values};
 
@@ -77,7 +77,7 @@ fn q_matmul_kernels_match_references() {
             let x_host = random_values(m * k, 100 + si as u64);
             let x = Tensor::<B, 2>::from_data(TensorData::new(x_host.clone(), [m, k]), &dev);
             let qt = QTensor::<B>::from_qmatrix(&q, &dev);
-            let kernel = to_vec(<B as QuantBackend>::q_matmul(x.clone(), &qt));
+            let kernel = to_vec(<B as KernelBackend>::q_matmul(x.clone(), &qt));
             // Both mat-vec thread layouts, whichever this adapter picks by default.
             for shape in [MatVecShape::GPU, MatVecShape::CPU] {
                 let y = to_vec(q_matmul_wgpu(x.clone(), &qt, shape));
@@ -102,5 +102,94 @@ fn q_matmul_kernels_match_references() {
                 1e-4,
             );
         }
+    }
+}
+
+fn to_vec_n<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().into_vec::<f32>().unwrap()
+}
+
+#[test]
+fn rms_norm_kernel_matches_references() {
+    let dev = device();
+    // dim not a multiple of the 64-thread workgroup; 70 000 rows exceed one grid dimension.
+    for &(batch, seq, dim) in &[(2, 3, 77), (1, 1, 576), (1, 70_000, 3)] {
+        let x_host = random_values(batch * seq * dim, 7);
+        let w_host: Vec<f32> = random_values(dim, 8)
+            .iter()
+            .map(|v| 1.0 + 0.5 * v)
+            .collect();
+        let x = Tensor::<B, 3>::from_data(TensorData::new(x_host.clone(), [batch, seq, dim]), &dev);
+        let w = Tensor::<B, 1>::from_data(TensorData::new(w_host.clone(), [dim]), &dev);
+        let eps = 1e-5;
+        let kernel = to_vec_n(<B as KernelBackend>::rms_norm(x.clone(), &w, eps));
+        let plain = to_vec_n(reference::rms_norm(x, &w, eps));
+        let cpu: Vec<f32> = x_host
+            .chunks(dim)
+            .flat_map(|row| {
+                let ms = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / dim as f64;
+                let inv = 1.0 / (ms + eps).sqrt();
+                row.iter()
+                    .zip(&w_host)
+                    .map(move |(v, w)| (*v as f64 * inv * *w as f64) as f32)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let what = format!("rms_norm [{batch}, {seq}, {dim}]");
+        assert_close(&format!("{what} kernel vs CPU"), &kernel, &cpu, 1e-5, 1e-5);
+        assert_close(
+            &format!("{what} reference vs CPU"),
+            &plain,
+            &cpu,
+            1e-5,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn rope_kernel_matches_references() {
+    let dev = device();
+    // Odd head counts and sequence lengths; the last case needs more than 65 535 workgroups.
+    for &(batch, seq, heads, hd) in &[(2, 5, 3, 10), (1, 1, 9, 64), (1, 2049, 32, 64)] {
+        let x_host = random_values(batch * seq * heads * hd, 11);
+        let cos_host = random_values(seq * hd, 12);
+        let sin_host = random_values(seq * hd, 13);
+        let x = Tensor::<B, 3>::from_data(
+            TensorData::new(x_host.clone(), [batch, seq, heads * hd]),
+            &dev,
+        );
+        let cos = Tensor::<B, 2>::from_data(TensorData::new(cos_host.clone(), [seq, hd]), &dev);
+        let sin = Tensor::<B, 2>::from_data(TensorData::new(sin_host.clone(), [seq, hd]), &dev);
+        let kernel = to_vec_n(<B as KernelBackend>::rope(x.clone(), &cos, &sin, heads));
+        let plain = to_vec_n(reference::rope(x, &cos, &sin, heads));
+        let mut cpu = vec![0f32; x_host.len()];
+        let half = hd / 2;
+        for b in 0..batch {
+            for s in 0..seq {
+                for h in 0..heads {
+                    let src = ((b * seq + s) * heads + h) * hd;
+                    let dst = ((b * heads + h) * seq + s) * hd;
+                    for d in 0..hd {
+                        let rotated = if d < half {
+                            -x_host[src + d + half]
+                        } else {
+                            x_host[src + d - half]
+                        };
+                        cpu[dst + d] =
+                            x_host[src + d] * cos_host[s * hd + d] + rotated * sin_host[s * hd + d];
+                    }
+                }
+            }
+        }
+        let what = format!("rope [{batch}, {seq}, {heads}x{hd}]");
+        assert_close(&format!("{what} kernel vs CPU"), &kernel, &cpu, 1e-6, 1e-6);
+        assert_close(
+            &format!("{what} reference vs CPU"),
+            &plain,
+            &cpu,
+            1e-6,
+            1e-6,
+        );
     }
 }

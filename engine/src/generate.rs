@@ -9,7 +9,7 @@ use burn::tensor::Tensor;
 
 use crate::error::{Error, Result};
 use crate::io::tokenizer::Tokenizer;
-use crate::kernels::QuantBackend;
+use crate::kernels::KernelBackend;
 use crate::models::llama::Llama;
 use crate::sampling::{Sampler, SamplingParams, top_logprobs};
 
@@ -82,7 +82,7 @@ impl GenerateOutput {
     }
 }
 
-fn logits_to_vec<B: QuantBackend>(logits: Tensor<B, 2>) -> Result<Vec<f32>> {
+fn logits_to_vec<B: KernelBackend>(logits: Tensor<B, 2>) -> Result<Vec<f32>> {
     logits
         .into_data()
         .into_vec::<f32>()
@@ -104,7 +104,7 @@ fn held_back(text: &str, stops: &[String]) -> usize {
 }
 
 /// Generate from `prompt_ids`, streaming text pieces to `on_text` as they become final.
-pub fn generate<B: QuantBackend>(
+pub fn generate<B: KernelBackend>(
     model: &Llama<B>,
     tokenizer: &Tokenizer,
     prompt_ids: &[u32],

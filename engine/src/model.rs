@@ -9,7 +9,7 @@ use crate::io::gguf::GgufFile;
 use crate::io::safetensors::SafetensorsWeights;
 use crate::io::tokenizer::Tokenizer;
 use crate::io::{GgufWeights, WeightSource};
-use crate::kernels::QuantBackend;
+use crate::kernels::KernelBackend;
 use crate::models::config::{Architecture, Config};
 use crate::models::llama::Llama;
 use crate::quant::QFormat;
@@ -31,7 +31,7 @@ pub struct ModelInfo {
     pub device_bytes: usize,
 }
 
-pub struct LoadedModel<B: QuantBackend> {
+pub struct LoadedModel<B: KernelBackend> {
     pub model: Llama<B>,
     pub tokenizer: Tokenizer,
     pub info: ModelInfo,
@@ -77,7 +77,7 @@ fn type_census(gguf: &GgufFile) -> String {
 }
 
 /// Load a model and its tokenizer onto `device`.
-pub fn load_model<B: QuantBackend>(
+pub fn load_model<B: KernelBackend>(
     path: &Path,
     quantize: Option<QFormat>,
     device: &B::Device,
@@ -122,7 +122,7 @@ pub fn load_model<B: QuantBackend>(
     })
 }
 
-fn info<B: QuantBackend>(
+fn info<B: KernelBackend>(
     path: &Path,
     format: &'static str,
     c: &Config,

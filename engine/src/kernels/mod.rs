@@ -1,12 +1,14 @@
 //! Hand-written WGSL kernels (sources in `shaders/`) and the backend extension that exposes them.
 //!
-//! [`QuantBackend`] is the one operation the model needs beyond burn's own: a product with a
-//! matrix that stays quantised in device memory. burn-wgpu implements it with our WGSL kernels
-//! (`qmatmul.rs`); every other backend uses the reference built from plain tensor ops
-//! (`reference.rs`), which is also what the kernels are tested against.
+//! [`KernelBackend`] is what the model needs beyond burn's own ops: a product with a matrix that
+//! stays quantised in device memory, and fused RMSNorm and RoPE. burn-wgpu implements them with
+//! our WGSL kernels (`wgpu.rs`, `qmatmul.rs`); every other backend uses the reference built from
+//! plain tensor ops (`reference.rs`), which is also what the kernels are tested against.
 
 pub mod qmatmul;
 pub mod reference;
+pub mod wgpu;
+pub mod wgsl;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -50,7 +52,7 @@ impl<B: Backend> QTensor<B> {
 }
 
 /// Backends that can multiply by a quantised matrix.
-pub trait QuantBackend: Backend {
+pub trait KernelBackend: Backend {
     /// `x · Wᵀ` with `x: [m, k]`, `W: [n, k]` quantised; returns `[m, n]`.
     ///
     /// The default is the plain-tensor reference: dequantise, then matmul.
@@ -58,12 +60,34 @@ pub trait QuantBackend: Backend {
         reference::q_matmul(x, w)
     }
 
+    /// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * weight`.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, dim]`, `weight`: `[dim]` → `[batch, seq, dim]`
+    fn rms_norm(x: Tensor<Self, 3>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
+        reference::rms_norm(x, weight, eps)
+    }
+
+    /// RoPE (rotate-half) applied to the heads of a projection, returned head-major.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, heads * head_dim]`, `cos`/`sin`: `[seq, head_dim]`
+    ///   → `[batch, heads, seq, head_dim]`
+    fn rope(
+        x: Tensor<Self, 3>,
+        cos: &Tensor<Self, 2>,
+        sin: &Tensor<Self, 2>,
+        heads: usize,
+    ) -> Tensor<Self, 4> {
+        reference::rope(x, cos, sin, heads)
+    }
+
     /// Short name of the implementation, for reports.
-    fn q_matmul_impl() -> &'static str {
-        "reference (dequantise + matmul)"
+    fn kernels_impl() -> &'static str {
+        "reference (plain tensor ops)"
     }
 }
 
 /// burn-cuda (the datacenter path) runs the plain-tensor reference until it has kernels of its own.
 #[cfg(feature = "cuda")]
-impl QuantBackend for burn::backend::Cuda {}
+impl KernelBackend for burn::backend::Cuda {}

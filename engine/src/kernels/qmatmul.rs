@@ -2,15 +2,14 @@
 //! burn-wgpu, through burn's template route (`KernelSource` → `SourceKernel`).
 
 use burn::backend::wgpu::{
-    BoolElement, CubeBackend, CubeTensor, IntElement, KernelSource, SourceKernel, SourceTemplate,
-    WgpuRuntime, into_contiguous,
+    BoolElement, CubeTensor, IntElement, KernelSource, SourceTemplate, WgpuRuntime, into_contiguous,
 };
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use cubecl::prelude::KernelId;
-use cubecl::server::{KernelArguments, MetadataBindingInfo};
 use cubecl::{CubeCount, CubeDim};
 
-use super::{QTensor, QuantBackend};
+use super::wgpu::WgpuCube;
+use super::{QTensor, wgsl};
 use crate::quant::QFormat;
 
 /// Uniform parameters of both kernels. Keep in sync with `Params` in shaders/qmatvec.wgsl and
@@ -45,7 +44,7 @@ impl MatVecShape {
     /// GPUs: 16 lanes per row, so neighbouring threads read neighbouring blocks. CPU adapters
     /// (lavapipe): one thread per row, no reduction; measured 1.6-2x faster there
     /// (benches/, README).
-    fn for_adapter() -> Self {
+    pub fn for_adapter() -> Self {
         if crate::device::adapter_is_cpu() {
             Self::CPU
         } else {
@@ -93,8 +92,6 @@ impl KernelSource for QKernel {
     }
 }
 
-type WgpuCube<I, BT> = CubeBackend<WgpuRuntime, f32, I, BT>;
-
 /// `x · Wᵀ` on burn-wgpu with the WGSL kernels. `x: [m, k]` f32, `W: [n, k]`. `matvec` picks the
 /// mat-vec kernel's thread layout (tests run both on any adapter).
 pub fn q_matmul_wgpu<I: IntElement, BT: BoolElement>(
@@ -109,61 +106,26 @@ pub fn q_matmul_wgpu<I: IntElement, BT: BoolElement>(
     assert_eq!(x.dtype, DType::F32, "q_matmul kernels take f32 activations");
     let qs = w.qs.clone().into_primitive();
     let scales = w.scales.clone().into_primitive();
-    let client = x.client.clone();
-    let out = CubeTensor::new_contiguous(
-        client.clone(),
-        x.device.clone(),
-        Shape::new([m, n]),
-        client.empty(m * n * size_of::<f32>()),
-        DType::F32,
-    );
+    let out = wgsl::empty_f32(&x, Shape::new([m, n]));
     let params = QMatmulParams {
         m: m as u32,
         n: n as u32,
         k: k as u32,
         blocks_per_row: (k / 32) as u32,
     };
-    let info: Vec<u64> = bytemuck::pod_collect_to_vec(&[params]);
     let (op, cube_dim, count) = if m <= MATVEC_MAX_ROWS {
         let wg = matvec.lanes * matvec.rows;
-        (
-            Op::MatVec,
-            CubeDim { x: wg, y: 1, z: 1 },
-            CubeCount::Static(n.div_ceil(matvec.rows as usize) as u32, m as u32, 1),
-        )
+        let count = CubeCount::Static(n.div_ceil(matvec.rows as usize) as u32, m as u32, 1);
+        (Op::MatVec, CubeDim { x: wg, y: 1, z: 1 }, count)
     } else {
-        (
-            Op::MatMul,
-            CubeDim { x: 16, y: 16, z: 1 },
-            CubeCount::Static(n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1),
-        )
+        let count = CubeCount::Static(n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1);
+        (Op::MatMul, CubeDim { x: 16, y: 16, z: 1 }, count)
     };
     let kernel = QKernel {
         op,
         format: w.format,
         matvec,
     };
-    client.launch(
-        Box::new(SourceKernel::new(kernel, cube_dim)),
-        count,
-        KernelArguments::new()
-            .with_buffers(vec![
-                x.handle.clone().binding(),
-                qs.handle.clone().binding(),
-                scales.handle.clone().binding(),
-                out.handle.clone().binding(),
-            ])
-            .with_info(MetadataBindingInfo::custom(info)),
-    );
+    wgsl::launch(kernel, cube_dim, count, &[&x, &qs, &scales, &out], params);
     Tensor::from_primitive(TensorPrimitive::Float(out))
-}
-
-impl<I: IntElement, BT: BoolElement> QuantBackend for WgpuCube<I, BT> {
-    fn q_matmul(x: Tensor<Self, 2>, w: &QTensor<Self>) -> Tensor<Self, 2> {
-        q_matmul_wgpu(x, w, MatVecShape::for_adapter())
-    }
-
-    fn q_matmul_impl() -> &'static str {
-        "WGSL (qmatvec/qmatmul)"
-    }
 }

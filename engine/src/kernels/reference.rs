@@ -1,5 +1,5 @@
-//! The reference for the quantised kernels, from plain burn tensor ops: unpack nibbles/bytes
-//! and f16 scales with integer ops, dequantise, matmul. Runs on every backend.
+//! The references for our kernels, from plain burn tensor ops; they run on every backend.
+//! Quantised product: unpack nibbles/bytes and f16 scales with integer ops, dequantise, matmul.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
@@ -102,4 +102,35 @@ pub fn dequantize<B: Backend>(w: &QTensor<B>) -> Tensor<B, 2> {
 /// `x · Wᵀ` by dequantising `W`.
 pub fn q_matmul<B: Backend>(x: Tensor<B, 2>, w: &QTensor<B>) -> Tensor<B, 2> {
     x.matmul(dequantize(w).transpose())
+}
+
+/// RMSNorm with tensor ops.
+///
+/// # Shapes
+/// - `x`: `[batch, seq, dim]`, `weight`: `[dim]` → `[batch, seq, dim]`
+pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: &Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+    let ms = (x.clone() * x.clone()).mean_dim(2); // [batch, seq, 1]
+    x / (ms + eps).sqrt() * weight.clone().unsqueeze()
+}
+
+/// RoPE (rotate-half) with tensor ops.
+///
+/// # Shapes
+/// - `x`: `[batch, seq, heads * head_dim]`, `cos`/`sin`: `[seq, head_dim]`
+///   → `[batch, heads, seq, head_dim]`
+pub fn rope<B: Backend>(
+    x: Tensor<B, 3>,
+    cos: &Tensor<B, 2>,
+    sin: &Tensor<B, 2>,
+    heads: usize,
+) -> Tensor<B, 4> {
+    let [b, s, width] = x.dims();
+    let d = width / heads;
+    let x = x.reshape([b, s, heads, d]).swap_dims(1, 2); // [b, heads, s, d]
+    let x1 = x.clone().slice([0..b, 0..heads, 0..s, 0..d / 2]);
+    let x2 = x.clone().slice([0..b, 0..heads, 0..s, d / 2..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    let cos: Tensor<B, 4> = cos.clone().unsqueeze();
+    let sin: Tensor<B, 4> = sin.clone().unsqueeze();
+    x * cos + rotated * sin
 }

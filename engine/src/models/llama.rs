@@ -1,6 +1,6 @@
 //! The Llama family (Llama 1-3, CodeLlama, Mistral, SmolLM, Qwen2): RMSNorm, RoPE (rotate-half,
 //! as HF `modeling_llama.py`), grouped-query attention with a KV cache, SwiGLU MLP, tied or
-//! untied LM head. Generic over any [`QuantBackend`]; weights quantised or not.
+//! untied LM head. Generic over any [`KernelBackend`]; weights quantised or not.
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Tensor, TensorData};
@@ -9,26 +9,26 @@ use super::config::Config;
 use super::{Embedding, Linear, RmsNorm};
 use crate::error::{Error, Result};
 use crate::io::WeightSource;
-use crate::kernels::QuantBackend;
+use crate::kernels::KernelBackend;
 use crate::quant::QFormat;
 
 /// Keys and values of past positions, per layer: `[batch, kv_heads, capacity, head_dim]`.
 #[derive(Debug, Clone)]
-pub struct KvCache<B: QuantBackend> {
+pub struct KvCache<B: KernelBackend> {
     layers: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
     /// Positions filled.
     pub len: usize,
     pub capacity: usize,
 }
 
-impl<B: QuantBackend> KvCache<B> {
+impl<B: KernelBackend> KvCache<B> {
     pub fn reset(&mut self) {
         self.len = 0;
     }
 }
 
 #[derive(Debug, Clone)]
-pub struct Attention<B: QuantBackend> {
+pub struct Attention<B: KernelBackend> {
     pub q_proj: Linear<B>,
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
@@ -36,14 +36,14 @@ pub struct Attention<B: QuantBackend> {
 }
 
 #[derive(Debug, Clone)]
-pub struct Mlp<B: QuantBackend> {
+pub struct Mlp<B: KernelBackend> {
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
 }
 
 #[derive(Debug, Clone)]
-pub struct DecoderLayer<B: QuantBackend> {
+pub struct DecoderLayer<B: KernelBackend> {
     pub input_layernorm: RmsNorm<B>,
     pub self_attn: Attention<B>,
     pub post_attention_layernorm: RmsNorm<B>,
@@ -54,7 +54,7 @@ pub struct DecoderLayer<B: QuantBackend> {
 pub type LoadProgress<'a> = &'a mut dyn FnMut(usize, usize);
 
 #[derive(Debug, Clone)]
-pub struct Llama<B: QuantBackend> {
+pub struct Llama<B: KernelBackend> {
     pub config: Config,
     pub embed_tokens: Embedding,
     pub layers: Vec<DecoderLayer<B>>,
@@ -82,21 +82,7 @@ fn rope_tables(inv_freq: &[f32], start: usize, len: usize) -> (Vec<f32>, Vec<f32
     (cos, sin)
 }
 
-/// # Shapes
-/// - `x`: `[batch, heads, seq, head_dim]`, `cos`/`sin`: `[1, 1, seq, head_dim]` → like `x`
-fn apply_rope<B: QuantBackend>(
-    x: Tensor<B, 4>,
-    cos: Tensor<B, 4>,
-    sin: Tensor<B, 4>,
-) -> Tensor<B, 4> {
-    let [b, h, s, d] = x.dims();
-    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
-    let x2 = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos + rotated * sin
-}
-
-impl<B: QuantBackend> Llama<B> {
+impl<B: KernelBackend> Llama<B> {
     /// Load from HF-named weights. `quantize` quantises f32/f16/bf16 (and K-quant) linear weights
     /// to a kernel format at load; weights already in Q4_0/Q4_1/Q8_0 stay as they are.
     pub fn load(
@@ -255,8 +241,8 @@ impl<B: QuantBackend> Llama<B> {
 
         let hd = self.config.head_dim;
         let (cos, sin) = rope_tables(&self.inv_freq, cache.len, seq);
-        let cos = Tensor::<B, 4>::from_data(TensorData::new(cos, [1, 1, seq, hd]), &self.device);
-        let sin = Tensor::<B, 4>::from_data(TensorData::new(sin, [1, 1, seq, hd]), &self.device);
+        let cos = Tensor::<B, 2>::from_data(TensorData::new(cos, [seq, hd]), &self.device);
+        let sin = Tensor::<B, 2>::from_data(TensorData::new(sin, [seq, hd]), &self.device);
         let mask = self.causal_mask(cache.len, seq);
 
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
@@ -315,7 +301,7 @@ impl<B: QuantBackend> Llama<B> {
     }
 }
 
-impl<B: QuantBackend> Attention<B> {
+impl<B: KernelBackend> Attention<B> {
     /// Grouped-query attention. The `rep` query heads that share a KV head are laid out as one
     /// longer query sequence (`[batch, kv_heads, rep * seq, head_dim]`), so keys and values are
     /// never repeated in memory. Head `h` uses KV head `h / rep`, as HF `repeat_kv`.
@@ -329,18 +315,19 @@ impl<B: QuantBackend> Attention<B> {
         c: &Config,
         kv: &mut (Tensor<B, 4>, Tensor<B, 4>),
         past: usize,
-        (cos, sin): (&Tensor<B, 4>, &Tensor<B, 4>),
+        (cos, sin): (&Tensor<B, 2>, &Tensor<B, 2>),
         mask: Option<&Tensor<B, 4>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let (n_heads, n_kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let rep = n_heads / n_kv;
-        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, hd]).swap_dims(1, 2);
-        let q = heads(self.q_proj.forward(x.clone()), n_heads); // [b, n_heads, seq, hd]
-        let k = heads(self.k_proj.forward(x.clone()), n_kv); // [b, n_kv, seq, hd]
-        let v = heads(self.v_proj.forward(x), n_kv);
-        let q = apply_rope(q, cos.clone(), sin.clone());
-        let k = apply_rope(k, cos.clone(), sin.clone());
+        let q = B::rope(self.q_proj.forward(x.clone()), cos, sin, n_heads); // [b, n_heads, seq, hd]
+        let k = B::rope(self.k_proj.forward(x.clone()), cos, sin, n_kv); // [b, n_kv, seq, hd]
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([batch, seq, n_kv, hd])
+            .swap_dims(1, 2);
 
         let total = past + seq;
         let range = [0..batch, 0..n_kv, past..total, 0..hd];
@@ -369,7 +356,7 @@ impl<B: QuantBackend> Attention<B> {
     }
 }
 
-impl<B: QuantBackend> Mlp<B> {
+impl<B: KernelBackend> Mlp<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → same
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {

@@ -7,13 +7,13 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::error::{Error, Result};
 use crate::io::{HostData, HostTensor};
-use crate::kernels::{QTensor, QuantBackend};
+use crate::kernels::{KernelBackend, QTensor};
 use crate::quant::{GgmlType, QFormat, QMatrix, dequantize_into};
 
 /// How a linear layer's weight is stored on the device. One model implementation serves both
 /// (STYLE.md: no quantised copy of the model).
 #[derive(Debug, Clone)]
-pub enum LinearWeight<B: QuantBackend> {
+pub enum LinearWeight<B: KernelBackend> {
     /// `[in, out]`: transposed once at load so the forward is `x.matmul(w)`.
     Dense(Tensor<B, 2>),
     /// `[out, in]` blocks, dequantised in registers by the kernels.
@@ -22,14 +22,14 @@ pub enum LinearWeight<B: QuantBackend> {
 
 /// `y = x·Wᵀ + b`.
 #[derive(Debug, Clone)]
-pub struct Linear<B: QuantBackend> {
+pub struct Linear<B: KernelBackend> {
     pub weight: LinearWeight<B>,
     pub bias: Option<Tensor<B, 1>>,
     pub in_features: usize,
     pub out_features: usize,
 }
 
-impl<B: QuantBackend> Linear<B> {
+impl<B: KernelBackend> Linear<B> {
     /// Upload `[out, in]` weights: ggml blocks of a kernel format stay quantised; anything else
     /// becomes f32, or is quantised to `quantize` when given.
     pub fn load(
@@ -108,7 +108,7 @@ impl<B: QuantBackend> Linear<B> {
         let x = x.reshape([batch * seq, self.in_features]);
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.matmul(w.clone()),
-            LinearWeight::Quantized(q) => <B as QuantBackend>::q_matmul(x, q),
+            LinearWeight::Quantized(q) => <B as KernelBackend>::q_matmul(x, q),
         };
         let y = match &self.bias {
             Some(b) => y + b.clone().unsqueeze(),
@@ -127,12 +127,12 @@ impl<B: QuantBackend> Linear<B> {
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) * weight`.
 #[derive(Debug, Clone)]
-pub struct RmsNorm<B: QuantBackend> {
+pub struct RmsNorm<B: KernelBackend> {
     pub weight: Tensor<B, 1>,
     pub eps: f64,
 }
 
-impl<B: QuantBackend> RmsNorm<B> {
+impl<B: KernelBackend> RmsNorm<B> {
     pub fn load(t: HostTensor, dim: usize, eps: f64, device: &B::Device) -> Result<Self> {
         t.expect_shape(&[dim])?;
         Ok(Self {
@@ -144,8 +144,7 @@ impl<B: QuantBackend> RmsNorm<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let ms = (x.clone() * x.clone()).mean_dim(2); // [batch, seq, 1]
-        x / (ms + self.eps).sqrt() * self.weight.clone().unsqueeze()
+        B::rms_norm(x, &self.weight, self.eps)
     }
 }
 

@@ -1,0 +1,49 @@
+//! Launching a hand-written WGSL kernel on burn-wgpu tensors: burn's template route
+//! (`KernelSource` → `SourceKernel`), buffers in binding order, then the params struct as the
+//! uniform binding after them.
+
+use burn::backend::wgpu::{CubeTensor, KernelSource, SourceKernel, WgpuRuntime};
+use burn::tensor::{DType, Shape};
+use cubecl::server::{KernelArguments, MetadataBindingInfo};
+use cubecl::{CubeCount, CubeDim};
+
+/// A new contiguous f32 tensor on `like`'s device.
+pub fn empty_f32(like: &CubeTensor<WgpuRuntime>, shape: Shape) -> CubeTensor<WgpuRuntime> {
+    let bytes = shape.num_elements() * size_of::<f32>();
+    let handle = like.client.empty(bytes);
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        shape,
+        handle,
+        DType::F32,
+    )
+}
+
+/// Launch `kernel` with `buffers` at bindings 0.. and `params` (a `#[repr(C)]` Pod struct whose
+/// size is a multiple of 8 bytes) as the uniform binding after them.
+pub fn launch<K: KernelSource, P: bytemuck::Pod>(
+    kernel: K,
+    cube_dim: CubeDim,
+    count: CubeCount,
+    buffers: &[&CubeTensor<WgpuRuntime>],
+    params: P,
+) {
+    let client = buffers[0].client.clone();
+    let info: Vec<u64> = bytemuck::pod_collect_to_vec(&[params]);
+    let bindings = buffers.iter().map(|t| t.handle.clone().binding()).collect();
+    client.launch(
+        Box::new(SourceKernel::new(kernel, cube_dim)),
+        count,
+        KernelArguments::new()
+            .with_buffers(bindings)
+            .with_info(MetadataBindingInfo::custom(info)),
+    );
+}
+
+/// Workgroups for `n` independent items (rows), spread over x and y so no dimension exceeds
+/// WebGPU's 65535. Kernels recover the item as `wg.x + wg.y * 65535`.
+pub fn grid_for(n: usize) -> CubeCount {
+    const MAX: usize = 65_535;
+    CubeCount::Static(n.min(MAX) as u32, n.div_ceil(MAX) as u32, 1)
+}
