@@ -38,10 +38,8 @@ fn cpu_matmul(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     y
 }
 
-fn to_vec(t: Tensor<B, 2>) -> Vec<f32> {
-    t.into_data()
-        .into_vec::<f32>()
-        .unwrap_or_else(|e| panic!("{e:?}"))
+fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().into_vec::<f32>().unwrap_or_else(|e| panic!("{e:?}"))
 }
 
 #[test]
@@ -105,10 +103,6 @@ fn q_matmul_kernels_match_references() {
     }
 }
 
-fn to_vec_n<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().into_vec::<f32>().unwrap()
-}
-
 #[test]
 fn rms_norm_kernel_matches_references() {
     let dev = device();
@@ -122,8 +116,8 @@ fn rms_norm_kernel_matches_references() {
         let x = Tensor::<B, 3>::from_data(TensorData::new(x_host.clone(), [batch, seq, dim]), &dev);
         let w = Tensor::<B, 1>::from_data(TensorData::new(w_host.clone(), [dim]), &dev);
         let eps = 1e-5;
-        let kernel = to_vec_n(<B as KernelBackend>::rms_norm(x.clone(), &w, eps));
-        let plain = to_vec_n(reference::rms_norm(x, &w, eps));
+        let kernel = to_vec(<B as KernelBackend>::rms_norm(x.clone(), &w, eps));
+        let plain = to_vec(reference::rms_norm(x, &w, eps));
         let cpu: Vec<f32> = x_host
             .chunks(dim)
             .flat_map(|row| {
@@ -161,8 +155,8 @@ fn rope_kernel_matches_references() {
         );
         let cos = Tensor::<B, 2>::from_data(TensorData::new(cos_host.clone(), [seq, hd]), &dev);
         let sin = Tensor::<B, 2>::from_data(TensorData::new(sin_host.clone(), [seq, hd]), &dev);
-        let kernel = to_vec_n(<B as KernelBackend>::rope(x.clone(), &cos, &sin, heads));
-        let plain = to_vec_n(reference::rope(x, &cos, &sin, heads));
+        let kernel = to_vec(<B as KernelBackend>::rope(x.clone(), &cos, &sin, heads));
+        let plain = to_vec(reference::rope(x, &cos, &sin, heads));
         let mut cpu = vec![0f32; x_host.len()];
         let half = hd / 2;
         for b in 0..batch {
