@@ -31,21 +31,27 @@ fn streaming_stop_strings_and_cancel() {
         "the fixture's greedy run should not end at once"
     );
 
+    // Generate, collecting what was streamed.
+    let run = |opts: &GenerateOptions| {
+        let mut streamed = String::new();
+        let out = generate(
+            model,
+            tok,
+            &g.prompt_ids,
+            opts,
+            &CancelToken::new(),
+            &mut |p| streamed.push_str(p),
+        )
+        .unwrap();
+        (out, streamed)
+    };
+
     // Greedy, streamed: the same tokens as transformers; the pieces add up to the text.
     let opts = GenerateOptions {
         max_tokens: expected.len(),
         ..Default::default()
     };
-    let mut streamed = String::new();
-    let out = generate(
-        model,
-        tok,
-        &g.prompt_ids,
-        &opts,
-        &CancelToken::new(),
-        &mut |p| streamed.push_str(p),
-    )
-    .unwrap();
+    let (out, streamed) = run(&opts);
     assert_eq!(out.token_ids, expected);
     assert_eq!(out.stop_reason, StopReason::MaxTokens);
     assert_eq!(streamed, out.text);
@@ -65,16 +71,7 @@ fn streaming_stop_strings_and_cancel() {
         stop_strings: vec![stop.clone()],
         ..Default::default()
     };
-    let mut streamed = String::new();
-    let out = generate(
-        model,
-        tok,
-        &g.prompt_ids,
-        &opts,
-        &CancelToken::new(),
-        &mut |p| streamed.push_str(p),
-    )
-    .unwrap();
+    let (out, streamed) = run(&opts);
     assert_eq!(
         out.stop_reason,
         StopReason::StopString,

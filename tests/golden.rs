@@ -47,6 +47,16 @@ fn to_vec(t: Tensor<B, 2>) -> Vec<f32> {
         .unwrap_or_else(|e| panic!("{e:?}"))
 }
 
+/// Logits of the last position after a forward of `prompt`.
+fn last_logits(model: &Llama<B>, prompt: &[u32]) -> Vec<f32> {
+    let mut cache = model.new_cache(1, prompt.len());
+    to_vec(
+        model
+            .forward(prompt, &mut cache, false)
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+}
+
 /// Greedy decode with the KV cache, checking at every step that our top-1 is the reference's
 /// and that our logits at the reference's top-5 ids are within `abs + rel·|x|`.
 fn check_greedy(
@@ -105,13 +115,7 @@ fn tiny(name: &str, quantize: Option<QFormat>) -> (LoadedModel<B>, TinyGolden) {
 fn tiny_hf_models_match_transformers() {
     for name in ["tiny_llama", "tiny_qwen2"] {
         let (loaded, g) = tiny(name, None);
-        let mut cache = loaded.model.new_cache(1, 64);
-        let last = to_vec(
-            loaded
-                .model
-                .forward(&g.prompt_ids, &mut cache, false)
-                .unwrap_or_else(|e| panic!("{e}")),
-        );
+        let last = last_logits(&loaded.model, &g.prompt_ids);
         // f32 throughout on both sides: only summation order differs.
         assert_close(
             &format!("{name} last logits"),
@@ -151,13 +155,7 @@ fn tiny_hf_models_match_transformers() {
 #[test]
 fn tiny_model_quantized_at_load_stays_close() {
     let (loaded, g) = tiny("tiny_llama", Some(QFormat::Q8_0));
-    let mut cache = loaded.model.new_cache(1, 64);
-    let last = to_vec(
-        loaded
-            .model
-            .forward(&g.prompt_ids, &mut cache, false)
-            .unwrap_or_else(|e| panic!("{e}")),
-    );
+    let last = last_logits(&loaded.model, &g.prompt_ids);
     assert_close(
         "tiny_llama q8_0 last logits",
         &last,
@@ -274,13 +272,7 @@ fn sharded_safetensors_load_the_same_model() {
 
     let loaded = load_model::<B>(&dir, None, &device(), &mut |_| {}).unwrap();
     let g: TinyGolden = read(src.join("golden.json"));
-    let mut cache = loaded.model.new_cache(1, 64);
-    let last = to_vec(
-        loaded
-            .model
-            .forward(&g.prompt_ids, &mut cache, false)
-            .unwrap(),
-    );
+    let last = last_logits(&loaded.model, &g.prompt_ids);
     assert_close(
         "sharded tiny_llama last logits",
         &last,

@@ -39,7 +39,9 @@ fn cpu_matmul(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
 }
 
 fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().into_vec::<f32>().unwrap_or_else(|e| panic!("{e:?}"))
+    t.into_data()
+        .into_vec::<f32>()
+        .unwrap_or_else(|e| panic!("{e:?}"))
 }
 
 #[test]

@@ -12,6 +12,7 @@ use codelsi_engine::device::{GpuInfo, Wgpu, init_wgpu};
 use codelsi_engine::fetch::{FetchStep, cache_dir, default_manifest, default_model_path};
 use codelsi_engine::generate::{CancelToken, GenerateOptions, GenerateOutput, generate};
 use codelsi_engine::io::tokenizer::Message;
+use codelsi_engine::kernels::KernelBackend;
 use codelsi_engine::model::{LoadEvent, LoadedModel, load_model, resolve_model};
 use codelsi_engine::quant::QFormat;
 use codelsi_engine::sampling::SamplingParams;
@@ -293,6 +294,7 @@ fn cmd_models(command: ModelsCommand) -> Result<()> {
                 i.device_bytes as f64 / 1e6
             );
             println!("runs on:       {gpu}");
+            println!("kernels:       {}", <Wgpu as KernelBackend>::kernels_impl());
             if loaded.tokenizer.vocab_size() == 0 {
                 bail!("the tokenizer is empty");
             }

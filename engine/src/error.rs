@@ -98,9 +98,6 @@ pub enum Error {
 
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-
-    #[error("cancelled")]
-    Cancelled,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

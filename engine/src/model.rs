@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::fetch::{FetchStep, ensure_default_model};
+use crate::io::GgufWeights;
 use crate::io::gguf::GgufFile;
 use crate::io::safetensors::SafetensorsWeights;
 use crate::io::tokenizer::Tokenizer;
-use crate::io::{GgufWeights, WeightSource};
 use crate::kernels::KernelBackend;
 use crate::models::config::{Architecture, Config};
 use crate::models::llama::Llama;
@@ -114,7 +114,6 @@ pub fn load_model<B: KernelBackend>(
     };
     let model = Llama::load(config.clone(), &weights, quantize, device, &mut upload)?;
     let info = info(path, "GGUF", &config, type_census(&gguf), &model);
-    let _ = weights.path();
     Ok(LoadedModel {
         model,
         tokenizer,

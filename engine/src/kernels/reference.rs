@@ -45,7 +45,6 @@ fn f16_bits_to_f32<B: Backend>(h: Tensor<B, 1, Int>) -> Tensor<B, 1> {
 
 /// The f16 scales of `w`, `[n_blocks, scales_per_block]`.
 fn scales<B: Backend>(w: &QTensor<B>, n_blocks: usize) -> Tensor<B, 2> {
-    let device = w.scales.device();
     let words = w.scales.clone();
     let n_words = words.dims()[0];
     let halves = Tensor::cat(
@@ -63,7 +62,6 @@ fn scales<B: Backend>(w: &QTensor<B>, n_blocks: usize) -> Tensor<B, 2> {
     )
     .reshape([2 * n_words]);
     let per = w.format.scales_per_block();
-    let _ = device;
     f16_bits_to_f32(halves.slice(0..n_blocks * per)).reshape([n_blocks, per])
 }
 
