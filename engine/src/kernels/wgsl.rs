@@ -20,8 +20,9 @@ pub fn empty_f32(like: &CubeTensor<WgpuRuntime>, shape: Shape) -> CubeTensor<Wgp
     )
 }
 
-/// Launch `kernel` with `buffers` at bindings 0.. and `params` (a `#[repr(C)]` Pod struct whose
-/// size is a multiple of 8 bytes) as the uniform binding after them.
+/// Launch `kernel` with `buffers` at bindings 0.. and `params` as the uniform binding after them.
+/// `params` is a `#[repr(C)]` Pod struct mirroring the shader's; WGSL rounds uniform structs up
+/// to 16 bytes, so its size must be a multiple of 16 for the buffer to cover the struct.
 pub fn launch<K: KernelSource, P: bytemuck::Pod>(
     kernel: K,
     cube_dim: CubeDim,
@@ -29,6 +30,11 @@ pub fn launch<K: KernelSource, P: bytemuck::Pod>(
     buffers: &[&CubeTensor<WgpuRuntime>],
     params: P,
 ) {
+    debug_assert_eq!(
+        size_of::<P>() % 16,
+        0,
+        "uniform params must fill whole 16-byte rows"
+    );
     let client = buffers[0].client.clone();
     let info: Vec<u64> = bytemuck::pod_collect_to_vec(&[params]);
     let bindings = buffers.iter().map(|t| t.handle.clone().binding()).collect();

@@ -12,10 +12,10 @@ use crate::io::WeightSource;
 use crate::kernels::KernelBackend;
 use crate::quant::QFormat;
 
-/// Keys and values of past positions, per layer: `[batch, kv_heads, capacity, head_dim]`.
+/// Keys and values of past positions, per layer.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: KernelBackend> {
-    layers: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
+    layers: Vec<LayerCache<B>>,
     /// Positions filled.
     pub len: usize,
     pub capacity: usize,
@@ -24,6 +24,42 @@ pub struct KvCache<B: KernelBackend> {
 impl<B: KernelBackend> KvCache<B> {
     pub fn reset(&mut self) {
         self.len = 0;
+    }
+}
+
+/// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]` each.
+#[derive(Debug, Clone)]
+pub struct LayerCache<B: KernelBackend> {
+    keys: Tensor<B, 4>,
+    values: Tensor<B, 4>,
+    /// Stands in for `keys`/`values` while they are being written. All layers share one
+    /// one-element buffer (clones share it), so appending allocates nothing.
+    spare: Tensor<B, 4>,
+}
+
+impl<B: KernelBackend> LayerCache<B> {
+    /// Write `k`/`v` (`[batch, kv_heads, seq, head_dim]`) at positions `past..past + seq`, and
+    /// return the keys and values of positions `0..past + seq`.
+    fn append(
+        &mut self,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        past: usize,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [batch, n_kv, seq, hd] = k.dims();
+        let total = past + seq;
+        let range = [0..batch, 0..n_kv, past..total, 0..hd];
+        // Move the tensors out so their buffers are uniquely owned: burn then writes in place
+        // instead of copying the whole cache.
+        self.keys =
+            std::mem::replace(&mut self.keys, self.spare.clone()).slice_assign(range.clone(), k);
+        self.values =
+            std::mem::replace(&mut self.values, self.spare.clone()).slice_assign(range, v);
+        let filled = [0..batch, 0..n_kv, 0..total, 0..hd];
+        (
+            self.keys.clone().slice(filled.clone()),
+            self.values.clone().slice(filled),
+        )
     }
 }
 
@@ -172,12 +208,12 @@ impl<B: KernelBackend> Llama<B> {
         let c = &self.config;
         let capacity = capacity.min(c.max_position_embeddings).max(1);
         let shape = [batch, c.num_key_value_heads, capacity, c.head_dim];
+        let spare = Tensor::<B, 4>::empty([1, 1, 1, 1], &self.device);
         let layers = (0..c.num_hidden_layers)
-            .map(|_| {
-                (
-                    Tensor::zeros(shape, &self.device),
-                    Tensor::zeros(shape, &self.device),
-                )
+            .map(|_| LayerCache {
+                keys: Tensor::zeros(shape, &self.device),
+                values: Tensor::zeros(shape, &self.device),
+                spare: spare.clone(),
             })
             .collect();
         KvCache {
@@ -313,7 +349,7 @@ impl<B: KernelBackend> Attention<B> {
         &self,
         x: Tensor<B, 3>,
         c: &Config,
-        kv: &mut (Tensor<B, 4>, Tensor<B, 4>),
+        kv: &mut LayerCache<B>,
         past: usize,
         (cos, sin): (&Tensor<B, 2>, &Tensor<B, 2>),
         mask: Option<&Tensor<B, 4>>,
@@ -329,16 +365,7 @@ impl<B: KernelBackend> Attention<B> {
             .reshape([batch, seq, n_kv, hd])
             .swap_dims(1, 2);
 
-        let total = past + seq;
-        let range = [0..batch, 0..n_kv, past..total, 0..hd];
-        // Take the cache tensors out so their buffers are uniquely owned: burn then writes in
-        // place instead of copying the whole cache.
-        let device = k.device();
-        let placeholder = || Tensor::<B, 4>::empty([1, 1, 1, 1], &device);
-        kv.0 = std::mem::replace(&mut kv.0, placeholder()).slice_assign(range.clone(), k);
-        kv.1 = std::mem::replace(&mut kv.1, placeholder()).slice_assign(range, v);
-        let keys = kv.0.clone().slice([0..batch, 0..n_kv, 0..total, 0..hd]);
-        let values = kv.1.clone().slice([0..batch, 0..n_kv, 0..total, 0..hd]);
+        let (keys, values) = kv.append(k, v, past);
 
         let q = q.reshape([batch, n_kv, rep * seq, hd]);
         let scores = q.matmul(keys.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt()); // [b, n_kv, rep*seq, total]
