@@ -5,6 +5,9 @@
 //! each thread a 4x4 register tile; per block of 32 along k it stages 64 rows of x and 64 rows
 //! of W, dequantised, in workgroup memory (16 KiB, wgpu's default limit). W stays quantised in
 //! GPU memory.
+//!
+//! With a LoRA adapter (`rank > 0`) the epilogue adds `scale * sum_r u[m, r] * lb[n, r]`, where
+//! `u = x · Aᵀ` was computed beforehand: the adapter costs no extra pass over y.
 
 // Keep in sync with `QMatmulParams` in engine/src/kernels/qmatmul.rs.
 struct Params {
@@ -16,13 +19,23 @@ struct Params {
     k: u32,
     /// k / 32.
     blocks_per_row: u32,
+    /// LoRA rank; 0 when there is no adapter (`u` and `lb` are then placeholders).
+    rank: u32,
+    /// LoRA scale, alpha / r.
+    scale: f32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<storage, read_write> x: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read_write> qs: array<u32>;
 @group(0) @binding(2) var<storage, read_write> scales: array<u32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
-@group(0) @binding(4) var<uniform> params: Params;
+/// `[m, rank]`: x · Aᵀ.
+@group(0) @binding(4) var<storage, read_write> u: array<f32>;
+/// `[n, rank]`: the adapter's B.
+@group(0) @binding(5) var<storage, read_write> lb: array<f32>;
+@group(0) @binding(6) var<uniform> params: Params;
 
 const TILE: u32 = 64u;
 
@@ -78,7 +91,11 @@ fn main(
         for (var j = 0u; j < 4u; j++) {
             let n = n0 + local.x * 4u + j;
             if (m < params.m && n < params.n) {
-                y[m * params.n + n] = acc[i][j];
+                var lora = 0.0;
+                for (var r = 0u; r < params.rank; r++) {
+                    lora += u[m * params.rank + r] * lb[n * params.rank + r];
+                }
+                y[m * params.n + n] = acc[i][j] + params.scale * lora;
             }
         }
     }

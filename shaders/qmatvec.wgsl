@@ -6,6 +6,9 @@
 //! quantised in GPU memory and is read once per row of x. LANES is 16 on GPUs (neighbouring
 //! threads read neighbouring blocks) and 1 on CPU adapters such as lavapipe, where a thread per
 //! row needs no reduction and every SIMD lane reads the same x.
+//!
+//! With a LoRA adapter (`rank > 0`) lane 0 adds `scale * sum_r u[m, r] * lb[n, r]` to its row,
+//! `u = x · Aᵀ` having been computed beforehand.
 
 // Keep in sync with `QMatmulParams` in engine/src/kernels/qmatmul.rs.
 struct Params {
@@ -17,13 +20,23 @@ struct Params {
     k: u32,
     /// k / 32.
     blocks_per_row: u32,
+    /// LoRA rank; 0 when there is no adapter (`u` and `lb` are then placeholders).
+    rank: u32,
+    /// LoRA scale, alpha / r.
+    scale: f32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<storage, read_write> x: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read_write> qs: array<u32>;
 @group(0) @binding(2) var<storage, read_write> scales: array<u32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
-@group(0) @binding(4) var<uniform> params: Params;
+/// `[m, rank]`: x · Aᵀ.
+@group(0) @binding(4) var<storage, read_write> u: array<f32>;
+/// `[n, rank]`: the adapter's B.
+@group(0) @binding(5) var<storage, read_write> lb: array<f32>;
+@group(0) @binding(6) var<uniform> params: Params;
 
 const LANES: u32 = {{ lanes }}u;
 const ROWS: u32 = {{ rows }}u;
@@ -56,6 +69,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (lane == 0u && n < params.n) {
-        y[m * params.n + n] = partial[lid];
+        var lora = 0.0;
+        for (var r = 0u; r < params.rank; r++) {
+            lora += u[m * params.rank + r] * lb[n * params.rank + r];
+        }
+        y[m * params.n + n] = partial[lid] + params.scale * lora;
     }
 }

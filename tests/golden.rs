@@ -1,14 +1,13 @@
 //! Golden tests against an independent implementation: outputs dumped by HF transformers with
 //! `tests/scripts/make_golden.py` (prompt ids, greedy tokens, top-5 logits per step).
 
-use burn::tensor::Tensor;
 use codelsi_engine::io::gguf::GgufFile;
 use codelsi_engine::io::tokenizer::{Message, Tokenizer};
 use codelsi_engine::model::{LoadedModel, load_model};
 use codelsi_engine::models::llama::Llama;
 use codelsi_engine::quant::QFormat;
 use codelsi_engine::sampling::argmax;
-use codelsi_tests::{B, assert_close, default_model, device, fixtures};
+use codelsi_tests::{B, assert_close, default_model, device, fixtures, to_vec};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -39,12 +38,6 @@ struct TinyGolden {
 fn read<T: for<'de> Deserialize<'de>>(path: std::path::PathBuf) -> T {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn to_vec(t: Tensor<B, 2>) -> Vec<f32> {
-    t.into_data()
-        .into_vec::<f32>()
-        .unwrap_or_else(|e| panic!("{e:?}"))
 }
 
 /// Logits of the last position after a forward of `prompt`.

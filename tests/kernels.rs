@@ -5,26 +5,9 @@ use burn::tensor::{Tensor, TensorData};
 use codelsi_engine::kernels::qmatmul::{MatVecShape, q_matmul_wgpu};
 use codelsi_engine::kernels::{KernelBackend, QTensor, reference};
 use codelsi_engine::quant::{QFormat, QMatrix};
-use codelsi_tests::{B, assert_close, device, random_values};
+use codelsi_tests::{B, assert_close, device, random_values, to_vec, varied_weights};
 
 const FORMATS: [QFormat; 3] = [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0];
-
-/// Weights whose scale varies from block to block (and some blocks of one sign, for Q4_1's min).
-fn weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    random_values(rows * cols, seed)
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let block = i / 32;
-            let scale = 0.05 + (block % 11) as f32 * 0.3;
-            if block % 5 == 0 {
-                (v.abs() + 0.1) * scale
-            } else {
-                v * scale
-            }
-        })
-        .collect()
-}
 
 fn cpu_matmul(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
@@ -38,18 +21,12 @@ fn cpu_matmul(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     y
 }
 
-fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data()
-        .into_vec::<f32>()
-        .unwrap_or_else(|e| panic!("{e:?}"))
-}
-
 #[test]
 fn reference_dequantize_matches_cpu() {
     let dev = device();
     for format in FORMATS {
         let (rows, cols) = (13, 96);
-        let q = QMatrix::quantize(format, rows, cols, &weights(rows, cols, 1));
+        let q = QMatrix::quantize(format, rows, cols, &varied_weights(rows, cols, 1));
         let cpu = q.dequantize();
         let gpu = to_vec(reference::dequantize(&QTensor::<B>::from_qmatrix(&q, &dev)));
         // Same integers and f16 scales; the reference builds 2^e as exp(e·ln 2), which is a few
@@ -73,7 +50,7 @@ fn q_matmul_kernels_match_references() {
     ];
     for format in FORMATS {
         for (si, &(m, n, k)) in shapes.iter().enumerate() {
-            let q = QMatrix::quantize(format, n, k, &weights(n, k, 10 + si as u64));
+            let q = QMatrix::quantize(format, n, k, &varied_weights(n, k, 10 + si as u64));
             let x_host = random_values(m * k, 100 + si as u64);
             let x = Tensor::<B, 2>::from_data(TensorData::new(x_host.clone(), [m, k]), &dev);
             let qt = QTensor::<B>::from_qmatrix(&q, &dev);

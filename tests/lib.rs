@@ -68,3 +68,30 @@ pub fn random_values(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// A tensor's values on the host, from any backend.
+pub fn to_vec<Bk: burn::tensor::backend::Backend, const D: usize>(
+    t: burn::tensor::Tensor<Bk, D>,
+) -> Vec<f32> {
+    t.into_data()
+        .into_vec::<f32>()
+        .unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+/// Weights whose scale varies from block (32 values) to block, some blocks all of one sign (for
+/// Q4_1's minimum): quantisation sees every case.
+pub fn varied_weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    random_values(rows * cols, seed)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let block = i / 32;
+            let scale = 0.05 + (block % 11) as f32 * 0.3;
+            if block % 5 == 0 {
+                (v.abs() + 0.1) * scale
+            } else {
+                v * scale
+            }
+        })
+        .collect()
+}

@@ -1,10 +1,15 @@
 //! Hand-written WGSL kernels (sources in `shaders/`) and the backend extension that exposes them.
 //!
 //! [`KernelBackend`] is what the model needs beyond burn's own ops: a product with a matrix that
-//! stays quantised in device memory, and fused RMSNorm and RoPE. burn-wgpu implements them with
-//! our WGSL kernels (`wgpu.rs`, `qmatmul.rs`); every other backend uses the reference built from
-//! plain tensor ops (`reference.rs`), which is also what the kernels are tested against.
+//! stays quantised in device memory (with or without a LoRA adapter beside it), its transpose
+//! for the backward pass, and fused RMSNorm and RoPE. burn-wgpu implements them with our WGSL
+//! kernels (`wgpu.rs`, `qmatmul.rs`, `lora.rs`); every other backend uses the reference built
+//! from plain tensor ops (`reference.rs`), which is also what the kernels are tested against.
+//! `autodiff.rs` makes the quantised and LoRA products differentiable on `Autodiff<B>` with
+//! hand-written backward passes that call the same kernels.
 
+pub mod autodiff;
+pub mod lora;
 pub mod qmatmul;
 pub mod reference;
 pub mod wgpu;
@@ -51,6 +56,34 @@ impl<B: Backend> QTensor<B> {
     }
 }
 
+impl<B: Backend> QTensor<B> {
+    /// The same words seen from another backend with the same int primitive (for instance the
+    /// inner backend of `Autodiff<B>`: int tensors are never tracked).
+    pub fn cast<B2: Backend<IntTensorPrimitive = B::IntTensorPrimitive>>(&self) -> QTensor<B2> {
+        QTensor {
+            format: self.format,
+            rows: self.rows,
+            cols: self.cols,
+            qs: Tensor::from_primitive(self.qs.clone().into_primitive()),
+            scales: Tensor::from_primitive(self.scales.clone().into_primitive()),
+        }
+    }
+}
+
+/// The LoRA term added in the epilogue of a quantised product: `scale · u · Bᵀ`.
+#[derive(Debug, Clone)]
+pub struct LoraEpilogue<B: Backend> {
+    /// `[m, r]`: x · Aᵀ.
+    pub u: Tensor<B, 2>,
+    /// `[n, r]`: the adapter's B.
+    pub b: Tensor<B, 2>,
+    pub scale: f32,
+}
+
+/// `(du, A)`: the adapter's share of the input gradient, `du · A`, fused into
+/// [`KernelBackend::q_matmul_t`].
+pub type AdapterShare<B> = (Tensor<B, 2>, Tensor<B, 2>);
+
 /// Backends that can multiply by a quantised matrix.
 pub trait KernelBackend: Backend {
     /// `x · Wᵀ` with `x: [m, k]`, `W: [n, k]` quantised; returns `[m, n]`.
@@ -58,6 +91,57 @@ pub trait KernelBackend: Backend {
     /// The default is the plain-tensor reference: dequantise, then matmul.
     fn q_matmul(x: Tensor<Self, 2>, w: &QTensor<Self>) -> Tensor<Self, 2> {
         reference::q_matmul(x, w)
+    }
+
+    /// A frozen quantised base with a LoRA adapter: `x · Wᵀ + scale · (x_drop · Aᵀ) · Bᵀ`, where
+    /// `x_drop` is `x` after the adapter's dropout (`None`: `x` itself).
+    ///
+    /// # Shapes
+    /// - `x`, `x_drop`: `[m, k]`, `W`: `[n, k]`, `a`: `[r, k]`, `b`: `[n, r]` → `[m, n]`
+    fn lora_matmul(
+        x: Tensor<Self, 2>,
+        x_drop: Option<Tensor<Self, 2>>,
+        w: &QTensor<Self>,
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        scale: f32,
+    ) -> Tensor<Self, 2> {
+        let xd = x_drop.unwrap_or_else(|| x.clone());
+        let u = Self::matmul_small(xd, a, false, true, 1.0);
+        Self::q_matmul_lora(x, w, &LoraEpilogue { u, b, scale })
+    }
+
+    /// `x · Wᵀ + scale · u · Bᵀ` (the adapter's up-projection fused with the base product).
+    fn q_matmul_lora(
+        x: Tensor<Self, 2>,
+        w: &QTensor<Self>,
+        lora: &LoraEpilogue<Self>,
+    ) -> Tensor<Self, 2> {
+        reference::q_matmul_lora(x, w, lora)
+    }
+
+    /// `dy · W (+ du · A)`: the gradient at the input of [`q_matmul`](Self::q_matmul) or
+    /// [`lora_matmul`](Self::lora_matmul).
+    ///
+    /// # Shapes
+    /// - `dy`: `[m, n]`, `W`: `[n, k]`, `du`: `[m, r]`, `a`: `[r, k]` → `[m, k]`
+    fn q_matmul_t(
+        dy: Tensor<Self, 2>,
+        w: &QTensor<Self>,
+        lora: Option<AdapterShare<Self>>,
+    ) -> Tensor<Self, 2> {
+        reference::q_matmul_t(dy, w, lora)
+    }
+
+    /// `alpha · op(a) · op(b)` for the small products of the LoRA path (one side is the rank).
+    fn matmul_small(
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        transpose_a: bool,
+        transpose_b: bool,
+        alpha: f32,
+    ) -> Tensor<Self, 2> {
+        reference::matmul_small(a, b, transpose_a, transpose_b, alpha)
     }
 
     /// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * weight`.

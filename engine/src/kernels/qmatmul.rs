@@ -9,7 +9,7 @@ use cubecl::prelude::KernelId;
 use cubecl::{CubeCount, CubeDim};
 
 use super::wgpu::WgpuCube;
-use super::{QTensor, wgsl};
+use super::{LoraEpilogue, QTensor, wgsl};
 use crate::quant::QFormat;
 
 /// Uniform parameters of both kernels. Keep in sync with `Params` in shaders/qmatvec.wgsl and
@@ -25,6 +25,11 @@ pub struct QMatmulParams {
     pub k: u32,
     /// k / 32.
     pub blocks_per_row: u32,
+    /// LoRA rank, 0 without an adapter.
+    pub rank: u32,
+    /// LoRA scale (alpha / r).
+    pub scale: f32,
+    pub _pad: [u32; 2],
 }
 
 /// Rows of x up to which the mat-vec kernel is used (it reads W once per row of x).
@@ -73,11 +78,7 @@ impl KernelSource for QKernel {
             Op::MatVec => include_str!("../../../shaders/qmatvec.wgsl"),
             Op::MatMul => include_str!("../../../shaders/qmatmul.wgsl"),
         };
-        let format = match self.format {
-            QFormat::Q4_0 => include_str!("../../../shaders/common/q4_0.wgsl"),
-            QFormat::Q4_1 => include_str!("../../../shaders/common/q4_1.wgsl"),
-            QFormat::Q8_0 => include_str!("../../../shaders/common/q8_0.wgsl"),
-        };
+        let format = format_source(self.format);
         SourceTemplate::new(format!("{op}\n{format}"))
             .register("lanes", self.matvec.lanes.to_string())
             .register("rows", self.matvec.rows.to_string())
@@ -92,11 +93,32 @@ impl KernelSource for QKernel {
     }
 }
 
+/// The `dequant4` helper of a format, appended to the kernels that read quantised blocks (WGSL
+/// has no includes).
+pub(crate) fn format_source(format: QFormat) -> &'static str {
+    match format {
+        QFormat::Q4_0 => include_str!("../../../shaders/common/q4_0.wgsl"),
+        QFormat::Q4_1 => include_str!("../../../shaders/common/q4_1.wgsl"),
+        QFormat::Q8_0 => include_str!("../../../shaders/common/q8_0.wgsl"),
+    }
+}
+
 /// `x · Wᵀ` on burn-wgpu with the WGSL kernels. `x: [m, k]` f32, `W: [n, k]`. `matvec` picks the
 /// mat-vec kernel's thread layout (tests run both on any adapter).
 pub fn q_matmul_wgpu<I: IntElement, BT: BoolElement>(
     x: Tensor<WgpuCube<I, BT>, 2>,
     w: &QTensor<WgpuCube<I, BT>>,
+    matvec: MatVecShape,
+) -> Tensor<WgpuCube<I, BT>, 2> {
+    q_matmul_lora_wgpu(x, w, None, matvec)
+}
+
+/// `x · Wᵀ + scale · u · Bᵀ`: the quantised product with a LoRA adapter's up-projection fused
+/// into its epilogue.
+pub fn q_matmul_lora_wgpu<I: IntElement, BT: BoolElement>(
+    x: Tensor<WgpuCube<I, BT>, 2>,
+    w: &QTensor<WgpuCube<I, BT>>,
+    lora: Option<&LoraEpilogue<WgpuCube<I, BT>>>,
     matvec: MatVecShape,
 ) -> Tensor<WgpuCube<I, BT>, 2> {
     let [m, k] = x.dims();
@@ -107,11 +129,33 @@ pub fn q_matmul_wgpu<I: IntElement, BT: BoolElement>(
     let qs = w.qs.clone().into_primitive();
     let scales = w.scales.clone().into_primitive();
     let out = wgsl::empty_f32(&x, Shape::new([m, n]));
+    let (u, b, rank, scale) = match lora {
+        Some(l) => {
+            let r = l.u.dims()[1];
+            assert_eq!(l.u.dims(), [m, r], "LoRA u must be [m, r]");
+            assert_eq!(l.b.dims(), [n, r], "LoRA B must be [n, r]");
+            (
+                into_contiguous(l.u.clone().into_primitive().tensor()),
+                into_contiguous(l.b.clone().into_primitive().tensor()),
+                r,
+                l.scale,
+            )
+        }
+        None => (
+            wgsl::empty_f32(&x, Shape::new([4])),
+            wgsl::empty_f32(&x, Shape::new([4])),
+            0,
+            0.0,
+        ),
+    };
     let params = QMatmulParams {
         m: m as u32,
         n: n as u32,
         k: k as u32,
         blocks_per_row: (k / 32) as u32,
+        rank: rank as u32,
+        scale,
+        _pad: [0; 2],
     };
     let (op, cube_dim, count) = if m <= MATVEC_MAX_ROWS {
         let wg = matvec.lanes * matvec.rows;
@@ -126,6 +170,12 @@ pub fn q_matmul_wgpu<I: IntElement, BT: BoolElement>(
         format: w.format,
         matvec,
     };
-    wgsl::launch(kernel, cube_dim, count, &[&x, &qs, &scales, &out], params);
+    wgsl::launch(
+        kernel,
+        cube_dim,
+        count,
+        &[&x, &qs, &scales, &out, &u, &b],
+        params,
+    );
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }

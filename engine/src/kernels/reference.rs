@@ -4,7 +4,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
-use super::QTensor;
+use super::{AdapterShare, LoraEpilogue, QTensor};
 use crate::quant::QFormat;
 
 fn shifts<B: Backend>(values: [i32; 4], device: &B::Device) -> Tensor<B, 3, Int> {
@@ -100,6 +100,55 @@ pub fn dequantize<B: Backend>(w: &QTensor<B>) -> Tensor<B, 2> {
 /// `x · Wᵀ` by dequantising `W`.
 pub fn q_matmul<B: Backend>(x: Tensor<B, 2>, w: &QTensor<B>) -> Tensor<B, 2> {
     x.matmul(dequantize(w).transpose())
+}
+
+/// `x · Wᵀ + scale · u · Bᵀ`.
+pub fn q_matmul_lora<B: Backend>(
+    x: Tensor<B, 2>,
+    w: &QTensor<B>,
+    lora: &LoraEpilogue<B>,
+) -> Tensor<B, 2> {
+    q_matmul(x, w) + lora.u.clone().matmul(lora.b.clone().transpose()) * lora.scale
+}
+
+/// `dy · W (+ du · A)`.
+pub fn q_matmul_t<B: Backend>(
+    dy: Tensor<B, 2>,
+    w: &QTensor<B>,
+    lora: Option<AdapterShare<B>>,
+) -> Tensor<B, 2> {
+    let dx = dy.matmul(dequantize(w));
+    match lora {
+        Some((du, a)) => dx + du.matmul(a),
+        None => dx,
+    }
+}
+
+/// `alpha · op(a) · op(b)`.
+pub fn matmul_small<B: Backend>(
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    transpose_a: bool,
+    transpose_b: bool,
+    alpha: f32,
+) -> Tensor<B, 2> {
+    let a = if transpose_a { a.transpose() } else { a };
+    let b = if transpose_b { b.transpose() } else { b };
+    a.matmul(b) * alpha
+}
+
+/// The LoRA product from plain tensor ops, differentiable by burn's autodiff: the reference the
+/// hand-written backward pass is tested against.
+pub fn lora_matmul<B: Backend>(
+    x: Tensor<B, 2>,
+    x_drop: Option<Tensor<B, 2>>,
+    w: &QTensor<B>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    scale: f32,
+) -> Tensor<B, 2> {
+    let xd = x_drop.unwrap_or_else(|| x.clone());
+    q_matmul(x, w) + xd.matmul(a.transpose()).matmul(b.transpose()) * scale
 }
 
 /// RMSNorm with tensor ops.

@@ -9,14 +9,41 @@ use burn::tensor::{Shape, Tensor, TensorPrimitive};
 use cubecl::CubeDim;
 use cubecl::prelude::KernelId;
 
-use super::qmatmul::{MatVecShape, q_matmul_wgpu};
-use super::{KernelBackend, QTensor, wgsl};
+use super::lora::{matmul_strided_wgpu, q_matmul_t_wgpu};
+use super::qmatmul::{MatVecShape, q_matmul_lora_wgpu, q_matmul_wgpu};
+use super::{AdapterShare, KernelBackend, LoraEpilogue, QTensor, wgsl};
 
 pub type WgpuCube<I, BT> = CubeBackend<WgpuRuntime, f32, I, BT>;
 
 impl<I: IntElement, BT: BoolElement> KernelBackend for WgpuCube<I, BT> {
     fn q_matmul(x: Tensor<Self, 2>, w: &QTensor<Self>) -> Tensor<Self, 2> {
         q_matmul_wgpu(x, w, MatVecShape::for_adapter())
+    }
+
+    fn q_matmul_lora(
+        x: Tensor<Self, 2>,
+        w: &QTensor<Self>,
+        lora: &LoraEpilogue<Self>,
+    ) -> Tensor<Self, 2> {
+        q_matmul_lora_wgpu(x, w, Some(lora), MatVecShape::for_adapter())
+    }
+
+    fn q_matmul_t(
+        dy: Tensor<Self, 2>,
+        w: &QTensor<Self>,
+        lora: Option<AdapterShare<Self>>,
+    ) -> Tensor<Self, 2> {
+        q_matmul_t_wgpu(dy, w, lora)
+    }
+
+    fn matmul_small(
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        transpose_a: bool,
+        transpose_b: bool,
+        alpha: f32,
+    ) -> Tensor<Self, 2> {
+        matmul_strided_wgpu(a, b, transpose_a, transpose_b, alpha)
     }
 
     fn rms_norm(x: Tensor<Self, 3>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
@@ -33,7 +60,7 @@ impl<I: IntElement, BT: BoolElement> KernelBackend for WgpuCube<I, BT> {
     }
 
     fn kernels_impl() -> &'static str {
-        "WGSL (qmatvec, qmatmul, rms_norm, rope)"
+        "WGSL (qmatvec, qmatmul, qmatmul_t, matmul_strided, rms_norm, rope)"
     }
 }
 

@@ -1,0 +1,234 @@
+//! [`KernelBackend`] on `Autodiff<B>`: the quantised product and the LoRA product get
+//! hand-written backward passes that call the inner backend's kernels (on burn-wgpu, the WGSL
+//! of `lora.rs`); RMSNorm and RoPE use the plain-tensor reference, which burn differentiates.
+//!
+//! For `y = x·Wᵀ + s·(x_d·Aᵀ)·Bᵀ` with `u = x_d·Aᵀ` and `dy` the gradient at y:
+//! - `du = s·dy·B`, `dB = s·dyᵀ·u`, `dA = duᵀ·x_d`;
+//! - `dx = dy·W + du·A` in one kernel when `x_d` is `x` (no dropout), else `dx = dy·W` and
+//!   `dx_d = du·A`.
+//!
+//! W is frozen: it is an int tensor, never tracked, and gets no gradient.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorPrimitive};
+
+use super::{KernelBackend, LoraEpilogue, QTensor};
+
+use burn::tensor::ops::FloatTensor as Float;
+
+fn wrap<B: Backend>(t: Float<B>) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn unwrap<B: Backend>(t: Tensor<B, 2>) -> Float<B> {
+    t.into_primitive().tensor()
+}
+
+#[derive(Debug)]
+struct QMatmulBackward;
+
+impl<B: KernelBackend> Backward<B, 1> for QMatmulBackward {
+    type State = QTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let w = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |dy| {
+            unwrap(B::q_matmul_t(wrap(dy), &w, None))
+        });
+    }
+}
+
+/// What the LoRA backward needs from the forward, as inner-backend tensors.
+#[derive(Debug, Clone)]
+struct LoraState<B: Backend> {
+    /// The input of the down-projection (`x` after dropout).
+    x_drop: Float<B>,
+    /// `x_drop · Aᵀ`.
+    u: Float<B>,
+    a: Float<B>,
+    b: Float<B>,
+    w: QTensor<B>,
+    scale: f32,
+}
+
+impl<B: KernelBackend> LoraState<B> {
+    /// `(du, dA, dB)`; `dA`/`dB` only when asked for.
+    #[allow(clippy::type_complexity)]
+    fn adapter_grads(
+        &self,
+        dy: &Tensor<B, 2>,
+        want_a: bool,
+        want_b: bool,
+    ) -> (Tensor<B, 2>, Option<Float<B>>, Option<Float<B>>) {
+        let b = wrap::<B>(self.b.clone());
+        let du = B::matmul_small(dy.clone(), b, false, false, self.scale);
+        let db = want_b.then(|| {
+            unwrap(B::matmul_small(
+                dy.clone(),
+                wrap(self.u.clone()),
+                true,
+                false,
+                self.scale,
+            ))
+        });
+        let da = want_a.then(|| {
+            unwrap(B::matmul_small(
+                du.clone(),
+                wrap(self.x_drop.clone()),
+                true,
+                false,
+                1.0,
+            ))
+        });
+        (du, da, db)
+    }
+}
+
+/// No dropout: parents `[x, a, b]`, and `dx` takes both paths in one kernel.
+#[derive(Debug)]
+struct LoraBackward;
+
+impl<B: KernelBackend> Backward<B, 3> for LoraBackward {
+    type State = LoraState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let s = ops.state;
+        let dy = wrap::<B>(grads.consume::<B>(&ops.node));
+        let [x, a, b] = ops.parents;
+        let (du, da, db) = s.adapter_grads(&dy, a.is_some(), b.is_some());
+        if let Some(x) = x {
+            let dx = B::q_matmul_t(dy, &s.w, Some((du, wrap(s.a.clone()))));
+            grads.register::<B>(x.id, unwrap(dx));
+        }
+        if let (Some(a), Some(da)) = (a, da) {
+            grads.register::<B>(a.id, da);
+        }
+        if let (Some(b), Some(db)) = (b, db) {
+            grads.register::<B>(b.id, db);
+        }
+    }
+}
+
+/// With dropout: parents `[x, x_drop, a, b]`.
+#[derive(Debug)]
+struct LoraDropBackward;
+
+impl<B: KernelBackend> Backward<B, 4> for LoraDropBackward {
+    type State = LoraState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let s = ops.state;
+        let dy = wrap::<B>(grads.consume::<B>(&ops.node));
+        let [x, x_drop, a, b] = ops.parents;
+        let (du, da, db) = s.adapter_grads(&dy, a.is_some(), b.is_some());
+        if let Some(x_drop) = x_drop {
+            let dxd = B::matmul_small(du, wrap(s.a.clone()), false, false, 1.0);
+            grads.register::<B>(x_drop.id, unwrap(dxd));
+        }
+        if let Some(x) = x {
+            grads.register::<B>(x.id, unwrap(B::q_matmul_t(dy, &s.w, None)));
+        }
+        if let (Some(a), Some(da)) = (a, da) {
+            grads.register::<B>(a.id, da);
+        }
+        if let (Some(b), Some(db)) = (b, db) {
+            grads.register::<B>(b.id, db);
+        }
+    }
+}
+
+impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
+    fn q_matmul(x: Tensor<Self, 2>, w: &QTensor<Self>) -> Tensor<Self, 2> {
+        let x = x.into_primitive().tensor();
+        let w = w.cast::<B>();
+        let y = |x| unwrap(<B as KernelBackend>::q_matmul(wrap(x), &w));
+        let out = match QMatmulBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = y(x.primitive);
+                prep.finish(w.clone(), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y(x.primitive)),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+
+    fn lora_matmul(
+        x: Tensor<Self, 2>,
+        x_drop: Option<Tensor<Self, 2>>,
+        w: &QTensor<Self>,
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        scale: f32,
+    ) -> Tensor<Self, 2> {
+        let x = x.into_primitive().tensor();
+        let a = a.into_primitive().tensor();
+        let b = b.into_primitive().tensor();
+        let w = w.cast::<B>();
+        let x_drop = x_drop.map(|t| t.into_primitive().tensor());
+        let xd_inner = x_drop
+            .as_ref()
+            .map_or_else(|| x.primitive.clone(), |t| t.primitive.clone());
+        // The forward on the inner backend: u = x_d·Aᵀ, then the fused product.
+        let u = B::matmul_small(
+            wrap(xd_inner.clone()),
+            wrap(a.primitive.clone()),
+            false,
+            true,
+            1.0,
+        );
+        let y = unwrap(B::q_matmul_lora(
+            wrap(x.primitive.clone()),
+            &w,
+            &LoraEpilogue {
+                u: u.clone(),
+                b: wrap(b.primitive.clone()),
+                scale,
+            },
+        ));
+        let state = || LoraState {
+            x_drop: xd_inner.clone(),
+            u: unwrap(u.clone()),
+            a: a.primitive.clone(),
+            b: b.primitive.clone(),
+            w: w.clone(),
+            scale,
+        };
+        let out = match x_drop {
+            None => match LoraBackward
+                .prepare::<C>([x.node.clone(), a.node.clone(), b.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(state(), y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            },
+            Some(xd) => match LoraDropBackward
+                .prepare::<C>([
+                    x.node.clone(),
+                    xd.node.clone(),
+                    a.node.clone(),
+                    b.node.clone(),
+                ])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(state(), y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            },
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+
+    fn kernels_impl() -> &'static str {
+        B::kernels_impl()
+    }
+}
