@@ -10,7 +10,7 @@ use burn::tensor::Tensor;
 use crate::error::{Error, Result};
 use crate::io::tokenizer::Tokenizer;
 use crate::kernels::KernelBackend;
-use crate::models::llama::Llama;
+use crate::models::llama::{Adapters, Llama};
 use crate::sampling::{Sampler, SamplingParams, top_logprobs};
 
 /// Shared flag that stops long work at the next step. Clone it into another thread to cancel.
@@ -112,6 +112,27 @@ pub fn generate<B: KernelBackend>(
     cancel: &CancelToken,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<GenerateOutput> {
+    generate_with(
+        model,
+        Adapters::none(),
+        tokenizer,
+        prompt_ids,
+        options,
+        cancel,
+        on_text,
+    )
+}
+
+/// [`generate`] with LoRA adapters on the base model (switching adapters needs no reload).
+pub fn generate_with<B: KernelBackend>(
+    model: &Llama<B>,
+    adapters: Adapters<'_, B>,
+    tokenizer: &Tokenizer,
+    prompt_ids: &[u32],
+    options: &GenerateOptions,
+    cancel: &CancelToken,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<GenerateOutput> {
     options.sampling.validate()?;
     if options.max_tokens == 0 {
         return Err(Error::InvalidArgument(
@@ -142,7 +163,7 @@ pub fn generate<B: KernelBackend>(
     };
 
     let start = Instant::now();
-    let mut logits = logits_to_vec(model.forward(prompt_ids, &mut cache, false)?)?;
+    let mut logits = logits_to_vec(model.forward_with(prompt_ids, &mut cache, false, adapters)?)?;
     out.prefill_seconds = start.elapsed().as_secs_f64();
     let decode_start = Instant::now();
     let mut emitted = 0; // bytes of `text` streamed so far
@@ -192,7 +213,7 @@ pub fn generate<B: KernelBackend>(
             out.stop_reason = StopReason::ContextFull;
             break;
         }
-        logits = logits_to_vec(model.forward(&[next], &mut cache, false)?)?;
+        logits = logits_to_vec(model.forward_with(&[next], &mut cache, false, adapters)?)?;
     }
     if text.len() > emitted {
         on_text(&text[emitted..]);

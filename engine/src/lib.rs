@@ -4,6 +4,7 @@
 //! The library never prints: long work reports through callbacks and honours a
 //! [`generate::CancelToken`]. See ARCHITECTURE.md for the path a request takes.
 
+pub mod adapter;
 pub mod device;
 pub mod error;
 pub mod fetch;

@@ -65,7 +65,22 @@ impl SafetensorsWeights {
                 what: "no model.safetensors or model.safetensors.index.json".into(),
             });
         };
+        Self::from_files(dir, files)
+    }
 
+    /// One safetensors file (an adapter's `adapter_model.safetensors`, for instance).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        Self::from_files(path, vec![path.to_path_buf()])
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    fn from_files(dir: &Path, files: Vec<PathBuf>) -> Result<Self> {
         let mut shards = Vec::new();
         let mut index = HashMap::new();
         for path in files {

@@ -6,7 +6,8 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Tensor, TensorData};
 
 use super::config::Config;
-use super::{Embedding, Linear, RmsNorm};
+use super::{Embedding, Linear, LoraApply, RmsNorm};
+use crate::adapter::{Adapter, Target};
 use crate::error::{Error, Result};
 use crate::io::WeightSource;
 use crate::kernels::KernelBackend;
@@ -100,13 +101,69 @@ pub struct Llama<B: KernelBackend> {
     device: B::Device,
 }
 
-/// RoPE tables for positions `start..start + len`: `(cos, sin)`, each `[len, head_dim]`
-/// (the frequencies repeated for both halves, as HF builds them).
-fn rope_tables(inv_freq: &[f32], start: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
+/// LoRA adapters applied in a forward pass. When `train`, the first is the one being trained:
+/// it alone gets dropout, and its up-projection is fused with the base product.
+#[derive(Debug)]
+pub struct Adapters<'a, B: KernelBackend> {
+    pub list: &'a [&'a Adapter<B>],
+    pub train: bool,
+}
+
+// Manual impls: a derive would require `B: Copy`.
+impl<B: KernelBackend> Clone for Adapters<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: KernelBackend> Copy for Adapters<'_, B> {}
+
+impl<'a, B: KernelBackend> Adapters<'a, B> {
+    pub fn none() -> Self {
+        Self {
+            list: &[],
+            train: false,
+        }
+    }
+
+    fn on(&self, layer: usize, t: Target) -> Vec<LoraApply<'a, B>> {
+        self.list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| {
+                a.get(layer, t).map(|pair| LoraApply {
+                    pair,
+                    scale: a.scale(),
+                    dropout: if self.train && i == 0 {
+                        a.config.dropout
+                    } else {
+                        0.0
+                    },
+                })
+            })
+            .collect()
+    }
+}
+
+/// Examples packed into one sequence for training: each token's position within its example and
+/// the example it belongs to (attention never crosses examples).
+#[derive(Debug, Clone, Copy)]
+pub struct Packed<'a> {
+    pub tokens: &'a [u32],
+    pub positions: &'a [usize],
+    pub segments: &'a [u32],
+}
+
+/// RoPE tables for `positions`: `(cos, sin)`, each `[len, head_dim]` (the frequencies repeated
+/// for both halves, as HF builds them).
+fn rope_tables(
+    inv_freq: &[f32],
+    positions: impl ExactSizeIterator<Item = usize>,
+) -> (Vec<f32>, Vec<f32>) {
     let half = inv_freq.len();
+    let len = positions.len();
     let mut cos = Vec::with_capacity(len * 2 * half);
     let mut sin = Vec::with_capacity(len * 2 * half);
-    for p in start..start + len {
+    for p in positions {
         for _ in 0..2 {
             for &f in inv_freq {
                 let angle = p as f64 * f as f64;
@@ -257,6 +314,17 @@ impl<B: KernelBackend> Llama<B> {
         cache: &mut KvCache<B>,
         all_logits: bool,
     ) -> Result<Tensor<B, 2>> {
+        self.forward_with(token_ids, cache, all_logits, Adapters::none())
+    }
+
+    /// [`forward`](Self::forward) with LoRA adapters.
+    pub fn forward_with(
+        &self,
+        token_ids: &[u32],
+        cache: &mut KvCache<B>,
+        all_logits: bool,
+        adapters: Adapters<'_, B>,
+    ) -> Result<Tensor<B, 2>> {
         let seq = token_ids.len();
         if seq == 0 {
             return Err(Error::InvalidArgument(
@@ -271,43 +339,130 @@ impl<B: KernelBackend> Llama<B> {
                 self.config.max_position_embeddings
             )));
         }
-        let h = self.config.hidden_size;
-        let embedded = self.embed_tokens.lookup(token_ids)?;
-        let mut x = Tensor::<B, 3>::from_data(TensorData::new(embedded, [1, seq, h]), &self.device);
-
-        let hd = self.config.head_dim;
-        let (cos, sin) = rope_tables(&self.inv_freq, cache.len, seq);
-        let cos = Tensor::<B, 2>::from_data(TensorData::new(cos, [seq, hd]), &self.device);
-        let sin = Tensor::<B, 2>::from_data(TensorData::new(sin, [seq, hd]), &self.device);
+        let rope = self.rope(cache.len..cache.len + seq);
         let mask = self.causal_mask(cache.len, seq);
-
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let residual = x.clone();
-            let a = layer.self_attn.forward(
-                layer.input_layernorm.forward(x),
-                &self.config,
-                kv,
-                cache.len,
-                (&cos, &sin),
-                mask.as_ref(),
-            );
-            x = residual + a;
-            let residual = x.clone();
-            x = residual + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
-        }
+        let past = cache.len;
+        let mut kv = cache.layers.iter_mut();
+        let x = self.run(token_ids, &rope, mask.as_ref(), adapters, &mut |_| {
+            kv.next().map(|layer| (layer, past))
+        })?;
         cache.len += seq;
-
+        let h = self.config.hidden_size;
         let x = if all_logits {
             x
         } else {
             x.slice([0..1, seq - 1..seq, 0..h])
         };
+        Ok(self.head(x))
+    }
+
+    /// The training forward: examples packed in one sequence, no cache. Returns the logits of
+    /// every position, `[seq, vocab]`.
+    pub fn forward_packed(
+        &self,
+        packed: Packed<'_>,
+        adapters: Adapters<'_, B>,
+    ) -> Result<Tensor<B, 2>> {
+        let seq = packed.tokens.len();
+        if seq == 0 || packed.positions.len() != seq || packed.segments.len() != seq {
+            return Err(Error::InvalidArgument(format!(
+                "packed sequence of {seq} tokens with {} positions and {} segment ids",
+                packed.positions.len(),
+                packed.segments.len()
+            )));
+        }
+        if let Some(&p) = packed
+            .positions
+            .iter()
+            .find(|&&p| p >= self.config.max_position_embeddings)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "position {p} is past the model's context of {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        let rope = self.rope(packed.positions.iter().copied());
+        let mask = self.segment_mask(packed.segments);
+        let x = self.run(packed.tokens, &rope, Some(&mask), adapters, &mut |_| None)?;
+        Ok(self.head(x))
+    }
+
+    /// `(cos, sin)` on the device for `positions`.
+    fn rope(
+        &self,
+        positions: impl ExactSizeIterator<Item = usize>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let seq = positions.len();
+        let hd = self.config.head_dim;
+        let (cos, sin) = rope_tables(&self.inv_freq, positions);
+        (
+            Tensor::from_data(TensorData::new(cos, [seq, hd]), &self.device),
+            Tensor::from_data(TensorData::new(sin, [seq, hd]), &self.device),
+        )
+    }
+
+    /// Embeddings, then every decoder layer. `kv(i)` gives layer i's cache and past length, if
+    /// any.
+    #[allow(clippy::type_complexity)]
+    fn run<'c>(
+        &self,
+        token_ids: &[u32],
+        (cos, sin): &(Tensor<B, 2>, Tensor<B, 2>),
+        mask: Option<&Tensor<B, 4>>,
+        adapters: Adapters<'_, B>,
+        kv: &mut dyn FnMut(usize) -> Option<(&'c mut LayerCache<B>, usize)>,
+    ) -> Result<Tensor<B, 3>> {
+        let seq = token_ids.len();
+        let h = self.config.hidden_size;
+        let embedded = self.embed_tokens.lookup(token_ids)?;
+        let mut x = Tensor::<B, 3>::from_data(TensorData::new(embedded, [1, seq, h]), &self.device);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let residual = x.clone();
+            let a = layer.self_attn.forward(
+                layer.input_layernorm.forward(x),
+                &self.config,
+                kv(i),
+                (cos, sin),
+                mask,
+                (i, adapters),
+            );
+            x = residual + a;
+            let residual = x.clone();
+            x = residual
+                + layer
+                    .mlp
+                    .forward(layer.post_attention_layernorm.forward(x), (i, adapters));
+        }
+        Ok(x)
+    }
+
+    /// Final norm and LM head: `[1, rows, hidden]` → `[rows, vocab]`.
+    fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
         let x = self.norm.forward(x);
         let rows = x.dims()[1];
-        Ok(self
-            .lm_head
+        self.lm_head
             .forward(x)
-            .reshape([rows, self.config.vocab_size]))
+            .reshape([rows, self.config.vocab_size])
+    }
+
+    /// Additive mask `[1, 1, rep * seq, seq]` for packed examples: position i sees j when both
+    /// belong to the same example and j <= i.
+    fn segment_mask(&self, segments: &[u32]) -> Tensor<B, 4> {
+        let rep = self.config.num_attention_heads / self.config.num_key_value_heads;
+        let seq = segments.len();
+        let mut m = Vec::with_capacity(rep * seq * seq);
+        for _ in 0..rep {
+            for i in 0..seq {
+                m.extend((0..seq).map(|j| {
+                    if j <= i && segments[j] == segments[i] {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                }));
+            }
+        }
+        Tensor::from_data(TensorData::new(m, [1, 1, rep * seq, seq]), &self.device)
     }
 
     /// Additive mask `[1, 1, rep * seq, past + seq]` for grouped queries (see
@@ -344,28 +499,33 @@ impl<B: KernelBackend> Attention<B> {
     ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
-    /// - `kv`: `[batch, kv_heads, capacity, head_dim]` each, written at `past..past + seq`
+    /// - `kv`: `[batch, kv_heads, capacity, head_dim]` each, written at `past..past + seq`;
+    ///   without a cache, attention runs over the new positions only
     fn forward(
         &self,
         x: Tensor<B, 3>,
         c: &Config,
-        kv: &mut LayerCache<B>,
-        past: usize,
+        kv: Option<(&mut LayerCache<B>, usize)>,
         (cos, sin): (&Tensor<B, 2>, &Tensor<B, 2>),
         mask: Option<&Tensor<B, 4>>,
+        (layer, adapters): (usize, Adapters<'_, B>),
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let (n_heads, n_kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let rep = n_heads / n_kv;
-        let q = B::rope(self.q_proj.forward(x.clone()), cos, sin, n_heads); // [b, n_heads, seq, hd]
-        let k = B::rope(self.k_proj.forward(x.clone()), cos, sin, n_kv); // [b, n_kv, seq, hd]
-        let v = self
-            .v_proj
-            .forward(x)
+        let proj = |l: &Linear<B>, t: Target, x: Tensor<B, 3>| {
+            l.forward_adapted(x, &adapters.on(layer, t))
+        };
+        let q = B::rope(proj(&self.q_proj, Target::Q, x.clone()), cos, sin, n_heads); // [b, n_heads, seq, hd]
+        let k = B::rope(proj(&self.k_proj, Target::K, x.clone()), cos, sin, n_kv); // [b, n_kv, seq, hd]
+        let v = proj(&self.v_proj, Target::V, x)
             .reshape([batch, seq, n_kv, hd])
             .swap_dims(1, 2);
 
-        let (keys, values) = kv.append(k, v, past);
+        let (keys, values) = match kv {
+            Some((cache, past)) => cache.append(k, v, past),
+            None => (k, v),
+        };
 
         let q = q.reshape([batch, n_kv, rep * seq, hd]);
         let scores = q.matmul(keys.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt()); // [b, n_kv, rep*seq, total]
@@ -379,15 +539,26 @@ impl<B: KernelBackend> Attention<B> {
             .reshape([batch, n_heads, seq, hd])
             .swap_dims(1, 2)
             .reshape([batch, seq, n_heads * hd]);
-        self.o_proj.forward(out)
+        proj(&self.o_proj, Target::O, out)
     }
 }
 
 impl<B: KernelBackend> Mlp<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → same
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down_proj
-            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        (layer, adapters): (usize, Adapters<'_, B>),
+    ) -> Tensor<B, 3> {
+        let proj = |l: &Linear<B>, t: Target, x: Tensor<B, 3>| {
+            l.forward_adapted(x, &adapters.on(layer, t))
+        };
+        let gate = silu(proj(&self.gate_proj, Target::Gate, x.clone()));
+        proj(
+            &self.down_proj,
+            Target::Down,
+            gate * proj(&self.up_proj, Target::Up, x),
+        )
     }
 }

@@ -3,8 +3,9 @@
 pub mod config;
 pub mod llama;
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Distribution, Tensor, TensorData};
 
+use crate::adapter::LoraPair;
 use crate::error::{Error, Result};
 use crate::io::{HostData, HostTensor};
 use crate::kernels::{KernelBackend, QTensor};
@@ -117,11 +118,71 @@ impl<B: KernelBackend> Linear<B> {
         y.reshape([batch, seq, self.out_features])
     }
 
+    /// The forward with LoRA adapters beside the base weight. The first adapter's up-projection
+    /// is fused with a quantised base product (one kernel); others add their own small products.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, in_features]` → `[batch, seq, out_features]`
+    pub fn forward_adapted(&self, x: Tensor<B, 3>, loras: &[LoraApply<'_, B>]) -> Tensor<B, 3> {
+        let Some((first, rest)) = loras.split_first() else {
+            return self.forward(x);
+        };
+        let [batch, seq, _] = x.dims();
+        let x = x.reshape([batch * seq, self.in_features]);
+        let mut y = match &self.weight {
+            LinearWeight::Quantized(q) => B::lora_matmul(
+                x.clone(),
+                first.dropped(&x),
+                q,
+                first.pair.a.clone(),
+                first.pair.b.clone(),
+                first.scale,
+            ),
+            LinearWeight::Dense(w) => x.clone().matmul(w.clone()) + first.term(&x),
+        };
+        for l in rest {
+            y = y + l.term(&x);
+        }
+        let y = match &self.bias {
+            Some(b) => y + b.clone().unsqueeze(),
+            None => y,
+        };
+        y.reshape([batch, seq, self.out_features])
+    }
+
     pub fn device_bytes(&self) -> usize {
         match &self.weight {
             LinearWeight::Dense(w) => w.shape().num_elements() * 4,
             LinearWeight::Quantized(q) => q.device_bytes(),
         }
+    }
+}
+
+/// One adapter's share of a projection: `scale · B·(A·dropout(x))`.
+#[derive(Debug)]
+pub struct LoraApply<'a, B: KernelBackend> {
+    pub pair: &'a LoraPair<B>,
+    pub scale: f32,
+    /// Dropout probability on the adapter's input; 0 outside training.
+    pub dropout: f32,
+}
+
+impl<B: KernelBackend> LoraApply<'_, B> {
+    /// `x` after dropout (inverted: kept values scaled by `1 / (1 - p)`), or `None` without.
+    fn dropped(&self, x: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        if self.dropout <= 0.0 {
+            return None;
+        }
+        let keep = 1.0 - self.dropout as f64;
+        let mask = Tensor::<B, 2>::random(x.dims(), Distribution::Bernoulli(keep), &x.device());
+        Some(x.clone() * mask / keep)
+    }
+
+    /// The adapter's term with its own small products.
+    fn term(&self, x: &Tensor<B, 2>) -> Tensor<B, 2> {
+        let xd = self.dropped(x).unwrap_or_else(|| x.clone());
+        let u = B::matmul_small(xd, self.pair.a.clone(), false, true, 1.0);
+        B::matmul_small(u, self.pair.b.clone(), false, true, self.scale)
     }
 }
 
