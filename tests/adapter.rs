@@ -145,7 +145,7 @@ fn saved_adapter_has_peft_layout_and_reads_back() {
     });
     let dir = std::env::temp_dir().join(format!("codelsi-adapter-{}", std::process::id()));
     adapter
-        .save_peft(&dir, "tiny", &[("codelsi.json", "{}".into())])
+        .save_peft(&dir, "tiny", &[("codelsi.json", b"{}".to_vec())])
         .unwrap();
     let back = Adapter::<B>::load_peft(&dir, &c, &dev).unwrap();
     assert_eq!(back.config, config);

@@ -1,6 +1,7 @@
 //! `codelsi`: the command line. With no subcommand it opens the desktop app; with one it works
 //! headless. Printing belongs here, never in the engine.
 
+mod train;
 mod window;
 
 use std::io::Write;
@@ -8,12 +9,14 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use codelsi_engine::adapter::Adapter;
 use codelsi_engine::device::{GpuInfo, Wgpu, init_wgpu};
 use codelsi_engine::fetch::{FetchStep, cache_dir, default_manifest, default_model_path};
-use codelsi_engine::generate::{CancelToken, GenerateOptions, GenerateOutput, generate};
+use codelsi_engine::generate::{CancelToken, GenerateOptions, GenerateOutput, generate_with};
 use codelsi_engine::io::tokenizer::Message;
 use codelsi_engine::kernels::KernelBackend;
 use codelsi_engine::model::{LoadEvent, LoadedModel, load_model, resolve_model};
+use codelsi_engine::models::llama::Adapters;
 use codelsi_engine::quant::QFormat;
 use codelsi_engine::sampling::SamplingParams;
 
@@ -32,6 +35,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streaming it as it comes.
     Generate(GenerateArgs),
+    /// Fine-tune a LoRA adapter on instruction data (JSONL, Alpaca or chat form).
+    Train(train::TrainArgs),
     /// Manage models: list the cache, fetch the default model, show a model's details.
     Models {
         #[command(subcommand)]
@@ -95,6 +100,9 @@ struct GenerateArgs {
     /// Quantise f16/f32 weights at load (q8_0, q4_0, q4_1); GGUF Q4_0/Q4_1/Q8_0 weights stay as they are.
     #[arg(long, value_parser = parse_quant)]
     quantize: Option<QFormat>,
+    /// A LoRA adapter directory (PEFT format, as `codelsi train` writes); repeat to stack.
+    #[arg(long = "adapter")]
+    adapters: Vec<PathBuf>,
     /// `json` prints one JSON object for scripts instead of streaming text.
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
@@ -105,6 +113,7 @@ fn main() {
     let result = match cli.command {
         None => window::run(),
         Some(Command::Generate(args)) => cmd_generate(args),
+        Some(Command::Train(args)) => train::cmd_train(args),
         Some(Command::Models { command }) => cmd_models(command),
     };
     if let Err(e) = result {
@@ -119,6 +128,15 @@ fn load(
     quantize: Option<QFormat>,
     quiet: bool,
 ) -> Result<(LoadedModel<Wgpu>, GpuInfo)> {
+    load_on::<Wgpu>(spec, quantize, quiet)
+}
+
+/// [`load`] on any backend of the wgpu device (the training path loads on `Autodiff<Wgpu>`).
+fn load_on<B: KernelBackend<Device = burn::backend::wgpu::WgpuDevice>>(
+    spec: &str,
+    quantize: Option<QFormat>,
+    quiet: bool,
+) -> Result<(LoadedModel<B>, GpuInfo)> {
     let mut report = |e: LoadEvent| {
         if quiet {
             return;
@@ -143,7 +161,7 @@ fn load(
     let path = resolve_model(spec, &mut report)?;
     let (device, gpu) = init_wgpu()?;
     // Engine errors already name the file and the problem.
-    let loaded = load_model::<Wgpu>(&path, quantize, &device, &mut report)?;
+    let loaded = load_model::<B>(&path, quantize, &device, &mut report)?;
     Ok((loaded, gpu))
 }
 
@@ -153,6 +171,12 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
     let LoadedModel {
         model, tokenizer, ..
     } = &loaded;
+    let adapters = args
+        .adapters
+        .iter()
+        .map(|dir| Adapter::<Wgpu>::load_peft(dir, &model.config, model.device()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let adapter_refs: Vec<&Adapter<Wgpu>> = adapters.iter().collect();
     let prompt_text = if args.chat {
         tokenizer.apply_chat_template(&[Message::user(&args.prompt)], true)?
     } else {
@@ -174,8 +198,12 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
     };
     let cancel = CancelToken::new();
     let mut stdout = std::io::stdout();
-    let out = generate(
+    let out = generate_with(
         model,
+        Adapters {
+            list: &adapter_refs,
+            train: false,
+        },
         tokenizer,
         &prompt_ids,
         &options,
@@ -190,18 +218,24 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json_output(&out, &gpu, tokenizer))?
+            serde_json::to_string_pretty(&json_output(&out, &gpu, tokenizer, &args.adapters))?
         );
     } else {
         println!();
-        eprintln!("{}", figures(&out, &gpu));
+        eprintln!("{}", figures(&out, &gpu, &args.adapters));
     }
     Ok(())
 }
 
-fn figures(out: &GenerateOutput, gpu: &GpuInfo) -> String {
+fn figures(out: &GenerateOutput, gpu: &GpuInfo, lora: &[PathBuf]) -> String {
+    let lora = if lora.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<String> = lora.iter().map(|p| p.display().to_string()).collect();
+        format!(", LoRA {}", names.join(" + "))
+    };
     format!(
-        "[prompt {} tokens, generated {} tokens, prefill {:.1} tok/s, decode {:.1} tok/s, stop: {:?}, backend wgpu/{}, adapter {}]",
+        "[prompt {} tokens, generated {} tokens, prefill {:.1} tok/s, decode {:.1} tok/s, stop: {:?}, backend wgpu/{}, adapter {}{lora}]",
         out.prompt_token_ids.len(),
         out.token_ids.len(),
         out.prefill_tokens_per_second(),
@@ -216,6 +250,7 @@ fn json_output(
     out: &GenerateOutput,
     gpu: &GpuInfo,
     tok: &codelsi_engine::io::tokenizer::Tokenizer,
+    lora: &[PathBuf],
 ) -> serde_json::Value {
     let top: Vec<Vec<serde_json::Value>> = out
         .top_logprobs
@@ -238,6 +273,7 @@ fn json_output(
         "decode_tokens_per_second": out.decode_tokens_per_second(),
         "backend": format!("wgpu/{}", gpu.backend),
         "adapter": gpu,
+        "lora_adapters": lora,
     })
 }
 

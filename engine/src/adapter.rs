@@ -370,7 +370,7 @@ impl<B: Backend> Adapter<B> {
     /// Write a PEFT adapter directory: `adapter_config.json` and `adapter_model.safetensors`
     /// (f32), plus `extra` files (name, contents) such as codelsi's own metadata. The directory is
     /// written beside `dir` and renamed into place, so a crash never leaves half an adapter.
-    pub fn save_peft(&self, dir: &Path, base_model: &str, extra: &[(&str, String)]) -> Result<()> {
+    pub fn save_peft(&self, dir: &Path, base_model: &str, extra: &[(&str, Vec<u8>)]) -> Result<()> {
         let parent = dir
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -383,48 +383,69 @@ impl<B: Backend> Adapter<B> {
         let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        self.write_peft_files(&tmp, base_model, extra)?;
+        replace_dir(&tmp, dir)
+    }
 
+    /// Write the adapter's files into the existing directory `dir`, each through a temporary
+    /// name and a rename (other files in `dir` are left alone).
+    pub fn write_peft_files(
+        &self,
+        dir: &Path,
+        base_model: &str,
+        extra: &[(&str, Vec<u8>)],
+    ) -> Result<()> {
         let cfg = PeftConfig::from_lora(&self.config, base_model);
-        let json = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Json {
-            path: tmp.join("adapter_config.json"),
+        let json = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Json {
+            path: dir.join("adapter_config.json"),
             source: e,
         })?;
-        write_file(&tmp.join("adapter_config.json"), json.as_bytes())?;
-
-        let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        for (key, t) in self.named_tensors() {
-            let values = t
-                .to_data()
-                .into_vec::<f32>()
-                .map_err(|e| Error::InvalidArgument(format!("{key}: {e:?}")))?;
-            buffers.push((
-                key,
-                t.dims().to_vec(),
-                bytemuck::cast_slice(&values).to_vec(),
-            ));
-        }
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = buffers
-            .iter()
-            .map(|(k, shape, bytes)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                    .map(|v| (k.clone(), v))
-                    .map_err(|e| Error::InvalidArgument(format!("{k}: {e}")))
-            })
-            .collect::<Result<_>>()?;
-        let mut meta = std::collections::HashMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        let st_path = tmp.join("adapter_model.safetensors");
-        safetensors::serialize_to_file(views, Some(meta), &st_path)
-            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", st_path.display())))?;
+        let tensors: Vec<(String, &Tensor<B, 2>)> = self.named_tensors();
+        let weights = safetensors_bytes(&tensors)?;
+        write_atomic(&dir.join("adapter_model.safetensors"), &weights)?;
+        write_atomic(&dir.join("adapter_config.json"), &json)?;
         for (file, contents) in extra {
-            write_file(&tmp.join(file), contents.as_bytes())?;
+            write_atomic(&dir.join(file), contents)?;
         }
-        replace_dir(&tmp, dir)
+        Ok(())
     }
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+/// A safetensors file (f32) holding `tensors`.
+pub fn safetensors_bytes<B: Backend>(tensors: &[(String, &Tensor<B, 2>)]) -> Result<Vec<u8>> {
+    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (key, t) in tensors {
+        let values = t
+            .to_data()
+            .into_vec::<f32>()
+            .map_err(|e| Error::InvalidArgument(format!("{key}: {e:?}")))?;
+        buffers.push((
+            key.clone(),
+            t.dims().to_vec(),
+            bytemuck::cast_slice(&values).to_vec(),
+        ));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = buffers
+        .iter()
+        .map(|(k, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| Error::InvalidArgument(format!("{k}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::InvalidArgument(format!("writing safetensors: {e}")))
+}
+
+/// Write `bytes` to `path` through a temporary file and a rename.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Move `tmp` to `dir`, replacing an older `dir` (kept aside until the new one is in place).

@@ -15,5 +15,6 @@ pub mod model;
 pub mod models;
 pub mod quant;
 pub mod sampling;
+pub mod train;
 
 pub use error::{Error, Result};

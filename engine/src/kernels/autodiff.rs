@@ -228,6 +228,10 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 
+    fn memory_reserved(device: &Self::Device) -> Option<u64> {
+        B::memory_reserved(device)
+    }
+
     fn kernels_impl() -> &'static str {
         B::kernels_impl()
     }

@@ -166,6 +166,12 @@ pub trait KernelBackend: Backend {
         reference::rope(x, cos, sin, heads)
     }
 
+    /// Bytes the backend's allocator holds on `device` now (its pools only grow, so sampled
+    /// after the largest step this is the peak), where the backend can tell.
+    fn memory_reserved(_device: &Self::Device) -> Option<u64> {
+        None
+    }
+
     /// Short name of the implementation, for reports.
     fn kernels_impl() -> &'static str {
         "reference (plain tensor ops)"

@@ -59,6 +59,11 @@ impl<I: IntElement, BT: BoolElement> KernelBackend for WgpuCube<I, BT> {
         rope_wgpu(x, cos, sin, heads)
     }
 
+    fn memory_reserved(device: &Self::Device) -> Option<u64> {
+        let client = <WgpuRuntime as cubecl::Runtime>::client(device);
+        client.memory_usage().ok().map(|u| u.bytes_reserved)
+    }
+
     fn kernels_impl() -> &'static str {
         "WGSL (qmatvec, qmatmul, qmatmul_t, matmul_strided, rms_norm, rope)"
     }

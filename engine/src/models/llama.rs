@@ -260,6 +260,28 @@ impl<B: KernelBackend> Llama<B> {
         &self.device
     }
 
+    /// The same model with every quantised weight dequantised to f32 (see [`Linear::to_dense`]).
+    pub fn to_dense(&self) -> Self {
+        let mut m = self.clone();
+        for l in &mut m.layers {
+            let a = &mut l.self_attn;
+            let p = &mut l.mlp;
+            for lin in [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut p.gate_proj,
+                &mut p.up_proj,
+                &mut p.down_proj,
+            ] {
+                *lin = lin.to_dense();
+            }
+        }
+        m.lm_head = m.lm_head.to_dense();
+        m
+    }
+
     /// A KV cache for `capacity` positions (at most the model's context length).
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache<B> {
         let c = &self.config;

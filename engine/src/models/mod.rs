@@ -150,6 +150,21 @@ impl<B: KernelBackend> Linear<B> {
         y.reshape([batch, seq, self.out_features])
     }
 
+    /// The same layer with its weight dequantised to f32: the plain-tensor reference path (tests
+    /// compare the kernels against it; merging adapters starts from it).
+    pub fn to_dense(&self) -> Self {
+        let weight = match &self.weight {
+            LinearWeight::Quantized(q) => {
+                LinearWeight::Dense(crate::kernels::reference::dequantize(q).transpose())
+            }
+            dense => dense.clone(),
+        };
+        Self {
+            weight,
+            ..self.clone()
+        }
+    }
+
     pub fn device_bytes(&self) -> usize {
         match &self.weight {
             LinearWeight::Dense(w) => w.shape().num_elements() * 4,

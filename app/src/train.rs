@@ -1,0 +1,314 @@
+//! `codelsi train`: LoRA instruction tuning from the command line, with a progress bar and
+//! Ctrl-C as a clean stop (a checkpoint is written; `--resume` continues).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use burn::backend::Autodiff;
+use burn::tensor::Tensor;
+use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
+use codelsi_engine::device::Wgpu;
+use codelsi_engine::generate::CancelToken;
+use codelsi_engine::model::LoadedModel;
+use codelsi_engine::quant::QFormat;
+use codelsi_engine::train::data::{self, PromptTemplate, Row};
+use codelsi_engine::train::{Decay, TrainConfig, TrainEvent, TrainJob, train};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::{Format, load_on, parse_quant};
+
+type AD = Autodiff<Wgpu>;
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// A GGUF file, an HF model directory, or `default`.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// Training data: JSONL of Alpaca (`instruction`, `input`, `output`) or chat (`messages`) records.
+    #[arg(long)]
+    data: PathBuf,
+    /// Validation data (same format). Without it, `--val-frac` of the training records are held out.
+    #[arg(long)]
+    val: Option<PathBuf>,
+    #[arg(long, default_value_t = 0.05)]
+    val_frac: f64,
+    /// Output directory: a PEFT adapter (and `checkpoint/` while training).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    alpha: f32,
+    #[arg(long, default_value_t = 0.05)]
+    dropout: f32,
+    /// all, attn, mlp, or names among q,k,v,o,gate,up,down.
+    #[arg(long, default_value = "all")]
+    targets: String,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Tokens per packed row (examples are truncated to it).
+    #[arg(long, default_value_t = 1024)]
+    max_len: usize,
+    /// Packed rows per optimiser step (gradients accumulate over them).
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Linear warmup as a fraction of the steps.
+    #[arg(long, default_value_t = 0.03)]
+    warmup: f64,
+    /// cosine, linear or constant after warmup.
+    #[arg(long, default_value = "cosine")]
+    schedule: String,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Clip the global gradient norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Validation loss every N steps (0: at the end only).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    /// Checkpoint every N steps (always on Ctrl-C and at the end).
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: usize,
+    /// chat (the model's template) or alpaca; default: chat when the model has a template.
+    #[arg(long)]
+    template: Option<String>,
+    /// One example per row instead of packing short examples together.
+    #[arg(long)]
+    no_pack: bool,
+    /// Continue the run whose checkpoint is in `--out`.
+    #[arg(long)]
+    resume: bool,
+    /// Train on top of earlier adapters, kept frozen and stacked under the new one (repeatable).
+    #[arg(long = "base-adapter")]
+    base_adapters: Vec<PathBuf>,
+    #[arg(long, value_parser = parse_quant)]
+    quantize: Option<QFormat>,
+    /// `json` prints one JSON object per event instead of a progress bar.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+}
+
+fn tokenize_rows(
+    records: &[data::Record],
+    loaded: &LoadedModel<AD>,
+    template: PromptTemplate,
+    max_len: usize,
+    pack: bool,
+) -> Result<(Vec<Row>, usize)> {
+    let mut examples = Vec::with_capacity(records.len());
+    let mut dropped = 0;
+    for r in records {
+        match data::tokenize(r, &loaded.tokenizer, template, max_len)? {
+            Some(e) => examples.push(e),
+            None => dropped += 1,
+        }
+    }
+    Ok((data::pack(&examples, max_len, pack), dropped))
+}
+
+pub fn cmd_train(args: TrainArgs) -> Result<()> {
+    let json = args.format == Format::Json;
+    let config = TrainConfig {
+        lora: LoraConfig {
+            rank: args.rank,
+            alpha: args.alpha,
+            dropout: args.dropout,
+            targets: Target::parse_list(&args.targets)?,
+            rslora: false,
+        },
+        lr: args.lr,
+        epochs: args.epochs,
+        max_steps: args.max_steps,
+        batch: args.batch,
+        warmup_frac: args.warmup,
+        decay: Decay::parse(&args.schedule)?,
+        weight_decay: args.weight_decay,
+        max_grad_norm: args.max_grad_norm,
+        seed: args.seed,
+        eval_every: args.eval_every,
+        checkpoint_every: args.checkpoint_every,
+    };
+    config.validate()?;
+    if args.max_len < 8 {
+        bail!("--max-len must be at least 8");
+    }
+    let (loaded, gpu) = load_on::<AD>(&args.model, args.quantize, json)?;
+    let template = match &args.template {
+        Some(t) => PromptTemplate::parse(t)?,
+        None => PromptTemplate::for_tokenizer(&loaded.tokenizer),
+    };
+    let pack = !args.no_pack;
+    let records = data::read_jsonl(&args.data)?;
+    let (train_records, val_records) = match &args.val {
+        Some(v) => (records, data::read_jsonl(v)?),
+        None => data::split(records, args.val_frac, args.seed),
+    };
+    let (train_rows, dropped) =
+        tokenize_rows(&train_records, &loaded, template, args.max_len, pack)?;
+    let (val_rows, _) = tokenize_rows(&val_records, &loaded, template, args.max_len, pack)?;
+    if train_rows.is_empty() {
+        bail!(
+            "no training example has a response left within --max-len {}",
+            args.max_len
+        );
+    }
+    let frozen = args
+        .base_adapters
+        .iter()
+        .map(|d| {
+            Adapter::<Wgpu>::load_peft(d, &loaded.model.config, loaded.model.device())
+                .map(|a| a.map(|t| Tensor::<AD, 2>::from_inner(t.clone())))
+                .with_context(|| format!("base adapter {}", d.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let frozen_refs: Vec<&Adapter<AD>> = frozen.iter().collect();
+    if !json {
+        eprintln!(
+            "{} training records → {} rows of ≤{} tokens ({} dropped: prompt alone fills max-len); {} validation rows; template {:?}; {} on {}",
+            train_records.len(),
+            train_rows.len(),
+            args.max_len,
+            dropped,
+            val_rows.len(),
+            template,
+            loaded.info.architecture,
+            gpu
+        );
+    }
+
+    let cancel = CancelToken::new();
+    {
+        let c = cancel.clone();
+        let _ = ctrlc::set_handler(move || c.cancel());
+    }
+    let bar = ProgressBar::hidden();
+    if !json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+    }
+    let model_name = loaded
+        .info
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut last_val = None;
+    let summary = train(
+        TrainJob {
+            model: &loaded.model,
+            frozen: &frozen_refs,
+            train: &train_rows,
+            val: &val_rows,
+            config: &config,
+            out: &args.out,
+            base_model: &model_name,
+            metadata: serde_json::json!({
+                "data": args.data,
+                "val": args.val,
+                "template": format!("{template:?}"),
+                "max_len": args.max_len,
+                "base_adapters": args.base_adapters,
+                "device": gpu.to_string(),
+            }),
+            resume: args.resume,
+        },
+        &cancel,
+        &mut |e| {
+            if json {
+                if let Ok(s) = serde_json::to_string(&e) {
+                    println!("{s}");
+                }
+                return;
+            }
+            match e {
+                TrainEvent::Started {
+                    total_steps,
+                    trainable_params,
+                    resumed_at,
+                    ..
+                } => {
+                    bar.set_length(total_steps as u64);
+                    bar.set_position(resumed_at as u64);
+                    bar.println(format!(
+                        "{trainable_params} trainable parameters (r={}, alpha={}, {} targets){}",
+                        config.lora.rank,
+                        config.lora.alpha,
+                        config.lora.targets.len(),
+                        if resumed_at > 0 {
+                            format!("; resuming at step {resumed_at}")
+                        } else {
+                            String::new()
+                        }
+                    ));
+                }
+                TrainEvent::Step {
+                    step,
+                    loss,
+                    lr,
+                    tokens_per_second,
+                    peak_bytes,
+                    ..
+                } => {
+                    bar.set_position(step as u64);
+                    let mem = peak_bytes
+                        .map(|b| format!("  peak {:.0} MiB", b as f64 / (1 << 20) as f64))
+                        .unwrap_or_default();
+                    let val = last_val
+                        .map(|v: f64| format!("  val {v:.4}"))
+                        .unwrap_or_default();
+                    bar.set_message(format!(
+                        "loss {loss:.4}{val}  lr {lr:.2e}  {tokens_per_second:.0} tok/s{mem}"
+                    ));
+                }
+                TrainEvent::Eval { step, val_loss } => {
+                    last_val = Some(val_loss);
+                    bar.println(format!("step {step}: validation loss {val_loss:.4}"));
+                }
+                TrainEvent::Checkpoint { step, path } => {
+                    bar.println(format!("step {step}: checkpoint in {}", path.display()));
+                }
+            }
+        },
+    )?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else if summary.cancelled {
+        eprintln!(
+            "stopped at step {}/{}; continue with the same command and --resume",
+            summary.steps, summary.total_steps
+        );
+    } else {
+        eprintln!(
+            "done: {} steps in {:.0} s ({:.1} tok/s), loss {:.4} → {:.4}{}{}; adapter in {} (use it with `codelsi generate --adapter {}`)",
+            summary.steps,
+            summary.seconds,
+            summary.tokens as f64 / summary.seconds.max(1e-9),
+            summary.losses.first().map_or(f64::NAN, |l| l.1),
+            summary.losses.last().map_or(f64::NAN, |l| l.1),
+            summary
+                .val_losses
+                .last()
+                .map(|v| format!(", validation loss {:.4}", v.1))
+                .unwrap_or_default(),
+            summary
+                .peak_bytes
+                .map(|b| format!(", peak GPU memory {:.0} MiB", b as f64 / (1 << 20) as f64))
+                .unwrap_or_default(),
+            args.out.display(),
+            args.out.display()
+        );
+    }
+    Ok(())
+}

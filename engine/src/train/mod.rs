@@ -1,0 +1,708 @@
+//! LoRA instruction tuning: a frozen (quantised) base on `Autodiff<B>`, one trainable adapter
+//! (optionally on top of frozen ones), burn's AdamW on the adapter's tensors, warmup then cosine
+//! or linear decay, gradient clipping and accumulation, periodic evaluation, and checkpoints
+//! that resume to the same loss curve.
+//!
+//! Each optimiser step takes `batch` packed rows; each row is its own forward and backward
+//! (micro-batch of one row) and the gradients are summed, so memory is that of one row at any
+//! batch size. The loss is the mean over the step's response tokens.
+//!
+//! Everything a step does is a function of the step number (the row order of an epoch is a
+//! seeded shuffle; dropout is seeded per step), so a checkpoint needs only the adapter, the
+//! optimiser's moments and the step.
+
+pub mod data;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::optim::{AdamWConfig, AdaptiveMomentumState, SimpleOptimizer};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::{Adapter, LoraConfig, safetensors_bytes};
+use crate::error::{Error, Result};
+use crate::generate::CancelToken;
+use crate::io::WeightSource;
+use crate::io::safetensors::SafetensorsWeights;
+use crate::kernels::KernelBackend;
+use crate::models::llama::{Adapters, Llama, Packed};
+use data::Row;
+
+/// How the learning rate decays after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decay {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+impl Decay {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "cosine" => Ok(Self::Cosine),
+            "linear" => Ok(Self::Linear),
+            "constant" => Ok(Self::Constant),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown schedule `{s}` (cosine, linear, constant)"
+            ))),
+        }
+    }
+}
+
+/// Settings of a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub lora: LoraConfig,
+    /// Peak learning rate.
+    pub lr: f64,
+    pub epochs: usize,
+    /// Stop after this many optimiser steps (before the epochs are done).
+    pub max_steps: Option<usize>,
+    /// Packed rows per optimiser step.
+    pub batch: usize,
+    /// Linear warmup, as a fraction of the steps.
+    pub warmup_frac: f64,
+    pub decay: Decay,
+    pub weight_decay: f32,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub max_grad_norm: f32,
+    pub seed: u64,
+    /// Evaluate on the validation rows every N steps (0: only at the end).
+    pub eval_every: usize,
+    /// Checkpoint every N steps (0: only on cancel and at the end).
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            lora: LoraConfig::default(),
+            lr: 2e-4,
+            epochs: 3,
+            max_steps: None,
+            batch: 4,
+            warmup_frac: 0.03,
+            decay: Decay::Cosine,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            seed: 42,
+            eval_every: 0,
+            checkpoint_every: 50,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.lora.validate()?;
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "learning rate must be positive, not {}",
+                self.lr
+            )));
+        }
+        if self.epochs == 0 || self.batch == 0 || self.max_steps == Some(0) {
+            return Err(Error::InvalidArgument(
+                "epochs, batch and max-steps must be at least 1".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.warmup_frac) {
+            return Err(Error::InvalidArgument(format!(
+                "warmup must be a fraction in [0, 1), not {}",
+                self.warmup_frac
+            )));
+        }
+        Ok(())
+    }
+
+    /// Learning rate at `step` (0-based) of `total`.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        let warmup = (self.warmup_frac * total as f64).ceil() as usize;
+        if step < warmup {
+            return self.lr * (step + 1) as f64 / warmup as f64;
+        }
+        let span = (total - warmup).max(1) as f64;
+        let t = ((step - warmup) as f64 / span).min(1.0);
+        match self.decay {
+            Decay::Cosine => self.lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()),
+            Decay::Linear => self.lr * (1.0 - t),
+            Decay::Constant => self.lr,
+        }
+    }
+}
+
+/// What a training run reports as it goes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum TrainEvent {
+    Started {
+        total_steps: usize,
+        train_rows: usize,
+        val_rows: usize,
+        trainable_params: usize,
+        resumed_at: usize,
+    },
+    Step {
+        step: usize,
+        total_steps: usize,
+        epoch: usize,
+        loss: f64,
+        lr: f64,
+        grad_norm: f64,
+        tokens_per_second: f64,
+        eta_seconds: f64,
+        peak_bytes: Option<u64>,
+    },
+    Eval {
+        step: usize,
+        val_loss: f64,
+    },
+    Checkpoint {
+        step: usize,
+        path: PathBuf,
+    },
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub total_steps: usize,
+    pub cancelled: bool,
+    /// `(step, training loss)` for every step, resumed runs included.
+    pub losses: Vec<(usize, f64)>,
+    /// `(step, validation loss)`.
+    pub val_losses: Vec<(usize, f64)>,
+    pub seconds: f64,
+    pub tokens: usize,
+    pub peak_bytes: Option<u64>,
+}
+
+/// The checkpoint's record of where training stands (`trainer_state.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainerState {
+    step: usize,
+    config: TrainConfig,
+    /// Fingerprint of the training rows, so a resume with other data is refused.
+    data_hash: String,
+    losses: Vec<(usize, f64)>,
+    val_losses: Vec<(usize, f64)>,
+    tokens: usize,
+}
+
+fn data_hash(rows: &[Row]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for r in rows {
+        for (t, l) in r.tokens.iter().zip(&r.labels) {
+            h.update(t.to_le_bytes());
+            h.update(l.map_or(u32::MAX, |l| l).to_le_bytes());
+        }
+        h.update([0xFF; 4]);
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// Where a run writes: the final adapter in `out`, checkpoints in `out/checkpoint`.
+pub fn checkpoint_dir(out: &Path) -> PathBuf {
+    out.join("checkpoint")
+}
+
+/// A training run's inputs.
+pub struct TrainJob<'a, B: KernelBackend> {
+    pub model: &'a Llama<Autodiff<B>>,
+    /// Adapters trained before this one, applied frozen under it ("general → specialised").
+    pub frozen: &'a [&'a Adapter<Autodiff<B>>],
+    pub train: &'a [Row],
+    pub val: &'a [Row],
+    pub config: &'a TrainConfig,
+    pub out: &'a Path,
+    /// Name of the base model, written into the adapter's config.
+    pub base_model: &'a str,
+    /// Extra metadata written beside the adapter (`codelsi_adapter.json`), as JSON.
+    pub metadata: serde_json::Value,
+    pub resume: bool,
+}
+
+struct Optim<B: Backend> {
+    adamw: burn::optim::AdamW,
+    /// Per tensor of the adapter, in `named_tensors` order.
+    states: Vec<Option<burn::optim::AdamWState<B, 2>>>,
+}
+
+/// Train. Events go to `on_event` (the CLI shows a progress bar, the app a plot); `cancel`
+/// stops after the current row, writing a checkpoint first.
+pub fn train<B: KernelBackend>(
+    job: TrainJob<'_, B>,
+    cancel: &CancelToken,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<TrainSummary> {
+    let c = job.config;
+    c.validate()?;
+    if job.train.is_empty() {
+        return Err(Error::InvalidArgument("no training rows".into()));
+    }
+    let device = job.model.device().clone();
+    let steps_per_epoch = job.train.len().div_ceil(c.batch);
+    let total = (steps_per_epoch * c.epochs).min(c.max_steps.unwrap_or(usize::MAX));
+    let hash = data_hash(job.train);
+    let ckpt = checkpoint_dir(job.out);
+
+    let mut adapter: Adapter<B>;
+    let mut optim = Optim::<B> {
+        adamw: AdamWConfig::new()
+            .with_weight_decay(c.weight_decay)
+            .with_epsilon(1e-8)
+            .build(),
+        states: vec![],
+    };
+    let mut state = TrainerState {
+        step: 0,
+        config: c.clone(),
+        data_hash: hash.clone(),
+        losses: vec![],
+        val_losses: vec![],
+        tokens: 0,
+    };
+    if job.resume {
+        let (a, s, st) = load_checkpoint::<B>(&ckpt, &job.model.config, &device)?;
+        if st.data_hash != hash {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the checkpoint was trained on other data (or another max length, template \
+                 or packing); resume with the same data and settings",
+                ckpt.display()
+            )));
+        }
+        if st.config.lora != c.lora || st.config.seed != c.seed || st.config.batch != c.batch {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the checkpoint used other LoRA, seed or batch settings",
+                ckpt.display()
+            )));
+        }
+        adapter = a;
+        optim.states = s;
+        state = st;
+        state.config = c.clone();
+    } else {
+        if ckpt.join("trainer_state.json").exists() {
+            return Err(Error::InvalidArgument(format!(
+                "{} holds a checkpoint of an earlier run; pass --resume to continue it, or \
+                 choose another --out",
+                ckpt.display()
+            )));
+        }
+        adapter = Adapter::<B>::init(c.lora.clone(), &job.model.config, c.seed, &device)?;
+        optim.states = vec![None; adapter.named_tensors().len()];
+    }
+    std::fs::create_dir_all(job.out).map_err(|e| Error::io(job.out, e))?;
+
+    on_event(TrainEvent::Started {
+        total_steps: total,
+        train_rows: job.train.len(),
+        val_rows: job.val.len(),
+        trainable_params: adapter.num_params(),
+        resumed_at: state.step,
+    });
+
+    // The held-out loss before training (the adapter starts equal to the base: B = 0).
+    if state.step == 0 && !job.val.is_empty() && c.eval_every > 0 {
+        if let Some(v) = evaluate(job.model, job.frozen, &adapter, job.val, cancel)? {
+            state.val_losses.push((0, v));
+            on_event(TrainEvent::Eval {
+                step: 0,
+                val_loss: v,
+            });
+        }
+    }
+    let start = Instant::now();
+    let tokens_at_start = state.tokens;
+    let resumed_at = state.step;
+    let mut peak = B::memory_reserved(&device);
+    let mut cancelled = false;
+    while state.step < total {
+        let step = state.step;
+        let epoch = step / steps_per_epoch;
+        let mut order: Vec<usize> = (0..job.train.len()).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(
+            c.seed ^ ((epoch as u64 + 1) * 0x9E37),
+        ));
+        let within = step % steps_per_epoch;
+        let rows: Vec<&Row> = order[within * c.batch..((within + 1) * c.batch).min(order.len())]
+            .iter()
+            .map(|&i| &job.train[i])
+            .collect();
+        <Autodiff<B> as Backend>::seed(&device, c.seed.wrapping_add(step as u64 * 7919));
+
+        match train_step(&job, &adapter, &rows, cancel)? {
+            None => {
+                cancelled = true;
+                break;
+            }
+            Some((loss, grads)) => {
+                peak = max_opt(peak, B::memory_reserved(&device));
+                let lr = c.lr_at(step, total);
+                let grad_norm = apply_step(&mut adapter, &mut optim, grads, lr, c.max_grad_norm)?;
+                let tokens: usize = rows.iter().map(|r| r.tokens.len()).sum();
+                state.tokens += tokens;
+                state.step += 1;
+                state.losses.push((step + 1, loss));
+                let elapsed = start.elapsed().as_secs_f64();
+                let steps_here = (state.step - resumed_at).max(1);
+                let rate = (state.tokens - tokens_at_start) as f64 / elapsed.max(1e-9);
+                let eta = (total - state.step) as f64 * elapsed / steps_here as f64;
+                on_event(TrainEvent::Step {
+                    step: state.step,
+                    total_steps: total,
+                    epoch,
+                    loss,
+                    lr,
+                    grad_norm,
+                    tokens_per_second: rate,
+                    eta_seconds: eta,
+                    peak_bytes: peak,
+                });
+            }
+        }
+        let last = state.step == total;
+        if !job.val.is_empty()
+            && c.eval_every > 0
+            && state.step.is_multiple_of(c.eval_every)
+            && !last
+        {
+            let v = evaluate(job.model, job.frozen, &adapter, job.val, cancel)?;
+            if let Some(v) = v {
+                state.val_losses.push((state.step, v));
+                on_event(TrainEvent::Eval {
+                    step: state.step,
+                    val_loss: v,
+                });
+            }
+        }
+        if c.checkpoint_every > 0 && state.step.is_multiple_of(c.checkpoint_every) && !last {
+            save_checkpoint(&ckpt, &adapter, &optim, &state, job.base_model)?;
+            on_event(TrainEvent::Checkpoint {
+                step: state.step,
+                path: ckpt.clone(),
+            });
+        }
+        if cancel.is_cancelled() {
+            cancelled = true;
+            break;
+        }
+    }
+
+    if !cancelled
+        && !job.val.is_empty()
+        && let Some(v) = evaluate(job.model, job.frozen, &adapter, job.val, cancel)?
+    {
+        state.val_losses.push((state.step, v));
+        on_event(TrainEvent::Eval {
+            step: state.step,
+            val_loss: v,
+        });
+    }
+    save_checkpoint(&ckpt, &adapter, &optim, &state, job.base_model)?;
+    on_event(TrainEvent::Checkpoint {
+        step: state.step,
+        path: ckpt.clone(),
+    });
+    let summary = TrainSummary {
+        steps: state.step,
+        total_steps: total,
+        cancelled,
+        losses: state.losses.clone(),
+        val_losses: state.val_losses.clone(),
+        seconds: start.elapsed().as_secs_f64(),
+        tokens: state.tokens,
+        peak_bytes: peak,
+    };
+    if !cancelled {
+        let meta = serde_json::json!({
+            "codelsi": env!("CARGO_PKG_VERSION"),
+            "base_model": job.base_model,
+            "train": c,
+            "steps": state.step,
+            "final_loss": state.losses.last().map(|l| l.1),
+            "val_loss": state.val_losses.last().map(|l| l.1),
+            "losses": state.losses,
+            "val_losses": state.val_losses,
+            "extra": job.metadata,
+        });
+        let meta = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Json {
+            path: job.out.join("codelsi_adapter.json"),
+            source: e,
+        })?;
+        adapter.write_peft_files(job.out, job.base_model, &[("codelsi_adapter.json", meta)])?;
+    }
+    Ok(summary)
+}
+
+fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Summed negative log-likelihood of a row's labelled positions, and their count.
+fn row_nll<B: KernelBackend>(
+    model: &Llama<B>,
+    adapters: Adapters<'_, B>,
+    row: &Row,
+) -> Result<(Tensor<B, 1>, usize)> {
+    let device = model.device();
+    let logits = model.forward_packed(
+        Packed {
+            tokens: &row.tokens,
+            positions: &row.positions,
+            segments: &row.segments,
+        },
+        adapters,
+    )?;
+    let seq = row.tokens.len();
+    let labels: Vec<i32> = row
+        .labels
+        .iter()
+        .map(|l| l.map_or(0, |l| l as i32))
+        .collect();
+    let weights: Vec<f32> = row
+        .labels
+        .iter()
+        .map(|l| if l.is_some() { 1.0 } else { 0.0 })
+        .collect();
+    let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(labels, [seq, 1]), device);
+    let w = Tensor::<B, 2>::from_data(TensorData::new(weights, [seq, 1]), device);
+    let picked = log_softmax(logits, 1).gather(1, idx);
+    Ok(((picked * w).sum().neg(), row.targets()))
+}
+
+/// One optimiser step's forward and backward passes: the mean loss and the summed gradients,
+/// or `None` when cancelled.
+#[allow(clippy::type_complexity)]
+fn train_step<B: KernelBackend>(
+    job: &TrainJob<'_, B>,
+    adapter: &Adapter<B>,
+    rows: &[&Row],
+    cancel: &CancelToken,
+) -> Result<Option<(f64, Vec<Tensor<B, 2>>)>> {
+    let targets: usize = rows.iter().map(|r| r.targets()).sum::<usize>().max(1);
+    let tracked = adapter.map(|t| Tensor::<Autodiff<B>, 2>::from_inner(t.clone()).require_grad());
+    let mut list: Vec<&Adapter<Autodiff<B>>> = vec![&tracked];
+    list.extend(job.frozen.iter().copied());
+    let adapters = Adapters {
+        list: &list,
+        train: true,
+    };
+    let mut sum: Option<Vec<Tensor<B, 2>>> = None;
+    let mut loss_total = 0.0;
+    for row in rows {
+        if cancel.is_cancelled() {
+            return Ok(None);
+        }
+        let (nll, _) = row_nll(job.model, adapters, row)?;
+        let loss = nll / targets as f64;
+        let value: f64 = loss.clone().inner().into_scalar().elem();
+        loss_total += value;
+        let grads = loss.backward();
+        let g: Vec<Tensor<B, 2>> = tracked
+            .named_tensors()
+            .iter()
+            .map(|(_, t)| {
+                t.grad(&grads)
+                    .unwrap_or_else(|| (*t).clone().inner().zeros_like())
+            })
+            .collect();
+        sum = Some(match sum {
+            None => g,
+            Some(s) => s.into_iter().zip(g).map(|(a, b)| a + b).collect(),
+        });
+    }
+    Ok(sum.map(|g| (loss_total, g)))
+}
+
+/// Clip, then AdamW on every tensor. Returns the gradient norm before clipping.
+fn apply_step<B: KernelBackend>(
+    adapter: &mut Adapter<B>,
+    optim: &mut Optim<B>,
+    grads: Vec<Tensor<B, 2>>,
+    lr: f64,
+    max_norm: f32,
+) -> Result<f64> {
+    let sq: Vec<Tensor<B, 1>> = grads
+        .iter()
+        .map(|g| g.clone().powi_scalar(2).sum())
+        .collect();
+    let norm: f64 = {
+        let v: f32 = Tensor::cat(sq, 0).sum().into_scalar().elem();
+        (v as f64).sqrt()
+    };
+    if !norm.is_finite() {
+        return Err(Error::InvalidArgument(format!(
+            "the gradient norm is {norm}: training diverged (lower the learning rate)"
+        )));
+    }
+    let clip = if max_norm > 0.0 && norm > max_norm as f64 {
+        max_norm as f64 / (norm + 1e-6)
+    } else {
+        1.0
+    };
+    let mut i = 0;
+    for slots in adapter.layers.iter_mut() {
+        for pair in slots.iter_mut().flatten() {
+            for t in [&mut pair.a, &mut pair.b] {
+                let g = grads[i].clone() * clip;
+                let state = optim.states[i].take();
+                let (new, s) = optim.adamw.step(lr, t.clone(), g, state);
+                *t = new;
+                optim.states[i] = s;
+                i += 1;
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// Mean loss over the validation rows (no gradients); `None` when cancelled.
+pub fn evaluate<B: KernelBackend>(
+    model: &Llama<Autodiff<B>>,
+    frozen: &[&Adapter<Autodiff<B>>],
+    adapter: &Adapter<B>,
+    rows: &[Row],
+    cancel: &CancelToken,
+) -> Result<Option<f64>> {
+    let untracked = adapter.map(|t| Tensor::<Autodiff<B>, 2>::from_inner(t.clone()));
+    let mut list: Vec<&Adapter<Autodiff<B>>> = vec![&untracked];
+    list.extend(frozen.iter().copied());
+    mean_loss(
+        model,
+        Adapters {
+            list: &list,
+            train: false,
+        },
+        rows,
+        cancel,
+    )
+}
+
+/// Mean per-token loss of `rows` under `adapters` (none: the base model).
+pub fn mean_loss<B: KernelBackend>(
+    model: &Llama<B>,
+    adapters: Adapters<'_, B>,
+    rows: &[Row],
+    cancel: &CancelToken,
+) -> Result<Option<f64>> {
+    let mut total = 0.0;
+    let mut n = 0;
+    for row in rows {
+        if cancel.is_cancelled() {
+            return Ok(None);
+        }
+        let (nll, count) = row_nll(model, adapters, row)?;
+        let v: f32 = nll.into_scalar().elem();
+        total += v as f64;
+        n += count;
+    }
+    Ok(Some(total / n.max(1) as f64))
+}
+
+fn save_checkpoint<B: KernelBackend>(
+    dir: &Path,
+    adapter: &Adapter<B>,
+    optim: &Optim<B>,
+    state: &TrainerState,
+    base_model: &str,
+) -> Result<()> {
+    let names = adapter.named_tensors();
+    let mut moments: Vec<(String, Tensor<B, 2>)> = Vec::new();
+    let mut times = Vec::new();
+    for ((name, _), s) in names.iter().zip(&optim.states) {
+        if let Some(s) = s {
+            moments.push((format!("{name}.m1"), s.momentum.moment_1.clone()));
+            moments.push((format!("{name}.m2"), s.momentum.moment_2.clone()));
+            times.push(s.momentum.time);
+        }
+    }
+    let refs: Vec<(String, &Tensor<B, 2>)> = moments.iter().map(|(n, t)| (n.clone(), t)).collect();
+    let optim_bytes = safetensors_bytes(&refs)?;
+    let mut st = serde_json::to_value(state).map_err(|e| Error::Json {
+        path: dir.join("trainer_state.json"),
+        source: e,
+    })?;
+    st["adam_times"] = serde_json::json!(times);
+    let state_bytes = serde_json::to_vec_pretty(&st).map_err(|e| Error::Json {
+        path: dir.join("trainer_state.json"),
+        source: e,
+    })?;
+    adapter.save_peft(
+        dir,
+        base_model,
+        &[
+            ("optimizer.safetensors", optim_bytes),
+            ("trainer_state.json", state_bytes),
+        ],
+    )
+}
+
+#[allow(clippy::type_complexity)]
+fn load_checkpoint<B: KernelBackend>(
+    dir: &Path,
+    model: &crate::models::config::Config,
+    device: &B::Device,
+) -> Result<(
+    Adapter<B>,
+    Vec<Option<burn::optim::AdamWState<B, 2>>>,
+    TrainerState,
+)> {
+    let state_path = dir.join("trainer_state.json");
+    if !state_path.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "nothing to resume: {} does not exist",
+            state_path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: state_path.clone(),
+        source,
+    })?;
+    let times: Vec<usize> = serde_json::from_value(json["adam_times"].clone()).unwrap_or_default();
+    let state: TrainerState = serde_json::from_value(json).map_err(|source| Error::Json {
+        path: state_path.clone(),
+        source,
+    })?;
+    let adapter = Adapter::<B>::load_peft(dir, model, device)?;
+    let optim_path = dir.join("optimizer.safetensors");
+    let st = SafetensorsWeights::open_file(&optim_path)?;
+    let mut states = Vec::new();
+    let mut t = times.into_iter();
+    for (name, tensor) in adapter.named_tensors() {
+        let shape: [usize; 2] = tensor.dims();
+        let get = |suffix: &str| -> Result<Option<Tensor<B, 2>>> {
+            Ok(st
+                .get(&format!("{name}.{suffix}"))?
+                .map(|h| Tensor::from_data(TensorData::new(h.into_f32(), shape), device)))
+        };
+        let s = match (get("m1")?, get("m2")?) {
+            (Some(m1), Some(m2)) => Some(burn::optim::AdamWState {
+                momentum: AdaptiveMomentumState {
+                    time: t.next().ok_or_else(|| Error::Malformed {
+                        path: state_path.clone(),
+                        what: "fewer optimiser step counts than moments".into(),
+                    })?,
+                    moment_1: m1,
+                    moment_2: m2,
+                    max_moment_2: None,
+                },
+            }),
+            _ => None,
+        };
+        states.push(s);
+    }
+    Ok((adapter, states, state))
+}

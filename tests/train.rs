@@ -1,0 +1,358 @@
+//! Training on a tiny random model (tests/fixtures/tiny_llama, quantised to Q8_0 at load so the
+//! WGSL kernels run): the whole model's adapter gradient against the plain-tensor reference
+//! path, an overfit run, and resume after an interruption giving the uninterrupted loss curve.
+
+use burn::backend::Autodiff;
+use burn::tensor::{Tensor, TensorData};
+use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
+use codelsi_engine::generate::CancelToken;
+use codelsi_engine::io::{HostData, HostTensor, WeightSource};
+use codelsi_engine::model::{LoadedModel, load_model};
+use codelsi_engine::models::config::Config;
+use codelsi_engine::models::llama::{Adapters, Llama, Packed};
+use codelsi_engine::quant::QFormat;
+use codelsi_engine::train::data::{self, PromptTemplate, Record, Row};
+use codelsi_engine::train::{Decay, TrainConfig, TrainEvent, TrainJob, TrainSummary, train};
+use codelsi_tests::{B, assert_close, device, fixtures, random_values, to_vec};
+
+type AD = Autodiff<B>;
+
+/// burn's random generator (dropout masks) is one per process: runs in parallel test threads
+/// would draw from each other's sequence, so the training tests take turns.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn tiny() -> LoadedModel<AD> {
+    let dev = device();
+    load_model::<AD>(
+        &fixtures().join("tiny_llama"),
+        Some(QFormat::Q8_0),
+        &dev,
+        &mut |_| {},
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// In-memory weights with the scales of a trained model where it matters here: the tiny
+/// fixture's random LM head (std 0.02) cannot produce confident logits after the final RMSNorm,
+/// so no adapter could drive its loss near zero.
+struct Weights(
+    std::collections::HashMap<String, HostTensor>,
+    std::path::PathBuf,
+);
+
+impl WeightSource for Weights {
+    fn get(&self, name: &str) -> codelsi_engine::Result<Option<HostTensor>> {
+        Ok(self.0.get(name).cloned())
+    }
+    fn path(&self) -> &std::path::Path {
+        &self.1
+    }
+}
+
+fn confident_tiny() -> Llama<AD> {
+    let c = Config::tiny();
+    let mut map = std::collections::HashMap::new();
+    let mut seed = 500;
+    let mut put = |name: String, shape: Vec<usize>, scale: f32| {
+        seed += 1;
+        let n = shape.iter().product();
+        let data = HostData::F32(random_values(n, seed).iter().map(|v| v * scale).collect());
+        map.insert(name.clone(), HostTensor { name, shape, data });
+    };
+    let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    put("model.embed_tokens.weight".into(), vec![v, h], 1.0);
+    put("lm_head.weight".into(), vec![v, h], 1.0);
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (name, o, inp) in [
+            ("self_attn.q_proj", q, h),
+            ("self_attn.k_proj", kv, h),
+            ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, q),
+            ("mlp.gate_proj", i, h),
+            ("mlp.up_proj", i, h),
+            ("mlp.down_proj", h, i),
+        ] {
+            put(
+                format!("{p}.{name}.weight"),
+                vec![o, inp],
+                (3.0 / inp as f32).sqrt(),
+            );
+        }
+    }
+    for n in (0..c.num_hidden_layers)
+        .flat_map(|l| {
+            [
+                format!("model.layers.{l}.input_layernorm.weight"),
+                format!("model.layers.{l}.post_attention_layernorm.weight"),
+            ]
+        })
+        .chain(["model.norm.weight".to_string()])
+    {
+        map.insert(
+            n.clone(),
+            HostTensor {
+                name: n,
+                shape: vec![h],
+                data: HostData::F32(vec![1.0; h]),
+            },
+        );
+    }
+    let src = Weights(map, "in-memory tiny model".into());
+    Llama::load(c, &src, Some(QFormat::Q8_0), &device(), &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn records() -> Vec<Record> {
+    let pairs = [
+        (
+            "add two numbers",
+            "const add = (a: number, b: number) => a + b;",
+        ),
+        ("negate a boolean", "const not = (x: boolean) => !x;"),
+        ("double it", "const double = (x: number) => 2 * x;"),
+        ("say hi", "console.log('hi');"),
+    ];
+    pairs
+        .iter()
+        .map(|(i, o)| Record::Alpaca {
+            instruction: i.to_string(),
+            input: None,
+            output: o.to_string(),
+        })
+        .collect()
+}
+
+fn rows(loaded: &LoadedModel<AD>, max_len: usize, pack: bool) -> Vec<Row> {
+    let examples: Vec<_> = records()
+        .iter()
+        .filter_map(|r| {
+            data::tokenize(r, &loaded.tokenizer, PromptTemplate::Alpaca, max_len)
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    assert_eq!(examples.len(), 4);
+    data::pack(&examples, max_len, pack)
+}
+
+/// Mean response-token loss and the adapter's gradients, in `named_tensors` order.
+fn loss_and_grads(model: &Llama<AD>, adapter: &Adapter<B>, row: &Row) -> (f32, Vec<Vec<f32>>) {
+    let tracked = adapter.map(|t| Tensor::<AD, 2>::from_inner(t.clone()).require_grad());
+    let list = [&tracked];
+    let logits = model
+        .forward_packed(
+            Packed {
+                tokens: &row.tokens,
+                positions: &row.positions,
+                segments: &row.segments,
+            },
+            Adapters {
+                list: &list,
+                train: false,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let seq = row.tokens.len();
+    let labels: Vec<i32> = row
+        .labels
+        .iter()
+        .map(|l| l.map_or(0, |l| l as i32))
+        .collect();
+    let w: Vec<f32> = row.labels.iter().map(|l| l.map_or(0.0, |_| 1.0)).collect();
+    let dev = device();
+    let idx =
+        Tensor::<AD, 2, burn::tensor::Int>::from_data(TensorData::new(labels, [seq, 1]), &dev);
+    let w = Tensor::<AD, 2>::from_data(TensorData::new(w, [seq, 1]), &dev);
+    let picked = burn::tensor::activation::log_softmax(logits, 1).gather(1, idx);
+    let loss = (picked * w).sum().neg() / row.targets() as f64;
+    let value = to_vec(loss.clone().inner())[0];
+    let grads = loss.backward();
+    let g = tracked
+        .named_tensors()
+        .iter()
+        .map(|(n, t)| to_vec(t.grad(&grads).unwrap_or_else(|| panic!("{n}: no gradient"))))
+        .collect();
+    (value, g)
+}
+
+#[test]
+fn model_gradient_matches_reference_path() {
+    let dev = device();
+    let loaded = tiny();
+    let dense = loaded.model.to_dense();
+    let row = &rows(&loaded, 256, true)[0];
+    let config = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+        rslora: false,
+    };
+    // Non-zero B, so every A gets a gradient too.
+    let mut seed = 0;
+    let adapter = Adapter::<B>::init(config, &loaded.model.config, 1, &dev)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .map(|t| {
+            seed += 1;
+            let [r, c] = t.dims();
+            let v: Vec<f32> = random_values(r * c, seed).iter().map(|x| x * 0.1).collect();
+            Tensor::<B, 2>::from_data(TensorData::new(v, [r, c]), &dev)
+        });
+    let (loss_k, grads_k) = loss_and_grads(&loaded.model, &adapter, row);
+    let (loss_r, grads_r) = loss_and_grads(&dense, &adapter, row);
+    assert_close("loss", &[loss_k], &[loss_r], 1e-4, 1e-4);
+    let names = adapter.named_tensors();
+    for (i, (name, _)) in names.iter().enumerate() {
+        assert!(
+            grads_r[i].iter().any(|g| *g != 0.0),
+            "{name}: zero gradient"
+        );
+        assert_close(name, &grads_k[i], &grads_r[i], 1e-4, 1e-3);
+    }
+}
+
+fn config(steps: usize, lr: f64, dropout: f32) -> TrainConfig {
+    TrainConfig {
+        lora: LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            dropout,
+            targets: Target::ALL.to_vec(),
+            rslora: false,
+        },
+        lr,
+        epochs: 1000,
+        max_steps: Some(steps),
+        batch: 2,
+        warmup_frac: 0.1,
+        decay: Decay::Cosine,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        seed: 7,
+        eval_every: 0,
+        checkpoint_every: 0,
+    }
+}
+
+fn run(
+    model: &Llama<AD>,
+    rows: &[Row],
+    config: &TrainConfig,
+    out: &std::path::Path,
+    resume: bool,
+    stop_at: Option<usize>,
+) -> TrainSummary {
+    let cancel = CancelToken::new();
+    train(
+        TrainJob {
+            model,
+            frozen: &[],
+            train: rows,
+            val: &rows[..1],
+            config,
+            out,
+            base_model: "tiny_llama",
+            metadata: serde_json::Value::Null,
+            resume,
+        },
+        &cancel,
+        &mut |e| {
+            if let (TrainEvent::Step { step, .. }, Some(k)) = (&e, stop_at)
+                && *step == k
+            {
+                cancel.cancel();
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn temp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("codelsi-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn overfits_a_handful_of_examples() {
+    let _serial = serial();
+    let loaded = tiny();
+    let model = confident_tiny();
+    // One example per row: four rows, two per step.
+    let rows = rows(&loaded, 256, false);
+    let out = temp("overfit");
+    let s = run(&model, &rows, &config(60, 1e-2, 0.0), &out, false, None);
+    eprintln!(
+        "overfit losses: {:?}",
+        s.losses.iter().step_by(10).collect::<Vec<_>>()
+    );
+    let first = s.losses[0].1;
+    let last = s.losses.last().map_or(f64::NAN, |l| l.1);
+    assert!(last < 0.05 && last < first / 20.0, "loss {first} → {last}");
+    // The output is an adapter that loads and reproduces the final validation loss.
+    let dev = device();
+    let adapter = Adapter::<AD>::load_peft(&out, &model.config, &dev).unwrap();
+    let list = [&adapter];
+    let v = codelsi_engine::train::mean_loss(
+        &model,
+        Adapters {
+            list: &list,
+            train: false,
+        },
+        &rows[..1],
+        &CancelToken::new(),
+    )
+    .unwrap()
+    .unwrap();
+    let want = s.val_losses.last().map_or(f64::NAN, |l| l.1);
+    assert!((v - want).abs() < 1e-4, "reloaded adapter: {v} vs {want}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn resume_continues_the_same_loss_curve() {
+    let loaded = tiny();
+    let rows = rows(&loaded, 256, false);
+    // Dropout on, so the per-step RNG has to line up too.
+    let _serial = serial();
+    let c = config(6, 5e-3, 0.1);
+    let a = temp("straight");
+    let straight = run(&loaded.model, &rows, &c, &a, false, None);
+    let b = temp("interrupted");
+    let stopped = run(&loaded.model, &rows, &c, &b, false, Some(3));
+    assert!(stopped.cancelled);
+    assert_eq!(stopped.steps, 3);
+    // Starting over in the same directory without --resume would lose the run: refused.
+    let cancel = CancelToken::new();
+    let refused = train(
+        TrainJob {
+            model: &loaded.model,
+            frozen: &[],
+            train: &rows,
+            val: &[],
+            config: &c,
+            out: &b,
+            base_model: "tiny_llama",
+            metadata: serde_json::Value::Null,
+            resume: false,
+        },
+        &cancel,
+        &mut |_| {},
+    );
+    assert!(refused.is_err());
+    let resumed = run(&loaded.model, &rows, &c, &b, true, None);
+    assert_eq!(resumed.steps, 6);
+    let l1: Vec<f32> = straight.losses.iter().map(|l| l.1 as f32).collect();
+    let l2: Vec<f32> = resumed.losses.iter().map(|l| l.1 as f32).collect();
+    assert_eq!(l1.len(), 6);
+    assert_close("loss curve", &l2, &l1, 1e-6, 1e-5);
+    std::fs::remove_dir_all(&a).unwrap();
+    std::fs::remove_dir_all(&b).unwrap();
+}
