@@ -311,14 +311,16 @@ pub fn train<B: KernelBackend>(
     });
 
     // The held-out loss before training (the adapter starts equal to the base: B = 0).
-    if state.step == 0 && !job.val.is_empty() && c.eval_every > 0 {
-        if let Some(v) = evaluate(job.model, job.frozen, &adapter, job.val, cancel)? {
-            state.val_losses.push((0, v));
-            on_event(TrainEvent::Eval {
-                step: 0,
-                val_loss: v,
-            });
-        }
+    if state.step == 0
+        && !job.val.is_empty()
+        && c.eval_every > 0
+        && let Some(v) = evaluate(job.model, job.frozen, &adapter, job.val, cancel)?
+    {
+        state.val_losses.push((0, v));
+        on_event(TrainEvent::Eval {
+            step: 0,
+            val_loss: v,
+        });
     }
     let start = Instant::now();
     let tokens_at_start = state.tokens;
