@@ -1,10 +1,12 @@
 //! codelsi benchmarks (not tests: timings never decide pass/fail).
 //!
-//! `cargo run --release -p codelsi-benches -- [kernels|model|all] [--model M]`
+//! `cargo run --release -p codelsi-benches -- [kernels|model|train|all] [--model M] [--seq N]`
 //!
 //! - kernels: device copy bandwidth (the roofline for a memory-bound mat-vec), then GB/s of the
 //!   quantised mat-vec kernel per format and GFLOP/s of the tiled prefill kernel.
 //! - model: prefill and decode tokens/s of a model (default: the default model).
+//! - train: LoRA training tokens/s and peak device memory at seq 512, r = 16, alpha = 32, all
+//!   seven projections (the setting of the CodeLSI paper), one 512-token row per step.
 //!
 //! Every timed region ends with a device sync.
 
@@ -124,6 +126,86 @@ fn model(device: &burn::backend::wgpu::WgpuDevice, spec: &str) -> Result<()> {
     Ok(())
 }
 
+fn train_bench(device: &burn::backend::wgpu::WgpuDevice, spec: &str, seq: usize) -> Result<()> {
+    use burn::backend::Autodiff;
+    use codelsi_engine::generate::CancelToken;
+    use codelsi_engine::train::data::Row;
+    use codelsi_engine::train::{TrainConfig, TrainEvent, TrainJob, train};
+
+    let path = resolve_model(spec, &mut |_| {})?;
+    let loaded = load_model::<Autodiff<B>>(&path, None, device, &mut |_| {})?;
+    let text = "export function parse(input: string): Token[] {\n  const out: Token[] = [];\n  for (const c of input) { out.push({ kind: kindOf(c), text: c }); }\n  return out;\n}\n";
+    let mut tokens = loaded.tokenizer.encode(&text.repeat(64), false)?;
+    tokens.truncate(seq);
+    let n = tokens.len();
+    let row = Row {
+        positions: (0..n).collect(),
+        segments: vec![0; n],
+        labels: (0..n).map(|i| tokens.get(i + 1).copied()).collect(),
+        tokens,
+    };
+    let rows = vec![row; 4];
+    let steps = 3;
+    let config = TrainConfig {
+        max_steps: Some(steps),
+        batch: 1,
+        checkpoint_every: 0,
+        ..TrainConfig::default()
+    };
+    let out = std::env::temp_dir().join(format!("codelsi-bench-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let mut times = vec![];
+    let mut t = Instant::now();
+    let mut peak = None;
+    let mut trainable = 0;
+    let summary = train(
+        TrainJob {
+            model: &loaded.model,
+            frozen: &[],
+            train: &rows,
+            val: &[],
+            config: &config,
+            out: &out,
+            base_model: "bench",
+            metadata: serde_json::Value::Null,
+            resume: false,
+        },
+        &CancelToken::new(),
+        &mut |e| match e {
+            TrainEvent::Started {
+                trainable_params, ..
+            } => trainable = trainable_params,
+            TrainEvent::Step { peak_bytes, .. } => {
+                times.push(t.elapsed().as_secs_f64());
+                t = Instant::now();
+                peak = peak_bytes;
+            }
+            _ => {}
+        },
+    )?;
+    let _ = std::fs::remove_dir_all(&out);
+    // The first step compiles every shader; time the rest.
+    let timed = &times[1..];
+    let per_step = timed.iter().sum::<f64>() / timed.len() as f64;
+    println!(
+        "train {}: seq {n}, r=16 alpha=32 all 7 projections, {} trainable: {:.1} tok/s ({:.2} s/step over {} steps after warm-up), peak device memory {}; loss {:.3} → {:.3}",
+        path.file_name()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        trainable,
+        n as f64 / per_step,
+        per_step,
+        timed.len(),
+        peak.map_or("n/a".into(), |b| format!(
+            "{:.0} MiB",
+            b as f64 / (1 << 20) as f64
+        )),
+        summary.losses.first().map_or(f64::NAN, |l| l.1),
+        summary.losses.last().map_or(f64::NAN, |l| l.1),
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.first().map(String::as_str).unwrap_or("all");
@@ -139,6 +221,15 @@ fn main() -> Result<()> {
     }
     if matches!(what, "model" | "all") {
         model(&device, spec)?;
+    }
+    if matches!(what, "train" | "all") {
+        let seq = args
+            .iter()
+            .position(|a| a == "--seq")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(512);
+        train_bench(&device, spec, seq)?;
     }
     Ok(())
 }

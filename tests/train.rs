@@ -356,3 +356,79 @@ fn resume_continues_the_same_loss_curve() {
     std::fs::remove_dir_all(&a).unwrap();
     std::fs::remove_dir_all(&b).unwrap();
 }
+
+#[test]
+fn data_masks_responses_and_packs_examples_apart() {
+    let gguf = codelsi_engine::io::gguf::GgufFile::open(&codelsi_tests::default_model())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let tok = codelsi_engine::io::tokenizer::Tokenizer::from_gguf(&gguf)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let chat = Record::Chat {
+        messages: vec![
+            codelsi_engine::io::tokenizer::Message::user("Reverse a string."),
+            codelsi_engine::io::tokenizer::Message {
+                role: "assistant".into(),
+                content: "const r = (s: string) => [...s].reverse().join('');".into(),
+            },
+        ],
+    };
+    for template in [PromptTemplate::Chat, PromptTemplate::Alpaca] {
+        let ex = data::tokenize(&chat, &tok, template, 1024)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("no example"));
+        // The trained tokens decode to the response (and the end-of-turn marker), nothing else.
+        let trained: Vec<u32> = ex
+            .tokens
+            .iter()
+            .zip(&ex.loss_mask)
+            .filter(|(_, m)| **m)
+            .map(|(t, _)| *t)
+            .collect();
+        let text = tok
+            .decode(&trained, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            text.starts_with("const r = (s: string)"),
+            "{template:?}: trained on {text:?}"
+        );
+        assert!(text.len() < 80, "{template:?}: trained on {text:?}");
+        let prompt = tok
+            .decode(
+                &ex.tokens[..ex.loss_mask.iter().position(|m| *m).unwrap_or(0)],
+                false,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            prompt.contains("Reverse a string."),
+            "{template:?}: {prompt:?}"
+        );
+        // Truncation keeps the prompt's start and drops what does not fit.
+        let short = data::tokenize(&chat, &tok, template, ex.tokens.len() - 3)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("no example"));
+        assert_eq!(short.tokens[..], ex.tokens[..ex.tokens.len() - 3]);
+        // A prompt that fills max-len leaves nothing to train: dropped.
+        assert!(
+            data::tokenize(&chat, &tok, template, 5)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .is_none()
+        );
+    }
+    let a = data::Example {
+        tokens: vec![1, 2, 3],
+        loss_mask: vec![false, true, true],
+    };
+    let b = data::Example {
+        tokens: vec![4, 5],
+        loss_mask: vec![false, true],
+    };
+    let rows = data::pack(&[a.clone(), b.clone(), a.clone()], 5, true);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].tokens, vec![1, 2, 3, 4, 5]);
+    assert_eq!(rows[0].positions, vec![0, 1, 2, 0, 1]);
+    assert_eq!(rows[0].segments, vec![0, 0, 0, 1, 1]);
+    // Labels never cross from one example into the next.
+    assert_eq!(rows[0].labels, vec![Some(2), Some(3), None, Some(5), None]);
+    assert_eq!(rows[1].tokens, vec![1, 2, 3]);
+    assert_eq!(data::pack(&[a, b], 5, false).len(), 2);
+}
