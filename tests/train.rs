@@ -359,7 +359,7 @@ fn resume_continues_the_same_loss_curve() {
 
 #[test]
 fn data_masks_responses_and_packs_examples_apart() {
-    let gguf = codelsi_engine::io::gguf::GgufFile::open(&codelsi_tests::default_model())
+    let gguf = codelsi_engine::io::gguf::GgufFile::open(codelsi_tests::default_model())
         .unwrap_or_else(|e| panic!("{e}"));
     let tok = codelsi_engine::io::tokenizer::Tokenizer::from_gguf(&gguf)
         .unwrap_or_else(|e| panic!("{e}"));
