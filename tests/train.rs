@@ -432,3 +432,67 @@ fn data_masks_responses_and_packs_examples_apart() {
     assert_eq!(rows[1].tokens, vec![1, 2, 3]);
     assert_eq!(data::pack(&[a, b], 5, false).len(), 2);
 }
+
+#[test]
+fn stacked_adapters_match_reference_path() {
+    let dev = device();
+    let loaded = load_model::<B>(
+        &fixtures().join("tiny_llama"),
+        Some(QFormat::Q8_0),
+        &dev,
+        &mut |_| {},
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let dense = loaded.model.to_dense();
+    let mut seed = 900;
+    let mut random_adapter = |targets: &str| {
+        let config = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: Target::parse_list(targets).unwrap_or_else(|e| panic!("{e}")),
+            rslora: false,
+        };
+        Adapter::<B>::init(config, &loaded.model.config, 1, &dev)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .map(|t| {
+                seed += 1;
+                let [r, c] = t.dims();
+                let v: Vec<f32> = random_values(r * c, seed).iter().map(|x| x * 0.2).collect();
+                Tensor::<B, 2>::from_data(TensorData::new(v, [r, c]), &dev)
+            })
+    };
+    // A "general" adapter on every projection under a "specialised" one on attention only.
+    let general = random_adapter("all");
+    let special = random_adapter("attn");
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 7 % 250) as u32).collect();
+    let positions: Vec<usize> = (0..40).collect();
+    let segments = vec![0u32; 40];
+    let packed = Packed {
+        tokens: &tokens,
+        positions: &positions,
+        segments: &segments,
+    };
+    let logits = |m: &Llama<B>, list: &[&Adapter<B>]| {
+        to_vec(
+            m.forward_packed(packed, Adapters { list, train: false })
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+    };
+    let stacked = logits(&loaded.model, &[&special, &general]);
+    let reference = logits(&dense, &[&special, &general]);
+    assert_close(
+        "stacked adapters, kernels vs reference",
+        &stacked,
+        &reference,
+        1e-4,
+        1e-4,
+    );
+    let alone = logits(&loaded.model, &[&special]);
+    let worst = stacked
+        .iter()
+        .zip(&alone)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst > 1e-2, "the frozen adapter changed nothing ({worst})");
+}
