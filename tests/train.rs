@@ -12,7 +12,9 @@ use codelsi_engine::models::config::Config;
 use codelsi_engine::models::llama::{Adapters, Llama, Packed};
 use codelsi_engine::quant::QFormat;
 use codelsi_engine::train::data::{self, PromptTemplate, Record, Row};
-use codelsi_engine::train::{Decay, TrainConfig, TrainEvent, TrainJob, TrainSummary, train};
+use codelsi_engine::train::{
+    Decay, TrainConfig, TrainEvent, TrainJob, TrainSummary, row_nll, train,
+};
 use codelsi_tests::{B, assert_close, device, fixtures, random_values, to_vec};
 
 type AD = Autodiff<B>;
@@ -146,32 +148,12 @@ fn rows(loaded: &LoadedModel<AD>, max_len: usize, pack: bool) -> Vec<Row> {
 fn loss_and_grads(model: &Llama<AD>, adapter: &Adapter<B>, row: &Row) -> (f32, Vec<Vec<f32>>) {
     let tracked = adapter.map(|t| Tensor::<AD, 2>::from_inner(t.clone()).require_grad());
     let list = [&tracked];
-    let logits = model
-        .forward_packed(
-            Packed {
-                tokens: &row.tokens,
-                positions: &row.positions,
-                segments: &row.segments,
-            },
-            Adapters {
-                list: &list,
-                train: false,
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-    let seq = row.tokens.len();
-    let labels: Vec<i32> = row
-        .labels
-        .iter()
-        .map(|l| l.map_or(0, |l| l as i32))
-        .collect();
-    let w: Vec<f32> = row.labels.iter().map(|l| l.map_or(0.0, |_| 1.0)).collect();
-    let dev = device();
-    let idx =
-        Tensor::<AD, 2, burn::tensor::Int>::from_data(TensorData::new(labels, [seq, 1]), &dev);
-    let w = Tensor::<AD, 2>::from_data(TensorData::new(w, [seq, 1]), &dev);
-    let picked = burn::tensor::activation::log_softmax(logits, 1).gather(1, idx);
-    let loss = (picked * w).sum().neg() / row.targets() as f64;
+    let adapters = Adapters {
+        list: &list,
+        train: false,
+    };
+    let (nll, targets) = row_nll(model, adapters, row).unwrap_or_else(|e| panic!("{e}"));
+    let loss = nll / targets as f64;
     let value = to_vec(loss.clone().inner())[0];
     let grads = loss.backward();
     let g = tracked

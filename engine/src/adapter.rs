@@ -250,6 +250,19 @@ impl<B: Backend> Adapter<B> {
         out
     }
 
+    /// Every tensor, mutable, in the order of [`named_tensors`](Self::named_tensors).
+    pub fn tensors_mut(&mut self) -> Vec<&mut Tensor<B, 2>> {
+        let mut out = Vec::new();
+        for slots in &mut self.layers {
+            // `Target::ALL` is index order, so this walks slots as `named_tensors` does.
+            for p in slots.iter_mut().flatten() {
+                out.push(&mut p.a);
+                out.push(&mut p.b);
+            }
+        }
+        out
+    }
+
     /// Trainable values in the adapter.
     pub fn num_params(&self) -> usize {
         self.named_tensors()

@@ -194,6 +194,9 @@ struct TrainerState {
     losses: Vec<(usize, f64)>,
     val_losses: Vec<(usize, f64)>,
     tokens: usize,
+    /// AdamW's step count per adapter tensor that has moments (filled when saved).
+    #[serde(default)]
+    adam_times: Vec<usize>,
 }
 
 fn data_hash(rows: &[Row]) -> String {
@@ -269,6 +272,7 @@ pub fn train<B: KernelBackend>(
         losses: vec![],
         val_losses: vec![],
         tokens: 0,
+        adam_times: vec![],
     };
     if job.resume {
         let (a, s, st) = load_checkpoint::<B>(&ckpt, &job.model.config, &device)?;
@@ -311,16 +315,8 @@ pub fn train<B: KernelBackend>(
     });
 
     // The held-out loss before training (the adapter starts equal to the base: B = 0).
-    if state.step == 0
-        && !job.val.is_empty()
-        && c.eval_every > 0
-        && let Some(v) = evaluate(job.model, job.frozen, &adapter, job.val, cancel)?
-    {
-        state.val_losses.push((0, v));
-        on_event(TrainEvent::Eval {
-            step: 0,
-            val_loss: v,
-        });
+    if state.step == 0 && c.eval_every > 0 {
+        eval_and_report(&job, &adapter, &mut state, cancel, on_event)?;
     }
     let start = Instant::now();
     let tokens_at_start = state.tokens;
@@ -372,19 +368,8 @@ pub fn train<B: KernelBackend>(
             }
         }
         let last = state.step == total;
-        if !job.val.is_empty()
-            && c.eval_every > 0
-            && state.step.is_multiple_of(c.eval_every)
-            && !last
-        {
-            let v = evaluate(job.model, job.frozen, &adapter, job.val, cancel)?;
-            if let Some(v) = v {
-                state.val_losses.push((state.step, v));
-                on_event(TrainEvent::Eval {
-                    step: state.step,
-                    val_loss: v,
-                });
-            }
+        if c.eval_every > 0 && state.step.is_multiple_of(c.eval_every) && !last {
+            eval_and_report(&job, &adapter, &mut state, cancel, on_event)?;
         }
         if c.checkpoint_every > 0 && state.step.is_multiple_of(c.checkpoint_every) && !last {
             save_checkpoint(&ckpt, &adapter, &optim, &state, job.base_model)?;
@@ -399,15 +384,8 @@ pub fn train<B: KernelBackend>(
         }
     }
 
-    if !cancelled
-        && !job.val.is_empty()
-        && let Some(v) = evaluate(job.model, job.frozen, &adapter, job.val, cancel)?
-    {
-        state.val_losses.push((state.step, v));
-        on_event(TrainEvent::Eval {
-            step: state.step,
-            val_loss: v,
-        });
+    if !cancelled {
+        eval_and_report(&job, &adapter, &mut state, cancel, on_event)?;
     }
     save_checkpoint(&ckpt, &adapter, &optim, &state, job.base_model)?;
     on_event(TrainEvent::Checkpoint {
@@ -445,6 +423,27 @@ pub fn train<B: KernelBackend>(
     Ok(summary)
 }
 
+/// The validation loss now (when there is validation data), recorded and reported.
+fn eval_and_report<B: KernelBackend>(
+    job: &TrainJob<'_, B>,
+    adapter: &Adapter<B>,
+    state: &mut TrainerState,
+    cancel: &CancelToken,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<()> {
+    if job.val.is_empty() {
+        return Ok(());
+    }
+    if let Some(v) = evaluate(job.model, job.frozen, adapter, job.val, cancel)? {
+        state.val_losses.push((state.step, v));
+        on_event(TrainEvent::Eval {
+            step: state.step,
+            val_loss: v,
+        });
+    }
+    Ok(())
+}
+
 fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.max(b)),
@@ -453,7 +452,7 @@ fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 }
 
 /// Summed negative log-likelihood of a row's labelled positions, and their count.
-fn row_nll<B: KernelBackend>(
+pub fn row_nll<B: KernelBackend>(
     model: &Llama<B>,
     adapters: Adapters<'_, B>,
     row: &Row,
@@ -554,18 +553,15 @@ fn apply_step<B: KernelBackend>(
     } else {
         1.0
     };
-    let mut i = 0;
-    for slots in adapter.layers.iter_mut() {
-        for pair in slots.iter_mut().flatten() {
-            for t in [&mut pair.a, &mut pair.b] {
-                let g = grads[i].clone() * clip;
-                let state = optim.states[i].take();
-                let (new, s) = optim.adamw.step(lr, t.clone(), g, state);
-                *t = new;
-                optim.states[i] = s;
-                i += 1;
-            }
-        }
+    for ((t, g), state) in adapter
+        .tensors_mut()
+        .into_iter()
+        .zip(grads)
+        .zip(optim.states.iter_mut())
+    {
+        let (new, s) = optim.adamw.step(lr, t.clone(), g * clip, state.take());
+        *t = new;
+        *state = s;
     }
     Ok(norm)
 }
@@ -632,11 +628,10 @@ fn save_checkpoint<B: KernelBackend>(
     }
     let refs: Vec<(String, &Tensor<B, 2>)> = moments.iter().map(|(n, t)| (n.clone(), t)).collect();
     let optim_bytes = safetensors_bytes(&refs)?;
-    let mut st = serde_json::to_value(state).map_err(|e| Error::Json {
-        path: dir.join("trainer_state.json"),
-        source: e,
-    })?;
-    st["adam_times"] = serde_json::json!(times);
+    let st = TrainerState {
+        adam_times: times,
+        ..state.clone()
+    };
     let state_bytes = serde_json::to_vec_pretty(&st).map_err(|e| Error::Json {
         path: dir.join("trainer_state.json"),
         source: e,
@@ -669,12 +664,7 @@ fn load_checkpoint<B: KernelBackend>(
         )));
     }
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: state_path.clone(),
-        source,
-    })?;
-    let times: Vec<usize> = serde_json::from_value(json["adam_times"].clone()).unwrap_or_default();
-    let state: TrainerState = serde_json::from_value(json).map_err(|source| Error::Json {
+    let state: TrainerState = serde_json::from_str(&text).map_err(|source| Error::Json {
         path: state_path.clone(),
         source,
     })?;
@@ -682,7 +672,7 @@ fn load_checkpoint<B: KernelBackend>(
     let optim_path = dir.join("optimizer.safetensors");
     let st = SafetensorsWeights::open_file(&optim_path)?;
     let mut states = Vec::new();
-    let mut t = times.into_iter();
+    let mut t = state.adam_times.clone().into_iter();
     for (name, tensor) in adapter.named_tensors() {
         let shape: [usize; 2] = tensor.dims();
         let get = |suffix: &str| -> Result<Option<Tensor<B, 2>>> {
