@@ -95,3 +95,22 @@ pub fn varied_weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// `adapter` with every tensor replaced by random values times `scale` (seeds `seed + 1`, …),
+/// so B is not zero and the adapter changes the model.
+pub fn randomized(
+    adapter: &codelsi_engine::adapter::Adapter<B>,
+    scale: f32,
+    seed: u64,
+) -> codelsi_engine::adapter::Adapter<B> {
+    let mut seed = seed;
+    adapter.map(|t| {
+        seed += 1;
+        let [r, c] = t.dims();
+        let v: Vec<f32> = random_values(r * c, seed)
+            .iter()
+            .map(|x| x * scale)
+            .collect();
+        burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, [r, c]), &t.device())
+    })
+}

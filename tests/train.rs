@@ -178,15 +178,12 @@ fn model_gradient_matches_reference_path() {
         rslora: false,
     };
     // Non-zero B, so every A gets a gradient too.
-    let mut seed = 0;
-    let adapter = Adapter::<B>::init(config, &loaded.model.config, 1, &dev)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .map(|t| {
-            seed += 1;
-            let [r, c] = t.dims();
-            let v: Vec<f32> = random_values(r * c, seed).iter().map(|x| x * 0.1).collect();
-            Tensor::<B, 2>::from_data(TensorData::new(v, [r, c]), &dev)
-        });
+    let adapter = randomized(
+        &Adapter::<B>::init(config, &loaded.model.config, 1, &dev)
+            .unwrap_or_else(|e| panic!("{e}")),
+        0.1,
+        0,
+    );
     let (loss_k, grads_k) = loss_and_grads(&loaded.model, &adapter, row);
     let (loss_r, grads_r) = loss_and_grads(&dense, &adapter, row);
     assert_close("loss", &[loss_k], &[loss_r], 1e-4, 1e-4);
@@ -426,8 +423,7 @@ fn stacked_adapters_match_reference_path() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let dense = loaded.model.to_dense();
-    let mut seed = 900;
-    let mut random_adapter = |targets: &str| {
+    let random_adapter = |targets: &str, seed: u64| {
         let config = LoraConfig {
             rank: 4,
             alpha: 8.0,
@@ -435,18 +431,13 @@ fn stacked_adapters_match_reference_path() {
             targets: Target::parse_list(targets).unwrap_or_else(|e| panic!("{e}")),
             rslora: false,
         };
-        Adapter::<B>::init(config, &loaded.model.config, 1, &dev)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .map(|t| {
-                seed += 1;
-                let [r, c] = t.dims();
-                let v: Vec<f32> = random_values(r * c, seed).iter().map(|x| x * 0.2).collect();
-                Tensor::<B, 2>::from_data(TensorData::new(v, [r, c]), &dev)
-            })
+        let fresh = Adapter::<B>::init(config, &loaded.model.config, 1, &dev)
+            .unwrap_or_else(|e| panic!("{e}"));
+        randomized(&fresh, 0.2, seed)
     };
     // A "general" adapter on every projection under a "specialised" one on attention only.
-    let general = random_adapter("all");
-    let special = random_adapter("attn");
+    let general = random_adapter("all", 900);
+    let special = random_adapter("attn", 2000);
     let tokens: Vec<u32> = (0..40).map(|i| (i * 7 % 250) as u32).collect();
     let positions: Vec<usize> = (0..40).collect();
     let segments = vec![0u32; 40];

@@ -1,6 +1,7 @@
 //! `codelsi`: the command line. With no subcommand it opens the desktop app; with one it works
 //! headless. Printing belongs here, never in the engine.
 
+mod merge;
 mod train;
 mod window;
 
@@ -37,6 +38,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Fine-tune a LoRA adapter on instruction data (JSONL, Alpaca or chat form).
     Train(train::TrainArgs),
+    /// Fold LoRA adapters into the base model and write it (HF safetensors f16, or GGUF).
+    Merge(merge::MergeArgs),
     /// Manage models: list the cache, fetch the default model, show a model's details.
     Models {
         #[command(subcommand)]
@@ -114,6 +117,7 @@ fn main() {
         None => window::run(),
         Some(Command::Generate(args)) => cmd_generate(args),
         Some(Command::Train(args)) => train::cmd_train(args),
+        Some(Command::Merge(args)) => merge::cmd_merge(args),
         Some(Command::Models { command }) => cmd_models(command),
     };
     if let Err(e) = result {

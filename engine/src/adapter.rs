@@ -62,7 +62,7 @@ impl Target {
         }
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 
@@ -295,89 +295,7 @@ impl<B: Backend> Adapter<B> {
 
     /// Load a PEFT LoRA adapter directory for a model of shape `model`.
     pub fn load_peft(dir: &Path, model: &Config, device: &B::Device) -> Result<Self> {
-        let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let peft: PeftConfig = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: cfg_path.clone(),
-            source,
-        })?;
-        let config = peft.to_lora(&cfg_path)?;
-        config.validate().map_err(|e| Error::Malformed {
-            path: cfg_path.clone(),
-            what: e.to_string(),
-        })?;
-        let weights_path = dir.join("adapter_model.safetensors");
-        if !weights_path.exists() {
-            return Err(Error::Malformed {
-                path: dir.into(),
-                what: "no adapter_model.safetensors (only the safetensors format is read)".into(),
-            });
-        }
-        let st = SafetensorsWeights::open_file(&weights_path)?;
-        let mut expected = std::collections::BTreeSet::new();
-        let r = config.rank;
-        let mut layers = Vec::with_capacity(model.num_hidden_layers);
-        for i in 0..model.num_hidden_layers {
-            let mut slots: [Option<LoraPair<B>>; 7] = Default::default();
-            for &t in &config.targets {
-                let (inp, out) = t.dims(model);
-                let prefix = peft_prefix(i, t);
-                let mut load = |which: &str, shape: [usize; 2]| -> Result<Option<Tensor<B, 2>>> {
-                    // PEFT writes keys without the adapter name; older files kept `.default`.
-                    let plain = format!("{prefix}.{which}.weight");
-                    let named = format!("{prefix}.{which}.default.weight");
-                    let found = match st.get(&plain)? {
-                        Some(t) => Some(t),
-                        None => st.get(&named)?,
-                    };
-                    let Some(host) = found else {
-                        return Ok(None);
-                    };
-                    expected.insert(host.name.clone());
-                    host.expect_shape(&shape)?;
-                    Ok(Some(Tensor::from_data(
-                        TensorData::new(host.into_f32(), shape),
-                        device,
-                    )))
-                };
-                let a = load("lora_A", [r, inp])?;
-                let b = load("lora_B", [out, r])?;
-                match (a, b) {
-                    (Some(a), Some(b)) => slots[t.index()] = Some(LoraPair { a, b }),
-                    (None, None) => {}
-                    _ => {
-                        return Err(Error::Malformed {
-                            path: weights_path.clone(),
-                            what: format!("{prefix}: lora_A and lora_B must come together"),
-                        });
-                    }
-                }
-            }
-            layers.push(slots);
-        }
-        let unknown: Vec<&str> = st
-            .names()
-            .into_iter()
-            .filter(|n| !expected.contains(*n))
-            .collect();
-        if !unknown.is_empty() {
-            return Err(Error::Malformed {
-                path: weights_path,
-                what: format!(
-                    "{} tensor(s) this model has no place for (wrong base model, or a PEFT \
-                     feature codelsi does not read), first: {}",
-                    unknown.len(),
-                    unknown[0]
-                ),
-            });
-        }
-        if expected.is_empty() {
-            return Err(Error::Malformed {
-                path: weights_path,
-                what: "no LoRA tensors for this model's layers".into(),
-            });
-        }
-        Ok(Self { config, layers })
+        Ok(HostAdapter::load_peft(dir, model)?.upload(device))
     }
 
     /// Write a PEFT adapter directory: `adapter_config.json` and `adapter_model.safetensors`
@@ -421,6 +339,165 @@ impl<B: Backend> Adapter<B> {
             write_atomic(&dir.join(file), contents)?;
         }
         Ok(())
+    }
+}
+
+/// A LoRA pair on the host, row-major: `a` is `[rank, in]`, `b` is `[out, rank]`.
+#[derive(Debug, Clone)]
+pub struct HostPair {
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+/// An adapter read into host memory: what `codelsi merge` works on without a GPU, and what
+/// [`Adapter::load_peft`] uploads.
+#[derive(Debug, Clone)]
+pub struct HostAdapter {
+    pub config: LoraConfig,
+    /// The model shape the adapter was checked against.
+    pub model: Config,
+    pub layers: Vec<[Option<HostPair>; 7]>,
+}
+
+impl HostAdapter {
+    /// Read a PEFT LoRA adapter directory for a model of shape `model`.
+    pub fn load_peft(dir: &Path, model: &Config) -> Result<Self> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let peft: PeftConfig = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: cfg_path.clone(),
+            source,
+        })?;
+        let config = peft.to_lora(&cfg_path)?;
+        config.validate().map_err(|e| Error::Malformed {
+            path: cfg_path.clone(),
+            what: e.to_string(),
+        })?;
+        let weights_path = dir.join("adapter_model.safetensors");
+        if !weights_path.exists() {
+            return Err(Error::Malformed {
+                path: dir.into(),
+                what: "no adapter_model.safetensors (only the safetensors format is read)".into(),
+            });
+        }
+        let st = SafetensorsWeights::open_file(&weights_path)?;
+        let mut expected = std::collections::BTreeSet::new();
+        let r = config.rank;
+        let mut layers = Vec::with_capacity(model.num_hidden_layers);
+        for i in 0..model.num_hidden_layers {
+            let mut slots: [Option<HostPair>; 7] = Default::default();
+            for &t in &config.targets {
+                let (inp, out) = t.dims(model);
+                let prefix = peft_prefix(i, t);
+                let mut load = |which: &str, shape: [usize; 2]| -> Result<Option<Vec<f32>>> {
+                    // PEFT writes keys without the adapter name; older files kept `.default`.
+                    let plain = format!("{prefix}.{which}.weight");
+                    let named = format!("{prefix}.{which}.default.weight");
+                    let found = match st.get(&plain)? {
+                        Some(t) => Some(t),
+                        None => st.get(&named)?,
+                    };
+                    let Some(host) = found else {
+                        return Ok(None);
+                    };
+                    expected.insert(host.name.clone());
+                    host.expect_shape(&shape)?;
+                    Ok(Some(host.into_f32()))
+                };
+                let a = load("lora_A", [r, inp])?;
+                let b = load("lora_B", [out, r])?;
+                match (a, b) {
+                    (Some(a), Some(b)) => slots[t.index()] = Some(HostPair { a, b }),
+                    (None, None) => {}
+                    _ => {
+                        return Err(Error::Malformed {
+                            path: weights_path.clone(),
+                            what: format!("{prefix}: lora_A and lora_B must come together"),
+                        });
+                    }
+                }
+            }
+            layers.push(slots);
+        }
+        let unknown: Vec<&str> = st
+            .names()
+            .into_iter()
+            .filter(|n| !expected.contains(*n))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(Error::Malformed {
+                path: weights_path,
+                what: format!(
+                    "{} tensor(s) this model has no place for (wrong base model, or a PEFT \
+                     feature codelsi does not read), first: {}",
+                    unknown.len(),
+                    unknown[0]
+                ),
+            });
+        }
+        if expected.is_empty() {
+            return Err(Error::Malformed {
+                path: weights_path,
+                what: "no LoRA tensors for this model's layers".into(),
+            });
+        }
+        Ok(Self {
+            config,
+            model: model.clone(),
+            layers,
+        })
+    }
+
+    /// The adapter on `device`.
+    pub fn upload<B: Backend>(self, device: &B::Device) -> Adapter<B> {
+        let r = self.config.rank;
+        let layers = self
+            .layers
+            .into_iter()
+            .map(|slots| {
+                let mut out: [Option<LoraPair<B>>; 7] = Default::default();
+                for (t, pair) in Target::ALL.into_iter().zip(slots) {
+                    let Some(p) = pair else { continue };
+                    let (inp, o) = t.dims(&self.model);
+                    out[t.index()] = Some(LoraPair {
+                        a: Tensor::from_data(TensorData::new(p.a, [r, inp]), device),
+                        b: Tensor::from_data(TensorData::new(p.b, [o, r]), device),
+                    });
+                }
+                out
+            })
+            .collect();
+        Adapter {
+            config: self.config,
+            layers,
+        }
+    }
+
+    /// `scale·B·A`, the adapter's change to the weight of `t` in `layer`, `[out, in]` row-major
+    /// (HF layout), or `None` where the adapter does not touch it.
+    pub fn delta(&self, layer: usize, t: Target) -> Option<Vec<f32>> {
+        let p = self.layers.get(layer)?[t.index()].as_ref()?;
+        let (inp, out) = t.dims(&self.model);
+        let r = self.config.rank;
+        let s = self.config.scale() as f64;
+        let mut d = vec![0f32; out * inp];
+        let mut row = vec![0f64; inp];
+        for (o, d_row) in d.chunks_exact_mut(inp).enumerate() {
+            row.iter_mut().for_each(|v| *v = 0.0);
+            for k in 0..r {
+                let b = p.b[o * r + k] as f64;
+                if b == 0.0 {
+                    continue;
+                }
+                for (acc, &a) in row.iter_mut().zip(&p.a[k * inp..(k + 1) * inp]) {
+                    *acc += b * a as f64;
+                }
+            }
+            for (dst, &v) in d_row.iter_mut().zip(&row) {
+                *dst = (s * v) as f32;
+            }
+        }
+        Some(d)
     }
 }
 

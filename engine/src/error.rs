@@ -96,6 +96,9 @@ pub enum Error {
         got: String,
     },
 
+    #[error("cancelled")]
+    Cancelled,
+
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 }

@@ -11,6 +11,7 @@ pub mod fetch;
 pub mod generate;
 pub mod io;
 pub mod kernels;
+pub mod merge;
 pub mod model;
 pub mod models;
 pub mod quant;

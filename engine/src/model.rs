@@ -10,7 +10,7 @@ use crate::io::gguf::GgufFile;
 use crate::io::safetensors::SafetensorsWeights;
 use crate::io::tokenizer::Tokenizer;
 use crate::kernels::KernelBackend;
-use crate::models::config::{Architecture, Config};
+use crate::models::config::Config;
 use crate::models::llama::Llama;
 use crate::quant::QFormat;
 
@@ -103,15 +103,7 @@ pub fn load_model<B: KernelBackend>(
     let gguf = GgufFile::open(path)?;
     let config = Config::from_gguf(&gguf)?;
     let tokenizer = Tokenizer::from_gguf(&gguf)?;
-    let weights = GgufWeights {
-        file: &gguf,
-        n_heads: config.num_attention_heads,
-        n_kv_heads: config.num_key_value_heads,
-        unpermute_qk: matches!(
-            config.architecture,
-            Architecture::Llama | Architecture::Mistral
-        ),
-    };
+    let weights = GgufWeights::new(&gguf, &config);
     let model = Llama::load(config.clone(), &weights, quantize, device, &mut upload)?;
     let info = info(path, "GGUF", &config, type_census(&gguf), &model);
     Ok(LoadedModel {

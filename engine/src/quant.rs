@@ -36,6 +36,21 @@ impl GgmlType {
         })
     }
 
+    /// ggml's type id, as stored in GGUF.
+    pub fn id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q8_0 => 8,
+            Self::Q4K => 12,
+            Self::Q5K => 13,
+            Self::Q6K => 14,
+            Self::Bf16 => 30,
+        }
+    }
+
     /// ggml's name for a type id, also for the ids we do not support (for error messages).
     pub fn name_of_id(id: u32) -> String {
         const NAMES: [&str; 31] = [

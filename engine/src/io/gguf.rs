@@ -452,11 +452,24 @@ impl Reader<'_> {
     }
 }
 
-/// Writes GGUF v3 files: used by tests (tiny models, corrupt files) and by model export.
+/// Writes GGUF v3 files: used by tests (tiny models, corrupt files) and, through
+/// [`write_gguf_stream`], by `codelsi merge`.
 #[derive(Default)]
 pub struct GgufWriter {
     metadata: Vec<(String, Value)>,
-    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+    tensors: Vec<(GgufTensorDecl, Vec<u8>)>,
+}
+
+/// A tensor's entry in a GGUF header: its data comes later, in header order.
+#[derive(Debug, Clone)]
+pub struct GgufTensorDecl {
+    pub name: String,
+    /// Row-major shape (outermost first).
+    pub shape: Vec<usize>,
+    /// ggml type id.
+    pub ty: u32,
+    /// Bytes of data.
+    pub len: u64,
 }
 
 impl GgufWriter {
@@ -471,80 +484,132 @@ impl GgufWriter {
 
     /// Add a tensor: `shape` row-major (outermost first), `ty_id` a ggml type id, `data` its bytes.
     pub fn tensor(&mut self, name: &str, shape: &[usize], ty_id: u32, data: Vec<u8>) -> &mut Self {
-        let dims = shape.iter().rev().map(|&d| d as u64).collect();
-        self.tensors.push((name.into(), dims, ty_id, data));
+        let decl = GgufTensorDecl {
+            name: name.into(),
+            shape: shape.to_vec(),
+            ty: ty_id,
+            len: data.len() as u64,
+        };
+        self.tensors.push((decl, data));
         self
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
-        fn put_str(out: &mut Vec<u8>, s: &str) {
-            out.extend((s.len() as u64).to_le_bytes());
-            out.extend(s.as_bytes());
-        }
-        fn type_id(v: &Value) -> u32 {
-            match v {
-                Value::U8(_) => 0,
-                Value::I8(_) => 1,
-                Value::U16(_) => 2,
-                Value::I16(_) => 3,
-                Value::U32(_) => 4,
-                Value::I32(_) => 5,
-                Value::F32(_) => 6,
-                Value::Bool(_) => 7,
-                Value::String(_) => 8,
-                Value::Array(_) => 9,
-                Value::U64(_) => 10,
-                Value::I64(_) => 11,
-                Value::F64(_) => 12,
-            }
-        }
-        fn put_value(out: &mut Vec<u8>, v: &Value) {
-            match v {
-                Value::U8(x) => out.push(*x),
-                Value::I8(x) => out.push(*x as u8),
-                Value::U16(x) => out.extend(x.to_le_bytes()),
-                Value::I16(x) => out.extend(x.to_le_bytes()),
-                Value::U32(x) => out.extend(x.to_le_bytes()),
-                Value::I32(x) => out.extend(x.to_le_bytes()),
-                Value::F32(x) => out.extend(x.to_le_bytes()),
-                Value::Bool(x) => out.push(*x as u8),
-                Value::String(s) => put_str(out, s),
-                Value::U64(x) => out.extend(x.to_le_bytes()),
-                Value::I64(x) => out.extend(x.to_le_bytes()),
-                Value::F64(x) => out.extend(x.to_le_bytes()),
-                Value::Array(items) => {
-                    out.extend(items.first().map_or(4, type_id).to_le_bytes());
-                    out.extend((items.len() as u64).to_le_bytes());
-                    items.iter().for_each(|i| put_value(out, i));
-                }
-            }
-        }
-        let mut out = Vec::new();
-        out.extend(GGUF_MAGIC.to_le_bytes());
-        out.extend(3u32.to_le_bytes());
-        out.extend((self.tensors.len() as u64).to_le_bytes());
-        out.extend((self.metadata.len() as u64).to_le_bytes());
-        for (k, v) in &self.metadata {
-            put_str(&mut out, k);
-            out.extend(type_id(v).to_le_bytes());
-            put_value(&mut out, v);
-        }
-        let mut offset = 0u64;
-        for (name, dims, ty, data) in &self.tensors {
-            put_str(&mut out, name);
-            out.extend((dims.len() as u32).to_le_bytes());
-            dims.iter().for_each(|d| out.extend(d.to_le_bytes()));
-            out.extend(ty.to_le_bytes());
-            out.extend(offset.to_le_bytes());
-            offset = (offset + data.len() as u64).div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
-        }
-        let aligned =
-            |n: usize| n.div_ceil(DEFAULT_ALIGNMENT as usize) * DEFAULT_ALIGNMENT as usize;
-        out.resize(aligned(out.len()), 0);
-        for (_, _, _, data) in &self.tensors {
+        let decls: Vec<GgufTensorDecl> = self.tensors.iter().map(|(d, _)| d.clone()).collect();
+        let mut out = gguf_header(&self.metadata, &decls);
+        for (_, data) in &self.tensors {
             out.extend(data);
-            out.resize(aligned(out.len()), 0);
+            out.resize(aligned(out.len() as u64) as usize, 0);
         }
         out
     }
+}
+
+fn aligned(n: u64) -> u64 {
+    n.div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT
+}
+
+/// The header of a GGUF v3 file (metadata and tensor infos), padded to where data begins.
+fn gguf_header(metadata: &[(String, Value)], tensors: &[GgufTensorDecl]) -> Vec<u8> {
+    fn put_str(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    fn type_id(v: &Value) -> u32 {
+        match v {
+            Value::U8(_) => 0,
+            Value::I8(_) => 1,
+            Value::U16(_) => 2,
+            Value::I16(_) => 3,
+            Value::U32(_) => 4,
+            Value::I32(_) => 5,
+            Value::F32(_) => 6,
+            Value::Bool(_) => 7,
+            Value::String(_) => 8,
+            Value::Array(_) => 9,
+            Value::U64(_) => 10,
+            Value::I64(_) => 11,
+            Value::F64(_) => 12,
+        }
+    }
+    fn put_value(out: &mut Vec<u8>, v: &Value) {
+        match v {
+            Value::U8(x) => out.push(*x),
+            Value::I8(x) => out.push(*x as u8),
+            Value::U16(x) => out.extend(x.to_le_bytes()),
+            Value::I16(x) => out.extend(x.to_le_bytes()),
+            Value::U32(x) => out.extend(x.to_le_bytes()),
+            Value::I32(x) => out.extend(x.to_le_bytes()),
+            Value::F32(x) => out.extend(x.to_le_bytes()),
+            Value::Bool(x) => out.push(*x as u8),
+            Value::String(s) => put_str(out, s),
+            Value::U64(x) => out.extend(x.to_le_bytes()),
+            Value::I64(x) => out.extend(x.to_le_bytes()),
+            Value::F64(x) => out.extend(x.to_le_bytes()),
+            Value::Array(items) => {
+                out.extend(items.first().map_or(4, type_id).to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                items.iter().for_each(|i| put_value(out, i));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    out.extend(GGUF_MAGIC.to_le_bytes());
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((metadata.len() as u64).to_le_bytes());
+    for (k, v) in metadata {
+        put_str(&mut out, k);
+        out.extend(type_id(v).to_le_bytes());
+        put_value(&mut out, v);
+    }
+    let mut offset = 0u64;
+    for t in tensors {
+        put_str(&mut out, &t.name);
+        out.extend((t.shape.len() as u32).to_le_bytes());
+        t.shape
+            .iter()
+            .rev()
+            .for_each(|&d| out.extend((d as u64).to_le_bytes()));
+        out.extend(t.ty.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+        offset = aligned(offset + t.len);
+    }
+    out.resize(aligned(out.len() as u64) as usize, 0);
+    out
+}
+
+/// Write a GGUF v3 file to `out` without holding its tensors in memory: `data(i)` gives the
+/// bytes of `tensors[i]`, called in order, and must give exactly `len` bytes. The
+/// `general.alignment` key, if given, is dropped: the file uses the default alignment.
+pub fn write_gguf_stream(
+    out: &mut dyn std::io::Write,
+    metadata: &[(String, Value)],
+    tensors: &[GgufTensorDecl],
+    data: &mut dyn FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<u64> {
+    let io_err = |e: std::io::Error| Error::io("(GGUF output)", e);
+    let metadata: Vec<(String, Value)> = metadata
+        .iter()
+        .filter(|(k, _)| k != "general.alignment")
+        .cloned()
+        .collect();
+    let header = gguf_header(&metadata, tensors);
+    out.write_all(&header).map_err(io_err)?;
+    let mut written = header.len() as u64;
+    for (i, t) in tensors.iter().enumerate() {
+        let bytes = data(i)?;
+        if bytes.len() as u64 != t.len {
+            return Err(Error::BadTensor {
+                path: "(GGUF output)".into(),
+                tensor: t.name.clone(),
+                what: format!("{} bytes of data for a {}-byte entry", bytes.len(), t.len),
+            });
+        }
+        out.write_all(&bytes).map_err(io_err)?;
+        let pad = aligned(bytes.len() as u64) - bytes.len() as u64;
+        out.write_all(&vec![0u8; pad as usize]).map_err(io_err)?;
+        written += bytes.len() as u64 + pad;
+    }
+    Ok(written)
 }

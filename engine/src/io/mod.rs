@@ -128,6 +128,26 @@ pub fn gguf_name(hf_name: &str) -> Option<String> {
     Some(format!("blk.{layer}.{g}.{suffix}"))
 }
 
+/// llama.cpp's q/k row order: HF row `r` is GGUF row `from[r]` (HF row `j·half + i` of a head
+/// is GGUF row `2i + j`, llama.cpp's `permute`). `None` when `rows` does not split into `heads`
+/// heads of even size.
+pub fn gguf_qk_rows(rows: usize, heads: usize) -> Option<Vec<usize>> {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+        return None;
+    }
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    Some(
+        (0..rows)
+            .map(|r| {
+                let (h, within) = (r / head_dim, r % head_dim);
+                let (j, i) = (within / half, within % half);
+                h * head_dim + 2 * i + j
+            })
+            .collect(),
+    )
+}
+
 /// Tensors of a GGUF file under HF names.
 ///
 /// llama.cpp's converter permutes the rows of `q_proj`/`k_proj` (weights and biases) of Llama
@@ -139,6 +159,22 @@ pub struct GgufWeights<'a> {
     pub n_kv_heads: usize,
     /// Whether q/k rows were permuted (Llama-arch GGUFs; Qwen2 GGUFs are not).
     pub unpermute_qk: bool,
+}
+
+impl<'a> GgufWeights<'a> {
+    /// The weights of `file`, a model of shape `config`.
+    pub fn new(file: &'a GgufFile, config: &crate::models::config::Config) -> Self {
+        use crate::models::config::Architecture;
+        Self {
+            file,
+            n_heads: config.num_attention_heads,
+            n_kv_heads: config.num_key_value_heads,
+            unpermute_qk: matches!(
+                config.architecture,
+                Architecture::Llama | Architecture::Mistral
+            ),
+        }
+    }
 }
 
 impl WeightSource for GgufWeights<'_> {
@@ -186,23 +222,13 @@ impl WeightSource for GgufWeights<'_> {
             return Ok(Some(t));
         }
         let rows = t.shape[0];
-        if !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+        let Some(from) = gguf_qk_rows(rows, heads) else {
             return Err(Error::BadTensor {
                 path: self.file.path.clone(),
                 tensor: name,
                 what: format!("{rows} rows do not split into {heads} heads of even size"),
             });
-        }
-        // GGUF row 2i + j of a head holds HF row j * half + i (llama.cpp `permute`).
-        let head_dim = rows / heads;
-        let half = head_dim / 2;
-        let from: Vec<usize> = (0..rows)
-            .map(|r| {
-                let (h, within) = (r / head_dim, r % head_dim);
-                let (j, i) = (within / half, within % half);
-                h * head_dim + 2 * i + j
-            })
-            .collect();
+        };
         if t.shape.len() == 1 {
             // Biases: permute as a column of rows.
             let v = t.into_f32();

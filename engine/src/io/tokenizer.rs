@@ -235,6 +235,39 @@ impl Tokenizer {
         })
     }
 
+    /// The files of an HF model directory that hold this tokenizer: `tokenizer.json`,
+    /// `tokenizer_config.json` (special tokens, chat template) and `generation_config.json`
+    /// (end tokens). `Tokenizer::from_hf_dir` and transformers read them back.
+    pub fn hf_files(&self, model_max_length: usize) -> Result<Vec<(&'static str, Vec<u8>)>> {
+        let err = |what: String| Error::Tokenizer {
+            path: self.source.clone(),
+            what,
+        };
+        let tokenizer = self
+            .inner
+            .to_string(false)
+            .map_err(|e| err(e.to_string()))?;
+        let config = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "add_bos_token": self.add_bos,
+            "chat_template": self.chat_template,
+            "model_max_length": model_max_length,
+            "clean_up_tokenization_spaces": false,
+        });
+        let generation = json!({
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids,
+        });
+        let pretty = |v: &Json| serde_json::to_vec_pretty(v).map_err(|e| err(e.to_string()));
+        Ok(vec![
+            ("tokenizer.json", tokenizer.into_bytes()),
+            ("tokenizer_config.json", pretty(&config)?),
+            ("generation_config.json", pretty(&generation)?),
+        ])
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

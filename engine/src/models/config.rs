@@ -347,6 +347,75 @@ impl Config {
         .validate()
     }
 
+    /// The HF `config.json` of this model (as `codelsi merge` writes it), with the tokenizer's
+    /// special token ids. Per-frequency RoPE factors (GGUF `rope_freqs.weight`) have no HF form.
+    pub fn to_hf_json(
+        &self,
+        bos_token_id: Option<u32>,
+        eos_token_ids: &[u32],
+    ) -> Result<serde_json::Value> {
+        use serde_json::json;
+        let (arch, model_type) = match self.architecture {
+            Architecture::Llama => ("LlamaForCausalLM", "llama"),
+            Architecture::Mistral => ("MistralForCausalLM", "mistral"),
+            Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        };
+        let rope_scaling = match &self.rope_scaling {
+            RopeScaling::None => serde_json::Value::Null,
+            RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position,
+            } => json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position,
+            }),
+            RopeScaling::Factors(_) => {
+                return Err(Error::Config(
+                    "this model's RoPE scaling is stored as per-frequency factors \
+                     (rope_freqs.weight), which an HF config.json cannot express; \
+                     merge to GGUF instead"
+                        .into(),
+                ));
+            }
+        };
+        let eos = match eos_token_ids {
+            [] => serde_json::Value::Null,
+            [one] => json!(one),
+            many => json!(many),
+        };
+        let mut v = json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": "float16",
+            "bos_token_id": bos_token_id,
+            "eos_token_id": eos,
+        });
+        if self.architecture != Architecture::Qwen2 {
+            v["attention_bias"] = json!(self.qkv_bias);
+            v["mlp_bias"] = json!(false);
+        }
+        Ok(v)
+    }
+
     /// Map GGUF `{arch}.*` metadata onto the config.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let arch_name = gguf.get_str("general.architecture")?.to_string();
