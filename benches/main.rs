@@ -1,6 +1,7 @@
 //! codelsi benchmarks (not tests: timings never decide pass/fail).
 //!
-//! `cargo run --release -p codelsi-benches -- [kernels|model|train|all] [--model M] [--seq N]`
+//! `cargo run --release -p codelsi-benches -- [kernels|model|train|all] [--model M] [--seq N]
+//! [--steps N] [--grad-checkpoint]`
 //!
 //! - kernels: device copy bandwidth (the roofline for a memory-bound mat-vec), then GB/s of the
 //!   quantised mat-vec kernel per format and GFLOP/s of the tiled prefill kernel.
@@ -126,7 +127,13 @@ fn model(device: &burn::backend::wgpu::WgpuDevice, spec: &str) -> Result<()> {
     Ok(())
 }
 
-fn train_bench(device: &burn::backend::wgpu::WgpuDevice, spec: &str, seq: usize) -> Result<()> {
+fn train_bench(
+    device: &burn::backend::wgpu::WgpuDevice,
+    spec: &str,
+    seq: usize,
+    steps: usize,
+    grad_checkpoint: bool,
+) -> Result<()> {
     use burn::backend::Autodiff;
     use codelsi_engine::generate::CancelToken;
     use codelsi_engine::train::data::Row;
@@ -145,11 +152,11 @@ fn train_bench(device: &burn::backend::wgpu::WgpuDevice, spec: &str, seq: usize)
         tokens,
     };
     let rows = vec![row; 4];
-    let steps = 3;
     let config = TrainConfig {
-        max_steps: Some(steps),
+        max_steps: Some(steps.max(2)),
         batch: 1,
         checkpoint_every: 0,
+        grad_checkpoint,
         ..TrainConfig::default()
     };
     let out = std::env::temp_dir().join(format!("codelsi-bench-train-{}", std::process::id()));
@@ -188,10 +195,15 @@ fn train_bench(device: &burn::backend::wgpu::WgpuDevice, spec: &str, seq: usize)
     let timed = &times[1..];
     let per_step = timed.iter().sum::<f64>() / timed.len() as f64;
     println!(
-        "train {}: seq {n}, r=16 alpha=32 all 7 projections, {} trainable: {:.1} tok/s ({:.2} s/step over {} steps after warm-up), peak device memory {}; loss {:.3} → {:.3}",
+        "train {}{}: seq {n}, r=16 alpha=32 all 7 projections, {} trainable: {:.1} tok/s ({:.2} s/step over {} steps after warm-up), peak device memory {}; loss {:.3} → {:.3}",
         path.file_name()
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default(),
+        if grad_checkpoint {
+            " (gradient checkpointing)"
+        } else {
+            ""
+        },
         trainable,
         n as f64 / per_step,
         per_step,
@@ -223,13 +235,21 @@ fn main() -> Result<()> {
         model(&device, spec)?;
     }
     if matches!(what, "train" | "all") {
-        let seq = args
-            .iter()
-            .position(|a| a == "--seq")
-            .and_then(|i| args.get(i + 1))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(512);
-        train_bench(&device, spec, seq)?;
+        let number = |flag: &str, default: usize| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1))
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(default)
+        };
+        let ckpt = args.iter().any(|a| a == "--grad-checkpoint");
+        train_bench(
+            &device,
+            spec,
+            number("--seq", 512),
+            number("--steps", 3),
+            ckpt,
+        )?;
     }
     Ok(())
 }

@@ -144,6 +144,13 @@ impl<'a, B: KernelBackend> Adapters<'a, B> {
     }
 }
 
+/// RoPE tables and the segment mask of a packed sequence, shared by its layers.
+#[derive(Debug, Clone)]
+pub struct PackedInputs<B: KernelBackend> {
+    rope: (Tensor<B, 2>, Tensor<B, 2>),
+    mask: Tensor<B, 4>,
+}
+
 /// Examples packed into one sequence for training: each token's position within its example and
 /// the example it belongs to (attention never crosses examples).
 #[derive(Debug, Clone, Copy)]
@@ -385,6 +392,17 @@ impl<B: KernelBackend> Llama<B> {
         packed: Packed<'_>,
         adapters: Adapters<'_, B>,
     ) -> Result<Tensor<B, 2>> {
+        let inputs = self.packed_inputs(packed)?;
+        let mut x = self.embed(packed.tokens)?;
+        for i in 0..self.layers.len() {
+            x = self.layer_packed(i, x, &inputs, adapters);
+        }
+        Ok(self.head(x))
+    }
+
+    /// What every layer of a packed forward shares: RoPE tables and the segment mask. Checks
+    /// the packing.
+    pub fn packed_inputs(&self, packed: Packed<'_>) -> Result<PackedInputs<B>> {
         let seq = packed.tokens.len();
         if seq == 0 || packed.positions.len() != seq || packed.segments.len() != seq {
             return Err(Error::InvalidArgument(format!(
@@ -403,10 +421,61 @@ impl<B: KernelBackend> Llama<B> {
                 self.config.max_position_embeddings
             )));
         }
-        let rope = self.rope(packed.positions.iter().copied());
-        let mask = self.segment_mask(packed.segments);
-        let x = self.run(packed.tokens, &rope, Some(&mask), adapters, &mut |_| None)?;
-        Ok(self.head(x))
+        Ok(PackedInputs {
+            rope: self.rope(packed.positions.iter().copied()),
+            mask: self.segment_mask(packed.segments),
+        })
+    }
+
+    /// Token embeddings, `[1, seq, hidden]`.
+    pub fn embed(&self, token_ids: &[u32]) -> Result<Tensor<B, 3>> {
+        let h = self.config.hidden_size;
+        let embedded = self.embed_tokens.lookup(token_ids)?;
+        Ok(Tensor::from_data(
+            TensorData::new(embedded, [1, token_ids.len(), h]),
+            &self.device,
+        ))
+    }
+
+    /// Decoder layer `i` of a packed forward (training drives the layers one by one for
+    /// gradient checkpointing).
+    pub fn layer_packed(
+        &self,
+        i: usize,
+        x: Tensor<B, 3>,
+        inputs: &PackedInputs<B>,
+        adapters: Adapters<'_, B>,
+    ) -> Tensor<B, 3> {
+        self.layer(i, x, &inputs.rope, Some(&inputs.mask), adapters, None)
+    }
+
+    /// Decoder layer `i`: attention and MLP, each with its residual.
+    fn layer(
+        &self,
+        i: usize,
+        x: Tensor<B, 3>,
+        rope: &(Tensor<B, 2>, Tensor<B, 2>),
+        mask: Option<&Tensor<B, 4>>,
+        adapters: Adapters<'_, B>,
+        kv: Option<(&mut LayerCache<B>, usize)>,
+    ) -> Tensor<B, 3> {
+        let layer = &self.layers[i];
+        let (cos, sin) = rope;
+        let residual = x.clone();
+        let a = layer.self_attn.forward(
+            layer.input_layernorm.forward(x),
+            &self.config,
+            kv,
+            (cos, sin),
+            mask,
+            (i, adapters),
+        );
+        let x = residual + a;
+        let residual = x.clone();
+        residual
+            + layer
+                .mlp
+                .forward(layer.post_attention_layernorm.forward(x), (i, adapters))
     }
 
     /// `(cos, sin)` on the device for `positions`.
@@ -429,37 +498,20 @@ impl<B: KernelBackend> Llama<B> {
     fn run<'c>(
         &self,
         token_ids: &[u32],
-        (cos, sin): &(Tensor<B, 2>, Tensor<B, 2>),
+        rope: &(Tensor<B, 2>, Tensor<B, 2>),
         mask: Option<&Tensor<B, 4>>,
         adapters: Adapters<'_, B>,
         kv: &mut dyn FnMut(usize) -> Option<(&'c mut LayerCache<B>, usize)>,
     ) -> Result<Tensor<B, 3>> {
-        let seq = token_ids.len();
-        let h = self.config.hidden_size;
-        let embedded = self.embed_tokens.lookup(token_ids)?;
-        let mut x = Tensor::<B, 3>::from_data(TensorData::new(embedded, [1, seq, h]), &self.device);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let residual = x.clone();
-            let a = layer.self_attn.forward(
-                layer.input_layernorm.forward(x),
-                &self.config,
-                kv(i),
-                (cos, sin),
-                mask,
-                (i, adapters),
-            );
-            x = residual + a;
-            let residual = x.clone();
-            x = residual
-                + layer
-                    .mlp
-                    .forward(layer.post_attention_layernorm.forward(x), (i, adapters));
+        let mut x = self.embed(token_ids)?;
+        for i in 0..self.layers.len() {
+            x = self.layer(i, x, rope, mask, adapters, kv(i));
         }
         Ok(x)
     }
 
     /// Final norm and LM head: `[1, rows, hidden]` → `[rows, vocab]`.
-    fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
+    pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
         let x = self.norm.forward(x);
         let rows = x.dims()[1];
         self.lm_head

@@ -78,6 +78,11 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Checkpoint every N steps (0: only on cancel and at the end).
     pub checkpoint_every: usize,
+    /// Gradient checkpointing per decoder layer: keep only each layer's input during the
+    /// forward and recompute the layer during the backward. Same gradients, a third more
+    /// compute, activation memory of one layer instead of all of them.
+    #[serde(default)]
+    pub grad_checkpoint: bool,
 }
 
 impl Default for TrainConfig {
@@ -95,6 +100,7 @@ impl Default for TrainConfig {
             seed: 42,
             eval_every: 0,
             checkpoint_every: 50,
+            grad_checkpoint: false,
         }
     }
 }
@@ -335,9 +341,7 @@ pub fn train<B: KernelBackend>(
             .iter()
             .map(|&i| &job.train[i])
             .collect();
-        <Autodiff<B> as Backend>::seed(&device, c.seed.wrapping_add(step as u64 * 7919));
-
-        match train_step(&job, &adapter, &rows, cancel)? {
+        match train_step(&job, &adapter, &rows, step, cancel)? {
             None => {
                 cancelled = true;
                 break;
@@ -457,15 +461,21 @@ pub fn row_nll<B: KernelBackend>(
     adapters: Adapters<'_, B>,
     row: &Row,
 ) -> Result<(Tensor<B, 1>, usize)> {
-    let device = model.device();
-    let logits = model.forward_packed(
-        Packed {
-            tokens: &row.tokens,
-            positions: &row.positions,
-            segments: &row.segments,
-        },
-        adapters,
-    )?;
+    let logits = model.forward_packed(packed(row), adapters)?;
+    Ok((nll_of_logits(logits, row), row.targets()))
+}
+
+fn packed(row: &Row) -> Packed<'_> {
+    Packed {
+        tokens: &row.tokens,
+        positions: &row.positions,
+        segments: &row.segments,
+    }
+}
+
+/// Summed negative log-likelihood of `row`'s labels under `logits` (`[seq, vocab]`).
+fn nll_of_logits<B: KernelBackend>(logits: Tensor<B, 2>, row: &Row) -> Tensor<B, 1> {
+    let device = logits.device();
     let seq = row.tokens.len();
     let labels: Vec<i32> = row
         .labels
@@ -477,10 +487,121 @@ pub fn row_nll<B: KernelBackend>(
         .iter()
         .map(|l| if l.is_some() { 1.0 } else { 0.0 })
         .collect();
-    let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(labels, [seq, 1]), device);
-    let w = Tensor::<B, 2>::from_data(TensorData::new(weights, [seq, 1]), device);
+    let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(labels, [seq, 1]), &device);
+    let w = Tensor::<B, 2>::from_data(TensorData::new(weights, [seq, 1]), &device);
     let picked = log_softmax(logits, 1).gather(1, idx);
-    Ok(((picked * w).sum().neg(), row.targets()))
+    (picked * w).sum().neg()
+}
+
+/// The dropout seed of `layer` in row `row` of step `step`. Each layer reseeds, so a layer
+/// recomputed for gradient checkpointing draws the masks of its first pass, and a run gives the
+/// same gradients with checkpointing or without.
+fn layer_seed(seed: u64, step: usize, row: usize, layer: usize) -> u64 {
+    let s = seed
+        .wrapping_add(step as u64 * 7919)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    s ^ ((row as u64) << 32 | layer as u64)
+}
+
+/// One row's loss and gradients on the whole graph at once (activations of every layer kept).
+fn row_grads_full<B: KernelBackend>(
+    job: &TrainJob<'_, B>,
+    tracked: &Adapter<Autodiff<B>>,
+    row: &Row,
+    targets: usize,
+    reseed: &dyn Fn(usize),
+) -> Result<(f64, Vec<Tensor<B, 2>>)> {
+    let model = job.model;
+    let mut list: Vec<&Adapter<Autodiff<B>>> = vec![tracked];
+    list.extend(job.frozen.iter().copied());
+    let adapters = Adapters {
+        list: &list,
+        train: true,
+    };
+    let inputs = model.packed_inputs(packed(row))?;
+    let mut x = model.embed(&row.tokens)?;
+    for i in 0..model.layers.len() {
+        reseed(i);
+        x = model.layer_packed(i, x, &inputs, adapters);
+    }
+    let loss = nll_of_logits(model.head(x), row) / targets as f64;
+    let value: f64 = loss.clone().inner().into_scalar().elem();
+    let grads = loss.backward();
+    let g = tracked
+        .named_tensors()
+        .iter()
+        .map(|(_, t)| {
+            t.grad(&grads)
+                .unwrap_or_else(|| (*t).clone().inner().zeros_like())
+        })
+        .collect();
+    Ok((value, g))
+}
+
+/// One row's loss and gradients with gradient checkpointing per layer: a forward without a
+/// graph keeps each layer's input; the head's backward gives the gradient of the last hidden
+/// state; then each layer, last first, is run again on its saved input with a graph of its own
+/// and its backward (seeded by the gradient of its output) gives its adapter gradients and the
+/// gradient of its input. Only one layer's activations are alive at a time.
+fn row_grads_checkpointed<B: KernelBackend>(
+    job: &TrainJob<'_, B>,
+    tracked: &Adapter<Autodiff<B>>,
+    row: &Row,
+    targets: usize,
+    reseed: &dyn Fn(usize),
+) -> Result<(f64, Vec<Tensor<B, 2>>)> {
+    type Ad<B> = Autodiff<B>;
+    let model = job.model;
+    // The same adapter, untracked: the first pass records no graph.
+    let plain = tracked.map(|t| Tensor::<Ad<B>, 2>::from_inner(t.clone().inner()));
+    let mut plain_list: Vec<&Adapter<Ad<B>>> = vec![&plain];
+    plain_list.extend(job.frozen.iter().copied());
+    let mut tracked_list: Vec<&Adapter<Ad<B>>> = vec![tracked];
+    tracked_list.extend(job.frozen.iter().copied());
+    let adapters = |list| Adapters { list, train: true };
+
+    let inputs = model.packed_inputs(packed(row))?;
+    let layers = model.layers.len();
+    let mut saved: Vec<Tensor<B, 3>> = Vec::with_capacity(layers);
+    let mut x = model.embed(&row.tokens)?;
+    for i in 0..layers {
+        reseed(i);
+        saved.push(x.clone().inner());
+        x = model.layer_packed(i, x, &inputs, adapters(&plain_list));
+    }
+    let last = Tensor::<Ad<B>, 3>::from_inner(x.inner()).require_grad();
+    let loss = nll_of_logits(model.head(last.clone()), row) / targets as f64;
+    let value: f64 = loss.clone().inner().into_scalar().elem();
+    let grads = loss.backward();
+    let mut upstream = last
+        .grad(&grads)
+        .ok_or_else(|| Error::InvalidArgument("no gradient reached the last layer".into()))?;
+
+    let mut per_layer: Vec<Vec<Tensor<B, 2>>> = vec![Vec::new(); layers];
+    for i in (0..layers).rev() {
+        reseed(i);
+        let input = Tensor::<Ad<B>, 3>::from_inner(saved[i].clone()).require_grad();
+        let out = model.layer_packed(i, input.clone(), &inputs, adapters(&tracked_list));
+        let grads = (out * Tensor::<Ad<B>, 3>::from_inner(upstream.clone()))
+            .sum()
+            .backward();
+        per_layer[i] = tracked.layers[i]
+            .iter()
+            .flatten()
+            .flat_map(|p| [&p.a, &p.b])
+            .map(|t| {
+                t.grad(&grads)
+                    .unwrap_or_else(|| t.clone().inner().zeros_like())
+            })
+            .collect();
+        if i > 0 {
+            upstream = input.grad(&grads).ok_or_else(|| {
+                Error::InvalidArgument(format!("no gradient reached layer {i}'s input"))
+            })?;
+        }
+    }
+    // `named_tensors` order: layer by layer, each layer's slots in order.
+    Ok((value, per_layer.into_iter().flatten().collect()))
 }
 
 /// One optimiser step's forward and backward passes: the mean loss and the summed gradients,
@@ -490,35 +611,28 @@ fn train_step<B: KernelBackend>(
     job: &TrainJob<'_, B>,
     adapter: &Adapter<B>,
     rows: &[&Row],
+    step: usize,
     cancel: &CancelToken,
 ) -> Result<Option<(f64, Vec<Tensor<B, 2>>)>> {
+    let c = &job.config;
+    let device = job.model.device().clone();
     let targets: usize = rows.iter().map(|r| r.targets()).sum::<usize>().max(1);
     let tracked = adapter.map(|t| Tensor::<Autodiff<B>, 2>::from_inner(t.clone()).require_grad());
-    let mut list: Vec<&Adapter<Autodiff<B>>> = vec![&tracked];
-    list.extend(job.frozen.iter().copied());
-    let adapters = Adapters {
-        list: &list,
-        train: true,
-    };
     let mut sum: Option<Vec<Tensor<B, 2>>> = None;
     let mut loss_total = 0.0;
-    for row in rows {
+    for (r, row) in rows.iter().enumerate() {
         if cancel.is_cancelled() {
             return Ok(None);
         }
-        let (nll, _) = row_nll(job.model, adapters, row)?;
-        let loss = nll / targets as f64;
-        let value: f64 = loss.clone().inner().into_scalar().elem();
+        let reseed = |layer: usize| {
+            <Autodiff<B> as Backend>::seed(&device, layer_seed(c.seed, step, r, layer));
+        };
+        let (value, g) = if c.grad_checkpoint {
+            row_grads_checkpointed(job, &tracked, row, targets, &reseed)?
+        } else {
+            row_grads_full(job, &tracked, row, targets, &reseed)?
+        };
         loss_total += value;
-        let grads = loss.backward();
-        let g: Vec<Tensor<B, 2>> = tracked
-            .named_tensors()
-            .iter()
-            .map(|(_, t)| {
-                t.grad(&grads)
-                    .unwrap_or_else(|| (*t).clone().inner().zeros_like())
-            })
-            .collect();
         sum = Some(match sum {
             None => g,
             Some(s) => s.into_iter().zip(g).map(|(a, b)| a + b).collect(),
