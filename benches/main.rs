@@ -1,7 +1,7 @@
 //! codelsi benchmarks (not tests: timings never decide pass/fail).
 //!
 //! `cargo run --release -p codelsi-benches -- [kernels|model|train|all] [--model M] [--seq N]
-//! [--steps N] [--grad-checkpoint]`
+//! [--steps N] [--grad-checkpoint] [--activations auto|f16|f32]`
 //!
 //! - kernels: device copy bandwidth (the roofline for a memory-bound mat-vec), then GB/s of the
 //!   quantised mat-vec kernel per format and GFLOP/s of the tiled prefill kernel.
@@ -133,6 +133,7 @@ fn train_bench(
     seq: usize,
     steps: usize,
     grad_checkpoint: bool,
+    activations: codelsi_engine::train::Activations,
 ) -> Result<()> {
     use burn::backend::Autodiff;
     use codelsi_engine::generate::CancelToken;
@@ -157,6 +158,7 @@ fn train_bench(
         batch: 1,
         checkpoint_every: 0,
         grad_checkpoint,
+        activations,
         ..TrainConfig::default()
     };
     let out = std::env::temp_dir().join(format!("codelsi-bench-train-{}", std::process::id()));
@@ -165,6 +167,7 @@ fn train_bench(
     let mut t = Instant::now();
     let mut peak = None;
     let mut trainable = 0;
+    let mut act = "";
     let summary = train(
         TrainJob {
             model: &loaded.model,
@@ -180,8 +183,13 @@ fn train_bench(
         &CancelToken::new(),
         &mut |e| match e {
             TrainEvent::Started {
-                trainable_params, ..
-            } => trainable = trainable_params,
+                trainable_params,
+                activations,
+                ..
+            } => {
+                trainable = trainable_params;
+                act = activations;
+            }
             TrainEvent::Step { peak_bytes, .. } => {
                 times.push(t.elapsed().as_secs_f64());
                 t = Instant::now();
@@ -195,7 +203,7 @@ fn train_bench(
     let timed = &times[1..];
     let per_step = timed.iter().sum::<f64>() / timed.len() as f64;
     println!(
-        "train {}{}: seq {n}, r=16 alpha=32 all 7 projections, {} trainable: {:.1} tok/s ({:.2} s/step over {} steps after warm-up), peak device memory {}; loss {:.3} → {:.3}",
+        "train {}{}, {act} activations: seq {n}, r=16 alpha=32 all 7 projections, {} trainable: {:.1} tok/s ({:.2} s/step over {} steps after warm-up), peak device memory {}; loss {:.3} → {:.3}",
         path.file_name()
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default(),
@@ -243,13 +251,15 @@ fn main() -> Result<()> {
                 .unwrap_or(default)
         };
         let ckpt = args.iter().any(|a| a == "--grad-checkpoint");
-        train_bench(
-            &device,
-            spec,
-            number("--seq", 512),
-            number("--steps", 3),
-            ckpt,
-        )?;
+        let act = args
+            .iter()
+            .position(|a| a == "--activations")
+            .and_then(|i| args.get(i + 1))
+            .map_or(Ok(codelsi_engine::train::Activations::Auto), |s| {
+                codelsi_engine::train::Activations::parse(s)
+            })?;
+        let (seq, steps) = (number("--seq", 512), number("--steps", 3));
+        train_bench(&device, spec, seq, steps, ckpt, act)?;
     }
     Ok(())
 }

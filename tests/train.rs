@@ -1,19 +1,21 @@
 //! Training on a tiny random model (tests/fixtures/tiny_llama, quantised to Q8_0 at load so the
 //! WGSL kernels run): the whole model's adapter gradient against the plain-tensor reference
-//! path, an overfit run, and resume after an interruption giving the uninterrupted loss curve.
+//! path, an overfit run, resume after an interruption giving the uninterrupted loss curve,
+//! gradient checkpointing giving the same run, f16 activations following the f32 run.
 
 use burn::backend::Autodiff;
 use burn::tensor::Tensor;
 use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
 use codelsi_engine::generate::CancelToken;
 use codelsi_engine::io::{HostData, HostTensor, WeightSource};
+use codelsi_engine::kernels::KernelBackend;
 use codelsi_engine::model::{LoadedModel, load_model};
 use codelsi_engine::models::config::Config;
 use codelsi_engine::models::llama::{Adapters, Llama, Packed};
 use codelsi_engine::quant::QFormat;
 use codelsi_engine::train::data::{self, PromptTemplate, Record, Row};
 use codelsi_engine::train::{
-    Decay, TrainConfig, TrainEvent, TrainJob, TrainSummary, row_nll, train,
+    Activations, Decay, TrainConfig, TrainEvent, TrainJob, TrainSummary, row_nll, train,
 };
 use codelsi_tests::{B, assert_close, device, fixtures, random_values, randomized, to_vec};
 
@@ -218,6 +220,7 @@ fn config(steps: usize, lr: f64, dropout: f32) -> TrainConfig {
         eval_every: 0,
         checkpoint_every: 0,
         grad_checkpoint: false,
+        activations: Activations::F32,
     }
 }
 
@@ -366,6 +369,50 @@ fn gradient_checkpointing_gives_the_same_run() {
     // Training moved the adapter (B starts at zero), so the comparison above means something.
     let (_, b0) = &t1.named_tensors()[1];
     assert!(to_vec((*b0).clone()).iter().any(|v| v.abs() > 1e-4));
+    std::fs::remove_dir_all(&a).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::remove_dir_all(&b).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// f16 activations (lavapipe offers shader-f16) follow the f32 run: the same loss curve within
+/// f16 rounding, and the trained adapters point the same way.
+#[test]
+fn f16_activations_track_f32() {
+    let dev = device();
+    assert!(
+        <AD as KernelBackend>::supports_f16(&dev),
+        "this test expects an adapter with shader-f16 (lavapipe has it)"
+    );
+    let loaded = tiny();
+    let rows = rows(&loaded, 256, true);
+    let _serial = serial();
+    let f32_run = config(3, 5e-3, 0.0);
+    let f16_run = TrainConfig {
+        activations: Activations::F16,
+        ..f32_run.clone()
+    };
+    let (a, b) = (temp("f32"), temp("f16"));
+    let s1 = run(&loaded.model, &rows, &f32_run, &a, false, None);
+    let s2 = run(&loaded.model, &rows, &f16_run, &b, false, None);
+    let l1: Vec<f32> = s1.losses.iter().map(|l| l.1 as f32).collect();
+    let l2: Vec<f32> = s2.losses.iter().map(|l| l.1 as f32).collect();
+    assert_close("f16 loss curve", &l2, &l1, 1e-3, 5e-3);
+    let c = &loaded.model.config;
+    let t1 = Adapter::<B>::load_peft(&a, c, &dev).unwrap_or_else(|e| panic!("{e}"));
+    let t2 = Adapter::<B>::load_peft(&b, c, &dev).unwrap_or_else(|e| panic!("{e}"));
+    // The B matrices moved from zero in the same direction: cosine similarity near 1.
+    let (mut dot, mut n1, mut n2) = (0f64, 0f64, 0f64);
+    for ((name, x), (_, y)) in t1.named_tensors().iter().zip(t2.named_tensors()) {
+        if !name.contains("lora_B") {
+            continue;
+        }
+        for (p, q) in to_vec((*x).clone()).iter().zip(to_vec(y.clone())) {
+            dot += (*p as f64) * q as f64;
+            n1 += (*p as f64).powi(2);
+            n2 += (q as f64).powi(2);
+        }
+    }
+    let cos = dot / (n1.sqrt() * n2.sqrt());
+    assert!(n1 > 0.0 && cos > 0.99, "cosine of the trained B: {cos}");
     std::fs::remove_dir_all(&a).unwrap_or_else(|e| panic!("{e}"));
     std::fs::remove_dir_all(&b).unwrap_or_else(|e| panic!("{e}"));
 }

@@ -12,7 +12,7 @@ use codelsi_engine::generate::CancelToken;
 use codelsi_engine::model::LoadedModel;
 use codelsi_engine::quant::QFormat;
 use codelsi_engine::train::data::{self, PromptTemplate, Row};
-use codelsi_engine::train::{Decay, TrainConfig, TrainEvent, TrainJob, train};
+use codelsi_engine::train::{Activations, Decay, TrainConfig, TrainEvent, TrainJob, train};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::{Format, load_on, parse_quant};
@@ -79,6 +79,9 @@ pub struct TrainArgs {
     /// result, about a third more compute, much less memory at long sequences.
     #[arg(long)]
     grad_checkpoint: bool,
+    /// Activations' type: auto (f16 where the GPU offers shader-f16, else f32), f16 or f32.
+    #[arg(long, default_value = "auto")]
+    activations: String,
     /// chat (the model's template) or alpaca; default: chat when the model has a template.
     #[arg(long)]
     template: Option<String>,
@@ -138,6 +141,7 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         eval_every: args.eval_every,
         checkpoint_every: args.checkpoint_every,
         grad_checkpoint: args.grad_checkpoint,
+        activations: Activations::parse(&args.activations)?,
     };
     config.validate()?;
     if args.max_len < 8 {
@@ -241,12 +245,14 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
                     total_steps,
                     trainable_params,
                     resumed_at,
+                    activations,
                     ..
                 } => {
                     bar.set_length(total_steps as u64);
                     bar.set_position(resumed_at as u64);
                     bar.println(format!(
-                        "{trainable_params} trainable parameters (r={}, alpha={}, {} targets){}",
+                        "{trainable_params} trainable parameters (r={}, alpha={}, {} targets), \
+                         {activations} activations{}",
                         config.lora.rank,
                         config.lora.alpha,
                         config.lora.targets.len(),

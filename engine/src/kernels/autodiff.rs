@@ -17,7 +17,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorPrimitive};
 
-use super::{KernelBackend, LoraEpilogue, QTensor};
+use super::{KernelBackend, LoraEpilogue, QTensor, to_dtype, widen};
 
 use burn::tensor::ops::FloatTensor as Float;
 
@@ -66,23 +66,32 @@ impl<B: KernelBackend> LoraState<B> {
         want_b: bool,
     ) -> (Tensor<B, 2>, Option<Float<B>>, Option<Float<B>>) {
         let b = wrap::<B>(self.b.clone());
-        let du = B::matmul_small(dy.clone(), b, false, false, self.scale);
+        let du = B::matmul_small(dy.clone(), b.clone(), false, false, self.scale);
+        // Parameter gradients are computed and kept in the parameters' type (f32): with f16
+        // activations, small gradients would underflow in f16.
+        let (a_type, b_type) = (wrap::<B>(self.a.clone()).dtype(), b.dtype());
         let db = want_b.then(|| {
-            unwrap(B::matmul_small(
-                dy.clone(),
-                wrap(self.u.clone()),
-                true,
-                false,
-                self.scale,
+            unwrap(to_dtype(
+                B::matmul_small(
+                    widen(dy.clone()),
+                    wrap(self.u.clone()),
+                    true,
+                    false,
+                    self.scale,
+                ),
+                b_type,
             ))
         });
         let da = want_a.then(|| {
-            unwrap(B::matmul_small(
-                du.clone(),
-                wrap(self.x_drop.clone()),
-                true,
-                false,
-                1.0,
+            unwrap(to_dtype(
+                B::matmul_small(
+                    widen(du.clone()),
+                    wrap(self.x_drop.clone()),
+                    true,
+                    false,
+                    1.0,
+                ),
+                a_type,
             ))
         });
         (du, da, db)
@@ -230,6 +239,10 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
 
     fn memory_reserved(device: &Self::Device) -> Option<u64> {
         B::memory_reserved(device)
+    }
+
+    fn supports_f16(device: &Self::Device) -> bool {
+        B::supports_f16(device)
     }
 
     fn kernels_impl() -> &'static str {

@@ -16,12 +16,28 @@ pub mod wgpu;
 pub mod wgsl;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 
 use crate::quant::{QFormat, QMatrix};
 
 /// A quantised matrix `[rows, cols]` on a device, in the layout of [`QMatrix`]. The packed u32
 /// words live in Int tensors (bit-cast to the backend's int type; the kernels read them as u32).
+/// f16 activations (training where the adapter has `shader-f16`) meet the f32 kernels and f32
+/// parameters here: `widen` before a computation that runs in f32, [`to_dtype`] to give its
+/// result the activation's type, so what autodiff keeps for the backward stays f16.
+pub fn widen<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    to_dtype(t, DType::F32)
+}
+
+/// `t` as `dtype` (a float type), unchanged when it already is.
+pub fn to_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(FloatDType::from(dtype))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct QTensor<B: Backend> {
     pub format: QFormat,
@@ -170,6 +186,11 @@ pub trait KernelBackend: Backend {
     /// after the largest step this is the peak), where the backend can tell.
     fn memory_reserved(_device: &Self::Device) -> Option<u64> {
         None
+    }
+
+    /// Whether activations can be f16 on `device` (wgpu: the adapter offers `shader-f16`).
+    fn supports_f16(_device: &Self::Device) -> bool {
+        false
     }
 
     /// Short name of the implementation, for reports.

@@ -4,7 +4,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 
-use super::{AdapterShare, LoraEpilogue, QTensor};
+use super::{AdapterShare, LoraEpilogue, QTensor, to_dtype, widen};
 use crate::quant::QFormat;
 
 fn shifts<B: Backend>(values: [i32; 4], device: &B::Device) -> Tensor<B, 3, Int> {
@@ -99,7 +99,8 @@ pub fn dequantize<B: Backend>(w: &QTensor<B>) -> Tensor<B, 2> {
 
 /// `x · Wᵀ` by dequantising `W`.
 pub fn q_matmul<B: Backend>(x: Tensor<B, 2>, w: &QTensor<B>) -> Tensor<B, 2> {
-    x.matmul(dequantize(w).transpose())
+    let dtype = x.dtype();
+    to_dtype(widen(x).matmul(dequantize(w).transpose()), dtype)
 }
 
 /// `x · Wᵀ + scale · u · Bᵀ`.
@@ -108,7 +109,9 @@ pub fn q_matmul_lora<B: Backend>(
     w: &QTensor<B>,
     lora: &LoraEpilogue<B>,
 ) -> Tensor<B, 2> {
-    q_matmul(x, w) + lora.u.clone().matmul(lora.b.clone().transpose()) * lora.scale
+    let dtype = x.dtype();
+    let up = widen(lora.u.clone()).matmul(widen(lora.b.clone()).transpose()) * lora.scale;
+    to_dtype(widen(q_matmul(x, w)) + up, dtype)
 }
 
 /// `dy · W (+ du · A)`.
@@ -117,11 +120,13 @@ pub fn q_matmul_t<B: Backend>(
     w: &QTensor<B>,
     lora: Option<AdapterShare<B>>,
 ) -> Tensor<B, 2> {
-    let dx = dy.matmul(dequantize(w));
-    match lora {
-        Some((du, a)) => dx + du.matmul(a),
+    let dtype = dy.dtype();
+    let dx = widen(dy).matmul(dequantize(w));
+    let dx = match lora {
+        Some((du, a)) => dx + widen(du).matmul(widen(a)),
         None => dx,
-    }
+    };
+    to_dtype(dx, dtype)
 }
 
 /// `alpha · op(a) · op(b)`.
@@ -132,9 +137,11 @@ pub fn matmul_small<B: Backend>(
     transpose_b: bool,
     alpha: f32,
 ) -> Tensor<B, 2> {
+    let dtype = a.dtype();
+    let (a, b) = (widen(a), widen(b));
     let a = if transpose_a { a.transpose() } else { a };
     let b = if transpose_b { b.transpose() } else { b };
-    a.matmul(b) * alpha
+    to_dtype(a.matmul(b) * alpha, dtype)
 }
 
 /// The LoRA product from plain tensor ops, differentiable by burn's autodiff: the reference the
@@ -156,8 +163,14 @@ pub fn lora_matmul<B: Backend>(
 /// # Shapes
 /// - `x`: `[batch, seq, dim]`, `weight`: `[dim]` → `[batch, seq, dim]`
 pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: &Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+    // Statistics in f32 whatever the activations' type: a sum of squares overflows f16.
+    let dtype = x.dtype();
+    let x = widen(x);
     let ms = (x.clone() * x.clone()).mean_dim(2); // [batch, seq, 1]
-    x / (ms + eps).sqrt() * weight.clone().unsqueeze()
+    to_dtype(
+        x / (ms + eps).sqrt() * widen(weight.clone()).unsqueeze(),
+        dtype,
+    )
 }
 
 /// RoPE (rotate-half) with tensor ops.
@@ -177,7 +190,7 @@ pub fn rope<B: Backend>(
     let x1 = x.clone().slice([0..b, 0..heads, 0..s, 0..d / 2]);
     let x2 = x.clone().slice([0..b, 0..heads, 0..s, d / 2..d]);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    let cos: Tensor<B, 4> = cos.clone().unsqueeze();
-    let sin: Tensor<B, 4> = sin.clone().unsqueeze();
+    let cos: Tensor<B, 4> = to_dtype(cos.clone(), x.dtype()).unsqueeze();
+    let sin: Tensor<B, 4> = to_dtype(sin.clone(), x.dtype()).unsqueeze();
     x * cos + rotated * sin
 }

@@ -11,13 +11,19 @@ use cubecl::prelude::KernelId;
 
 use super::lora::{matmul_strided_wgpu, q_matmul_t_wgpu};
 use super::qmatmul::{MatVecShape, q_matmul_lora_wgpu, q_matmul_wgpu};
-use super::{AdapterShare, KernelBackend, LoraEpilogue, QTensor, wgsl};
+use super::{AdapterShare, KernelBackend, LoraEpilogue, QTensor, to_dtype, wgsl, widen};
 
 pub type WgpuCube<I, BT> = CubeBackend<WgpuRuntime, f32, I, BT>;
 
 impl<I: IntElement, BT: BoolElement> KernelBackend for WgpuCube<I, BT> {
+    // The WGSL kernels compute in f32: f16 activations are widened on the way in and the
+    // result takes the activation's type (see `widen`).
     fn q_matmul(x: Tensor<Self, 2>, w: &QTensor<Self>) -> Tensor<Self, 2> {
-        q_matmul_wgpu(x, w, MatVecShape::for_adapter())
+        let dtype = x.dtype();
+        to_dtype(
+            q_matmul_wgpu(widen(x), w, MatVecShape::for_adapter()),
+            dtype,
+        )
     }
 
     fn q_matmul_lora(
@@ -25,7 +31,14 @@ impl<I: IntElement, BT: BoolElement> KernelBackend for WgpuCube<I, BT> {
         w: &QTensor<Self>,
         lora: &LoraEpilogue<Self>,
     ) -> Tensor<Self, 2> {
-        q_matmul_lora_wgpu(x, w, Some(lora), MatVecShape::for_adapter())
+        let dtype = x.dtype();
+        let lora = LoraEpilogue {
+            u: widen(lora.u.clone()),
+            b: widen(lora.b.clone()),
+            scale: lora.scale,
+        };
+        let y = q_matmul_lora_wgpu(widen(x), w, Some(&lora), MatVecShape::for_adapter());
+        to_dtype(y, dtype)
     }
 
     fn q_matmul_t(
@@ -33,9 +46,12 @@ impl<I: IntElement, BT: BoolElement> KernelBackend for WgpuCube<I, BT> {
         w: &QTensor<Self>,
         lora: Option<AdapterShare<Self>>,
     ) -> Tensor<Self, 2> {
-        q_matmul_t_wgpu(dy, w, lora)
+        let dtype = dy.dtype();
+        let lora = lora.map(|(du, a)| (widen(du), widen(a)));
+        to_dtype(q_matmul_t_wgpu(widen(dy), w, lora), dtype)
     }
 
+    /// The result has `a`'s type.
     fn matmul_small(
         a: Tensor<Self, 2>,
         b: Tensor<Self, 2>,
@@ -43,11 +59,14 @@ impl<I: IntElement, BT: BoolElement> KernelBackend for WgpuCube<I, BT> {
         transpose_b: bool,
         alpha: f32,
     ) -> Tensor<Self, 2> {
-        matmul_strided_wgpu(a, b, transpose_a, transpose_b, alpha)
+        let dtype = a.dtype();
+        let y = matmul_strided_wgpu(widen(a), widen(b), transpose_a, transpose_b, alpha);
+        to_dtype(y, dtype)
     }
 
     fn rms_norm(x: Tensor<Self, 3>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
-        rms_norm_wgpu(x, weight, eps)
+        let dtype = x.dtype();
+        to_dtype(rms_norm_wgpu(widen(x), weight, eps), dtype)
     }
 
     fn rope(
@@ -56,12 +75,22 @@ impl<I: IntElement, BT: BoolElement> KernelBackend for WgpuCube<I, BT> {
         sin: &Tensor<Self, 2>,
         heads: usize,
     ) -> Tensor<Self, 4> {
-        rope_wgpu(x, cos, sin, heads)
+        let dtype = x.dtype();
+        let (cos, sin) = (widen(cos.clone()), widen(sin.clone()));
+        to_dtype(rope_wgpu(widen(x), &cos, &sin, heads), dtype)
     }
 
     fn memory_reserved(device: &Self::Device) -> Option<u64> {
         let client = <WgpuRuntime as cubecl::Runtime>::client(device);
         client.memory_usage().ok().map(|u| u.bytes_reserved)
+    }
+
+    fn supports_f16(device: &Self::Device) -> bool {
+        use cubecl::ir::{ElemType, FloatKind};
+        let client = <WgpuRuntime as cubecl::Runtime>::client(device);
+        client
+            .properties()
+            .supports_type(ElemType::Float(FloatKind::F16))
     }
 
     fn kernels_impl() -> &'static str {

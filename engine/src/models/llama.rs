@@ -3,14 +3,14 @@
 //! untied LM head. Generic over any [`KernelBackend`]; weights quantised or not.
 
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 
 use super::config::Config;
 use super::{Embedding, Linear, LoraApply, RmsNorm};
 use crate::adapter::{Adapter, Target};
 use crate::error::{Error, Result};
 use crate::io::WeightSource;
-use crate::kernels::KernelBackend;
+use crate::kernels::{KernelBackend, to_dtype};
 use crate::quant::QFormat;
 
 /// Keys and values of past positions, per layer.
@@ -392,7 +392,7 @@ impl<B: KernelBackend> Llama<B> {
         packed: Packed<'_>,
         adapters: Adapters<'_, B>,
     ) -> Result<Tensor<B, 2>> {
-        let inputs = self.packed_inputs(packed)?;
+        let inputs = self.packed_inputs(packed, DType::F32)?;
         let mut x = self.embed(packed.tokens)?;
         for i in 0..self.layers.len() {
             x = self.layer_packed(i, x, &inputs, adapters);
@@ -400,9 +400,9 @@ impl<B: KernelBackend> Llama<B> {
         Ok(self.head(x))
     }
 
-    /// What every layer of a packed forward shares: RoPE tables and the segment mask. Checks
-    /// the packing.
-    pub fn packed_inputs(&self, packed: Packed<'_>) -> Result<PackedInputs<B>> {
+    /// What every layer of a packed forward shares: RoPE tables and the segment mask, in
+    /// `dtype`, the activations' type. Checks the packing.
+    pub fn packed_inputs(&self, packed: Packed<'_>, dtype: DType) -> Result<PackedInputs<B>> {
         let seq = packed.tokens.len();
         if seq == 0 || packed.positions.len() != seq || packed.segments.len() != seq {
             return Err(Error::InvalidArgument(format!(
@@ -421,9 +421,10 @@ impl<B: KernelBackend> Llama<B> {
                 self.config.max_position_embeddings
             )));
         }
+        let (cos, sin) = self.rope(packed.positions.iter().copied());
         Ok(PackedInputs {
-            rope: self.rope(packed.positions.iter().copied()),
-            mask: self.segment_mask(packed.segments),
+            rope: (to_dtype(cos, dtype), to_dtype(sin, dtype)),
+            mask: to_dtype(self.segment_mask(packed.segments), dtype),
         })
     }
 

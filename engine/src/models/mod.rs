@@ -8,7 +8,7 @@ use burn::tensor::{Distribution, Tensor, TensorData};
 use crate::adapter::LoraPair;
 use crate::error::{Error, Result};
 use crate::io::{HostData, HostTensor};
-use crate::kernels::{KernelBackend, QTensor};
+use crate::kernels::{KernelBackend, QTensor, to_dtype};
 use crate::quant::{GgmlType, QFormat, QMatrix, dequantize_into};
 
 /// How a linear layer's weight is stored on the device. One model implementation serves both
@@ -108,11 +108,14 @@ impl<B: KernelBackend> Linear<B> {
         let [batch, seq, _] = x.dims();
         let x = x.reshape([batch * seq, self.in_features]);
         let y = match &self.weight {
-            LinearWeight::Dense(w) => x.matmul(w.clone()),
+            LinearWeight::Dense(w) => {
+                let w = to_dtype(w.clone(), x.dtype());
+                x.matmul(w)
+            }
             LinearWeight::Quantized(q) => <B as KernelBackend>::q_matmul(x, q),
         };
         let y = match &self.bias {
-            Some(b) => y + b.clone().unsqueeze(),
+            Some(b) => y.clone() + to_dtype(b.clone(), y.dtype()).unsqueeze(),
             None => y,
         };
         y.reshape([batch, seq, self.out_features])
@@ -138,13 +141,15 @@ impl<B: KernelBackend> Linear<B> {
                 first.pair.b.clone(),
                 first.scale,
             ),
-            LinearWeight::Dense(w) => x.clone().matmul(w.clone()) + first.term(&x),
+            LinearWeight::Dense(w) => {
+                x.clone().matmul(to_dtype(w.clone(), x.dtype())) + first.term(&x)
+            }
         };
         for l in rest {
             y = y + l.term(&x);
         }
         let y = match &self.bias {
-            Some(b) => y + b.clone().unsqueeze(),
+            Some(b) => y.clone() + to_dtype(b.clone(), y.dtype()).unsqueeze(),
             None => y,
         };
         y.reshape([batch, seq, self.out_features])
@@ -190,7 +195,7 @@ impl<B: KernelBackend> LoraApply<'_, B> {
         }
         let keep = 1.0 - self.dropout as f64;
         let mask = Tensor::<B, 2>::random(x.dims(), Distribution::Bernoulli(keep), &x.device());
-        Some(x.clone() * mask / keep)
+        Some(x.clone() * to_dtype(mask, x.dtype()) / keep)
     }
 
     /// The adapter's term with its own small products.

@@ -20,7 +20,7 @@ use burn::backend::Autodiff;
 use burn::optim::{AdamWConfig, AdaptiveMomentumState, SimpleOptimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::generate::CancelToken;
 use crate::io::WeightSource;
 use crate::io::safetensors::SafetensorsWeights;
-use crate::kernels::KernelBackend;
+use crate::kernels::{KernelBackend, to_dtype, widen};
 use crate::models::llama::{Adapters, Llama, Packed};
 use data::Row;
 
@@ -83,7 +83,39 @@ pub struct TrainConfig {
     /// compute, activation memory of one layer instead of all of them.
     #[serde(default)]
     pub grad_checkpoint: bool,
+    /// The activations' type during training.
+    #[serde(default)]
+    pub activations: Activations,
 }
+
+/// The type activations are kept in while training. Adapter weights, their gradients, the
+/// optimiser, norms' statistics and the loss are f32 whatever this says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activations {
+    /// f16 where the device supports it (wgpu: `shader-f16`), f32 otherwise.
+    #[default]
+    Auto,
+    F32,
+    F16,
+}
+
+impl Activations {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            _ => Err(Error::InvalidArgument(format!(
+                "activations `{s}` is not one of auto, f16, f32"
+            ))),
+        }
+    }
+}
+
+/// f16 gradients of activations underflow below 6e-8: the loss is scaled by this before the
+/// backward and the adapter's (f32) gradients divided by it after (static loss scaling).
+const F16_LOSS_SCALE: f64 = 1024.0;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -101,6 +133,7 @@ impl Default for TrainConfig {
             eval_every: 0,
             checkpoint_every: 50,
             grad_checkpoint: false,
+            activations: Activations::Auto,
         }
     }
 }
@@ -153,6 +186,8 @@ pub enum TrainEvent {
         val_rows: usize,
         trainable_params: usize,
         resumed_at: usize,
+        /// `f16` or `f32`.
+        activations: &'static str,
     },
     Step {
         step: usize,
@@ -312,12 +347,27 @@ pub fn train<B: KernelBackend>(
     }
     std::fs::create_dir_all(job.out).map_err(|e| Error::io(job.out, e))?;
 
+    let supports_f16 = <Autodiff<B> as KernelBackend>::supports_f16(&device);
+    let dtype = match c.activations {
+        Activations::F32 => DType::F32,
+        Activations::Auto if supports_f16 => DType::F16,
+        Activations::Auto => DType::F32,
+        Activations::F16 if supports_f16 => DType::F16,
+        Activations::F16 => {
+            return Err(Error::InvalidArgument(
+                "f16 activations need a GPU adapter with shader-f16; this one has none \
+                 (use f32 or auto)"
+                    .into(),
+            ));
+        }
+    };
     on_event(TrainEvent::Started {
         total_steps: total,
         train_rows: job.train.len(),
         val_rows: job.val.len(),
         trainable_params: adapter.num_params(),
         resumed_at: state.step,
+        activations: if dtype == DType::F16 { "f16" } else { "f32" },
     });
 
     // The held-out loss before training (the adapter starts equal to the base: B = 0).
@@ -341,7 +391,7 @@ pub fn train<B: KernelBackend>(
             .iter()
             .map(|&i| &job.train[i])
             .collect();
-        match train_step(&job, &adapter, &rows, step, cancel)? {
+        match train_step(&job, &adapter, &rows, step, dtype, cancel)? {
             None => {
                 cancelled = true;
                 break;
@@ -503,13 +553,40 @@ fn layer_seed(seed: u64, step: usize, row: usize, layer: usize) -> u64 {
     s ^ ((row as u64) << 32 | layer as u64)
 }
 
+/// What the passes over one row share.
+struct RowPass<'a> {
+    /// Labelled tokens in the whole step (the loss is their mean).
+    targets: usize,
+    /// The activations' type.
+    dtype: DType,
+    /// Reseeds dropout for a layer.
+    reseed: &'a dyn Fn(usize),
+}
+
+impl RowPass<'_> {
+    fn loss_scale(&self) -> f64 {
+        if self.dtype == DType::F16 {
+            F16_LOSS_SCALE
+        } else {
+            1.0
+        }
+    }
+
+    fn unscale<B: Backend>(&self, g: Tensor<B, 2>) -> Tensor<B, 2> {
+        if self.dtype == DType::F16 {
+            g / F16_LOSS_SCALE
+        } else {
+            g
+        }
+    }
+}
+
 /// One row's loss and gradients on the whole graph at once (activations of every layer kept).
 fn row_grads_full<B: KernelBackend>(
     job: &TrainJob<'_, B>,
     tracked: &Adapter<Autodiff<B>>,
     row: &Row,
-    targets: usize,
-    reseed: &dyn Fn(usize),
+    pass: &RowPass<'_>,
 ) -> Result<(f64, Vec<Tensor<B, 2>>)> {
     let model = job.model;
     let mut list: Vec<&Adapter<Autodiff<B>>> = vec![tracked];
@@ -518,20 +595,21 @@ fn row_grads_full<B: KernelBackend>(
         list: &list,
         train: true,
     };
-    let inputs = model.packed_inputs(packed(row))?;
-    let mut x = model.embed(&row.tokens)?;
+    let inputs = model.packed_inputs(packed(row), pass.dtype)?;
+    let mut x = to_dtype(model.embed(&row.tokens)?, pass.dtype);
     for i in 0..model.layers.len() {
-        reseed(i);
+        (pass.reseed)(i);
         x = model.layer_packed(i, x, &inputs, adapters);
     }
-    let loss = nll_of_logits(model.head(x), row) / targets as f64;
+    let loss = nll_of_logits(model.head(widen(x)), row) / pass.targets as f64;
     let value: f64 = loss.clone().inner().into_scalar().elem();
-    let grads = loss.backward();
+    let grads = (loss * pass.loss_scale()).backward();
     let g = tracked
         .named_tensors()
         .iter()
         .map(|(_, t)| {
             t.grad(&grads)
+                .map(|g| pass.unscale(g))
                 .unwrap_or_else(|| (*t).clone().inner().zeros_like())
         })
         .collect();
@@ -547,8 +625,7 @@ fn row_grads_checkpointed<B: KernelBackend>(
     job: &TrainJob<'_, B>,
     tracked: &Adapter<Autodiff<B>>,
     row: &Row,
-    targets: usize,
-    reseed: &dyn Fn(usize),
+    pass: &RowPass<'_>,
 ) -> Result<(f64, Vec<Tensor<B, 2>>)> {
     type Ad<B> = Autodiff<B>;
     let model = job.model;
@@ -560,26 +637,26 @@ fn row_grads_checkpointed<B: KernelBackend>(
     tracked_list.extend(job.frozen.iter().copied());
     let adapters = |list| Adapters { list, train: true };
 
-    let inputs = model.packed_inputs(packed(row))?;
+    let inputs = model.packed_inputs(packed(row), pass.dtype)?;
     let layers = model.layers.len();
     let mut saved: Vec<Tensor<B, 3>> = Vec::with_capacity(layers);
-    let mut x = model.embed(&row.tokens)?;
+    let mut x = to_dtype(model.embed(&row.tokens)?, pass.dtype);
     for i in 0..layers {
-        reseed(i);
+        (pass.reseed)(i);
         saved.push(x.clone().inner());
         x = model.layer_packed(i, x, &inputs, adapters(&plain_list));
     }
     let last = Tensor::<Ad<B>, 3>::from_inner(x.inner()).require_grad();
-    let loss = nll_of_logits(model.head(last.clone()), row) / targets as f64;
+    let loss = nll_of_logits(model.head(widen(last.clone())), row) / pass.targets as f64;
     let value: f64 = loss.clone().inner().into_scalar().elem();
-    let grads = loss.backward();
+    let grads = (loss * pass.loss_scale()).backward();
     let mut upstream = last
         .grad(&grads)
         .ok_or_else(|| Error::InvalidArgument("no gradient reached the last layer".into()))?;
 
     let mut per_layer: Vec<Vec<Tensor<B, 2>>> = vec![Vec::new(); layers];
     for i in (0..layers).rev() {
-        reseed(i);
+        (pass.reseed)(i);
         let input = Tensor::<Ad<B>, 3>::from_inner(saved[i].clone()).require_grad();
         let out = model.layer_packed(i, input.clone(), &inputs, adapters(&tracked_list));
         let grads = (out * Tensor::<Ad<B>, 3>::from_inner(upstream.clone()))
@@ -591,6 +668,7 @@ fn row_grads_checkpointed<B: KernelBackend>(
             .flat_map(|p| [&p.a, &p.b])
             .map(|t| {
                 t.grad(&grads)
+                    .map(|g| pass.unscale(g))
                     .unwrap_or_else(|| t.clone().inner().zeros_like())
             })
             .collect();
@@ -612,6 +690,7 @@ fn train_step<B: KernelBackend>(
     adapter: &Adapter<B>,
     rows: &[&Row],
     step: usize,
+    dtype: DType,
     cancel: &CancelToken,
 ) -> Result<Option<(f64, Vec<Tensor<B, 2>>)>> {
     let c = &job.config;
@@ -627,10 +706,15 @@ fn train_step<B: KernelBackend>(
         let reseed = |layer: usize| {
             <Autodiff<B> as Backend>::seed(&device, layer_seed(c.seed, step, r, layer));
         };
+        let pass = RowPass {
+            targets,
+            dtype,
+            reseed: &reseed,
+        };
         let (value, g) = if c.grad_checkpoint {
-            row_grads_checkpointed(job, &tracked, row, targets, &reseed)?
+            row_grads_checkpointed(job, &tracked, row, &pass)?
         } else {
-            row_grads_full(job, &tracked, row, targets, &reseed)?
+            row_grads_full(job, &tracked, row, &pass)?
         };
         loss_total += value;
         sum = Some(match sum {
