@@ -302,16 +302,7 @@ impl<B: Backend> Adapter<B> {
     /// (f32), plus `extra` files (name, contents) such as codelsi's own metadata. The directory is
     /// written beside `dir` and renamed into place, so a crash never leaves half an adapter.
     pub fn save_peft(&self, dir: &Path, base_model: &str, extra: &[(&str, Vec<u8>)]) -> Result<()> {
-        let parent = dir
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "adapter".into());
-        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let tmp = temp_beside(dir, "adapter")?;
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         self.write_peft_files(&tmp, base_model, extra)?;
@@ -536,6 +527,21 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = PathBuf::from(tmp);
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// A temporary name beside `path` (`.NAME.tmp-PID`, `fallback` when `path` has no file name)
+/// for writing an output before renaming it into place; creates the parent directory.
+pub(crate) fn temp_beside(path: &Path, fallback: &str) -> Result<PathBuf> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let name = path.file_name().map_or_else(
+        || fallback.to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    Ok(parent.join(format!(".{name}.tmp-{}", std::process::id())))
 }
 
 /// Move `tmp` to `dir`, replacing an older `dir` (kept aside until the new one is in place).

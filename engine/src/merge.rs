@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use serde::Serialize;
 
-use crate::adapter::{HostAdapter, Target, replace_dir};
+use crate::adapter::{HostAdapter, Target, replace_dir, temp_beside};
 use crate::error::{Error, Result};
 use crate::generate::CancelToken;
 use crate::io::gguf::{GgufFile, GgufTensorDecl, Value, write_gguf_stream};
@@ -182,16 +182,7 @@ pub fn merge(
             .collect::<Result<_>>()?,
     };
 
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "merged".into());
-    let tmp = TempPath(parent.join(format!(".{name}.tmp-{}", std::process::id())));
+    let tmp = TempPath(temp_beside(out, "merged")?);
     let mut report = MergeReport {
         out: out.into(),
         format: format.name(),

@@ -572,11 +572,16 @@ impl RowPass<'_> {
         }
     }
 
-    fn unscale<B: Backend>(&self, g: Tensor<B, 2>) -> Tensor<B, 2> {
-        if self.dtype == DType::F16 {
-            g / F16_LOSS_SCALE
-        } else {
-            g
+    /// `t`'s gradient, unscaled; zeros when the graph did not reach it.
+    fn grad_of<B: KernelBackend>(
+        &self,
+        t: &Tensor<Autodiff<B>, 2>,
+        grads: &<Autodiff<B> as burn::tensor::backend::AutodiffBackend>::Gradients,
+    ) -> Tensor<B, 2> {
+        match t.grad(grads) {
+            Some(g) if self.dtype == DType::F16 => g / F16_LOSS_SCALE,
+            Some(g) => g,
+            None => t.clone().inner().zeros_like(),
         }
     }
 }
@@ -607,11 +612,7 @@ fn row_grads_full<B: KernelBackend>(
     let g = tracked
         .named_tensors()
         .iter()
-        .map(|(_, t)| {
-            t.grad(&grads)
-                .map(|g| pass.unscale(g))
-                .unwrap_or_else(|| (*t).clone().inner().zeros_like())
-        })
+        .map(|(_, t)| pass.grad_of(t, &grads))
         .collect();
     Ok((value, g))
 }
@@ -666,11 +667,7 @@ fn row_grads_checkpointed<B: KernelBackend>(
             .iter()
             .flatten()
             .flat_map(|p| [&p.a, &p.b])
-            .map(|t| {
-                t.grad(&grads)
-                    .map(|g| pass.unscale(g))
-                    .unwrap_or_else(|| t.clone().inner().zeros_like())
-            })
+            .map(|t| pass.grad_of(t, &grads))
             .collect();
         if i > 0 {
             upstream = input.grad(&grads).ok_or_else(|| {
