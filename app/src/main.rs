@@ -1,6 +1,7 @@
 //! `codelsi`: the command line. With no subcommand it opens the desktop app; with one it works
 //! headless. Printing belongs here, never in the engine.
 
+mod import;
 mod merge;
 mod train;
 mod window;
@@ -36,6 +37,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streaming it as it comes.
     Generate(GenerateArgs),
+    /// Turn a repository (or an instruction file) into a training dataset, on this machine.
+    Import(import::ImportArgs),
     /// Fine-tune a LoRA adapter on instruction data (JSONL, Alpaca or chat form).
     Train(train::TrainArgs),
     /// Fold LoRA adapters into the base model and write it (HF safetensors f16, or GGUF).
@@ -116,6 +119,7 @@ fn main() {
     let result = match cli.command {
         None => window::run(),
         Some(Command::Generate(args)) => cmd_generate(args),
+        Some(Command::Import(args)) => import::cmd_import(args),
         Some(Command::Train(args)) => train::cmd_train(args),
         Some(Command::Merge(args)) => merge::cmd_merge(args),
         Some(Command::Models { command }) => cmd_models(command),

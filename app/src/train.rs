@@ -24,7 +24,9 @@ pub struct TrainArgs {
     /// A GGUF file, an HF model directory, or `default`.
     #[arg(long, default_value = "default")]
     model: String,
-    /// Training data: JSONL of Alpaca (`instruction`, `input`, `output`) or chat (`messages`) records.
+    /// Training data: JSONL of Alpaca (`instruction`, `input`, `output`) or chat (`messages`)
+    /// records, or a folder `codelsi import` wrote (its `train.jsonl`, and `val.jsonl` as
+    /// validation data unless `--val` is given).
     #[arg(long)]
     data: PathBuf,
     /// Validation data (same format). Without it, `--val-frac` of the training records are held out.
@@ -153,8 +155,9 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         None => PromptTemplate::for_tokenizer(&loaded.tokenizer),
     };
     let pack = !args.no_pack;
-    let records = data::read_jsonl(&args.data)?;
-    let (train_records, val_records) = match &args.val {
+    let (train_file, dataset_val) = codelsi_engine::import::dataset_files(&args.data);
+    let records = data::read_jsonl(&train_file)?;
+    let (train_records, val_records) = match args.val.as_ref().or(dataset_val.as_ref()) {
         Some(v) => (records, data::read_jsonl(v)?),
         None => data::split(records, args.val_frac, args.seed),
     };

@@ -9,6 +9,7 @@ pub mod device;
 pub mod error;
 pub mod fetch;
 pub mod generate;
+pub mod import;
 pub mod io;
 pub mod kernels;
 pub mod merge;

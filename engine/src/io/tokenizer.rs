@@ -84,6 +84,15 @@ fn gguf_pre_tokenizer(pre: &str) -> Option<Json> {
 }
 
 impl Tokenizer {
+    /// The tokenizer of a model path: an HF directory or a GGUF file (read, not loaded).
+    pub fn from_model(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Self::from_hf_dir(path)
+        } else {
+            Self::from_gguf(&GgufFile::open(path)?)
+        }
+    }
+
     /// From an HF model directory: `tokenizer.json` and, if present, `tokenizer_config.json`.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
