@@ -32,14 +32,14 @@ fn tokenizer() -> Tokenizer {
 }
 
 fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
+    std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("{e}"));
+    for e in std::fs::read_dir(from).unwrap_or_else(|e| panic!("{e}")) {
+        let e = e.unwrap_or_else(|e| panic!("{e}"));
         let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
+        if e.file_type().unwrap_or_else(|e| panic!("{e}")).is_dir() {
             copy_dir(&e.path(), &target);
         } else {
-            std::fs::copy(e.path(), &target).unwrap();
+            std::fs::copy(e.path(), &target).unwrap_or_else(|e| panic!("{e}"));
         }
     }
 }
@@ -56,7 +56,8 @@ fn fixture_repo(name: &str) -> PathBuf {
     copy_dir(&fixtures().join("import_repo"), &repo);
     let src = repo.join("src");
     // A binary with a source extension.
-    std::fs::write(src.join("blob.js"), b"\x7fELF\x00\x00\x01function x() {}").unwrap();
+    std::fs::write(src.join("blob.js"), b"\x7fELF\x00\x00\x01function x() {}")
+        .unwrap_or_else(|e| panic!("{e}"));
     // Latin-1 bytes in one function's comment: that function's pairs go, the other's stay.
     let mut legacy = b"/** Returns the caf\xe9's name, as the old system spelt it. */\n\
 export function cafeName(): string {\n  return \"Cafe du Commerce\";\n}\n\n"
@@ -65,21 +66,21 @@ export function cafeName(): string {\n  return \"Cafe du Commerce\";\n}\n\n"
         b"/** Doubles a number; kept from the legacy module. */\n\
 export function double(n: number): number {\n  return n * 2;\n}\n",
     );
-    std::fs::write(src.join("legacy.ts"), legacy).unwrap();
+    std::fs::write(src.join("legacy.ts"), legacy).unwrap_or_else(|e| panic!("{e}"));
     // Ignored by the fixture's .gitignore: never seen.
     std::fs::write(
         repo.join("notes_ignored.ts"),
         "export const pw = \"hunter2-in-the-ignored-file\";\n",
     )
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}"));
     // Over the size limit the test sets (64 KiB).
     std::fs::write(
         src.join("huge.ts"),
         "/** Big. */\nexport const big = 1;\n".repeat(4000),
     )
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}"));
     #[cfg(unix)]
-    std::os::unix::fs::symlink("..", src.join("loop")).unwrap();
+    std::os::unix::fs::symlink("..", src.join("loop")).unwrap_or_else(|e| panic!("{e}"));
     repo
 }
 
@@ -98,7 +99,7 @@ fn options() -> ImportOptions {
 
 fn read_pairs(path: &Path) -> Vec<Pair> {
     std::fs::read_to_string(path)
-        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}"))
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display())))
         .collect()
@@ -314,9 +315,9 @@ fn refuses_to_overwrite_and_cancel_writes_nothing() {
 
 fn import_file(name: &str, content: &str) -> (ImportReport, Vec<Pair>, Vec<Pair>) {
     let dir = temp(name);
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
     let file = dir.join(name);
-    std::fs::write(&file, content).unwrap();
+    std::fs::write(&file, content).unwrap_or_else(|e| panic!("{e}"));
     let out = dir.join("data");
     let opts = ImportOptions {
         val_frac: 0.5,
