@@ -1,13 +1,17 @@
 //! codelsi benchmarks (not tests: timings never decide pass/fail).
 //!
 //! `cargo run --release -p codelsi-benches -- [kernels|model|train|all] [--model M] [--seq N]
-//! [--steps N] [--grad-checkpoint] [--activations auto|f16|f32]`
+//! [--steps N] [--grad-checkpoint] [--activations auto|f16|f32]`, and
+//! `... -- import [--src DIR]... [--threads N] [--max-file-kb K]`
 //!
 //! - kernels: device copy bandwidth (the roofline for a memory-bound mat-vec), then GB/s of the
 //!   quantised mat-vec kernel per format and GFLOP/s of the tiled prefill kernel.
 //! - model: prefill and decode tokens/s of a model (default: the default model).
 //! - train: LoRA training tokens/s and peak device memory at seq 512, r = 16, alpha = 32, all
 //!   seven projections (the setting of the CodeLSI paper), one 512-token row per step.
+//! - import: repository import throughput (MB/s of source parsed, pairs/s) on real TypeScript
+//!   code from the npm registry (rxjs 7.8.1's `src/`, typescript 5.6.3's `lib/`), fetched with
+//!   `npm pack` into the cache on first use; `--src` names other folders. No GPU needed.
 //!
 //! Every timed region ends with a device sync.
 
@@ -226,6 +230,111 @@ fn train_bench(
     Ok(())
 }
 
+/// An npm package's folder, unpacked into the cache on first use.
+fn npm_package(spec: &str, sub: &str) -> Result<std::path::PathBuf> {
+    let root = codelsi_engine::fetch::cache_dir()
+        .join("bench-src")
+        .join(spec.replace('@', "-"));
+    let dir = root.join("package").join(sub);
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&root)?;
+    let out = std::process::Command::new("npm")
+        .args(["pack", spec, "--silent"])
+        .current_dir(&root)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "npm pack {spec} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tgz = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let st = std::process::Command::new("tar")
+        .args(["xzf", &tgz])
+        .current_dir(&root)
+        .status()?;
+    anyhow::ensure!(st.success(), "tar xzf {tgz} failed");
+    Ok(dir)
+}
+
+fn import_bench(args: &[String], model: &str) -> Result<()> {
+    use codelsi_engine::generate::CancelToken;
+    use codelsi_engine::import::{ImportOptions, import_repo};
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+    };
+    let mut sources: Vec<std::path::PathBuf> = args
+        .windows(2)
+        .filter(|w| w[0] == "--src")
+        .map(|w| w[1].clone().into())
+        .collect();
+    if sources.is_empty() {
+        sources.push(npm_package("rxjs@7.8.1", "src")?);
+        sources.push(npm_package("typescript@5.6.3", "lib")?);
+    }
+    let threads: usize = value("--threads").and_then(|s| s.parse().ok()).unwrap_or(0);
+    let max_kb: u64 = value("--max-file-kb")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16 * 1024);
+    let path = resolve_model(model, &mut |_| {})?;
+    let tokenizer = codelsi_engine::io::tokenizer::Tokenizer::from_model(&path)?;
+    let opts = ImportOptions {
+        threads,
+        max_file_bytes: max_kb * 1024,
+        force: true,
+        ..ImportOptions::default()
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "import: {cores} cores, threads {}",
+        if threads == 0 { cores } else { threads }
+    );
+    for src in sources {
+        let out = std::env::temp_dir().join(format!("codelsi-import-bench-{}", std::process::id()));
+        let mut secs = Vec::new();
+        let mut last = None;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let r = import_repo(
+                &src,
+                &out,
+                &tokenizer,
+                &opts,
+                &CancelToken::new(),
+                &mut |_| {},
+            )?;
+            secs.push(t.elapsed().as_secs_f64());
+            last = Some(r);
+        }
+        let _ = std::fs::remove_dir_all(&out);
+        let Some(r) = last else { continue };
+        secs.sort_by(f64::total_cmp);
+        let s = secs[1];
+        let pairs = r.pairs.train + r.pairs.val;
+        println!(
+            "{}: {} files parsed ({:.2} MB), {} pairs extracted, {} kept; median of 3: {:.2} s, \
+             {:.2} MB/s, {:.0} pairs/s (extracted {:.0}/s)",
+            src.display(),
+            r.files.parsed,
+            r.bytes_parsed as f64 / 1e6,
+            r.pairs.extracted,
+            pairs,
+            s,
+            r.bytes_parsed as f64 / 1e6 / s,
+            pairs as f64 / s,
+            r.pairs.extracted as f64 / s,
+        );
+        println!(
+            "  by kind {:?}; dropped {:?}; skipped {:?}; secrets {:?}",
+            r.pairs.by_kind, r.pairs.dropped, r.files.skipped, r.secrets
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.first().map(String::as_str).unwrap_or("all");
@@ -234,6 +343,9 @@ fn main() -> Result<()> {
         .position(|a| a == "--model")
         .and_then(|i| args.get(i + 1))
         .map_or("default", |s| s);
+    if what == "import" {
+        return import_bench(&args, spec);
+    }
     let (device, gpu) = init_wgpu()?;
     println!("adapter: {gpu}");
     if matches!(what, "kernels" | "all") {

@@ -229,13 +229,15 @@ fn threads(opts: &ImportOptions) -> usize {
     }
 }
 
-/// Map `f` over `items` on `threads` workers, in order; `progress(done)` runs on the
-/// calling thread. Stops early, with `Error::Cancelled`, when `cancel` is set.
-fn par_map<T: Sync, R: Send>(
+/// Map `f` over `items` on `threads` workers, in order, each worker with its own state from
+/// `init`; `progress(done)` runs on the calling thread. Stops early, with
+/// `Error::Cancelled`, when `cancel` is set.
+fn par_map<T: Sync, S, R: Send>(
     items: &[T],
     threads: usize,
     cancel: &CancelToken,
-    f: &(dyn Fn(&T) -> R + Sync),
+    init: &(dyn Fn() -> S + Sync),
+    f: &(dyn Fn(&mut S, &T) -> R + Sync),
     progress: &mut dyn FnMut(usize, &R),
 ) -> Result<Vec<R>> {
     let next = AtomicUsize::new(0);
@@ -246,12 +248,13 @@ fn par_map<T: Sync, R: Send>(
             let tx = tx.clone();
             let next = &next;
             s.spawn(move || {
+                let mut state = init();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= items.len() || cancel.is_cancelled() {
                         break;
                     }
-                    if tx.send((i, f(&items[i]))).is_err() {
+                    if tx.send((i, f(&mut state, &items[i]))).is_err() {
                         break;
                     }
                 }
@@ -359,23 +362,27 @@ pub fn import_repo(
     let total = walked.files.len();
     let mut bytes = 0u64;
     let parsed: Vec<Option<ParsedFile>> = {
-        thread_local! {
-            static PARSERS: std::cell::RefCell<extract::Parsers> = Default::default();
-        }
-        let parse = |f: &walk::SourceFile| PARSERS.with(|p| parse_file(f, &mut p.borrow_mut()));
+        let parse = |p: &mut extract::Parsers, f: &walk::SourceFile| parse_file(f, p);
         let sizes: Vec<u64> = walked.files.iter().map(|f| f.bytes.len() as u64).collect();
         let mut done_bytes = 0u64;
         let mut done_i = 0;
-        par_map(&walked.files, n_threads, cancel, &parse, &mut |done, _| {
-            // Bytes are approximate while in flight (files finish out of order).
-            done_bytes += sizes.get(done_i).copied().unwrap_or(0);
-            done_i += 1;
-            progress(ImportEvent::Parsing {
-                done,
-                total,
-                bytes: done_bytes,
-            });
-        })?
+        par_map(
+            &walked.files,
+            n_threads,
+            cancel,
+            &extract::Parsers::default,
+            &parse,
+            &mut |done, _| {
+                // Bytes are approximate while in flight (files finish out of order).
+                done_bytes += sizes.get(done_i).copied().unwrap_or(0);
+                done_i += 1;
+                progress(ImportEvent::Parsing {
+                    done,
+                    total,
+                    bytes: done_bytes,
+                });
+            },
+        )?
     };
     let mut files: Vec<ParsedFile> = Vec::new();
     for (src, p) in walked.files.iter().zip(parsed) {
@@ -422,19 +429,27 @@ pub fn import_repo(
         })
         .collect();
     let types = pairs::ProjectTypes::collect(&items, &count);
-    let build = |f: &pairs::FileItems| {
+    // Each worker counts with its own tokenizer clone (a shared one contends on its caches).
+    let build = |tok: &mut Tokenizer, f: &pairs::FileItems| {
+        let count = |s: &str| count_tokens(tok, s);
         let mut ps = pairs::build(f, &types, opts.context_tokens, &count);
         for p in &mut ps {
-            p.tokens = count(&prompt_text(p)) + count(&p.output);
+            p.output_tokens = count(&p.output);
+            p.tokens = count(&prompt_text(p)) + p.output_tokens;
         }
         ps
     };
     let total = items.len();
-    let built = par_map(&items, n_threads, cancel, &build, &mut |done, _| {
-        progress(ImportEvent::Pairing { done, total })
-    })?;
+    let built = par_map(
+        &items,
+        n_threads,
+        cancel,
+        &|| tokenizer.clone(),
+        &build,
+        &mut |done, _| progress(ImportEvent::Pairing { done, total }),
+    )?;
     let mut all: Vec<Pair> = built.into_iter().flatten().collect();
-    let min_tokens = |p: &Pair| count(&p.output) >= opts.min_tokens;
+    let min_tokens = |p: &Pair| p.output_tokens >= opts.min_tokens;
     report.pairs.extracted = all.len();
     all.retain(|p| keep(p, &mut report.pairs.dropped, opts, &min_tokens));
     progress(ImportEvent::Writing);
@@ -784,6 +799,7 @@ fn record_pair(v: &Json, file: &str, line: usize) -> std::result::Result<Pair, S
             lang: String::new(),
             source: source(format!("record {line}")),
             tokens: 0,
+            output_tokens: 0,
             messages: (!plain).then_some(messages),
         });
     }
@@ -796,6 +812,7 @@ fn record_pair(v: &Json, file: &str, line: usize) -> std::result::Result<Pair, S
             lang: String::new(),
             source: source(format!("record {line}")),
             tokens: 0,
+            output_tokens: 0,
             messages: None,
         });
     }
@@ -819,6 +836,7 @@ fn record_pair(v: &Json, file: &str, line: usize) -> std::result::Result<Pair, S
             lang: lang.to_string(),
             source: source(task),
             tokens: 0,
+            output_tokens: 0,
             messages: None,
         });
     }

@@ -62,6 +62,9 @@ pub struct Pair {
     pub source: Source,
     /// Tokens of prompt (instruction and input) and output in the chosen model's tokenizer.
     pub tokens: usize,
+    /// Tokens of the output alone (not written).
+    #[serde(skip)]
+    pub output_tokens: usize,
     /// A multi-turn chat imported as it is (instruction, input and output then empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages: Option<Vec<Message>>,
@@ -217,6 +220,7 @@ pub fn build(
 ) -> Vec<Pair> {
     let mut out = Vec::new();
     let lang_name = f.lang.display();
+    let counted = Counted::new(f, count);
     for (idx, item) in f.parsed.items.iter().enumerate() {
         let full = dedent(&f.text[item.span.clone()], column(f.text, item.span.start));
         let source = Source {
@@ -233,6 +237,7 @@ pub fn build(
             lang: f.lang.name().to_string(),
             source: source.clone(),
             tokens: 0,
+            output_tokens: 0,
             messages: None,
         };
         let container = item.container.map(|c| &f.parsed.containers[c]);
@@ -240,7 +245,7 @@ pub fn build(
             Some(c) if !c.name.is_empty() => format!(" of `{}`", c.name),
             _ => String::new(),
         };
-        let context = repo_context(f, item, types, budget, count);
+        let (context, context_tokens) = repo_context(f, &counted, item, types, budget, "");
         let word = item.kind.word();
         if let Some(doc) = item.doc.as_ref().filter(|d| d.len() >= 12) {
             out.push(pair(
@@ -283,7 +288,7 @@ pub fn build(
             && item.container.is_none()
             && let (Some(body), Some(sig)) = (&item.body, signature_text(item, f.text))
         {
-            let mut input = file_context(f, idx, context, budget, count);
+            let mut input = file_context(f, &counted, idx, (context, context_tokens), budget);
             if !input.is_empty() {
                 input.push_str("\n\n");
             }
@@ -302,7 +307,7 @@ pub fn build(
             && let Some(c) = container
         {
             let mut input = summary(item.container.unwrap_or_default(), f);
-            let context = repo_context_except(f, item, types, budget, count, &c.name);
+            let (context, _) = repo_context(f, &counted, item, types, budget, &c.name);
             if !context.is_empty() {
                 input = format!("{context}\n\n{input}");
             }
@@ -354,36 +359,58 @@ fn reindent(raw: &str, col: usize) -> String {
         .join("\n")
 }
 
-fn repo_context(
-    f: &FileItems,
-    item: &Item,
-    types: &ProjectTypes,
-    budget: usize,
-    count: &dyn Fn(&str) -> usize,
-) -> String {
-    repo_context_except(f, item, types, budget, count, "")
+/// Token counts of a file's pieces that many prompts reuse, counted once per file.
+struct Counted {
+    /// `// File: path`.
+    header: (String, usize),
+    imports: Vec<usize>,
+    /// One-line signature of each item (callables) and its tokens.
+    sigs: Vec<Option<(String, usize)>>,
+}
+
+impl Counted {
+    fn new(f: &FileItems, count: &dyn Fn(&str) -> usize) -> Self {
+        let header = format!("{} File: {}", comment_prefix(f.lang), f.rel);
+        let n = count(&header);
+        Self {
+            header: (header, n),
+            imports: f.parsed.imports.iter().map(|i| count(i)).collect(),
+            sigs: f
+                .parsed
+                .items
+                .iter()
+                .map(|it| {
+                    signature(it, f.text).map(|s| {
+                        let n = count(&s);
+                        (s, n)
+                    })
+                })
+                .collect(),
+        }
+    }
 }
 
 /// `// File: path`, the imports the item uses, and the project types it names (but `skip`
-/// and itself), while they fit in `budget` tokens.
-fn repo_context_except(
+/// and itself), while they fit in `budget` tokens; and the tokens used.
+fn repo_context(
     f: &FileItems,
+    counted: &Counted,
     item: &Item,
     types: &ProjectTypes,
     budget: usize,
-    count: &dyn Fn(&str) -> usize,
     skip: &str,
-) -> String {
+) -> (String, usize) {
     let c = comment_prefix(f.lang);
-    let mut out = format!("{c} File: {}", f.rel);
-    let mut used = count(&out);
+    let (mut out, mut used) = counted.header.clone();
     let uses = |text: &str| {
         item.idents
             .iter()
             .any(|id| id.len() > 1 && contains_word(text, id))
     };
-    for imp in f.parsed.imports.iter().filter(|i| uses(i)) {
-        let t = count(imp);
+    for (imp, &t) in f.parsed.imports.iter().zip(&counted.imports) {
+        if !uses(imp) {
+            continue;
+        }
         if used + t > budget {
             break;
         }
@@ -410,45 +437,42 @@ fn repo_context_except(
         out.push_str(text);
         used += t;
     }
-    out
+    (out, used)
 }
 
 /// The repository context plus the signatures of the file's other top-level callables,
 /// nearest first, while they fit.
 fn file_context(
     f: &FileItems,
+    counted: &Counted,
     idx: usize,
-    mut context: String,
+    (mut context, mut used): (String, usize),
     budget: usize,
-    count: &dyn Fn(&str) -> usize,
 ) -> String {
-    let mut used = count(&context);
-    let mut others: Vec<(usize, &Item)> = f
-        .parsed
-        .items
-        .iter()
-        .enumerate()
-        .filter(|(i, it)| *i != idx && it.kind.is_callable() && it.container.is_none())
+    let mut others: Vec<usize> = (0..f.parsed.items.len())
+        .filter(|&i| {
+            let it = &f.parsed.items[i];
+            i != idx && it.kind.is_callable() && it.container.is_none()
+        })
         .collect();
-    others.sort_by_key(|(i, _)| i.abs_diff(idx));
+    others.sort_by_key(|i| i.abs_diff(idx));
     let mut sigs = Vec::new();
-    for (_, it) in others.into_iter().take(8) {
-        let Some(sig) = signature(it, f.text) else {
+    for i in others.into_iter().take(8) {
+        let Some((sig, t)) = &counted.sigs[i] else {
             continue;
         };
-        let t = count(&sig);
         if used + t > budget {
             break;
         }
         used += t;
-        sigs.push(sig);
+        sigs.push(sig.as_str());
     }
     if !sigs.is_empty() {
         let c = comment_prefix(f.lang);
         context.push_str(&format!("\n\n{c} Also in this file:"));
         for s in sigs {
             context.push('\n');
-            context.push_str(&s);
+            context.push_str(s);
         }
     }
     context

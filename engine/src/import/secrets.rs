@@ -87,6 +87,12 @@ pub fn entropy(s: &str) -> f64 {
 /// Whether a literal looks like a random token rather than a word, path or identifier:
 /// letters and digits mixed, and high entropy for its alphabet (hex tops out at 4 bits).
 fn looks_random(s: &str) -> bool {
+    // Identifiers and message keys (`Type_0_is_not_valid_1055`) join words with separators;
+    // a random token of this length rarely holds three.
+    let separators = s.bytes().filter(|b| matches!(b, b'_' | b'-')).count();
+    if separators >= 3 || s.len() > 100 {
+        return false;
+    }
     let digits = s.bytes().filter(u8::is_ascii_digit).count();
     let letters = s.bytes().filter(u8::is_ascii_alphabetic).count();
     if digits < 2 || letters < 2 {
@@ -231,6 +237,7 @@ mod tests {
         assert!(kinds(r#"x = "someLongCamelCaseIdentifier""#).is_empty());
         assert!(kinds(r#"x = "node_modules/typescript/lib""#).is_empty());
         assert!(kinds(r#"x = "0000000000000000000000000000000000""#).is_empty());
+        assert!(kinds(r#"d = "Type_0_is_not_a_valid_ES5_Promise_type_1055""#).is_empty());
     }
 
     #[test]

@@ -25,7 +25,9 @@ impl Message {
     }
 }
 
-/// A tokenizer with the model's special tokens and chat template.
+/// A tokenizer with the model's special tokens and chat template. A clone has its own regex
+/// caches: a thread encoding a lot wants its own clone (the import does).
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub bos_token_id: Option<u32>,
