@@ -80,7 +80,12 @@ export function double(n: number): number {\n  return n * 2;\n}\n",
     )
     .unwrap_or_else(|e| panic!("{e}"));
     #[cfg(unix)]
-    std::os::unix::fs::symlink("..", src.join("loop")).unwrap_or_else(|e| panic!("{e}"));
+    {
+        std::os::unix::fs::symlink("..", src.join("loop")).unwrap_or_else(|e| panic!("{e}"));
+        // A link out of the repository is not followed.
+        std::os::unix::fs::symlink(std::env::temp_dir(), repo.join("tmp_link"))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
     repo
 }
 
@@ -238,6 +243,7 @@ fn fixture_repository_gives_the_expected_dataset() {
         "symlink_loop",
         "too_large",
         "secret_file",
+        "outside_repo",
     ] {
         assert!(
             report.files.skipped.contains_key(reason),
@@ -311,6 +317,32 @@ fn refuses_to_overwrite_and_cancel_writes_nothing() {
         &mut |_| {},
     );
     assert!(missing.is_err());
+}
+
+#[test]
+fn lang_filter_keeps_only_the_named_languages() {
+    let repo = fixture_repo("lang");
+    let out = repo.parent().unwrap().join("data");
+    let opts = ImportOptions {
+        langs: codelsi_engine::import::Lang::parse_list("py,go").unwrap(),
+        ..options()
+    };
+    let report = import_repo(
+        &repo,
+        &out,
+        &tokenizer(),
+        &opts,
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        report.pairs.by_lang.keys().collect::<Vec<_>>(),
+        ["go", "py"],
+        "{:?}",
+        report.pairs.by_lang
+    );
+    assert!(codelsi_engine::import::Lang::parse_list("cobol").is_err());
 }
 
 fn import_file(name: &str, content: &str) -> (ImportReport, Vec<Pair>, Vec<Pair>) {

@@ -115,6 +115,8 @@ pub enum Skip {
     Minified,
     Generated,
     SymlinkLoop,
+    /// A symlink to somewhere outside the repository, or to nothing.
+    OutsideRepo,
     Unreadable,
 }
 
@@ -130,6 +132,7 @@ impl Skip {
             Skip::Minified => "minified",
             Skip::Generated => "generated",
             Skip::SymlinkLoop => "symlink_loop",
+            Skip::OutsideRepo => "outside_repo",
             Skip::Unreadable => "unreadable",
         }
     }
@@ -206,8 +209,9 @@ pub fn walk(
         ));
     }
     // Folders the filter prunes, with their reason, shared with the walker's filter closure.
-    let pruned: Arc<Mutex<Vec<(PathBuf, Skip)>>> = Arc::default();
+    let pruned: Arc<Mutex<Vec<(PathBuf, Skip, bool)>>> = Arc::default();
     let pruned_in = pruned.clone();
+    let canonical_root = root.canonicalize().map_err(|e| Error::io(root, e))?;
     let walker = ignore::WalkBuilder::new(root)
         // Hidden files are walked so `.env` files are seen and counted; `.git` is pruned below.
         .hidden(false)
@@ -216,12 +220,21 @@ pub fn walk(
         .require_git(false)
         .sort_by_file_name(|a, b| a.cmp(b))
         .filter_entry(move |entry| {
+            if entry.depth() == 0 {
+                return true;
+            }
+            // Links are followed (loops are reported), but only within the repository.
+            let outside = entry.path_is_symlink()
+                && !std::fs::canonicalize(entry.path())
+                    .is_ok_and(|p| p.starts_with(&canonical_root));
             let is_dir = entry.file_type().is_some_and(|t| t.is_dir());
-            if !is_dir || entry.depth() == 0 {
+            if !is_dir && !outside {
                 return true;
             }
             let name = entry.file_name().to_string_lossy();
-            let reason = if VENDORED_DIRS.contains(&name.as_ref()) {
+            let reason = if outside {
+                Skip::OutsideRepo
+            } else if VENDORED_DIRS.contains(&name.as_ref()) {
                 Skip::Vendored
             } else if BUILD_DIRS.contains(&name.as_ref()) {
                 Skip::BuildOutput
@@ -230,7 +243,7 @@ pub fn walk(
             };
             if name != ".git" {
                 let mut p = pruned_in.lock().unwrap_or_else(|p| p.into_inner());
-                p.push((entry.path().to_path_buf(), reason));
+                p.push((entry.path().to_path_buf(), reason, is_dir));
             }
             false
         })
@@ -290,9 +303,10 @@ pub fn walk(
     }
     // Pruned folders count once each, as the folder (their files are never met).
     let pruned = std::mem::take(&mut *pruned.lock().unwrap_or_else(|p| p.into_inner()));
-    for (p, reason) in pruned {
+    for (p, reason, is_dir) in pruned {
+        let slash = if is_dir { "/" } else { "" };
         out.skipped
-            .push((format!("{}/", rel_path(root, &p)), reason));
+            .push((format!("{}{slash}", rel_path(root, &p)), reason));
     }
     out.skipped.sort();
     Ok(out)
