@@ -1,6 +1,7 @@
 //! `codelsi`: the command line. With no subcommand it opens the desktop app; with one it works
 //! headless. Printing belongs here, never in the engine.
 
+mod eval;
 mod import;
 mod merge;
 mod train;
@@ -37,6 +38,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streaming it as it comes.
     Generate(GenerateArgs),
+    /// Measure pass@k on a suite (HumanEval-TS, MBPP-TS, or yours), programs run sandboxed.
+    Eval(eval::EvalArgs),
     /// Turn a repository (or an instruction file) into a training dataset, on this machine.
     Import(import::ImportArgs),
     /// Fine-tune a LoRA adapter on instruction data (JSONL, Alpaca or chat form).
@@ -120,6 +123,7 @@ fn main() {
         None => window::run(),
         Some(Command::Generate(args)) => cmd_generate(args),
         Some(Command::Import(args)) => import::cmd_import(args),
+        Some(Command::Eval(args)) => eval::cmd_eval(args),
         Some(Command::Train(args)) => train::cmd_train(args),
         Some(Command::Merge(args)) => merge::cmd_merge(args),
         Some(Command::Models { command }) => cmd_models(command),

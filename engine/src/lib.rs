@@ -7,6 +7,7 @@
 pub mod adapter;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod import;
@@ -15,6 +16,7 @@ pub mod kernels;
 pub mod merge;
 pub mod model;
 pub mod models;
+pub mod par;
 pub mod quant;
 pub mod sampling;
 pub mod train;

@@ -17,8 +17,6 @@ pub mod walk;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -30,6 +28,7 @@ use crate::adapter::write_atomic;
 use crate::error::{Error, Result};
 use crate::generate::CancelToken;
 use crate::io::tokenizer::{Message, Tokenizer};
+use crate::par::par_map;
 pub use pairs::{Pair, PairKind, Source};
 pub use walk::Lang;
 
@@ -222,56 +221,7 @@ fn check_out(out: &Path, force: bool) -> Result<()> {
 }
 
 fn threads(opts: &ImportOptions) -> usize {
-    if opts.threads > 0 {
-        opts.threads
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    }
-}
-
-/// Map `f` over `items` on `threads` workers, in order, each worker with its own state from
-/// `init`; `progress(done)` runs on the calling thread. Stops early, with
-/// `Error::Cancelled`, when `cancel` is set.
-fn par_map<T: Sync, S, R: Send>(
-    items: &[T],
-    threads: usize,
-    cancel: &CancelToken,
-    init: &(dyn Fn() -> S + Sync),
-    f: &(dyn Fn(&mut S, &T) -> R + Sync),
-    progress: &mut dyn FnMut(usize, &R),
-) -> Result<Vec<R>> {
-    let next = AtomicUsize::new(0);
-    let mut out: Vec<Option<R>> = std::iter::repeat_with(|| None).take(items.len()).collect();
-    std::thread::scope(|s| {
-        let (tx, rx) = mpsc::channel::<(usize, R)>();
-        for _ in 0..threads.min(items.len()).max(1) {
-            let tx = tx.clone();
-            let next = &next;
-            s.spawn(move || {
-                let mut state = init();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= items.len() || cancel.is_cancelled() {
-                        break;
-                    }
-                    if tx.send((i, f(&mut state, &items[i]))).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        drop(tx);
-        let mut done = 0;
-        for (i, r) in rx {
-            done += 1;
-            progress(done, &r);
-            out[i] = Some(r);
-        }
-    });
-    if cancel.is_cancelled() {
-        return Err(Error::Cancelled);
-    }
-    Ok(out.into_iter().flatten().collect())
+    crate::par::threads(opts.threads)
 }
 
 /// A parsed file with its redacted text.

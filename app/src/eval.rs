@@ -1,0 +1,254 @@
+//! `codelsi eval`: pass@k on a suite, with completions from a model (and adapters) or from a
+//! file, every program run in the sandbox.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use codelsi_engine::adapter::Adapter;
+use codelsi_engine::device::Wgpu;
+use codelsi_engine::eval::{self, Completion, EvalEvent, Harness, Limits, Problem, Status};
+use codelsi_engine::generate::{CancelToken, GenerateOptions, generate_with};
+use codelsi_engine::models::llama::Adapters;
+use codelsi_engine::sampling::SamplingParams;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::Format;
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// The model that writes the completions: a GGUF file, an HF directory, or `default`.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// LoRA adapter directories applied to the model (repeat to stack).
+    #[arg(long = "adapter")]
+    adapters: Vec<PathBuf>,
+    /// `humaneval-ts`, `mbpp-ts`, or a problems JSONL (`task_id`, `prompt`, `test`).
+    #[arg(long, default_value = "humaneval-ts")]
+    suite: String,
+    /// Score these completions (JSONL of `task_id`, `completion`; several lines per task for
+    /// pass@k) instead of generating.
+    #[arg(long)]
+    completions: Option<PathBuf>,
+    /// Samples per problem.
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 384)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Only the first N problems.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// CPU seconds per program (the wall limit is 1.5× this, plus 2 s).
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+    /// Memory per program, MiB.
+    #[arg(long, default_value_t = 2048)]
+    memory_mb: u64,
+    /// Programs run at once (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    jobs: usize,
+    /// Write `results.jsonl` (every sample) and `summary.json` here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// `json` prints the summary as one JSON object.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+}
+
+fn bar(json: bool, template: &str) -> ProgressBar {
+    if json {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(0);
+    b.set_style(
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    b
+}
+
+/// Completions from the model, `samples` per problem, with each problem's stop strings.
+fn generate_all(
+    args: &EvalArgs,
+    problems: &[Problem],
+    cancel: &CancelToken,
+    json: bool,
+) -> Result<Vec<Completion>> {
+    let (loaded, gpu) = crate::load(&args.model, None, json)?;
+    let model = &loaded.model;
+    let adapters = args
+        .adapters
+        .iter()
+        .map(|dir| Adapter::<Wgpu>::load_peft(dir, &model.config, model.device()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&Adapter<Wgpu>> = adapters.iter().collect();
+    if !json {
+        eprintln!(
+            "generating {} × {} completions with {} on {}",
+            problems.len(),
+            args.samples,
+            args.model,
+            gpu.name
+        );
+    }
+    let pb = bar(
+        json,
+        "generate {bar:30} {pos}/{len}  [{elapsed_precise} / eta {eta}]",
+    );
+    pb.set_length((problems.len() * args.samples) as u64);
+    let mut out = Vec::new();
+    for p in problems {
+        let ids = loaded.tokenizer.encode(&p.prompt, true)?;
+        for s in 0..args.samples {
+            if cancel.is_cancelled() {
+                bail!("cancelled");
+            }
+            let options = GenerateOptions {
+                max_tokens: args.max_tokens,
+                sampling: SamplingParams {
+                    temperature: args.temperature,
+                    top_p: args.top_p,
+                    seed: args.seed.wrapping_add(s as u64),
+                    ..SamplingParams::default()
+                },
+                stop_strings: p.stops(),
+                top_logprobs: 0,
+            };
+            let g = generate_with(
+                model,
+                Adapters {
+                    list: &refs,
+                    train: false,
+                },
+                &loaded.tokenizer,
+                &ids,
+                &options,
+                cancel,
+                &mut |_| {},
+            )?;
+            out.push(Completion {
+                task_id: p.task_id.clone(),
+                completion: g.text,
+            });
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    Ok(out)
+}
+
+pub fn cmd_eval(args: EvalArgs) -> Result<()> {
+    let json = args.format == Format::Json;
+    if args.samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    let mut problems = eval::load_suite(&args.suite)?;
+    if let Some(n) = args.limit {
+        problems.truncate(n);
+    }
+    let cancel = CancelToken::new();
+    {
+        let c = cancel.clone();
+        let _ = ctrlc::set_handler(move || c.cancel());
+    }
+    let limits = Limits {
+        cpu_secs: args.timeout,
+        wall: Duration::from_secs_f64(args.timeout as f64 * 1.5 + 2.0),
+        memory_bytes: args.memory_mb << 20,
+        ..Limits::default()
+    };
+    let harness = Harness::new(limits, args.jobs, &mut |s| {
+        if !json {
+            eprintln!("{s}");
+        }
+    })?;
+    let start = Instant::now();
+    let completions = match &args.completions {
+        Some(f) => {
+            let mut c = eval::read_completions(f)?;
+            if args.limit.is_some() {
+                c.retain(|c| problems.iter().any(|p| p.task_id == c.task_id));
+            }
+            c
+        }
+        None => generate_all(&args, &problems, &cancel, json)?,
+    };
+    let gen_secs = start.elapsed().as_secs_f64();
+    let pb = bar(
+        json,
+        "run {bar:30} {pos}/{len} ({msg})  [{elapsed_precise}]",
+    );
+    let run_start = Instant::now();
+    let results = eval::score(
+        &problems,
+        &completions,
+        &harness,
+        &cancel,
+        &mut |e| match e {
+            EvalEvent::Transpiled { programs } => pb.set_length(programs as u64),
+            EvalEvent::Ran { done, passed, .. } => {
+                pb.set_position(done as u64);
+                pb.set_message(format!("{passed} passed"));
+            }
+        },
+    )?;
+    pb.finish_and_clear();
+    let run_secs = run_start.elapsed().as_secs_f64();
+    let summary = eval::summarize(&results);
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir)?;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("results.jsonl"))?);
+        for r in &results {
+            serde_json::to_writer(&mut f, r)?;
+            f.write_all(b"\n")?;
+        }
+        f.flush()?;
+        std::fs::write(
+            dir.join("summary.json"),
+            serde_json::to_vec_pretty(&summary)?,
+        )?;
+    }
+    if json {
+        let mut v = serde_json::to_value(&summary)?;
+        v["suite"] = args.suite.clone().into();
+        v["network_isolation"] = serde_json::to_value(harness.sandbox.net)?;
+        v["generate_seconds"] = gen_secs.into();
+        v["run_seconds"] = run_secs.into();
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    for t in &summary.per_task {
+        if t.status != Status::Passed || summary.per_task.len() <= 40 {
+            println!(
+                "{:<28} {:>3}/{:<3} {:?}",
+                t.task_id, t.passed, t.samples, t.status
+            );
+        }
+    }
+    println!(
+        "{}: {} of {} samples passed over {} tasks; pass@1 {:.2}%{}",
+        args.suite,
+        summary.passed,
+        summary.total,
+        summary.tasks,
+        100.0 * summary.pass_at_1,
+        summary
+            .pass_at_k
+            .iter()
+            .filter(|(k, _)| **k > 1)
+            .map(|(k, v)| format!(", pass@{k} {:.2}%", 100.0 * v))
+            .collect::<String>()
+    );
+    println!(
+        "statuses: {:?}; generation {gen_secs:.1} s, execution {run_secs:.1} s; network isolation: {:?}",
+        summary.statuses, harness.sandbox.net
+    );
+    Ok(())
+}

@@ -1,0 +1,371 @@
+//! Functional correctness: problems (prompt + tests), completions for them, each program
+//! (prompt + completion + tests) transpiled from TypeScript and run under node in the
+//! [`sandbox`], and pass@k with the unbiased estimator of Chen et al. (2021).
+
+pub mod sandbox;
+pub mod typescript;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::generate::CancelToken;
+use crate::par::par_map;
+pub use sandbox::{Limits, RunResult, Sandbox, Status};
+pub use typescript::TypeScript;
+
+/// One benchmark problem, in the MBXP/HumanEval JSONL form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Problem {
+    pub task_id: String,
+    pub prompt: String,
+    pub test: String,
+    #[serde(default)]
+    pub entry_point: String,
+    #[serde(default)]
+    pub canonical_solution: Option<String>,
+    #[serde(default)]
+    pub language: Option<String>,
+    /// Where a completion ends; the language's defaults when absent.
+    #[serde(default)]
+    pub stop_tokens: Option<Vec<String>>,
+}
+
+impl Problem {
+    /// The stop strings for a completion of this problem's prompt: the problem's own, or
+    /// TypeScript's (a new top-level statement ends the function).
+    pub fn stops(&self) -> Vec<String> {
+        match &self.stop_tokens {
+            Some(s) if !s.is_empty() => s.clone(),
+            _ => [
+                "\nfunction ",
+                "\n/*",
+                "\n//",
+                "\nclass ",
+                "\nconsole.log",
+                "\nexport ",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+/// The suites that ship with codelsi (`engine/suites/`, with their licences).
+pub const SUITES: [&str; 2] = ["humaneval-ts", "mbpp-ts"];
+
+/// A built-in suite by name, or a problems file (JSONL) by path.
+pub fn load_suite(spec: &str) -> Result<Vec<Problem>> {
+    let (text, path) = match spec {
+        "humaneval-ts" => (
+            include_str!("../../suites/humaneval-ts.jsonl").to_string(),
+            Path::new("humaneval-ts").to_path_buf(),
+        ),
+        "mbpp-ts" | "mbtsp" => (
+            include_str!("../../suites/mbpp-ts.jsonl").to_string(),
+            Path::new("mbpp-ts").to_path_buf(),
+        ),
+        _ => {
+            let p = Path::new(spec);
+            if !p.is_file() {
+                return Err(Error::InvalidArgument(format!(
+                    "`{spec}` is neither a suite ({}) nor a problems file",
+                    SUITES.join(", ")
+                )));
+            }
+            (
+                std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
+                p.to_path_buf(),
+            )
+        }
+    };
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let p: Problem = serde_json::from_str(line).map_err(|e| Error::Malformed {
+            path: path.clone(),
+            what: format!("line {}: not a problem (task_id, prompt, test): {e}", i + 1),
+        })?;
+        out.push(p);
+    }
+    if out.is_empty() {
+        return Err(Error::Malformed {
+            path,
+            what: "no problems".into(),
+        });
+    }
+    Ok(out)
+}
+
+/// A completion to score: its problem and its text (what follows the prompt).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    pub task_id: String,
+    pub completion: String,
+}
+
+/// Read completions from JSONL (`task_id`, `completion`; several lines per task for pass@k).
+pub fn read_completions(path: &Path) -> Result<Vec<Completion>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(serde_json::from_str(line).map_err(|e| Error::Malformed {
+            path: path.into(),
+            what: format!(
+                "line {}: not a completion (task_id, completion): {e}",
+                i + 1
+            ),
+        })?);
+    }
+    Ok(out)
+}
+
+/// The program a completion is judged by: prompt, completion, tests.
+pub fn program(problem: &Problem, completion: &str) -> String {
+    format!("{}{}\n{}", problem.prompt, completion, problem.test)
+}
+
+/// One scored sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleResult {
+    pub task_id: String,
+    /// Index of this sample among its task's samples.
+    pub sample: usize,
+    pub completion: String,
+    pub status: Status,
+    /// The end of what the program (or the compiler) wrote, for failures.
+    pub stderr_tail: String,
+    pub seconds: f64,
+}
+
+/// Progress of scoring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalEvent {
+    Transpiled {
+        programs: usize,
+    },
+    Ran {
+        done: usize,
+        total: usize,
+        passed: usize,
+    },
+}
+
+/// What runs the programs: the transpiler, the sandbox, its limits, and how many at once.
+#[derive(Debug)]
+pub struct Harness {
+    pub ts: TypeScript,
+    pub sandbox: Sandbox,
+    pub limits: Limits,
+    /// Programs run at once; 0 for one per core.
+    pub jobs: usize,
+}
+
+impl Harness {
+    /// Find node and its sandbox, and the typescript package (installed on first use).
+    pub fn new(limits: Limits, jobs: usize, status: &mut dyn FnMut(&str)) -> Result<Self> {
+        let sandbox = Sandbox::detect()?;
+        let ts = TypeScript::ensure(&sandbox.node, status)?;
+        Ok(Self {
+            ts,
+            sandbox,
+            limits,
+            jobs,
+        })
+    }
+}
+
+/// Transpile and run every completion. Completions for tasks not in `problems` are an error
+/// (a mismatched file, not a failure).
+pub fn score(
+    problems: &[Problem],
+    completions: &[Completion],
+    harness: &Harness,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(EvalEvent),
+) -> Result<Vec<SampleResult>> {
+    let (ts, sandbox, limits) = (&harness.ts, &harness.sandbox, &harness.limits);
+    let by_id: BTreeMap<&str, &Problem> =
+        problems.iter().map(|p| (p.task_id.as_str(), p)).collect();
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut jobs = Vec::with_capacity(completions.len());
+    for c in completions {
+        let p = by_id.get(c.task_id.as_str()).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "completion for `{}`, which is not a problem of this suite",
+                c.task_id
+            ))
+        })?;
+        let n = counts.entry(p.task_id.as_str()).or_default();
+        jobs.push((*p, c, *n));
+        *n += 1;
+    }
+    let sources: Vec<String> = jobs
+        .iter()
+        .map(|(p, c, _)| program(p, &c.completion))
+        .collect();
+    let compiled = ts.transpile(&sources)?;
+    progress(EvalEvent::Transpiled {
+        programs: compiled.len(),
+    });
+    let work: Vec<(usize, std::result::Result<String, String>)> =
+        compiled.into_iter().enumerate().collect();
+    let run = |_: &mut (), (i, js): &(usize, std::result::Result<String, String>)| {
+        let (p, c, sample) = &jobs[*i];
+        let (status, tail, seconds) = match js {
+            Err(diag) => (Status::Failed, format!("TypeScript: {diag}"), 0.0),
+            Ok(js) => match sandbox.run_js(js, limits) {
+                Ok(r) => (r.status, r.output_tail, r.seconds),
+                Err(e) => (Status::Crashed, format!("sandbox: {e}"), 0.0),
+            },
+        };
+        SampleResult {
+            task_id: p.task_id.clone(),
+            sample: *sample,
+            completion: c.completion.clone(),
+            status,
+            stderr_tail: tail,
+            seconds,
+        }
+    };
+    let total = work.len();
+    let mut passed = 0;
+    par_map(
+        &work,
+        crate::par::threads(harness.jobs),
+        cancel,
+        &|| (),
+        &run,
+        &mut |done, r: &SampleResult| {
+            passed += usize::from(r.status == Status::Passed);
+            progress(EvalEvent::Ran {
+                done,
+                total,
+                passed,
+            })
+        },
+    )
+}
+
+/// The unbiased pass@k estimate for a task with `n` samples of which `c` passed:
+/// 1 − C(n−c, k) / C(n, k), computed as a product to stay exact for large n.
+pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
+    if k == 0 || n == 0 {
+        return 0.0;
+    }
+    if n - c < k {
+        return 1.0;
+    }
+    let mut fail = 1.0;
+    for i in (n - c + 1)..=n {
+        fail *= 1.0 - k as f64 / i as f64;
+    }
+    1.0 - fail
+}
+
+/// Per-task outcome in a summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSummary {
+    pub task_id: String,
+    pub samples: usize,
+    pub passed: usize,
+    /// The first sample's status (the greedy one when sampling is greedy).
+    pub status: Status,
+}
+
+/// What `codelsi eval` reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Samples that passed, of all samples.
+    pub passed: usize,
+    pub total: usize,
+    /// Tasks with at least one sample.
+    pub tasks: usize,
+    pub pass_at_1: f64,
+    /// pass@k for each k ≤ the fewest samples of any task, among 1, 10, 100.
+    pub pass_at_k: BTreeMap<usize, f64>,
+    pub statuses: BTreeMap<Status, usize>,
+    pub per_task: Vec<TaskSummary>,
+}
+
+/// Summarise scored samples.
+pub fn summarize(results: &[SampleResult]) -> Summary {
+    let mut per: BTreeMap<&str, Vec<&SampleResult>> = BTreeMap::new();
+    for r in results {
+        per.entry(r.task_id.as_str()).or_default().push(r);
+    }
+    let min_n = per.values().map(Vec::len).min().unwrap_or(0);
+    let mut at_k = BTreeMap::new();
+    for k in [1usize, 10, 100] {
+        if k <= min_n {
+            let mean = per
+                .values()
+                .map(|v| {
+                    let c = v.iter().filter(|r| r.status == Status::Passed).count();
+                    pass_at_k(v.len(), c, k)
+                })
+                .sum::<f64>()
+                / per.len().max(1) as f64;
+            at_k.insert(k, mean);
+        }
+    }
+    let mut statuses = BTreeMap::new();
+    for r in results {
+        *statuses.entry(r.status).or_default() += 1;
+    }
+    let per_task = per
+        .iter()
+        .map(|(id, v)| {
+            let first = v
+                .iter()
+                .min_by_key(|r| r.sample)
+                .map_or(Status::Failed, |r| r.status);
+            TaskSummary {
+                task_id: id.to_string(),
+                samples: v.len(),
+                passed: v.iter().filter(|r| r.status == Status::Passed).count(),
+                status: first,
+            }
+        })
+        .collect();
+    Summary {
+        passed: results
+            .iter()
+            .filter(|r| r.status == Status::Passed)
+            .count(),
+        total: results.len(),
+        tasks: per.len(),
+        pass_at_1: at_k.get(&1).copied().unwrap_or(0.0),
+        pass_at_k: at_k,
+        statuses,
+        per_task,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pass_at_k_matches_the_closed_form() {
+        // n = 5, c = 2, k = 2: 1 - C(3,2)/C(5,2) = 1 - 3/10.
+        assert!((pass_at_k(5, 2, 2) - 0.7).abs() < 1e-12);
+        assert_eq!(pass_at_k(10, 0, 1), 0.0);
+        assert!((pass_at_k(10, 3, 1) - 0.3).abs() < 1e-12);
+        assert_eq!(pass_at_k(4, 3, 2), 1.0);
+    }
+
+    #[test]
+    fn suites_load() {
+        assert_eq!(load_suite("humaneval-ts").map(|s| s.len()).ok(), Some(161));
+        assert_eq!(load_suite("mbpp-ts").map(|s| s.len()).ok(), Some(968));
+        assert!(load_suite("no-such-suite").is_err());
+    }
+}
