@@ -10,6 +10,7 @@ use codelsi_engine::adapter::Adapter;
 use codelsi_engine::device::Wgpu;
 use codelsi_engine::eval::{self, Completion, EvalEvent, Harness, Limits, Problem, Status};
 use codelsi_engine::generate::{CancelToken, GenerateOptions, generate_with};
+use codelsi_engine::io::tokenizer::Message;
 use codelsi_engine::models::llama::Adapters;
 use codelsi_engine::sampling::SamplingParams;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -27,6 +28,14 @@ pub struct EvalArgs {
     /// `humaneval-ts`, `mbpp-ts`, or a problems JSONL (`task_id`, `prompt`, `test`).
     #[arg(long, default_value = "humaneval-ts")]
     suite: String,
+    /// Domain fit instead of a suite: a dataset folder from `codelsi import` (its `val.jsonl`)
+    /// or a JSONL file; loss, perplexity, exact match and edit similarity of generated
+    /// outputs, for the base model and, with `--adapter`, the adapted one beside it.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Domain fit: how many records to generate outputs for (0: loss only).
+    #[arg(long, default_value_t = 20)]
+    generate: usize,
     /// Score these completions (JSONL of `task_id`, `completion`; several lines per task for
     /// pass@k) instead of generating.
     #[arg(long)]
@@ -43,6 +52,10 @@ pub struct EvalArgs {
     max_tokens: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Chat mode for instruct models: ask through the chat template for the whole function
+    /// and take the body from the reply's code block (default: complete the prompt as text).
+    #[arg(long)]
+    chat: bool,
     /// Only the first N problems.
     #[arg(long)]
     limit: Option<usize>,
@@ -105,7 +118,14 @@ fn generate_all(
     pb.set_length((problems.len() * args.samples) as u64);
     let mut out = Vec::new();
     for p in problems {
-        let ids = loaded.tokenizer.encode(&p.prompt, true)?;
+        let text = if args.chat {
+            loaded
+                .tokenizer
+                .apply_chat_template(&[Message::user(eval::chat_request(p))], true)?
+        } else {
+            p.prompt.clone()
+        };
+        let ids = loaded.tokenizer.encode(&text, true)?;
         for s in 0..args.samples {
             if cancel.is_cancelled() {
                 bail!("cancelled");
@@ -118,7 +138,8 @@ fn generate_all(
                     seed: args.seed.wrapping_add(s as u64),
                     ..SamplingParams::default()
                 },
-                stop_strings: p.stops(),
+                // A chat reply ends at its end-of-turn token; a completion at a stop string.
+                stop_strings: if args.chat { Vec::new() } else { p.stops() },
                 top_logprobs: 0,
             };
             let g = generate_with(
@@ -133,9 +154,14 @@ fn generate_all(
                 cancel,
                 &mut |_| {},
             )?;
+            let completion = if args.chat {
+                eval::completion_from_chat(p, &g.text)
+            } else {
+                g.text
+            };
             out.push(Completion {
                 task_id: p.task_id.clone(),
-                completion: g.text,
+                completion,
             });
             pb.inc(1);
         }
@@ -144,8 +170,108 @@ fn generate_all(
     Ok(out)
 }
 
+/// `--data`: loss and generation closeness on an imported validation split, base vs adapter.
+fn cmd_fit(args: &EvalArgs, data: &std::path::Path) -> Result<()> {
+    use codelsi_engine::eval::fit::{FitEvent, domain_fit};
+    use codelsi_engine::train::data::{PromptTemplate, read_jsonl};
+    let json = args.format == Format::Json;
+    let file = if data.is_dir() {
+        data.join("val.jsonl")
+    } else {
+        data.to_path_buf()
+    };
+    let mut records = read_jsonl(&file)?;
+    if let Some(n) = args.limit {
+        records.truncate(n);
+    }
+    let (loaded, _) = crate::load(&args.model, None, json)?;
+    let model = &loaded.model;
+    let adapters = args
+        .adapters
+        .iter()
+        .map(|dir| Adapter::<Wgpu>::load_peft(dir, &model.config, model.device()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&Adapter<Wgpu>> = adapters.iter().collect();
+    let template = PromptTemplate::for_tokenizer(&loaded.tokenizer);
+    let cancel = CancelToken::new();
+    {
+        let c = cancel.clone();
+        let _ = ctrlc::set_handler(move || c.cancel());
+    }
+    let mut rows = Vec::new();
+    let runs: Vec<(&str, &[&Adapter<Wgpu>])> = if refs.is_empty() {
+        vec![("base", &[])]
+    } else {
+        vec![("base", &[]), ("adapter", &refs)]
+    };
+    for (name, list) in runs {
+        let pb = bar(
+            json,
+            "{msg} {bar:30} {pos}/{len}  [{elapsed_precise} / eta {eta}]",
+        );
+        pb.set_message(format!("{name}: generating"));
+        let t = Instant::now();
+        let report = domain_fit(
+            model,
+            Adapters { list, train: false },
+            &loaded.tokenizer,
+            &records,
+            template,
+            1024,
+            args.generate,
+            args.max_tokens,
+            &cancel,
+            &mut |e| match e {
+                FitEvent::Loss => pb.set_message(format!("{name}: loss")),
+                FitEvent::Generated { done, total } => {
+                    pb.set_message(format!("{name}: generating"));
+                    pb.set_length(total as u64);
+                    pb.set_position(done as u64);
+                }
+            },
+        )?;
+        pb.finish_and_clear();
+        let Some(report) = report else {
+            bail!("cancelled")
+        };
+        rows.push((name, report, t.elapsed().as_secs_f64()));
+    }
+    if json {
+        let v: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|(n, r, s)| {
+                let mut v = serde_json::to_value(r).unwrap_or_default();
+                v["seconds"] = (*s).into();
+                (n.to_string(), v)
+            })
+            .collect();
+        println!("{}", serde_json::Value::Object(v));
+        return Ok(());
+    }
+    println!("{} records of {}", rows[0].1.records, file.display());
+    println!(
+        "{:<8} {:>8} {:>11} {:>10} {:>9} {:>8}",
+        "", "loss", "perplexity", "exact", "edit-sim", "seconds"
+    );
+    for (n, r, s) in &rows {
+        println!(
+            "{:<8} {:>8.4} {:>11.2} {:>9.1}% {:>9.3} {:>8.1}",
+            n,
+            r.loss,
+            r.perplexity,
+            100.0 * r.exact_match,
+            r.edit_similarity,
+            s
+        );
+    }
+    Ok(())
+}
+
 pub fn cmd_eval(args: EvalArgs) -> Result<()> {
     let json = args.format == Format::Json;
+    if let Some(data) = &args.data {
+        return cmd_fit(&args, data);
+    }
     if args.samples == 0 {
         bail!("--samples must be at least 1");
     }

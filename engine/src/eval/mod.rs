@@ -2,6 +2,7 @@
 //! (prompt + completion + tests) transpiled from TypeScript and run under node in the
 //! [`sandbox`], and pass@k with the unbiased estimator of Chen et al. (2021).
 
+pub mod fit;
 pub mod sandbox;
 pub mod typescript;
 
@@ -125,6 +126,44 @@ pub fn read_completions(path: &Path) -> Result<Vec<Completion>> {
         })?);
     }
     Ok(out)
+}
+
+/// The user turn of chat mode: the problem's prompt as code to complete.
+pub fn chat_request(problem: &Problem) -> String {
+    let lang = problem.language.as_deref().unwrap_or("typescript");
+    format!(
+        "Complete the following {lang} function. Reply with the whole function in one code \
+         block.\n\n```{lang}\n{}```",
+        problem.prompt
+    )
+}
+
+/// A chat reply turned into a completion of the prompt: the first code block (or the whole
+/// reply), from after the prompt's last line (the signature) when the reply repeats it.
+pub fn completion_from_chat(problem: &Problem, reply: &str) -> String {
+    let code = match reply.find("```") {
+        Some(open) => {
+            let rest = &reply[open + 3..];
+            // Skip the language tag line.
+            let body = rest.find('\n').map_or(rest, |i| &rest[i + 1..]);
+            body.find("```").map_or(body, |close| &body[..close])
+        }
+        None => reply,
+    };
+    let signature = problem
+        .prompt
+        .trim_end()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim();
+    if !signature.is_empty()
+        && let Some(at) = code.find(signature)
+    {
+        let after = &code[at + signature.len()..];
+        return after.strip_prefix('\n').unwrap_or(after).to_string();
+    }
+    code.to_string()
 }
 
 /// The program a completion is judged by: prompt, completion, tests.
@@ -360,6 +399,23 @@ mod tests {
         assert_eq!(pass_at_k(10, 0, 1), 0.0);
         assert!((pass_at_k(10, 3, 1) - 0.3).abs() < 1e-12);
         assert_eq!(pass_at_k(4, 3, 2), 1.0);
+    }
+
+    #[test]
+    fn chat_replies_become_completions() {
+        let p = Problem {
+            task_id: "t".into(),
+            prompt: "/** doc */\nconst f = function (x: number) : number  {\n".into(),
+            test: String::new(),
+            entry_point: "f".into(),
+            canonical_solution: None,
+            language: Some("typescript".into()),
+            stop_tokens: None,
+        };
+        let reply = "Sure:\n```typescript\nconst f = function (x: number) : number  {\n  return x;\n}\n```\nDone.";
+        assert_eq!(completion_from_chat(&p, reply), "  return x;\n}\n");
+        assert_eq!(completion_from_chat(&p, "  return x;\n}"), "  return x;\n}");
+        assert!(chat_request(&p).contains("```typescript\n/** doc */"));
     }
 
     #[test]

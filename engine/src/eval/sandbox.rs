@@ -323,8 +323,22 @@ impl Drop for Sandbox {
     }
 }
 
-/// The last `n` bytes of `bytes` as text, from a line start where one is near.
+/// The last `n` bytes of `bytes` as text, led by the first line that names an error (node's
+/// reason comes before a long stack trace) when the tail does not hold it.
 fn tail(bytes: &[u8], n: usize) -> String {
+    let reason = bytes
+        .split(|&b| b == b'\n')
+        .map(String::from_utf8_lossy)
+        .find(|l| l.contains("Error") || l.contains("error"))
+        .map(|l| l.trim().chars().take(300).collect::<String>());
+    let t = tail_only(bytes, n);
+    match reason {
+        Some(r) if !t.contains(&r) => format!("{r}\n…\n{t}"),
+        _ => t,
+    }
+}
+
+fn tail_only(bytes: &[u8], n: usize) -> String {
     let start = bytes.len().saturating_sub(n);
     let s = String::from_utf8_lossy(&bytes[start..]);
     // Node ends a crash report with its version; the reason is the line before.
