@@ -17,7 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::Format;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct EvalArgs {
     /// The model that writes the completions: a GGUF file, an HF directory, or `default`.
     #[arg(long, default_value = "default")]
@@ -52,6 +52,10 @@ pub struct EvalArgs {
     max_tokens: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Side by side: the base model, then each prefix of the `--adapter` stack (a general
+    /// adapter, then general + specialised), on the same suite or `--data`.
+    #[arg(long)]
+    compare: bool,
     /// Chat mode for instruct models: ask through the chat template for the whole function
     /// and take the body from the reply's code block (default: complete the prompt as text).
     #[arg(long)]
@@ -74,6 +78,9 @@ pub struct EvalArgs {
     /// `json` prints the summary as one JSON object.
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
+    /// Set for the runs inside `--compare`, which print nothing of their own.
+    #[arg(skip)]
+    quiet: bool,
 }
 
 fn bar(json: bool, template: &str) -> ProgressBar {
@@ -126,12 +133,25 @@ fn generate_all(
             p.prompt.clone()
         };
         let ids = loaded.tokenizer.encode(&text, true)?;
+        // A prompt that fills the context gets an empty completion (and fails its tests).
+        let room = model
+            .config
+            .max_position_embeddings
+            .saturating_sub(ids.len());
         for s in 0..args.samples {
             if cancel.is_cancelled() {
                 bail!("cancelled");
             }
+            if room == 0 {
+                out.push(Completion {
+                    task_id: p.task_id.clone(),
+                    completion: String::new(),
+                });
+                pb.inc(1);
+                continue;
+            }
             let options = GenerateOptions {
-                max_tokens: args.max_tokens,
+                max_tokens: args.max_tokens.min(room),
                 sampling: SamplingParams {
                     temperature: args.temperature,
                     top_p: args.top_p,
@@ -267,11 +287,83 @@ fn cmd_fit(args: &EvalArgs, data: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The runs `--compare` makes: the base, then each prefix of the adapter stack.
+fn compare_runs(args: &EvalArgs) -> Vec<(String, EvalArgs)> {
+    (0..=args.adapters.len())
+        .map(|i| {
+            let mut a = args.clone();
+            a.adapters.truncate(i);
+            a.compare = false;
+            let label = if i == 0 {
+                "base".to_string()
+            } else {
+                a.adapters
+                    .iter()
+                    .map(|d| {
+                        d.file_name().map_or_else(
+                            || d.display().to_string(),
+                            |n| n.to_string_lossy().into_owned(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("+")
+            };
+            (label, a)
+        })
+        .collect()
+}
+
 pub fn cmd_eval(args: EvalArgs) -> Result<()> {
-    let json = args.format == Format::Json;
     if let Some(data) = &args.data {
+        // Domain fit puts the base and the adapted model side by side anyway.
         return cmd_fit(&args, data);
     }
+    if !args.compare {
+        return eval_one(args).map(|_| ());
+    }
+    if args.completions.is_some() {
+        bail!("--compare generates with each model; it cannot take --completions");
+    }
+    let json = args.format == Format::Json;
+    let mut rows = Vec::new();
+    for (label, mut a) in compare_runs(&args) {
+        if !json {
+            eprintln!("== {label}");
+        }
+        a.format = Format::Json; // no bars or tables of its own: the table below is the output
+        a.quiet = true;
+        a.out = args.out.as_ref().map(|d| d.join(&label));
+        rows.push((label, eval_one(a)?));
+    }
+    if json {
+        let v: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|(l, s)| (l.clone(), serde_json::to_value(s).unwrap_or_default()))
+            .collect();
+        println!("{}", serde_json::Value::Object(v));
+        return Ok(());
+    }
+    println!(
+        "{}: {} tasks",
+        args.suite,
+        rows.first().map_or(0, |r| r.1.tasks)
+    );
+    println!("{:<32} {:>9} {:>9}", "model", "passed", "pass@1");
+    for (l, s) in &rows {
+        println!(
+            "{:<32} {:>4}/{:<4} {:>8.2}%",
+            l,
+            s.passed,
+            s.total,
+            100.0 * s.pass_at_1
+        );
+    }
+    Ok(())
+}
+
+/// One suite run; returns its summary (and prints it, as `--format` says).
+fn eval_one(args: EvalArgs) -> Result<eval::Summary> {
+    let json = args.format == Format::Json;
     if args.samples == 0 {
         bail!("--samples must be at least 1");
     }
@@ -347,8 +439,10 @@ pub fn cmd_eval(args: EvalArgs) -> Result<()> {
         v["network_isolation"] = serde_json::to_value(harness.sandbox.net)?;
         v["generate_seconds"] = gen_secs.into();
         v["run_seconds"] = run_secs.into();
-        println!("{}", serde_json::to_string(&v)?);
-        return Ok(());
+        if !args.quiet {
+            println!("{}", serde_json::to_string(&v)?);
+        }
+        return Ok(summary);
     }
     for t in &summary.per_task {
         if t.status != Status::Passed || summary.per_task.len() <= 40 {
@@ -376,5 +470,5 @@ pub fn cmd_eval(args: EvalArgs) -> Result<()> {
         "statuses: {:?}; generation {gen_secs:.1} s, execution {run_secs:.1} s; network isolation: {:?}",
         summary.statuses, harness.sandbox.net
     );
-    Ok(())
+    Ok(summary)
 }
