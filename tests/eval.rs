@@ -1,6 +1,8 @@
 //! The evaluation harness: hostile programs are contained and scored as failures while the
-//! harness goes on, and MBTSP's canonical solutions score as they should (about 770 of 967
-//! pass their own tests; 772 measured with `ts.transpileModule` + node).
+//! harness goes on, and MBTSP's canonical solutions score as they should. A naive
+//! `ts.transpileModule` + node run counts 772 of 967 as passing, but 396 of those are broken
+//! solutions whose syntax error swallows the tests (transpileModule recovers into a program
+//! that asserts nothing and exits 0); with the end-of-tests marker 376 pass.
 
 use std::time::Duration;
 
@@ -34,6 +36,10 @@ fn hostile_programs_are_contained_and_fail() {
     let cases: Vec<(&str, String)> = vec![
         ("passes", "  return 1;\n}".into()),
         ("wrong", "  return 2;\n}".into()),
+        // Leaves a block open: the tests land inside it, after the return, and never run.
+        // transpileModule recovers from the syntax error, so node exits 0 having asserted
+        // nothing; the end-of-tests marker is what catches it.
+        ("swallows_tests", "  if (true) {\n    return 1;\n".into()),
         ("infinite_loop", "  while (true) {}\n}".into()),
         (
             "fork_bomb",
@@ -103,6 +109,12 @@ fn hostile_programs_are_contained_and_fail() {
     }
     assert_eq!(status("passes").0, Status::Passed, "{:?}", status("passes"));
     assert_eq!(status("wrong").0, Status::Failed);
+    assert_eq!(
+        status("swallows_tests").0,
+        Status::Failed,
+        "{:?}",
+        status("swallows_tests")
+    );
     assert_eq!(status("infinite_loop").0, Status::Timeout);
     assert_ne!(
         status("fork_bomb").0,
@@ -169,7 +181,7 @@ fn canonical_mbtsp_solutions_pass_as_expected() {
     .unwrap_or_else(|e| panic!("{e}"));
     let s = summarize(&results);
     assert!(
-        (760..=785).contains(&s.passed),
+        (370..=385).contains(&s.passed),
         "{} of 967 canonical solutions passed ({:?})",
         s.passed,
         s.statuses

@@ -166,9 +166,17 @@ pub fn completion_from_chat(problem: &Problem, reply: &str) -> String {
     code.to_string()
 }
 
-/// The program a completion is judged by: prompt, completion, tests.
+/// Printed after the tests: a program that exits cleanly without printing it never reached
+/// the end of its tests (a completion that leaves a block open swallows them, and
+/// `transpileModule` recovers from the syntax error into a program that asserts nothing).
+pub const TESTS_DONE: &str = "__codelsi_tests_done__";
+
+/// The program a completion is judged by: prompt, completion, tests, the end marker.
 pub fn program(problem: &Problem, completion: &str) -> String {
-    format!("{}{}\n{}", problem.prompt, completion, problem.test)
+    format!(
+        "{}{}\n{}\n;console.log({TESTS_DONE:?});\n",
+        problem.prompt, completion, problem.test
+    )
 }
 
 /// One scored sample.
@@ -260,7 +268,16 @@ pub fn score(
         let (p, c, sample) = &jobs[*i];
         let (status, tail, seconds) = match js {
             Err(diag) => (Status::Failed, format!("TypeScript: {diag}"), 0.0),
-            Ok(js) => match sandbox.run_js(js, limits) {
+            Ok(js) => match sandbox.run_js(js, limits, Some(TESTS_DONE)) {
+                Ok(r) if r.status == Status::Passed && !r.marker_seen => (
+                    Status::Failed,
+                    format!(
+                        "the tests did not run to their end (the completion leaves a block \
+                         open?)\n{}",
+                        r.output_tail
+                    ),
+                    r.seconds,
+                ),
                 Ok(r) => (r.status, r.output_tail, r.seconds),
                 Err(e) => (Status::Crashed, format!("sandbox: {e}"), 0.0),
             },

@@ -64,6 +64,8 @@ pub struct RunResult {
     /// The last part of stderr (or stdout when stderr is empty).
     pub output_tail: String,
     pub seconds: f64,
+    /// Whether stdout held the marker `run_js` was asked to look for.
+    pub marker_seen: bool,
 }
 
 /// Whether programs get a network namespace of their own.
@@ -140,7 +142,7 @@ impl Sandbox {
         };
         for net in [NetIsolation::Namespace, NetIsolation::UserNamespace] {
             sb.net = net;
-            let r = sb.run_js("process.exit(0)", &Limits::default())?;
+            let r = sb.run_js("process.exit(0)", &Limits::default(), None)?;
             if r.status == Status::Passed {
                 return Ok(sb);
             }
@@ -149,19 +151,20 @@ impl Sandbox {
         Ok(sb)
     }
 
-    /// Run `js` (CommonJS) as `main.js` in a fresh folder, within `limits`.
-    pub fn run_js(&self, js: &str, limits: &Limits) -> Result<RunResult> {
+    /// Run `js` (CommonJS) as `main.js` in a fresh folder, within `limits`; `marker`, when
+    /// given, is looked for in what it prints.
+    pub fn run_js(&self, js: &str, limits: &Limits, marker: Option<&str>) -> Result<RunResult> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = self.root.join(format!("run-{n}"));
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let main = dir.join("main.js");
         std::fs::write(&main, js).map_err(|e| Error::io(&main, e))?;
-        let result = self.run_in(&dir, limits);
+        let result = self.run_in(&dir, limits, marker);
         let _ = std::fs::remove_dir_all(&dir);
         result
     }
 
-    fn run_in(&self, dir: &Path, limits: &Limits) -> Result<RunResult> {
+    fn run_in(&self, dir: &Path, limits: &Limits, marker: Option<&str>) -> Result<RunResult> {
         let d = dir.display();
         let mut cmd = Command::new(&self.node);
         cmd.arg(self.permission_flag)
@@ -227,6 +230,7 @@ impl Sandbox {
                     exit_code: None,
                     output_tail: format!("sandbox: {e}"),
                     seconds: 0.0,
+                    marker_seen: false,
                 });
             }
             Err(e) => return Err(Error::io(&self.node, e)),
@@ -308,11 +312,16 @@ impl Sandbox {
             Status::Crashed
         };
         let tail_of = if stderr.is_empty() { &stdout } else { &stderr };
+        let marker_seen = marker.is_some_and(|m| {
+            let m = m.as_bytes();
+            stdout.windows(m.len()).any(|w| w == m)
+        });
         Ok(RunResult {
             status: result,
             exit_code,
             output_tail: tail(tail_of, 2000),
             seconds,
+            marker_seen,
         })
     }
 }
