@@ -13,7 +13,6 @@ use codelsi_engine::generate::{CancelToken, GenerateOptions, generate_with};
 use codelsi_engine::io::tokenizer::Message;
 use codelsi_engine::models::llama::Adapters;
 use codelsi_engine::sampling::SamplingParams;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::Format;
 
@@ -83,17 +82,6 @@ pub struct EvalArgs {
     quiet: bool,
 }
 
-fn bar(json: bool, template: &str) -> ProgressBar {
-    if json {
-        return ProgressBar::hidden();
-    }
-    let b = ProgressBar::new(0);
-    b.set_style(
-        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    b
-}
-
 /// Completions from the model, `samples` per problem, with each problem's stop strings.
 fn generate_all(
     args: &EvalArgs,
@@ -103,11 +91,7 @@ fn generate_all(
 ) -> Result<Vec<Completion>> {
     let (loaded, gpu) = crate::load(&args.model, None, json)?;
     let model = &loaded.model;
-    let adapters = args
-        .adapters
-        .iter()
-        .map(|dir| Adapter::<Wgpu>::load_peft(dir, &model.config, model.device()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let adapters = crate::load_adapters(&args.adapters, model)?;
     let refs: Vec<&Adapter<Wgpu>> = adapters.iter().collect();
     if !json {
         eprintln!(
@@ -118,7 +102,7 @@ fn generate_all(
             gpu.name
         );
     }
-    let pb = bar(
+    let pb = crate::progress_bar(
         json,
         "generate {bar:30} {pos}/{len}  [{elapsed_precise} / eta {eta}]",
     );
@@ -206,18 +190,10 @@ fn cmd_fit(args: &EvalArgs, data: &std::path::Path) -> Result<()> {
     }
     let (loaded, _) = crate::load(&args.model, None, json)?;
     let model = &loaded.model;
-    let adapters = args
-        .adapters
-        .iter()
-        .map(|dir| Adapter::<Wgpu>::load_peft(dir, &model.config, model.device()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let adapters = crate::load_adapters(&args.adapters, model)?;
     let refs: Vec<&Adapter<Wgpu>> = adapters.iter().collect();
     let template = PromptTemplate::for_tokenizer(&loaded.tokenizer);
-    let cancel = CancelToken::new();
-    {
-        let c = cancel.clone();
-        let _ = ctrlc::set_handler(move || c.cancel());
-    }
+    let cancel = crate::ctrl_c_token();
     let mut rows = Vec::new();
     let runs: Vec<(&str, &[&Adapter<Wgpu>])> = if refs.is_empty() {
         vec![("base", &[])]
@@ -225,7 +201,7 @@ fn cmd_fit(args: &EvalArgs, data: &std::path::Path) -> Result<()> {
         vec![("base", &[]), ("adapter", &refs)]
     };
     for (name, list) in runs {
-        let pb = bar(
+        let pb = crate::progress_bar(
             json,
             "{msg} {bar:30} {pos}/{len}  [{elapsed_precise} / eta {eta}]",
         );
@@ -371,11 +347,7 @@ fn eval_one(args: EvalArgs) -> Result<eval::Summary> {
     if let Some(n) = args.limit {
         problems.truncate(n);
     }
-    let cancel = CancelToken::new();
-    {
-        let c = cancel.clone();
-        let _ = ctrlc::set_handler(move || c.cancel());
-    }
+    let cancel = crate::ctrl_c_token();
     let limits = Limits {
         cpu_secs: args.timeout,
         wall: Duration::from_secs_f64(args.timeout as f64 * 1.5 + 2.0),
@@ -399,7 +371,7 @@ fn eval_one(args: EvalArgs) -> Result<eval::Summary> {
         None => generate_all(&args, &problems, &cancel, json)?,
     };
     let gen_secs = start.elapsed().as_secs_f64();
-    let pb = bar(
+    let pb = crate::progress_bar(
         json,
         "run {bar:30} {pos}/{len} ({msg})  [{elapsed_precise}]",
     );

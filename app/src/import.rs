@@ -3,11 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use codelsi_engine::generate::CancelToken;
 use codelsi_engine::import::{ImportEvent, ImportOptions, Lang, import_records, import_repo};
 use codelsi_engine::io::tokenizer::Tokenizer;
 use codelsi_engine::model::resolve_model;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::Format;
 
@@ -74,19 +72,8 @@ pub fn cmd_import(args: ImportArgs) -> Result<()> {
     };
     let model = resolve_model(&args.model, &mut |_| {})?;
     let tokenizer = Tokenizer::from_model(&model)?;
-    let cancel = CancelToken::new();
-    {
-        let c = cancel.clone();
-        let _ = ctrlc::set_handler(move || c.cancel());
-    }
-    let bar = ProgressBar::hidden();
-    if !json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template("{msg:>12} {bar:30} {pos}/{len}  [{elapsed_precise}]")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-    }
+    let cancel = crate::ctrl_c_token();
+    let bar = crate::progress_bar(json, "{msg:>12} {bar:30} {pos}/{len}  [{elapsed_precise}]");
     let start = std::time::Instant::now();
     let mut progress = |e: ImportEvent| match e {
         ImportEvent::Walking { seen } => {

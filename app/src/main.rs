@@ -135,6 +135,44 @@ fn main() {
 }
 
 /// Load a model, reporting progress on stderr.
+/// The process's cancel token, set by Ctrl-C. `ctrlc` takes one handler per process, so every
+/// command (and every run inside `eval --compare`) shares this one.
+fn ctrl_c_token() -> CancelToken {
+    static TOKEN: std::sync::OnceLock<CancelToken> = std::sync::OnceLock::new();
+    TOKEN
+        .get_or_init(|| {
+            let token = CancelToken::new();
+            let c = token.clone();
+            let _ = ctrlc::set_handler(move || c.cancel());
+            token
+        })
+        .clone()
+}
+
+/// A progress bar on stderr drawn with `template`, or a hidden one for `--format json`.
+fn progress_bar(json: bool, template: &str) -> indicatif::ProgressBar {
+    if json {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(0);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b
+}
+
+/// PEFT adapter directories loaded for `model`.
+fn load_adapters(
+    dirs: &[PathBuf],
+    model: &codelsi_engine::models::llama::Llama<Wgpu>,
+) -> Result<Vec<Adapter<Wgpu>>> {
+    Ok(dirs
+        .iter()
+        .map(|dir| Adapter::<Wgpu>::load_peft(dir, &model.config, model.device()))
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
 fn load(
     spec: &str,
     quantize: Option<QFormat>,
@@ -183,11 +221,7 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
     let LoadedModel {
         model, tokenizer, ..
     } = &loaded;
-    let adapters = args
-        .adapters
-        .iter()
-        .map(|dir| Adapter::<Wgpu>::load_peft(dir, &model.config, model.device()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let adapters = load_adapters(&args.adapters, model)?;
     let adapter_refs: Vec<&Adapter<Wgpu>> = adapters.iter().collect();
     let prompt_text = if args.chat {
         tokenizer.apply_chat_template(&[Message::user(&args.prompt)], true)?

@@ -3,11 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use codelsi_engine::generate::CancelToken;
 use codelsi_engine::merge::{MergeFormat, merge};
 use codelsi_engine::model::resolve_model;
 use codelsi_engine::quant::GgmlType;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::Format;
 
@@ -58,12 +56,8 @@ pub fn cmd_merge(args: MergeArgs) -> Result<()> {
         }
     }
     let base = resolve_model(&args.model, &mut |_| {})?;
-    let cancel = CancelToken::new();
-    {
-        let c = cancel.clone();
-        let _ = ctrlc::set_handler(move || c.cancel());
-    }
-    let bar = ProgressBar::hidden();
+    let cancel = crate::ctrl_c_token();
+    let bar = crate::progress_bar(json, "{bar:30} {pos}/{len} tensors  [{elapsed_precise}]");
     if !json {
         eprintln!(
             "merging {} adapter(s) into {} → {} ({})",
@@ -71,11 +65,6 @@ pub fn cmd_merge(args: MergeArgs) -> Result<()> {
             base.display(),
             args.out.display(),
             format.name()
-        );
-        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} tensors  [{elapsed_precise}]")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
     }
     let report = merge(

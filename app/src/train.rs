@@ -8,12 +8,10 @@ use burn::backend::Autodiff;
 use burn::tensor::Tensor;
 use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
 use codelsi_engine::device::Wgpu;
-use codelsi_engine::generate::CancelToken;
 use codelsi_engine::model::LoadedModel;
 use codelsi_engine::quant::QFormat;
 use codelsi_engine::train::data::{self, PromptTemplate, Row};
 use codelsi_engine::train::{Activations, Decay, TrainConfig, TrainEvent, TrainJob, train};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::{Format, load_on, parse_quant};
 
@@ -194,21 +192,11 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         );
     }
 
-    let cancel = CancelToken::new();
-    {
-        let c = cancel.clone();
-        let _ = ctrlc::set_handler(move || c.cancel());
-    }
-    let bar = ProgressBar::hidden();
-    if !json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-    }
+    let cancel = crate::ctrl_c_token();
+    let bar = crate::progress_bar(
+        json,
+        "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+    );
     let model_name = loaded
         .info
         .path

@@ -220,10 +220,6 @@ fn check_out(out: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-fn threads(opts: &ImportOptions) -> usize {
-    crate::par::threads(opts.threads)
-}
-
 /// A parsed file with its redacted text.
 struct ParsedFile {
     rel: String,
@@ -308,7 +304,7 @@ pub fn import_repo(
         });
     }
 
-    let n_threads = threads(opts);
+    let n_threads = crate::par::threads(opts.threads);
     let total = walked.files.len();
     let mut bytes = 0u64;
     let parsed: Vec<Option<ParsedFile>> = {
@@ -399,9 +395,8 @@ pub fn import_repo(
         &mut |done, _| progress(ImportEvent::Pairing { done, total }),
     )?;
     let mut all: Vec<Pair> = built.into_iter().flatten().collect();
-    let min_tokens = |p: &Pair| p.output_tokens >= opts.min_tokens;
     report.pairs.extracted = all.len();
-    all.retain(|p| keep(p, &mut report.pairs.dropped, opts, &min_tokens));
+    all.retain(|p| keep(p, &mut report.pairs.dropped, opts));
     progress(ImportEvent::Writing);
     finish(all, out, opts, report, |p| p.source.path.clone())
 }
@@ -416,12 +411,7 @@ fn prompt_text(p: &Pair) -> String {
 }
 
 /// The per-pair filters: secrets, replaced bytes, emptiness, length. Counts what it drops.
-fn keep(
-    p: &Pair,
-    dropped: &mut BTreeMap<String, usize>,
-    opts: &ImportOptions,
-    min_tokens: &dyn Fn(&Pair) -> bool,
-) -> bool {
+fn keep(p: &Pair, dropped: &mut BTreeMap<String, usize>, opts: &ImportOptions) -> bool {
     let text = pair_texts(p);
     let empty = match &p.messages {
         Some(_) => false,
@@ -435,7 +425,7 @@ fn keep(
         Some("empty")
     } else if p.tokens > opts.max_tokens {
         Some("too_long")
-    } else if !min_tokens(p) {
+    } else if p.output_tokens < opts.min_tokens {
         Some("too_short")
     } else {
         None
@@ -639,9 +629,7 @@ pub fn import_records(
             continue;
         }
         p.tokens = count_tokens(tokenizer, &text);
-        clean.push(p);
-    }
-    let min_tokens = |p: &Pair| {
+        // What is learnt: the output, or a chat's assistant turns.
         let output = match &p.messages {
             Some(m) => m
                 .iter()
@@ -651,9 +639,10 @@ pub fn import_records(
                 .join("\n"),
             None => p.output.clone(),
         };
-        count_tokens(tokenizer, &output) >= opts.min_tokens
-    };
-    clean.retain(|p| keep(p, &mut report.pairs.dropped, opts, &min_tokens));
+        p.output_tokens = count_tokens(tokenizer, &output);
+        clean.push(p);
+    }
+    clean.retain(|p| keep(p, &mut report.pairs.dropped, opts));
     progress(ImportEvent::Writing);
     finish(clean, out, opts, report, |p| {
         format!("{}#{}", p.source.name, p.source.line)

@@ -335,12 +335,10 @@ pub fn content_skip(name: &str, bytes: &[u8]) -> Option<Skip> {
         return Some(Skip::Minified);
     }
     // Minified: long lines on average and at least one very long line.
-    let lines = bytes.split(|&b| b == b'\n').count().max(1);
-    let longest = bytes
+    let (lines, longest) = bytes
         .split(|&b| b == b'\n')
-        .map(<[u8]>::len)
-        .max()
-        .unwrap_or(0);
+        .fold((0usize, 0usize), |(n, m), l| (n + 1, m.max(l.len())));
+    let lines = lines.max(1);
     if longest > 1000 && bytes.len() / lines > 200 {
         return Some(Skip::Minified);
     }
