@@ -1,12 +1,13 @@
 //! codelsi benchmarks (not tests: timings never decide pass/fail).
 //!
-//! `cargo run --release -p codelsi-benches -- [kernels|model|train|all] [--model M] [--seq N]
+//! `cargo run --release -p codelsi-benches -- [kernels|model|train|all] [--model M] [--batches 1,8,32] [--seq N]
 //! [--steps N] [--grad-checkpoint] [--activations auto|f16|f32]`, and
 //! `... -- import [--src DIR]... [--threads N] [--max-file-kb K]`
 //!
 //! - kernels: device copy bandwidth (the roofline for a memory-bound mat-vec), then GB/s of the
-//!   quantised mat-vec kernel per format and GFLOP/s of the tiled prefill kernel.
-//! - model: prefill and decode tokens/s of a model (default: the default model).
+//!   quantised mat-vec kernel per format and GFLOP/s of the tiled and row-block kernels.
+//! - model: prefill and decode tokens/s of a model (default: the default model), then batched
+//!   prefill and decode at the batch sizes of `--batches` (default 1,8,32).
 //! - train: LoRA training tokens/s and peak device memory at seq 512, r = 16, alpha = 32, all
 //!   seven projections (the setting of the CodeLSI paper), one 512-token row per step.
 //! - import: repository import throughput (MB/s of source parsed, pairs/s) on real TypeScript
@@ -21,6 +22,7 @@ use anyhow::Result;
 use burn::tensor::backend::Backend as _;
 use burn::tensor::{Distribution, Tensor};
 use codelsi_engine::device::{Wgpu, init_wgpu};
+use codelsi_engine::kernels::qmatmul::{QShape, q_matmul_wgpu};
 use codelsi_engine::kernels::{KernelBackend, QTensor};
 use codelsi_engine::model::{load_model, resolve_model};
 use codelsi_engine::quant::{QFormat, QMatrix};
@@ -73,25 +75,40 @@ fn kernels(device: &burn::backend::wgpu::WgpuDevice) {
             bytes / s / 1e9,
             100.0 * bytes / s / 1e9 / copy_gbs
         );
-        let m = 128;
-        let xm = Tensor::<B, 2>::random([m, k], Distribution::Uniform(-1.0, 1.0), device);
-        let s = time(device, 3, || {
-            let _ = <B as KernelBackend>::q_matmul(xm.clone(), &qt);
-        });
-        let dense = Tensor::<B, 2>::random([k, n], Distribution::Uniform(-1.0, 1.0), device);
-        let s_dense = time(device, 3, || {
-            let _ = xm.clone().matmul(dense.clone());
-        });
-        println!(
-            "qmatmul {format:?} m={m}: {:.1} ms, {:.2} GFLOP/s (burn f32 matmul, same shape: {:.2} GFLOP/s)",
-            s * 1e3,
-            2.0 * (m * n * k) as f64 / s / 1e9,
-            2.0 * (m * n * k) as f64 / s_dense / 1e9
-        );
+        // Both kernel choices for more than one row (the adapter's own is starred): the tiled
+        // kernel (GPUs) and the row-block kernel (CPU adapters).
+        let ours = QShape::for_adapter();
+        for m in [8, 128] {
+            let xm = Tensor::<B, 2>::random([m, k], Distribution::Uniform(-1.0, 1.0), device);
+            let mut line = format!("qmatmul {format:?} m={m}:");
+            for (name, shape) in [("tiled", QShape::GPU), ("row-block", QShape::CPU)] {
+                let s = time(device, 3, || {
+                    let _ = q_matmul_wgpu(xm.clone(), &qt, shape);
+                });
+                let star = if shape == ours { "*" } else { "" };
+                line += &format!(
+                    " {name}{star} {:.1} ms, {:.2} GFLOP/s;",
+                    s * 1e3,
+                    2.0 * (m * n * k) as f64 / s / 1e9
+                );
+            }
+            if m == 128 {
+                let dense =
+                    Tensor::<B, 2>::random([k, n], Distribution::Uniform(-1.0, 1.0), device);
+                let s_dense = time(device, 3, || {
+                    let _ = xm.clone().matmul(dense.clone());
+                });
+                line += &format!(
+                    " burn f32 matmul {:.2} GFLOP/s",
+                    2.0 * (m * n * k) as f64 / s_dense / 1e9
+                );
+            }
+            println!("{line}");
+        }
     }
 }
 
-fn model(device: &burn::backend::wgpu::WgpuDevice, spec: &str) -> Result<()> {
+fn model(device: &burn::backend::wgpu::WgpuDevice, spec: &str, batches: &[usize]) -> Result<()> {
     let path = resolve_model(spec, &mut |_| {})?;
     let loaded = load_model::<B>(&path, None, device, &mut |_| {})?;
     let m = &loaded.model;
@@ -128,6 +145,36 @@ fn model(device: &burn::backend::wgpu::WgpuDevice, spec: &str) -> Result<()> {
         decode / steps as f64 * 1e3,
         m.device_bytes() as f64 / 1e6
     );
+
+    // Batched decode (eval suites, n samples): one step advances every row. A short prompt
+    // keeps the batch's prefill quick; a step's cost hardly depends on the cache length here.
+    let adapters = codelsi_engine::models::llama::Adapters::none();
+    let prompt = &prompt[..prompt.len().min(32)];
+    for &batch in batches {
+        let tokens: Vec<u32> = (0..batch).flat_map(|_| prompt.iter().copied()).collect();
+        let pads = vec![0; batch];
+        let mut cache = m.new_cache(batch, prompt.len() + 64);
+        let t = Instant::now();
+        let _ = m
+            .forward_batch(&tokens, &pads, &mut cache, adapters)?
+            .into_data();
+        let prefill = t.elapsed().as_secs_f64();
+        let steps = 8;
+        let next: Vec<u32> = (0..batch as u32).map(|i| 100 + i).collect();
+        let t = Instant::now();
+        for _ in 0..steps {
+            let _ = m
+                .forward_batch(&next, &pads, &mut cache, adapters)?
+                .into_data();
+        }
+        let decode = t.elapsed().as_secs_f64();
+        println!(
+            "  batch {batch:>3}: prefill {:.1} tok/s; decode {:.2} tok/s ({:.0} ms/step)",
+            (batch * prompt.len()) as f64 / prefill,
+            (batch * steps) as f64 / decode,
+            decode / steps as f64 * 1e3
+        );
+    }
     Ok(())
 }
 
@@ -352,7 +399,15 @@ fn main() -> Result<()> {
         kernels(&device);
     }
     if matches!(what, "model" | "all") {
-        model(&device, spec)?;
+        let batches = args
+            .iter()
+            .position(|a| a == "--batches")
+            .and_then(|i| args.get(i + 1))
+            .map_or("1,8,32", |s| s)
+            .split(',')
+            .map(|b| b.trim().parse::<usize>())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        model(&device, spec, &batches)?;
     }
     if matches!(what, "train" | "all") {
         let number = |flag: &str, default: usize| {

@@ -1,10 +1,13 @@
 //! The generation loop end to end on the tiny model (whose greedy tokens transformers gave):
-//! streaming, max tokens, stop strings, cancellation.
+//! streaming, max tokens, stop strings, cancellation, and batches of prompts.
 
-use codelsi_engine::generate::{CancelToken, GenerateOptions, StopReason, generate};
+use codelsi_engine::generate::{
+    BatchRequest, CancelToken, GenerateOptions, StopReason, generate, generate_batch, generate_with,
+};
 use codelsi_engine::model::load_model;
+use codelsi_engine::models::llama::Adapters;
 use codelsi_engine::sampling::SamplingParams;
-use codelsi_tests::{B, device, fixtures};
+use codelsi_tests::{B, assert_close, device, fixtures};
 
 #[derive(serde::Deserialize)]
 struct TinyGolden {
@@ -134,4 +137,141 @@ fn streaming_stop_strings_and_cancel() {
             .iter()
             .all(|s| s.len() == 3 && s[0].1 >= s[1].1)
     );
+}
+
+/// A batch of prompts of different lengths (left-padded), greedy and sampled, with stop
+/// strings and different lengths to generate, gives each request what it gets alone.
+#[test]
+fn batch_matches_one_at_a_time() {
+    let dir = fixtures().join("tiny_llama");
+    let loaded = load_model::<B>(&dir, None, &device(), &mut |_| {}).unwrap();
+    let (model, tok) = (&loaded.model, &loaded.tokenizer);
+    let g: TinyGolden =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let long = g.prompt_ids.clone();
+    let short = long[..long.len() / 2].to_vec();
+    let other: Vec<u32> = long.iter().rev().copied().collect();
+    let greedy = |max_tokens| GenerateOptions {
+        max_tokens,
+        ..Default::default()
+    };
+    let sampled = |seed| GenerateOptions {
+        max_tokens: 10,
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_p: 0.95,
+            seed,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    // The greedy text of `short`, for a stop string that ends its row early.
+    let alone = |ids: &[u32], o: &GenerateOptions| {
+        generate_with(
+            model,
+            Adapters::none(),
+            tok,
+            ids,
+            o,
+            &CancelToken::new(),
+            &mut |_| {},
+        )
+        .unwrap()
+    };
+    let short_text = alone(&short, &greedy(12)).text;
+    let stop: String = short_text.chars().skip(4).take(2).collect();
+    let requests = vec![
+        BatchRequest {
+            prompt_ids: long.clone(),
+            options: greedy(12),
+        },
+        BatchRequest {
+            prompt_ids: short.clone(),
+            options: GenerateOptions {
+                stop_strings: vec![stop],
+                ..greedy(12)
+            },
+        },
+        BatchRequest {
+            prompt_ids: other,
+            options: greedy(3),
+        },
+        BatchRequest {
+            prompt_ids: short.clone(),
+            options: sampled(1),
+        },
+        BatchRequest {
+            prompt_ids: short,
+            options: sampled(2),
+        },
+    ];
+    let mut finished = Vec::new();
+    let outs = generate_batch(
+        model,
+        Adapters::none(),
+        tok,
+        &requests,
+        &CancelToken::new(),
+        &mut |i, _| finished.push(i),
+    )
+    .unwrap();
+    assert_eq!(outs.len(), requests.len());
+    finished.sort_unstable();
+    assert_eq!(finished, (0..requests.len()).collect::<Vec<_>>());
+    for (i, (r, out)) in requests.iter().zip(&outs).enumerate() {
+        let want = alone(&r.prompt_ids, &r.options);
+        assert_eq!(out.token_ids, want.token_ids, "request {i}");
+        assert_eq!(out.text, want.text, "request {i}");
+        assert_eq!(out.stop_reason, want.stop_reason, "request {i}");
+    }
+    assert_eq!(outs[1].stop_reason, StopReason::StopString);
+    assert_eq!(outs[2].token_ids.len(), 3);
+    assert_ne!(
+        outs[3].token_ids, outs[4].token_ids,
+        "two seeds gave one sample"
+    );
+
+    // The padded row's logits are the unpadded ones.
+    let mut cache = model.new_cache(2, long.len());
+    let pad = long.len() - requests[1].prompt_ids.len();
+    let mut tokens = long.clone();
+    tokens.extend(std::iter::repeat_n(0, pad));
+    tokens.extend_from_slice(&requests[1].prompt_ids);
+    let batch = model
+        .forward_batch(&tokens, &[0, pad], &mut cache, Adapters::none())
+        .unwrap()
+        .into_data()
+        .into_vec::<f32>()
+        .unwrap();
+    let vocab = model.config.vocab_size;
+    for (row, ids) in [&long, &requests[1].prompt_ids].into_iter().enumerate() {
+        let mut c = model.new_cache(1, ids.len());
+        let want = model
+            .forward(ids, &mut c, false)
+            .unwrap()
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap();
+        assert_close(
+            &format!("row {row}"),
+            &batch[row * vocab..(row + 1) * vocab],
+            &want,
+            1e-4,
+            1e-4,
+        );
+    }
+
+    // Cancelled before the first step: every row says so.
+    let cancel = CancelToken::new();
+    cancel.cancel();
+    let outs = generate_batch(
+        model,
+        Adapters::none(),
+        tok,
+        &requests,
+        &cancel,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert!(outs.iter().all(|o| o.stop_reason == StopReason::Cancelled));
 }

@@ -2,7 +2,7 @@
 //! reference (dequantise with int ops + matmul) and a naive CPU loop over the dequantised weights.
 
 use burn::tensor::{Tensor, TensorData};
-use codelsi_engine::kernels::qmatmul::{MatVecShape, q_matmul_wgpu};
+use codelsi_engine::kernels::qmatmul::{QShape, q_matmul_wgpu};
 use codelsi_engine::kernels::{KernelBackend, QTensor, reference};
 use codelsi_engine::quant::{QFormat, QMatrix};
 use codelsi_tests::{B, assert_close, device, random_values, to_vec, varied_weights};
@@ -38,13 +38,15 @@ fn reference_dequantize_matches_cpu() {
 #[test]
 fn q_matmul_kernels_match_references() {
     let dev = device();
-    // m = 1..=4 runs the mat-vec kernel, larger m the tiled one; n and m not multiples of any
-    // workgroup dimension; k several blocks.
+    // GPU shape: m = 1..=4 runs the mat-vec kernel, larger m the tiled one; CPU shape: m = 1 the
+    // mat-vec kernel, larger m the row-block one. n and m not multiples of any workgroup
+    // dimension or row block; k several blocks.
     let shapes = [
         (1, 45, 96),
         (3, 77, 160),
         (4, 33, 64),
         (5, 45, 96),
+        (20, 45, 96),
         (37, 67, 128),
         (70, 129, 32),
     ];
@@ -55,8 +57,8 @@ fn q_matmul_kernels_match_references() {
             let x = Tensor::<B, 2>::from_data(TensorData::new(x_host.clone(), [m, k]), &dev);
             let qt = QTensor::<B>::from_qmatrix(&q, &dev);
             let kernel = to_vec(<B as KernelBackend>::q_matmul(x.clone(), &qt));
-            // Both mat-vec thread layouts, whichever this adapter picks by default.
-            for shape in [MatVecShape::GPU, MatVecShape::CPU] {
+            // Both kernel choices, whichever this adapter picks by default.
+            for shape in [QShape::GPU, QShape::CPU] {
                 let y = to_vec(q_matmul_wgpu(x.clone(), &qt, shape));
                 assert_close(
                     &format!("{format:?} m={m} n={n} k={k} {shape:?}"),

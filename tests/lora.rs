@@ -6,7 +6,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use codelsi_engine::kernels::lora::{matmul_strided_wgpu, q_matmul_t_wgpu};
-use codelsi_engine::kernels::qmatmul::{MatVecShape, q_matmul_lora_wgpu};
+use codelsi_engine::kernels::qmatmul::{QShape, q_matmul_lora_wgpu};
 use codelsi_engine::kernels::{KernelBackend, LoraEpilogue, QTensor, reference};
 use codelsi_engine::quant::{QFormat, QMatrix};
 use codelsi_tests::{B, assert_close, device, random_values, to_vec, varied_weights};
@@ -35,9 +35,10 @@ fn qweight<Bk: Backend>(
 }
 
 /// (m, n, k, r): m = 1..4 runs the mat-vec kernel; sizes off every tile edge; k several blocks.
-const SHAPES: [(usize, usize, usize, usize); 5] = [
+const SHAPES: [(usize, usize, usize, usize); 6] = [
     (1, 45, 96, 8),
     (3, 77, 160, 1),
+    (13, 33, 64, 8),
     (37, 67, 128, 16),
     (70, 129, 32, 5),
     (130, 64, 96, 64),
@@ -57,7 +58,7 @@ fn lora_forward_kernel_matches_reference() {
                 scale: 1.7,
             };
             let want = to_vec(reference::q_matmul_lora(x.clone(), &w, &lora));
-            for shape in [MatVecShape::GPU, MatVecShape::CPU] {
+            for shape in [QShape::GPU, QShape::CPU] {
                 let got = to_vec(q_matmul_lora_wgpu(x.clone(), &w, Some(&lora), shape));
                 let what = format!("{format:?} m={m} n={n} k={k} r={r} {shape:?}");
                 assert_close(&what, &got, &want, 1e-4, 1e-4);

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use codelsi_engine::adapter::Adapter;
 use codelsi_engine::device::Wgpu;
 use codelsi_engine::eval::{self, Completion, EvalEvent, Harness, Limits, Problem, Status};
-use codelsi_engine::generate::{CancelToken, GenerateOptions, generate_with};
+use codelsi_engine::generate::{BatchRequest, CancelToken, GenerateOptions, generate_batch};
 use codelsi_engine::io::tokenizer::Message;
 use codelsi_engine::models::llama::Adapters;
 use codelsi_engine::sampling::SamplingParams;
@@ -51,6 +51,10 @@ pub struct EvalArgs {
     max_tokens: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Completions generated together in one batch (more is faster on a GPU, and takes
+    /// memory for each row's KV cache).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
     /// Side by side: the base model, then each prefix of the `--adapter` stack (a general
     /// adapter, then general + specialised), on the same suite or `--data`.
     #[arg(long)]
@@ -82,7 +86,8 @@ pub struct EvalArgs {
     quiet: bool,
 }
 
-/// Completions from the model, `samples` per problem, with each problem's stop strings.
+/// Completions from the model, `samples` per problem, with each problem's stop strings. The
+/// requests run `--batch` at a time, grouped by prompt length so little padding is computed.
 fn generate_all(
     args: &EvalArgs,
     problems: &[Problem],
@@ -95,11 +100,12 @@ fn generate_all(
     let refs: Vec<&Adapter<Wgpu>> = adapters.iter().collect();
     if !json {
         eprintln!(
-            "generating {} × {} completions with {} on {}",
+            "generating {} × {} completions with {} on {}, {} at a time",
             problems.len(),
             args.samples,
             args.model,
-            gpu.name
+            gpu.name,
+            args.batch.max(1)
         );
     }
     let pb = crate::progress_bar(
@@ -107,8 +113,12 @@ fn generate_all(
         "generate {bar:30} {pos}/{len}  [{elapsed_precise} / eta {eta}]",
     );
     pb.set_length((problems.len() * args.samples) as u64);
-    let mut out = Vec::new();
-    for p in problems {
+    let context = model.config.max_position_embeddings;
+    // One request per (problem, sample); `texts[i]` is filled as requests finish.
+    let mut requests = Vec::with_capacity(problems.len() * args.samples);
+    let mut owner = Vec::with_capacity(problems.len() * args.samples);
+    let mut texts = vec![String::new(); problems.len() * args.samples];
+    for (pi, p) in problems.iter().enumerate() {
         let text = if args.chat {
             loaded
                 .tokenizer
@@ -118,60 +128,68 @@ fn generate_all(
         };
         let ids = loaded.tokenizer.encode(&text, true)?;
         // A prompt that fills the context gets an empty completion (and fails its tests).
-        let room = model
-            .config
-            .max_position_embeddings
-            .saturating_sub(ids.len());
+        let room = context.saturating_sub(ids.len());
         for s in 0..args.samples {
-            if cancel.is_cancelled() {
-                bail!("cancelled");
-            }
+            let slot = pi * args.samples + s;
             if room == 0 {
-                out.push(Completion {
-                    task_id: p.task_id.clone(),
-                    completion: String::new(),
-                });
                 pb.inc(1);
                 continue;
             }
-            let options = GenerateOptions {
-                max_tokens: args.max_tokens.min(room),
-                sampling: SamplingParams {
-                    temperature: args.temperature,
-                    top_p: args.top_p,
-                    seed: args.seed.wrapping_add(s as u64),
-                    ..SamplingParams::default()
+            requests.push(BatchRequest {
+                prompt_ids: ids.clone(),
+                options: GenerateOptions {
+                    max_tokens: args.max_tokens.min(room),
+                    sampling: SamplingParams {
+                        temperature: args.temperature,
+                        top_p: args.top_p,
+                        seed: args.seed.wrapping_add(s as u64),
+                        ..SamplingParams::default()
+                    },
+                    // A chat reply ends at its end-of-turn token; a completion at a stop string.
+                    stop_strings: if args.chat { Vec::new() } else { p.stops() },
+                    top_logprobs: 0,
                 },
-                // A chat reply ends at its end-of-turn token; a completion at a stop string.
-                stop_strings: if args.chat { Vec::new() } else { p.stops() },
-                top_logprobs: 0,
-            };
-            let g = generate_with(
-                model,
-                Adapters {
-                    list: &refs,
-                    train: false,
-                },
-                &loaded.tokenizer,
-                &ids,
-                &options,
-                cancel,
-                &mut |_| {},
-            )?;
-            let completion = if args.chat {
-                eval::completion_from_chat(p, &g.text)
+            });
+            owner.push(slot);
+        }
+    }
+    let mut order: Vec<usize> = (0..requests.len()).collect();
+    order.sort_by_key(|&i| requests[i].prompt_ids.len());
+    for chunk in order.chunks(args.batch.max(1)) {
+        let batch: Vec<BatchRequest> = chunk.iter().map(|&i| requests[i].clone()).collect();
+        let outs = generate_batch(
+            model,
+            Adapters {
+                list: &refs,
+                train: false,
+            },
+            &loaded.tokenizer,
+            &batch,
+            cancel,
+            &mut |_, _| pb.inc(1),
+        )?;
+        if cancel.is_cancelled() {
+            bail!("cancelled");
+        }
+        for (&i, g) in chunk.iter().zip(outs) {
+            let slot = owner[i];
+            texts[slot] = if args.chat {
+                eval::completion_from_chat(&problems[slot / args.samples], &g.text)
             } else {
                 g.text
             };
-            out.push(Completion {
-                task_id: p.task_id.clone(),
-                completion,
-            });
-            pb.inc(1);
         }
     }
     pb.finish_and_clear();
-    Ok(out)
+    Ok(problems
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.task_id.clone(), args.samples))
+        .zip(texts)
+        .map(|(task_id, completion)| Completion {
+            task_id,
+            completion,
+        })
+        .collect())
 }
 
 /// `--data`: loss and generation closeness on an imported validation split, base vs adapter.

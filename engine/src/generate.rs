@@ -133,6 +133,143 @@ pub fn generate_with<B: KernelBackend>(
     cancel: &CancelToken,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<GenerateOutput> {
+    check_request(model, prompt_ids, options)?;
+    let mut cache = model.new_cache(1, prompt_ids.len() + options.max_tokens);
+    let mut row = Row::new(prompt_ids, options);
+
+    let start = Instant::now();
+    let mut logits = logits_to_vec(model.forward_with(prompt_ids, &mut cache, false, adapters)?)?;
+    row.out.prefill_seconds = start.elapsed().as_secs_f64();
+    let decode_start = Instant::now();
+    loop {
+        if cancel.is_cancelled() {
+            row.out.stop_reason = StopReason::Cancelled;
+            break;
+        }
+        let room = cache.len < cache.capacity;
+        let Some(next) = row.step(&mut logits, room, tokenizer, on_text)? else {
+            break;
+        };
+        logits = logits_to_vec(model.forward_with(&[next], &mut cache, false, adapters)?)?;
+    }
+    row.out.decode_seconds = decode_start.elapsed().as_secs_f64();
+    Ok(row.finish(on_text))
+}
+
+/// One sequence of a batch: its prompt and options.
+#[derive(Debug, Clone)]
+pub struct BatchRequest {
+    pub prompt_ids: Vec<u32>,
+    pub options: GenerateOptions,
+}
+
+/// Generate for several prompts at once: one forward pass per step for all of them, which is
+/// what makes many prompts (an evaluation suite, n samples of one prompt) fast on a GPU. The
+/// prompts are left-padded to the longest (sort requests by length to waste little), and a
+/// finished sequence leaves the batch at once. `on_done(i, &output)` reports request `i` as it
+/// finishes. Outputs come back in the order of `requests`; each has the batch's prefill time
+/// and its own decode time.
+pub fn generate_batch<B: KernelBackend>(
+    model: &Llama<B>,
+    adapters: Adapters<'_, B>,
+    tokenizer: &Tokenizer,
+    requests: &[BatchRequest],
+    cancel: &CancelToken,
+    on_done: &mut dyn FnMut(usize, &GenerateOutput),
+) -> Result<Vec<GenerateOutput>> {
+    for r in requests {
+        check_request(model, &r.prompt_ids, &r.options)?;
+    }
+    let Some(longest) = requests.iter().map(|r| r.prompt_ids.len()).max() else {
+        return Ok(Vec::new());
+    };
+    let most_new = requests
+        .iter()
+        .map(|r| r.options.max_tokens)
+        .max()
+        .unwrap_or(1);
+    let mut cache = model.new_cache(requests.len(), longest + most_new);
+    // Left padding; the pad id is never attended to, any id will do.
+    let pad_id = tokenizer.eos_token_ids.first().copied().unwrap_or(0);
+    let mut pads = Vec::with_capacity(requests.len());
+    let mut tokens = Vec::with_capacity(requests.len() * longest);
+    for r in requests {
+        let pad = longest - r.prompt_ids.len();
+        pads.push(pad);
+        tokens.extend(std::iter::repeat_n(pad_id, pad));
+        tokens.extend_from_slice(&r.prompt_ids);
+    }
+    let mut rows: Vec<Option<Row<'_>>> = requests
+        .iter()
+        .map(|r| Some(Row::new(&r.prompt_ids, &r.options)))
+        .collect();
+    let mut done: Vec<Option<GenerateOutput>> = vec![None; requests.len()];
+    // `active[j]` is the request in row j of the cache.
+    let mut active: Vec<usize> = (0..requests.len()).collect();
+
+    let start = Instant::now();
+    let vocab = model.config.vocab_size;
+    let mut logits = logits_to_vec(model.forward_batch(&tokens, &pads, &mut cache, adapters)?)?;
+    let prefill_seconds = start.elapsed().as_secs_f64();
+    let decode_start = Instant::now();
+    let mut no_text = |_: &str| {};
+    loop {
+        let room = cache.len < cache.capacity;
+        let mut next = Vec::with_capacity(active.len());
+        let mut keep = Vec::with_capacity(active.len());
+        for (j, &i) in active.iter().enumerate() {
+            let Some(row) = rows[i].as_mut() else {
+                continue;
+            };
+            let step = if cancel.is_cancelled() {
+                row.out.stop_reason = StopReason::Cancelled;
+                None
+            } else {
+                row.step(
+                    &mut logits[j * vocab..(j + 1) * vocab],
+                    room,
+                    tokenizer,
+                    &mut no_text,
+                )?
+            };
+            match step {
+                Some(t) => {
+                    next.push(t);
+                    keep.push(j);
+                }
+                None => {
+                    let Some(mut row) = rows[i].take() else {
+                        continue;
+                    };
+                    row.out.prefill_seconds = prefill_seconds;
+                    row.out.decode_seconds = decode_start.elapsed().as_secs_f64();
+                    let out = row.finish(&mut no_text);
+                    on_done(i, &out);
+                    done[i] = Some(out);
+                }
+            }
+        }
+        if keep.is_empty() {
+            break;
+        }
+        if keep.len() < active.len() {
+            cache.retain_rows(&keep);
+            pads = keep.iter().map(|&j| pads[j]).collect();
+            active = keep.iter().map(|&j| active[j]).collect();
+        }
+        logits = logits_to_vec(model.forward_batch(&next, &pads, &mut cache, adapters)?)?;
+    }
+    done.into_iter()
+        .map(|o| o.ok_or_else(|| Error::InvalidArgument("a batch row never finished".into())))
+        .collect()
+}
+
+/// What every generation checks before it allocates anything.
+fn check_request<B: KernelBackend>(
+    model: &Llama<B>,
+    prompt_ids: &[u32],
+    options: &GenerateOptions,
+) -> Result<()> {
     options.sampling.validate()?;
     if options.max_tokens == 0 {
         return Err(Error::InvalidArgument(
@@ -149,78 +286,102 @@ pub fn generate_with<B: KernelBackend>(
             prompt_ids.len()
         )));
     }
-    let mut cache = model.new_cache(1, prompt_ids.len() + options.max_tokens);
-    let mut sampler = Sampler::new(options.sampling.clone());
-    let mut history = prompt_ids.to_vec();
-    let mut out = GenerateOutput {
-        text: String::new(),
-        prompt_token_ids: prompt_ids.to_vec(),
-        token_ids: vec![],
-        top_logprobs: vec![],
-        stop_reason: StopReason::MaxTokens,
-        prefill_seconds: 0.0,
-        decode_seconds: 0.0,
-    };
+    Ok(())
+}
 
-    let start = Instant::now();
-    let mut logits = logits_to_vec(model.forward_with(prompt_ids, &mut cache, false, adapters)?)?;
-    out.prefill_seconds = start.elapsed().as_secs_f64();
-    let decode_start = Instant::now();
-    let mut emitted = 0; // bytes of `text` streamed so far
-    let mut text = String::new();
+/// One sequence being generated: sampling, stop detection and streaming, whatever the batch.
+struct Row<'a> {
+    options: &'a GenerateOptions,
+    sampler: Sampler,
+    history: Vec<u32>,
+    out: GenerateOutput,
+    text: String,
+    /// Bytes of `text` streamed so far.
+    emitted: usize,
+}
 
-    loop {
-        if cancel.is_cancelled() {
-            out.stop_reason = StopReason::Cancelled;
-            break;
+impl<'a> Row<'a> {
+    fn new(prompt_ids: &[u32], options: &'a GenerateOptions) -> Self {
+        Self {
+            options,
+            sampler: Sampler::new(options.sampling.clone()),
+            history: prompt_ids.to_vec(),
+            out: GenerateOutput {
+                text: String::new(),
+                prompt_token_ids: prompt_ids.to_vec(),
+                token_ids: vec![],
+                top_logprobs: vec![],
+                stop_reason: StopReason::MaxTokens,
+                prefill_seconds: 0.0,
+                decode_seconds: 0.0,
+            },
+            text: String::new(),
+            emitted: 0,
         }
+    }
+
+    /// Pick the next token from `logits` and stream what became final. Returns the token to
+    /// feed back, or `None` when the sequence is finished (`out.stop_reason` says why); `room`
+    /// is whether the KV cache can take another position.
+    fn step(
+        &mut self,
+        logits: &mut [f32],
+        room: bool,
+        tokenizer: &Tokenizer,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Option<u32>> {
+        let options = self.options;
         if options.top_logprobs > 0 {
-            out.top_logprobs
-                .push(top_logprobs(&logits, options.top_logprobs));
+            self.out
+                .top_logprobs
+                .push(top_logprobs(logits, options.top_logprobs));
         }
-        let next = sampler.sample(&mut logits, &history);
+        let next = self.sampler.sample(logits, &self.history);
         if tokenizer.eos_token_ids.contains(&next) {
-            out.stop_reason = StopReason::Eos;
-            break;
+            self.out.stop_reason = StopReason::Eos;
+            return Ok(None);
         }
-        out.token_ids.push(next);
-        history.push(next);
+        self.out.token_ids.push(next);
+        self.history.push(next);
 
-        text = tokenizer.decode(&out.token_ids, true)?;
+        self.text = tokenizer.decode(&self.out.token_ids, true)?;
         if let Some(at) = options
             .stop_strings
             .iter()
-            .filter_map(|s| text.find(s.as_str()))
+            .filter_map(|s| self.text.find(s.as_str()))
             .min()
         {
-            text.truncate(at);
-            out.stop_reason = StopReason::StopString;
-            break;
+            self.text.truncate(at);
+            self.out.stop_reason = StopReason::StopString;
+            return Ok(None);
         }
         // A token may end inside a UTF-8 character; wait for the rest before streaming.
-        if !text.ends_with('\u{FFFD}') {
-            let upto = text.len() - held_back(&text, &options.stop_strings);
-            if upto > emitted && text.is_char_boundary(upto) {
-                on_text(&text[emitted..upto]);
-                emitted = upto;
+        if !self.text.ends_with('\u{FFFD}') {
+            let upto = self.text.len() - held_back(&self.text, &options.stop_strings);
+            if upto > self.emitted && self.text.is_char_boundary(upto) {
+                on_text(&self.text[self.emitted..upto]);
+                self.emitted = upto;
             }
         }
-        if out.token_ids.len() >= options.max_tokens {
-            out.stop_reason = StopReason::MaxTokens;
-            break;
+        if self.out.token_ids.len() >= options.max_tokens {
+            self.out.stop_reason = StopReason::MaxTokens;
+            return Ok(None);
         }
-        if cache.len >= cache.capacity {
-            out.stop_reason = StopReason::ContextFull;
-            break;
+        if !room {
+            self.out.stop_reason = StopReason::ContextFull;
+            return Ok(None);
         }
-        logits = logits_to_vec(model.forward_with(&[next], &mut cache, false, adapters)?)?;
+        Ok(Some(next))
     }
-    if text.len() > emitted {
-        on_text(&text[emitted..]);
+
+    /// Stream what was held back and hand over the output.
+    fn finish(mut self, on_text: &mut dyn FnMut(&str)) -> GenerateOutput {
+        if self.text.len() > self.emitted {
+            on_text(&self.text[self.emitted..]);
+        }
+        self.out.text = self.text;
+        self.out
     }
-    out.decode_seconds = decode_start.elapsed().as_secs_f64();
-    out.text = text;
-    Ok(out)
 }
 
 #[cfg(test)]

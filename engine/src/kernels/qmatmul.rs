@@ -1,5 +1,6 @@
-//! Launchers of `shaders/qmatvec.wgsl` (decode) and `shaders/qmatmul.wgsl` (prefill) on
-//! burn-wgpu, through burn's template route (`KernelSource` → `SourceKernel`).
+//! Launchers of `shaders/qmatvec.wgsl` (decode), `shaders/qmatmul.wgsl` (prefill on GPUs) and
+//! `shaders/qmatmul_rows.wgsl` (prefill and batched decode on CPU adapters) on burn-wgpu,
+//! through burn's template route (`KernelSource` → `SourceKernel`).
 
 use burn::backend::wgpu::{
     BoolElement, CubeTensor, IntElement, KernelSource, SourceTemplate, WgpuRuntime, into_contiguous,
@@ -12,8 +13,8 @@ use super::wgpu::WgpuCube;
 use super::{LoraEpilogue, QTensor, wgsl};
 use crate::quant::QFormat;
 
-/// Uniform parameters of both kernels. Keep in sync with `Params` in shaders/qmatvec.wgsl and
-/// shaders/qmatmul.wgsl.
+/// Uniform parameters of the three kernels. Keep in sync with `Params` in shaders/qmatvec.wgsl,
+/// shaders/qmatmul.wgsl and shaders/qmatmul_rows.wgsl.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct QMatmulParams {
@@ -32,23 +33,40 @@ pub struct QMatmulParams {
     pub _pad: [u32; 2],
 }
 
-/// Rows of x up to which the mat-vec kernel is used (it reads W once per row of x).
+/// Rows of x up to which GPUs use the mat-vec kernel (it reads W once per row of x).
 pub const MATVEC_MAX_ROWS: usize = 4;
-/// How the mat-vec kernel splits rows of W over threads: `lanes` threads per row, `rows` rows per
-/// workgroup.
+/// Rows of x up to which CPU adapters use the row-block kernel. It costs about what the mat-vec
+/// does per row, while the tiled kernel costs as much for 8 rows as for 64 (lavapipe: 4-5x
+/// slower than the row-block kernel at 8 rows, 1.5x faster at 128).
+pub const ROW_BLOCK_MAX_ROWS: usize = 32;
+
+/// Which kernels suit the adapter, and their thread layout. The mat-vec kernel splits rows of W
+/// over threads: `lanes` threads per row, `rows` rows per workgroup. Above one row of x, GPUs
+/// run the mat-vec kernel up to [`MATVEC_MAX_ROWS`] and the tiled kernel beyond; CPU adapters
+/// run the row-block kernel (`row_blocks`) up to [`ROW_BLOCK_MAX_ROWS`] (batched decode), and
+/// the tiled kernel beyond (prefill).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct MatVecShape {
+pub struct QShape {
     pub lanes: u32,
     pub rows: u32,
+    pub row_blocks: bool,
 }
 
-impl MatVecShape {
-    pub const GPU: Self = Self { lanes: 16, rows: 8 };
-    pub const CPU: Self = Self { lanes: 1, rows: 64 };
+impl QShape {
+    pub const GPU: Self = Self {
+        lanes: 16,
+        rows: 8,
+        row_blocks: false,
+    };
+    pub const CPU: Self = Self {
+        lanes: 1,
+        rows: 64,
+        row_blocks: true,
+    };
 
-    /// GPUs: 16 lanes per row, so neighbouring threads read neighbouring blocks. CPU adapters
-    /// (lavapipe): one thread per row, no reduction; measured 1.6-2x faster there
-    /// (benches/, README).
+    /// GPUs: 16 lanes per row, so neighbouring threads read neighbouring blocks, and 64×64
+    /// tiles in workgroup memory. CPU adapters (lavapipe): one thread per row, no reduction
+    /// (measured 1.6-2x faster there), and no workgroup memory or barriers (benches/, README).
     pub fn for_adapter() -> Self {
         if crate::device::adapter_is_cpu() {
             Self::CPU
@@ -60,36 +78,41 @@ impl MatVecShape {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Op {
-    MatVec,
-    MatMul,
+    /// qmatvec.wgsl
+    Vector,
+    /// qmatmul.wgsl
+    Tiled,
+    /// qmatmul_rows.wgsl
+    RowBlocks,
 }
 
 #[derive(Debug)]
 struct QKernel {
     op: Op,
     format: QFormat,
-    matvec: MatVecShape,
+    shape: QShape,
 }
 
 impl KernelSource for QKernel {
     fn source(&self) -> SourceTemplate {
         // WGSL has no includes: the op and the format's helpers are concatenated.
         let op = match self.op {
-            Op::MatVec => include_str!("../../../shaders/qmatvec.wgsl"),
-            Op::MatMul => include_str!("../../../shaders/qmatmul.wgsl"),
+            Op::Vector => include_str!("../../../shaders/qmatvec.wgsl"),
+            Op::Tiled => include_str!("../../../shaders/qmatmul.wgsl"),
+            Op::RowBlocks => include_str!("../../../shaders/qmatmul_rows.wgsl"),
         };
         let format = format_source(self.format);
         SourceTemplate::new(format!("{op}\n{format}"))
-            .register("lanes", self.matvec.lanes.to_string())
-            .register("rows", self.matvec.rows.to_string())
+            .register("lanes", self.shape.lanes.to_string())
+            .register("rows", self.shape.rows.to_string())
             .register(
                 "workgroup",
-                (self.matvec.lanes * self.matvec.rows).to_string(),
+                (self.shape.lanes * self.shape.rows).to_string(),
             )
     }
 
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.op, self.format, self.matvec))
+        KernelId::new::<Self>().info((self.op, self.format, self.shape))
     }
 }
 
@@ -103,14 +126,14 @@ pub(crate) fn format_source(format: QFormat) -> &'static str {
     }
 }
 
-/// `x · Wᵀ` on burn-wgpu with the WGSL kernels. `x: [m, k]` f32, `W: [n, k]`. `matvec` picks the
-/// mat-vec kernel's thread layout (tests run both on any adapter).
+/// `x · Wᵀ` on burn-wgpu with the WGSL kernels. `x: [m, k]` f32, `W: [n, k]`. `shape` picks the
+/// kernels and their thread layout (tests run both on any adapter).
 pub fn q_matmul_wgpu<I: IntElement, BT: BoolElement>(
     x: Tensor<WgpuCube<I, BT>, 2>,
     w: &QTensor<WgpuCube<I, BT>>,
-    matvec: MatVecShape,
+    shape: QShape,
 ) -> Tensor<WgpuCube<I, BT>, 2> {
-    q_matmul_lora_wgpu(x, w, None, matvec)
+    q_matmul_lora_wgpu(x, w, None, shape)
 }
 
 /// `x · Wᵀ + scale · u · Bᵀ`: the quantised product with a LoRA adapter's up-projection fused
@@ -119,7 +142,7 @@ pub fn q_matmul_lora_wgpu<I: IntElement, BT: BoolElement>(
     x: Tensor<WgpuCube<I, BT>, 2>,
     w: &QTensor<WgpuCube<I, BT>>,
     lora: Option<&LoraEpilogue<WgpuCube<I, BT>>>,
-    matvec: MatVecShape,
+    shape: QShape,
 ) -> Tensor<WgpuCube<I, BT>, 2> {
     let [m, k] = x.dims();
     assert_eq!(k, w.cols, "q_matmul: x has {k} columns, W has {}", w.cols);
@@ -157,18 +180,22 @@ pub fn q_matmul_lora_wgpu<I: IntElement, BT: BoolElement>(
         scale,
         _pad: [0; 2],
     };
-    let (op, cube_dim, count) = if m <= MATVEC_MAX_ROWS {
-        let wg = matvec.lanes * matvec.rows;
-        let count = CubeCount::Static(n.div_ceil(matvec.rows as usize) as u32, m as u32, 1);
-        (Op::MatVec, CubeDim { x: wg, y: 1, z: 1 }, count)
+    let (op, cube_dim, count) = if m == 1 || (m <= MATVEC_MAX_ROWS && !shape.row_blocks) {
+        let wg = shape.lanes * shape.rows;
+        let count = CubeCount::Static(n.div_ceil(shape.rows as usize) as u32, m as u32, 1);
+        (Op::Vector, CubeDim { x: wg, y: 1, z: 1 }, count)
+    } else if shape.row_blocks && m <= ROW_BLOCK_MAX_ROWS {
+        // Keep in sync with ROWS in shaders/qmatmul_rows.wgsl.
+        let count = CubeCount::Static(n.div_ceil(64) as u32, m.div_ceil(8) as u32, 1);
+        (Op::RowBlocks, CubeDim { x: 64, y: 1, z: 1 }, count)
     } else {
         let count = CubeCount::Static(n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1);
-        (Op::MatMul, CubeDim { x: 16, y: 16, z: 1 }, count)
+        (Op::Tiled, CubeDim { x: 16, y: 16, z: 1 }, count)
     };
     let kernel = QKernel {
         op,
         format: w.format,
-        matvec,
+        shape,
     };
     wgsl::launch(
         kernel,

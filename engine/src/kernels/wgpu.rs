@@ -10,7 +10,7 @@ use cubecl::CubeDim;
 use cubecl::prelude::KernelId;
 
 use super::lora::{matmul_strided_wgpu, q_matmul_t_wgpu};
-use super::qmatmul::{MatVecShape, q_matmul_lora_wgpu, q_matmul_wgpu};
+use super::qmatmul::{QShape, q_matmul_lora_wgpu, q_matmul_wgpu};
 use super::{AdapterShare, KernelBackend, LoraEpilogue, QTensor, to_dtype, wgsl, widen};
 
 pub type WgpuCube<I, BT> = CubeBackend<WgpuRuntime, f32, I, BT>;
@@ -20,10 +20,7 @@ impl<I: IntElement, BT: BoolElement> KernelBackend for WgpuCube<I, BT> {
     // result takes the activation's type (see `widen`).
     fn q_matmul(x: Tensor<Self, 2>, w: &QTensor<Self>) -> Tensor<Self, 2> {
         let dtype = x.dtype();
-        to_dtype(
-            q_matmul_wgpu(widen(x), w, MatVecShape::for_adapter()),
-            dtype,
-        )
+        to_dtype(q_matmul_wgpu(widen(x), w, QShape::for_adapter()), dtype)
     }
 
     fn q_matmul_lora(
@@ -37,7 +34,7 @@ impl<I: IntElement, BT: BoolElement> KernelBackend for WgpuCube<I, BT> {
             b: widen(lora.b.clone()),
             scale: lora.scale,
         };
-        let y = q_matmul_lora_wgpu(widen(x), w, Some(&lora), MatVecShape::for_adapter());
+        let y = q_matmul_lora_wgpu(widen(x), w, Some(&lora), QShape::for_adapter());
         to_dtype(y, dtype)
     }
 
@@ -94,7 +91,7 @@ impl<I: IntElement, BT: BoolElement> KernelBackend for WgpuCube<I, BT> {
     }
 
     fn kernels_impl() -> &'static str {
-        "WGSL (qmatvec, qmatmul, qmatmul_t, matmul_strided, rms_norm, rope)"
+        "WGSL (qmatvec, qmatmul, qmatmul_rows, qmatmul_t, matmul_strided, rms_norm, rope)"
     }
 }
 

@@ -3,7 +3,7 @@
 //! untied LM head. Generic over any [`KernelBackend`]; weights quantised or not.
 
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use super::config::Config;
 use super::{Embedding, Linear, LoraApply, RmsNorm};
@@ -25,6 +25,26 @@ pub struct KvCache<B: KernelBackend> {
 impl<B: KernelBackend> KvCache<B> {
     pub fn reset(&mut self) {
         self.len = 0;
+    }
+
+    /// Rows of the batch in the cache.
+    pub fn batch(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.keys.dims()[0])
+    }
+
+    /// Keep only the batch rows `rows` (in that order): finished sequences leave a batch
+    /// without the others recomputing anything.
+    pub fn retain_rows(&mut self, rows: &[usize]) {
+        let Some(first) = self.layers.first() else {
+            return;
+        };
+        let device = first.keys.device();
+        let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [rows.len()]), &device);
+        for l in &mut self.layers {
+            l.keys = l.keys.clone().select(0, idx.clone());
+            l.values = l.values.clone().select(0, idx.clone());
+        }
     }
 }
 
@@ -354,7 +374,66 @@ impl<B: KernelBackend> Llama<B> {
         all_logits: bool,
         adapters: Adapters<'_, B>,
     ) -> Result<Tensor<B, 2>> {
+        if cache.batch() != 1 {
+            return Err(Error::InvalidArgument(format!(
+                "a single sequence needs a KV cache of batch 1, not {}",
+                cache.batch()
+            )));
+        }
         let seq = token_ids.len();
+        let x = self.forward_rows(token_ids, &[0], cache, adapters)?;
+        let h = self.config.hidden_size;
+        let x = if all_logits {
+            x
+        } else {
+            x.slice([0..1, seq - 1..seq, 0..h])
+        };
+        Ok(self.head(x))
+    }
+
+    /// Several sequences advanced together, as one batch: `token_ids` is `[batch, seq]` row by
+    /// row, and the sequences were left-padded to one length, `pads[b]` positions for row `b`
+    /// (the pad positions are never attended to). Returns the logits of each row's last
+    /// position, `[batch, vocab]`.
+    ///
+    /// Every row shares the positions `cache.len..` for RoPE: a row's padding shifts all of its
+    /// positions by the same amount, and RoPE attention depends only on the distance between
+    /// positions, so a padded row computes what it would alone.
+    pub fn forward_batch(
+        &self,
+        token_ids: &[u32],
+        pads: &[usize],
+        cache: &mut KvCache<B>,
+        adapters: Adapters<'_, B>,
+    ) -> Result<Tensor<B, 2>> {
+        let batch = pads.len();
+        if batch == 0 || cache.batch() != batch || !token_ids.len().is_multiple_of(batch) {
+            return Err(Error::InvalidArgument(format!(
+                "a batch of {batch} rows with {} tokens and a KV cache of batch {}",
+                token_ids.len(),
+                cache.batch()
+            )));
+        }
+        let seq = token_ids.len() / batch;
+        let x = self.forward_rows(token_ids, pads, cache, adapters)?;
+        let h = self.config.hidden_size;
+        let last = x
+            .slice([0..batch, seq - 1..seq, 0..h])
+            .reshape([1, batch, h]);
+        Ok(self.head(last))
+    }
+
+    /// The decoder over `[batch, seq]` tokens after the cached positions; appends them to the
+    /// cache and returns the final hidden states, `[batch, seq, hidden]`.
+    fn forward_rows(
+        &self,
+        token_ids: &[u32],
+        pads: &[usize],
+        cache: &mut KvCache<B>,
+        adapters: Adapters<'_, B>,
+    ) -> Result<Tensor<B, 3>> {
+        let batch = pads.len();
+        let seq = token_ids.len() / batch;
         if seq == 0 {
             return Err(Error::InvalidArgument(
                 "forward of an empty sequence".into(),
@@ -368,21 +447,28 @@ impl<B: KernelBackend> Llama<B> {
                 self.config.max_position_embeddings
             )));
         }
-        let rope = self.rope(cache.len..cache.len + seq);
-        let mask = self.causal_mask(cache.len, seq);
         let past = cache.len;
-        let mut kv = cache.layers.iter_mut();
-        let x = self.run(token_ids, &rope, mask.as_ref(), adapters, &mut |_| {
-            kv.next().map(|layer| (layer, past))
-        })?;
-        cache.len += seq;
-        let h = self.config.hidden_size;
-        let x = if all_logits {
-            x
+        let rope = self.rope(past..past + seq);
+        let mask = if pads.iter().all(|&p| p == 0) {
+            self.causal_mask(past, seq)
         } else {
-            x.slice([0..1, seq - 1..seq, 0..h])
+            Some(self.padded_mask(pads, past, seq))
         };
-        Ok(self.head(x))
+        let h = self.config.hidden_size;
+        let mut x = self.embed(token_ids)?.reshape([batch, seq, h]);
+        let mut kv = cache.layers.iter_mut();
+        for i in 0..self.layers.len() {
+            x = self.layer(
+                i,
+                x,
+                &rope,
+                mask.as_ref(),
+                adapters,
+                kv.next().map(|l| (l, past)),
+            );
+        }
+        cache.len += seq;
+        Ok(x)
     }
 
     /// The training forward: examples packed in one sequence, no cache. Returns the logits of
@@ -493,24 +579,6 @@ impl<B: KernelBackend> Llama<B> {
         )
     }
 
-    /// Embeddings, then every decoder layer. `kv(i)` gives layer i's cache and past length, if
-    /// any.
-    #[allow(clippy::type_complexity)]
-    fn run<'c>(
-        &self,
-        token_ids: &[u32],
-        rope: &(Tensor<B, 2>, Tensor<B, 2>),
-        mask: Option<&Tensor<B, 4>>,
-        adapters: Adapters<'_, B>,
-        kv: &mut dyn FnMut(usize) -> Option<(&'c mut LayerCache<B>, usize)>,
-    ) -> Result<Tensor<B, 3>> {
-        let mut x = self.embed(token_ids)?;
-        for i in 0..self.layers.len() {
-            x = self.layer(i, x, rope, mask, adapters, kv(i));
-        }
-        Ok(x)
-    }
-
     /// Final norm and LM head: `[1, rows, hidden]` → `[rows, vocab]`.
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
         let x = self.norm.forward(x);
@@ -564,6 +632,35 @@ impl<B: KernelBackend> Llama<B> {
             TensorData::new(m, [1, 1, rep * seq, total]),
             &self.device,
         ))
+    }
+}
+
+impl<B: KernelBackend> Llama<B> {
+    /// Additive mask `[batch, 1, rep * seq, past + seq]` for left-padded rows: causal, and no
+    /// position of row `b` sees its first `pads[b]` (padding). A padding position sees the
+    /// padding before it, so no row of the softmax is empty (that would give NaN, and NaN
+    /// times a zero weight is still NaN).
+    fn padded_mask(&self, pads: &[usize], past: usize, seq: usize) -> Tensor<B, 4> {
+        let rep = self.config.num_attention_heads / self.config.num_key_value_heads;
+        let total = past + seq;
+        let mut m = Vec::with_capacity(pads.len() * rep * seq * total);
+        for &pad in pads {
+            for _ in 0..rep {
+                for i in past..total {
+                    m.extend((0..total).map(|j| {
+                        if j <= i && (j >= pad || i < pad) {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    }));
+                }
+            }
+        }
+        Tensor::from_data(
+            TensorData::new(m, [pads.len(), 1, rep * seq, total]),
+            &self.device,
+        )
     }
 }
 

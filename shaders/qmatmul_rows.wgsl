@@ -1,0 +1,90 @@
+//! Quantised matrix-matrix product of a few rows (batched decode) for CPU adapters (lavapipe),
+//! launched by `q_matmul` in engine/src/kernels/qmatmul.rs; the format's `dequant4` is appended
+//! from shaders/common/.
+//!
+//! y[m, n] = sum_k x[m, k] * W[n, k]. One thread per row n of W and block of ROWS rows of x:
+//! it dequantises each 32-weight block of W once, into registers, and applies it to all ROWS
+//! rows of x. No workgroup memory and no barriers: on a CPU a workgroup's threads are SIMD lanes
+//! looped over by one core, and a barrier means switching between all of them. The tiled
+//! kernel (qmatmul.wgsl) costs as much for 8 rows as for 64; this one costs about what the
+//! mat-vec kernel does per row (measured on lavapipe: reading x per SIMD lane, not the
+//! arithmetic, bounds it, so a hand-unrolled 4-row variant was no faster).
+//!
+//! With a LoRA adapter (`rank > 0`) the epilogue adds `scale * sum_r u[m, r] * lb[n, r]`, where
+//! `u = x · Aᵀ` was computed beforehand.
+
+// Keep in sync with `QMatmulParams` in engine/src/kernels/qmatmul.rs.
+struct Params {
+    /// Rows of x and y.
+    m: u32,
+    /// Rows of W = columns of y.
+    n: u32,
+    /// Columns of x and W.
+    k: u32,
+    /// k / 32.
+    blocks_per_row: u32,
+    /// LoRA rank; 0 when there is no adapter (`u` and `lb` are then placeholders).
+    rank: u32,
+    /// LoRA scale, alpha / r.
+    scale: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<storage, read_write> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> qs: array<u32>;
+@group(0) @binding(2) var<storage, read_write> scales: array<u32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+/// `[m, rank]`: x · Aᵀ.
+@group(0) @binding(4) var<storage, read_write> u: array<f32>;
+/// `[n, rank]`: the adapter's B.
+@group(0) @binding(5) var<storage, read_write> lb: array<f32>;
+@group(0) @binding(6) var<uniform> params: Params;
+
+/// Rows of x per thread.
+const ROWS: u32 = 8u;
+
+@compute @workgroup_size(64, 1, 1)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let n = wg.x * 64u + lid;
+    let m0 = wg.y * ROWS;
+    if (n >= params.n) {
+        return;
+    }
+    let k4 = params.k / 4u;
+    // Rows past the end of x repeat its last row (always in bounds, never written back), so
+    // the inner loop has no branch.
+    var x_row: array<u32, ROWS>;
+    for (var r = 0u; r < ROWS; r++) {
+        x_row[r] = min(m0 + r, params.m - 1u) * k4;
+    }
+    var acc: array<f32, ROWS>;
+    for (var r = 0u; r < ROWS; r++) {
+        acc[r] = 0.0;
+    }
+    for (var b = 0u; b < params.blocks_per_row; b++) {
+        let block = n * params.blocks_per_row + b;
+        var w: array<vec4<f32>, 8>;
+        for (var g = 0u; g < 8u; g++) {
+            w[g] = dequant4(block, g);
+        }
+        for (var r = 0u; r < ROWS; r++) {
+            let xb = x_row[r] + b * 8u;
+            var s = vec4<f32>(0.0);
+            for (var g = 0u; g < 8u; g++) {
+                s += w[g] * x[xb + g];
+            }
+            acc[r] += s.x + s.y + s.z + s.w;
+        }
+    }
+    for (var r = 0u; r < ROWS; r++) {
+        let m = m0 + r;
+        if (m < params.m) {
+            var lora = 0.0;
+            for (var i = 0u; i < params.rank; i++) {
+                lora += u[m * params.rank + i] * lb[n * params.rank + i];
+            }
+            y[m * params.n + n] = acc[r] + params.scale * lora;
+        }
+    }
+}
