@@ -2,10 +2,10 @@
 //! headless. Printing belongs here, never in the engine.
 
 mod eval;
+mod gui;
 mod import;
 mod merge;
 mod train;
-mod window;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -32,6 +32,10 @@ use codelsi_engine::sampling::SamplingParams;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// With no subcommand: the model the desktop app loads at start (`default`, a GGUF file or
+    /// an HF folder; `none` to pick one in the app).
+    #[arg(long, default_value = "default")]
+    model: String,
 }
 
 #[derive(Subcommand)]
@@ -120,7 +124,7 @@ struct GenerateArgs {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => window::run(),
+        None => gui::run((cli.model != "none").then_some(cli.model)),
         Some(Command::Generate(args)) => cmd_generate(args),
         Some(Command::Import(args)) => import::cmd_import(args),
         Some(Command::Eval(args)) => eval::cmd_eval(args),

@@ -3,7 +3,7 @@
 use std::sync::OnceLock;
 
 use burn::backend::wgpu::{
-    RuntimeOptions, WgpuDevice, WgpuRuntime, graphics::AutoGraphicsApi, init_setup,
+    RuntimeOptions, WgpuDevice, WgpuRuntime, WgpuSetup, graphics::AutoGraphicsApi, init_setup,
 };
 
 use crate::error::{Error, Result};
@@ -31,6 +31,14 @@ impl std::fmt::Display for GpuInfo {
 }
 
 static GPU: OnceLock<std::result::Result<GpuInfo, String>> = OnceLock::new();
+/// The wgpu instance, adapter, device and queue burn runs on, for a renderer to share.
+static SETUP: OnceLock<WgpuSetup> = OnceLock::new();
+
+/// The wgpu objects of the engine's device (after [`init_wgpu`] succeeded): the desktop app
+/// draws with the same device instead of opening a second one.
+pub fn shared_setup() -> Option<WgpuSetup> {
+    SETUP.get().cloned()
+}
 
 /// Open the default wgpu adapter once per process (later calls return the same one).
 pub fn init_wgpu() -> Result<(WgpuDevice, GpuInfo)> {
@@ -43,6 +51,7 @@ pub fn init_wgpu() -> Result<(WgpuDevice, GpuInfo)> {
         match setup {
             Ok(setup) => {
                 let i = setup.adapter.get_info();
+                let _ = SETUP.set(setup.clone());
                 Ok(GpuInfo {
                     name: i.name,
                     backend: format!("{:?}", i.backend),

@@ -1,0 +1,260 @@
+//! The Generate panel: a prompt, an adapter (or none), streaming output with stop, the base
+//! model beside the adapter on the same prompt, copy to the clipboard.
+
+use std::path::PathBuf;
+
+use codelsi_engine::adapter::Adapter;
+use codelsi_engine::device::Wgpu;
+use codelsi_engine::generate::{GenerateOptions, generate_with};
+use codelsi_engine::models::llama::Adapters;
+use codelsi_engine::sampling::SamplingParams;
+use eframe::egui;
+
+use super::Shared;
+use super::jobs::Job;
+
+enum Msg {
+    /// Text streamed into column 0 (base) or 1 (adapter).
+    Text(usize, String),
+    Done(usize, String),
+    Failed(String),
+}
+
+pub struct GeneratePanel {
+    pub prompt: String,
+    /// Index into `settings.adapters`; `None` is the base model alone.
+    pub adapter: Option<usize>,
+    /// With an adapter: the base model's output beside it.
+    pub side_by_side: bool,
+    /// Column 0: the base model (or the only output), 1: with the adapter.
+    pub outputs: [String; 2],
+    pub stats: [String; 2],
+    job: Option<Job<Msg>>,
+    error: Option<String>,
+}
+
+impl Default for GeneratePanel {
+    fn default() -> Self {
+        Self {
+            prompt: "/** Whether `s` reads the same backwards. */\nfunction isPalindrome(s: string): boolean {\n".into(),
+            adapter: None,
+            side_by_side: true,
+            outputs: Default::default(),
+            stats: Default::default(),
+            job: None,
+            error: None,
+        }
+    }
+}
+
+impl GeneratePanel {
+    pub fn busy(&self) -> bool {
+        self.job.is_some()
+    }
+
+    pub fn poll(&mut self) {
+        let Some(job) = &self.job else { return };
+        let finished = job.finished();
+        for msg in job.poll() {
+            match msg {
+                Msg::Text(col, t) => self.outputs[col].push_str(&t),
+                Msg::Done(col, s) => self.stats[col] = s,
+                Msg::Failed(e) => self.error = Some(e),
+            }
+        }
+        if finished {
+            self.job = None;
+        }
+    }
+
+    /// Start generating from the prompt with the current choices.
+    pub fn start(&mut self, ctx: &egui::Context, shared: &Shared) {
+        let Some(model) = shared.model.clone() else {
+            self.error = Some("Load a model first (Model tab).".into());
+            return;
+        };
+        let adapter_dir: Option<PathBuf> = self
+            .adapter
+            .and_then(|i| shared.settings.adapters.get(i).cloned());
+        // (column, with the adapter?) in the order they run.
+        let runs: Vec<(usize, bool)> = match (&adapter_dir, self.side_by_side) {
+            (None, _) => vec![(0, false)],
+            (Some(_), true) => vec![(0, false), (1, true)],
+            (Some(_), false) => vec![(1, true)],
+        };
+        self.outputs = Default::default();
+        self.stats = Default::default();
+        self.error = None;
+        let prompt = self.prompt.clone();
+        let options = GenerateOptions {
+            max_tokens: shared.settings.max_tokens.max(1),
+            sampling: SamplingParams {
+                temperature: shared.settings.temperature,
+                ..SamplingParams::default()
+            },
+            ..Default::default()
+        };
+        self.job = Some(Job::spawn(ctx, Msg::Failed, move |tx, cancel| {
+            let result = (|| {
+                let ids = model.tokenizer.encode(&prompt, true)?;
+                let adapter = match &adapter_dir {
+                    Some(dir) => Some(Adapter::<Wgpu>::load_peft(
+                        dir,
+                        &model.model.config,
+                        model.model.device(),
+                    )?),
+                    None => None,
+                };
+                for (col, with) in runs {
+                    if cancel.is_cancelled() {
+                        break;
+                    }
+                    let list: Vec<&Adapter<Wgpu>> = if with {
+                        adapter.iter().collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let out = generate_with(
+                        &model.model,
+                        Adapters {
+                            list: &list,
+                            train: false,
+                        },
+                        &model.tokenizer,
+                        &ids,
+                        &options,
+                        cancel,
+                        &mut |t| {
+                            tx.send(Msg::Text(col, t.to_string()));
+                        },
+                    )?;
+                    tx.send(Msg::Done(
+                        col,
+                        format!(
+                            "{} tokens, {:.1} tok/s, stop: {:?}",
+                            out.token_ids.len(),
+                            out.decode_tokens_per_second(),
+                            out.stop_reason
+                        ),
+                    ));
+                }
+                Ok::<_, codelsi_engine::Error>(())
+            })();
+            if let Err(e) = result {
+                tx.send(Msg::Failed(e.to_string()));
+            }
+        }));
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        ui.heading("Generate");
+        ui.horizontal(|ui| {
+            ui.label("Adapter:");
+            let names: Vec<String> = shared
+                .settings
+                .adapters
+                .iter()
+                .map(|p| {
+                    p.file_name().map_or_else(
+                        || p.display().to_string(),
+                        |n| n.to_string_lossy().into_owned(),
+                    )
+                })
+                .collect();
+            let current = self
+                .adapter
+                .and_then(|i| names.get(i))
+                .map_or("none (base model)", |s| s.as_str());
+            egui::ComboBox::from_id_salt("adapter")
+                .selected_text(current)
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut self.adapter, None, "none (base model)");
+                    for (i, n) in names.iter().enumerate() {
+                        ui.selectable_value(&mut self.adapter, Some(i), n);
+                    }
+                });
+            if ui.button("Add adapter folder…").clicked()
+                && let Some(dir) = rfd::FileDialog::new().pick_folder()
+            {
+                if !shared.settings.adapters.contains(&dir) {
+                    shared.settings.adapters.push(dir.clone());
+                }
+                self.adapter = shared.settings.adapters.iter().position(|d| *d == dir);
+            }
+            ui.add_enabled(
+                self.adapter.is_some(),
+                egui::Checkbox::new(&mut self.side_by_side, "Base model beside it"),
+            );
+        });
+        ui.horizontal(|ui| {
+            ui.label("Max new tokens:");
+            ui.add(egui::DragValue::new(&mut shared.settings.max_tokens).range(1..=4096));
+            ui.label("Temperature:");
+            ui.add(
+                egui::DragValue::new(&mut shared.settings.temperature)
+                    .range(0.0..=2.0)
+                    .speed(0.05),
+            )
+            .on_hover_text("0 always picks the most likely token");
+        });
+        ui.add(
+            egui::TextEdit::multiline(&mut self.prompt)
+                .code_editor()
+                .desired_rows(6)
+                .desired_width(f32::INFINITY)
+                .hint_text("Start of the code to complete"),
+        );
+        ui.horizontal(|ui| {
+            let can = !self.busy() && shared.model.is_some();
+            if ui
+                .add_enabled(can, egui::Button::new("Generate code"))
+                .clicked()
+            {
+                self.start(ui.ctx(), shared);
+            }
+            if ui
+                .add_enabled(self.busy(), egui::Button::new("Stop"))
+                .clicked()
+                && let Some(job) = &self.job
+            {
+                job.cancel.cancel();
+            }
+            if self.busy() {
+                ui.spinner();
+            }
+            if shared.model.is_none() {
+                ui.weak("Load a model in the Model tab first.");
+            }
+        });
+        if let Some(e) = &self.error {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+        }
+        ui.separator();
+        let cols: Vec<usize> = if self.adapter.is_some() && self.side_by_side {
+            vec![0, 1]
+        } else if self.adapter.is_some() {
+            vec![1]
+        } else {
+            vec![0]
+        };
+        let titles = ["Base model", "With the adapter"];
+        ui.columns(cols.len(), |uis| {
+            for (ui, &c) in uis.iter_mut().zip(&cols) {
+                ui.horizontal(|ui| {
+                    ui.strong(titles[c]);
+                    if ui.small_button("Copy").clicked() {
+                        ui.ctx()
+                            .copy_text(format!("{}{}", self.prompt, self.outputs[c]));
+                    }
+                });
+                ui.weak(&self.stats[c]);
+                egui::ScrollArea::vertical().id_salt(c).show(ui, |ui| {
+                    ui.add(egui::Label::new(
+                        egui::RichText::new(format!("{}{}", self.prompt, self.outputs[c]))
+                            .monospace(),
+                    ));
+                });
+            }
+        });
+    }
+}

