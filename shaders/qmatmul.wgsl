@@ -9,33 +9,7 @@
 //! With a LoRA adapter (`rank > 0`) the epilogue adds `scale * sum_r u[m, r] * lb[n, r]`, where
 //! `u = x · Aᵀ` was computed beforehand: the adapter costs no extra pass over y.
 
-// Keep in sync with `QMatmulParams` in engine/src/kernels/qmatmul.rs.
-struct Params {
-    /// Rows of x and y.
-    m: u32,
-    /// Rows of W = columns of y.
-    n: u32,
-    /// Columns of x and W.
-    k: u32,
-    /// k / 32.
-    blocks_per_row: u32,
-    /// LoRA rank; 0 when there is no adapter (`u` and `lb` are then placeholders).
-    rank: u32,
-    /// LoRA scale, alpha / r.
-    scale: f32,
-    _pad0: u32,
-    _pad1: u32,
-}
-
-@group(0) @binding(0) var<storage, read_write> x: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read_write> qs: array<u32>;
-@group(0) @binding(2) var<storage, read_write> scales: array<u32>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
-/// `[m, rank]`: x · Aᵀ.
-@group(0) @binding(4) var<storage, read_write> u: array<f32>;
-/// `[n, rank]`: the adapter's B.
-@group(0) @binding(5) var<storage, read_write> lb: array<f32>;
-@group(0) @binding(6) var<uniform> params: Params;
+// `Params` and the bindings come from shaders/common/qmatmul_io.wgsl.
 
 const TILE: u32 = 64u;
 

@@ -4,7 +4,7 @@
 use codelsi_engine::generate::{
     BatchRequest, CancelToken, GenerateOptions, StopReason, generate, generate_batch, generate_with,
 };
-use codelsi_engine::model::load_model;
+use codelsi_engine::model::{LoadedModel, load_model};
 use codelsi_engine::models::llama::Adapters;
 use codelsi_engine::sampling::SamplingParams;
 use codelsi_tests::{B, assert_close, device, fixtures};
@@ -15,13 +15,21 @@ struct TinyGolden {
     tokens: Vec<u32>,
 }
 
+/// The tiny model and the greedy run transformers gave for it.
+fn tiny() -> (LoadedModel<B>, TinyGolden) {
+    let dir = fixtures().join("tiny_llama");
+    let loaded = load_model::<B>(&dir, None, &device(), &mut |_| {})
+        .unwrap_or_else(|e| panic!("loading the tiny model: {e}"));
+    let golden = std::fs::read_to_string(dir.join("golden.json"))
+        .unwrap_or_else(|e| panic!("reading golden.json: {e}"));
+    let g = serde_json::from_str(&golden).unwrap_or_else(|e| panic!("golden.json: {e}"));
+    (loaded, g)
+}
+
 #[test]
 fn streaming_stop_strings_and_cancel() {
-    let dir = fixtures().join("tiny_llama");
-    let loaded = load_model::<B>(&dir, None, &device(), &mut |_| {}).unwrap();
+    let (loaded, g) = tiny();
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
-    let g: TinyGolden =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     let eos = tok.eos_token_ids.clone();
     let expected: Vec<u32> = g
         .tokens
@@ -143,11 +151,8 @@ fn streaming_stop_strings_and_cancel() {
 /// strings and different lengths to generate, gives each request what it gets alone.
 #[test]
 fn batch_matches_one_at_a_time() {
-    let dir = fixtures().join("tiny_llama");
-    let loaded = load_model::<B>(&dir, None, &device(), &mut |_| {}).unwrap();
+    let (loaded, g) = tiny();
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
-    let g: TinyGolden =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     let long = g.prompt_ids.clone();
     let short = long[..long.len() / 2].to_vec();
     let other: Vec<u32> = long.iter().rev().copied().collect();

@@ -114,9 +114,8 @@ fn generate_all(
     );
     pb.set_length((problems.len() * args.samples) as u64);
     let context = model.config.max_position_embeddings;
-    // One request per (problem, sample); `texts[i]` is filled as requests finish.
-    let mut requests = Vec::with_capacity(problems.len() * args.samples);
-    let mut owner = Vec::with_capacity(problems.len() * args.samples);
+    // One request per (problem, sample), with its slot in `texts`, filled as requests finish.
+    let mut pending = Vec::with_capacity(problems.len() * args.samples);
     let mut texts = vec![String::new(); problems.len() * args.samples];
     for (pi, p) in problems.iter().enumerate() {
         let text = if args.chat {
@@ -135,28 +134,30 @@ fn generate_all(
                 pb.inc(1);
                 continue;
             }
-            requests.push(BatchRequest {
-                prompt_ids: ids.clone(),
-                options: GenerateOptions {
-                    max_tokens: args.max_tokens.min(room),
-                    sampling: SamplingParams {
-                        temperature: args.temperature,
-                        top_p: args.top_p,
-                        seed: args.seed.wrapping_add(s as u64),
-                        ..SamplingParams::default()
+            pending.push((
+                slot,
+                BatchRequest {
+                    prompt_ids: ids.clone(),
+                    options: GenerateOptions {
+                        max_tokens: args.max_tokens.min(room),
+                        sampling: SamplingParams {
+                            temperature: args.temperature,
+                            top_p: args.top_p,
+                            seed: args.seed.wrapping_add(s as u64),
+                            ..SamplingParams::default()
+                        },
+                        // A chat reply ends at its end-of-turn token; a completion at a stop string.
+                        stop_strings: if args.chat { Vec::new() } else { p.stops() },
+                        top_logprobs: 0,
                     },
-                    // A chat reply ends at its end-of-turn token; a completion at a stop string.
-                    stop_strings: if args.chat { Vec::new() } else { p.stops() },
-                    top_logprobs: 0,
                 },
-            });
-            owner.push(slot);
+            ));
         }
     }
-    let mut order: Vec<usize> = (0..requests.len()).collect();
-    order.sort_by_key(|&i| requests[i].prompt_ids.len());
-    for chunk in order.chunks(args.batch.max(1)) {
-        let batch: Vec<BatchRequest> = chunk.iter().map(|&i| requests[i].clone()).collect();
+    pending.sort_by_key(|(_, r)| r.prompt_ids.len());
+    let (slots, requests): (Vec<usize>, Vec<BatchRequest>) = pending.into_iter().unzip();
+    let batch = args.batch.max(1);
+    for (chunk, chunk_slots) in requests.chunks(batch).zip(slots.chunks(batch)) {
         let outs = generate_batch(
             model,
             Adapters {
@@ -164,15 +165,14 @@ fn generate_all(
                 train: false,
             },
             &loaded.tokenizer,
-            &batch,
+            chunk,
             cancel,
             &mut |_, _| pb.inc(1),
         )?;
         if cancel.is_cancelled() {
             bail!("cancelled");
         }
-        for (&i, g) in chunk.iter().zip(outs) {
-            let slot = owner[i];
+        for (&slot, g) in chunk_slots.iter().zip(outs) {
             texts[slot] = if args.chat {
                 eval::completion_from_chat(&problems[slot / args.samples], &g.text)
             } else {

@@ -199,13 +199,13 @@ pub fn generate_batch<B: KernelBackend>(
         tokens.extend(std::iter::repeat_n(pad_id, pad));
         tokens.extend_from_slice(&r.prompt_ids);
     }
-    let mut rows: Vec<Option<Row<'_>>> = requests
-        .iter()
-        .map(|r| Some(Row::new(&r.prompt_ids, &r.options)))
-        .collect();
     let mut done: Vec<Option<GenerateOutput>> = vec![None; requests.len()];
-    // `active[j]` is the request in row j of the cache.
-    let mut active: Vec<usize> = (0..requests.len()).collect();
+    // Row j of the KV cache generates for request `active[j].0`.
+    let mut active: Vec<(usize, Row<'_>)> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (i, Row::new(&r.prompt_ids, &r.options)))
+        .collect();
 
     let start = Instant::now();
     let vocab = model.config.vocab_size;
@@ -215,12 +215,11 @@ pub fn generate_batch<B: KernelBackend>(
     let mut no_text = |_: &str| {};
     loop {
         let room = cache.len < cache.capacity;
-        let mut next = Vec::with_capacity(active.len());
-        let mut keep = Vec::with_capacity(active.len());
-        for (j, &i) in active.iter().enumerate() {
-            let Some(row) = rows[i].as_mut() else {
-                continue;
-            };
+        let rows_before = active.len();
+        let mut next = Vec::with_capacity(rows_before);
+        let mut keep = Vec::with_capacity(rows_before);
+        let mut still = Vec::with_capacity(rows_before);
+        for (j, (i, mut row)) in active.into_iter().enumerate() {
             let step = if cancel.is_cancelled() {
                 row.out.stop_reason = StopReason::Cancelled;
                 None
@@ -236,11 +235,9 @@ pub fn generate_batch<B: KernelBackend>(
                 Some(t) => {
                     next.push(t);
                     keep.push(j);
+                    still.push((i, row));
                 }
                 None => {
-                    let Some(mut row) = rows[i].take() else {
-                        continue;
-                    };
                     row.out.prefill_seconds = prefill_seconds;
                     row.out.decode_seconds = decode_start.elapsed().as_secs_f64();
                     let out = row.finish(&mut no_text);
@@ -249,13 +246,13 @@ pub fn generate_batch<B: KernelBackend>(
                 }
             }
         }
-        if keep.is_empty() {
+        active = still;
+        if active.is_empty() {
             break;
         }
-        if keep.len() < active.len() {
+        if active.len() < rows_before {
             cache.retain_rows(&keep);
             pads = keep.iter().map(|&j| pads[j]).collect();
-            active = keep.iter().map(|&j| active[j]).collect();
         }
         logits = logits_to_vec(model.forward_batch(&next, &pads, &mut cache, adapters)?)?;
     }

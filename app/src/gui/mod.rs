@@ -143,7 +143,12 @@ pub fn run(model: Option<String>) -> Result<()> {
     let engine_device = codelsi_engine::device::init_wgpu();
     if let (Ok(_), Some(setup)) = (&engine_device, codelsi_engine::device::shared_setup()) {
         options.wgpu_options.wgpu_setup =
-            egui_wgpu_existing(setup.instance, setup.adapter, setup.device, setup.queue);
+            eframe::egui_wgpu::WgpuSetup::Existing(eframe::egui_wgpu::WgpuSetupExisting {
+                instance: setup.instance,
+                adapter: setup.adapter,
+                device: setup.device,
+                queue: setup.queue,
+            });
     }
     eframe::run_native(
         "codelsi",
@@ -166,20 +171,6 @@ pub fn run(model: Option<String>) -> Result<()> {
         }),
     )
     .map_err(|e| anyhow::anyhow!("could not open the window: {e}"))
-}
-
-fn egui_wgpu_existing(
-    instance: eframe::wgpu::Instance,
-    adapter: eframe::wgpu::Adapter,
-    device: eframe::wgpu::Device,
-    queue: eframe::wgpu::Queue,
-) -> eframe::egui_wgpu::WgpuSetup {
-    eframe::egui_wgpu::WgpuSetup::Existing(eframe::egui_wgpu::WgpuSetupExisting {
-        instance,
-        adapter,
-        device,
-        queue,
-    })
 }
 
 /// Megabytes, for people.

@@ -13,8 +13,8 @@ use super::wgpu::WgpuCube;
 use super::{LoraEpilogue, QTensor, wgsl};
 use crate::quant::QFormat;
 
-/// Uniform parameters of the three kernels. Keep in sync with `Params` in shaders/qmatvec.wgsl,
-/// shaders/qmatmul.wgsl and shaders/qmatmul_rows.wgsl.
+/// Uniform parameters of the three kernels. Keep in sync with `Params` in
+/// shaders/common/qmatmul_io.wgsl.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct QMatmulParams {
@@ -95,14 +95,16 @@ struct QKernel {
 
 impl KernelSource for QKernel {
     fn source(&self) -> SourceTemplate {
-        // WGSL has no includes: the op and the format's helpers are concatenated.
+        // WGSL has no includes: the op, its parameters and bindings, and the format's helpers
+        // are concatenated.
         let op = match self.op {
             Op::Vector => include_str!("../../../shaders/qmatvec.wgsl"),
             Op::Tiled => include_str!("../../../shaders/qmatmul.wgsl"),
             Op::RowBlocks => include_str!("../../../shaders/qmatmul_rows.wgsl"),
         };
+        let io = include_str!("../../../shaders/common/qmatmul_io.wgsl");
         let format = format_source(self.format);
-        SourceTemplate::new(format!("{op}\n{format}"))
+        SourceTemplate::new(format!("{op}\n{io}\n{format}"))
             .register("lanes", self.shape.lanes.to_string())
             .register("rows", self.shape.rows.to_string())
             .register(

@@ -449,8 +449,9 @@ impl<B: KernelBackend> Llama<B> {
         }
         let past = cache.len;
         let rope = self.rope(past..past + seq);
+        // A single new position of unpadded rows sees everything: no mask.
         let mask = if pads.iter().all(|&p| p == 0) {
-            self.causal_mask(past, seq)
+            (seq > 1).then(|| self.padded_mask(&[0], past, seq))
         } else {
             Some(self.padded_mask(pads, past, seq))
         };
@@ -608,38 +609,11 @@ impl<B: KernelBackend> Llama<B> {
         Tensor::from_data(TensorData::new(m, [1, 1, rep * seq, seq]), &self.device)
     }
 
-    /// Additive mask `[1, 1, rep * seq, past + seq]` for grouped queries (see
-    /// [`Attention::forward`]); `None` when a single new position sees everything.
-    fn causal_mask(&self, past: usize, seq: usize) -> Option<Tensor<B, 4>> {
-        if seq == 1 {
-            return None;
-        }
-        let rep = self.config.num_attention_heads / self.config.num_key_value_heads;
-        let total = past + seq;
-        let mut m = Vec::with_capacity(rep * seq * total);
-        for _ in 0..rep {
-            for i in 0..seq {
-                m.extend((0..total).map(|j| {
-                    if j <= past + i {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                }));
-            }
-        }
-        Some(Tensor::from_data(
-            TensorData::new(m, [1, 1, rep * seq, total]),
-            &self.device,
-        ))
-    }
-}
-
-impl<B: KernelBackend> Llama<B> {
-    /// Additive mask `[batch, 1, rep * seq, past + seq]` for left-padded rows: causal, and no
-    /// position of row `b` sees its first `pads[b]` (padding). A padding position sees the
-    /// padding before it, so no row of the softmax is empty (that would give NaN, and NaN
-    /// times a zero weight is still NaN).
+    /// Additive mask `[pads.len(), 1, rep * seq, past + seq]` for grouped queries (see
+    /// [`Attention::forward`]) of left-padded rows: causal, and no position of row `b` sees its
+    /// first `pads[b]` (padding). A padding position sees the padding before it, so no row of
+    /// the softmax is empty (that would give NaN, and NaN times a zero weight is still NaN).
+    /// `pads = [0]` is the plain causal mask, which broadcasts over any batch.
     fn padded_mask(&self, pads: &[usize], past: usize, seq: usize) -> Tensor<B, 4> {
         let rep = self.config.num_attention_heads / self.config.num_key_value_heads;
         let total = past + seq;
