@@ -550,3 +550,40 @@ fn stacked_adapters_match_reference_path() {
         .fold(0f32, f32::max);
     assert!(worst > 1e-2, "the frozen adapter changed nothing ({worst})");
 }
+
+/// The inference model turned into a training one (`Llama::autodiff`, what the app trains on,
+/// sharing the loaded weights) gives the loss and adapter gradients of the model loaded for
+/// training.
+#[test]
+fn autodiff_view_trains_like_a_training_load() {
+    let _guard = serial();
+    let loaded = tiny();
+    let plain = load_model::<B>(
+        &fixtures().join("tiny_llama"),
+        Some(QFormat::Q8_0),
+        &device(),
+        &mut |_| {},
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let view = plain.model.autodiff();
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+        rslora: false,
+    };
+    let adapter = randomized(
+        &Adapter::<B>::init(lora, &loaded.model.config, 3, &device())
+            .unwrap_or_else(|e| panic!("{e}")),
+        0.1,
+        5,
+    );
+    let row = &rows(&loaded, 256, true)[0];
+    let (want_loss, want_grads) = loss_and_grads(&loaded.model, &adapter, row);
+    let (loss, grads) = loss_and_grads(&view, &adapter, row);
+    assert_close("loss", &[loss], &[want_loss], 1e-6, 1e-6);
+    for (g, w) in grads.iter().zip(&want_grads) {
+        assert_close("gradient", g, w, 1e-6, 1e-6);
+    }
+}

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use codelsi_engine::adapter::Adapter;
 use codelsi_engine::device::Wgpu;
-use codelsi_engine::eval::{self, Completion, EvalEvent, Harness, Limits, Problem, Status};
-use codelsi_engine::generate::{BatchRequest, CancelToken, GenerateOptions, generate_batch};
-use codelsi_engine::io::tokenizer::Message;
+use codelsi_engine::eval::{
+    self, Completion, EvalEvent, GenerateSettings, Harness, Limits, Problem, Status,
+};
+use codelsi_engine::generate::CancelToken;
 use codelsi_engine::models::llama::Adapters;
-use codelsi_engine::sampling::SamplingParams;
 
 use crate::Format;
 
@@ -86,8 +86,7 @@ pub struct EvalArgs {
     quiet: bool,
 }
 
-/// Completions from the model, `samples` per problem, with each problem's stop strings. The
-/// requests run `--batch` at a time, grouped by prompt length so little padding is computed.
+/// Completions from the model (with `--adapter`s), with a progress bar.
 fn generate_all(
     args: &EvalArgs,
     problems: &[Problem],
@@ -113,83 +112,29 @@ fn generate_all(
         "generate {bar:30} {pos}/{len}  [{elapsed_precise} / eta {eta}]",
     );
     pb.set_length((problems.len() * args.samples) as u64);
-    let context = model.config.max_position_embeddings;
-    // One request per (problem, sample), with its slot in `texts`, filled as requests finish.
-    let mut pending = Vec::with_capacity(problems.len() * args.samples);
-    let mut texts = vec![String::new(); problems.len() * args.samples];
-    for (pi, p) in problems.iter().enumerate() {
-        let text = if args.chat {
-            loaded
-                .tokenizer
-                .apply_chat_template(&[Message::user(eval::chat_request(p))], true)?
-        } else {
-            p.prompt.clone()
-        };
-        let ids = loaded.tokenizer.encode(&text, true)?;
-        // A prompt that fills the context gets an empty completion (and fails its tests).
-        let room = context.saturating_sub(ids.len());
-        for s in 0..args.samples {
-            let slot = pi * args.samples + s;
-            if room == 0 {
-                pb.inc(1);
-                continue;
-            }
-            pending.push((
-                slot,
-                BatchRequest {
-                    prompt_ids: ids.clone(),
-                    options: GenerateOptions {
-                        max_tokens: args.max_tokens.min(room),
-                        sampling: SamplingParams {
-                            temperature: args.temperature,
-                            top_p: args.top_p,
-                            seed: args.seed.wrapping_add(s as u64),
-                            ..SamplingParams::default()
-                        },
-                        // A chat reply ends at its end-of-turn token; a completion at a stop string.
-                        stop_strings: if args.chat { Vec::new() } else { p.stops() },
-                        top_logprobs: 0,
-                    },
-                },
-            ));
-        }
-    }
-    pending.sort_by_key(|(_, r)| r.prompt_ids.len());
-    let (slots, requests): (Vec<usize>, Vec<BatchRequest>) = pending.into_iter().unzip();
-    let batch = args.batch.max(1);
-    for (chunk, chunk_slots) in requests.chunks(batch).zip(slots.chunks(batch)) {
-        let outs = generate_batch(
-            model,
-            Adapters {
-                list: &refs,
-                train: false,
-            },
-            &loaded.tokenizer,
-            chunk,
-            cancel,
-            &mut |_, _| pb.inc(1),
-        )?;
-        if cancel.is_cancelled() {
-            bail!("cancelled");
-        }
-        for (&slot, g) in chunk_slots.iter().zip(outs) {
-            texts[slot] = if args.chat {
-                eval::completion_from_chat(&problems[slot / args.samples], &g.text)
-            } else {
-                g.text
-            };
-        }
-    }
+    let settings = GenerateSettings {
+        samples: args.samples,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        max_tokens: args.max_tokens,
+        seed: args.seed,
+        batch: args.batch,
+        chat: args.chat,
+    };
+    let completions = eval::generate_completions(
+        model,
+        Adapters {
+            list: &refs,
+            train: false,
+        },
+        &loaded.tokenizer,
+        problems,
+        &settings,
+        cancel,
+        &mut || pb.inc(1),
+    )?;
     pb.finish_and_clear();
-    Ok(problems
-        .iter()
-        .flat_map(|p| std::iter::repeat_n(p.task_id.clone(), args.samples))
-        .zip(texts)
-        .map(|(task_id, completion)| Completion {
-            task_id,
-            completion,
-        })
-        .collect())
+    Ok(completions)
 }
 
 /// `--data`: loss and generation closeness on an imported validation split, base vs adapter.

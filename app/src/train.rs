@@ -3,14 +3,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use burn::backend::Autodiff;
 use burn::tensor::Tensor;
 use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
 use codelsi_engine::device::Wgpu;
-use codelsi_engine::model::LoadedModel;
 use codelsi_engine::quant::QFormat;
-use codelsi_engine::train::data::{self, PromptTemplate, Row};
+use codelsi_engine::train::data::{self, DataSpec, PromptTemplate};
 use codelsi_engine::train::{Activations, Decay, TrainConfig, TrainEvent, TrainJob, train};
 
 use crate::{Format, load_on, parse_quant};
@@ -101,24 +100,6 @@ pub struct TrainArgs {
     format: Format,
 }
 
-fn tokenize_rows(
-    records: &[data::Record],
-    loaded: &LoadedModel<AD>,
-    template: PromptTemplate,
-    max_len: usize,
-    pack: bool,
-) -> Result<(Vec<Row>, usize)> {
-    let mut examples = Vec::with_capacity(records.len());
-    let mut dropped = 0;
-    for r in records {
-        match data::tokenize(r, &loaded.tokenizer, template, max_len)? {
-            Some(e) => examples.push(e),
-            None => dropped += 1,
-        }
-    }
-    Ok((data::pack(&examples, max_len, pack), dropped))
-}
-
 pub fn cmd_train(args: TrainArgs) -> Result<()> {
     let json = args.format == Format::Json;
     let config = TrainConfig {
@@ -144,30 +125,23 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         activations: Activations::parse(&args.activations)?,
     };
     config.validate()?;
-    if args.max_len < 8 {
-        bail!("--max-len must be at least 8");
-    }
     let (loaded, gpu) = load_on::<AD>(&args.model, args.quantize, json)?;
     let template = match &args.template {
         Some(t) => PromptTemplate::parse(t)?,
         None => PromptTemplate::for_tokenizer(&loaded.tokenizer),
     };
-    let pack = !args.no_pack;
-    let (train_file, dataset_val) = codelsi_engine::import::dataset_files(&args.data);
-    let records = data::read_jsonl(&train_file)?;
-    let (train_records, val_records) = match args.val.as_ref().or(dataset_val.as_ref()) {
-        Some(v) => (records, data::read_jsonl(v)?),
-        None => data::split(records, args.val_frac, args.seed),
-    };
-    let (train_rows, dropped) =
-        tokenize_rows(&train_records, &loaded, template, args.max_len, pack)?;
-    let (val_rows, _) = tokenize_rows(&val_records, &loaded, template, args.max_len, pack)?;
-    if train_rows.is_empty() {
-        bail!(
-            "no training example has a response left within --max-len {}",
-            args.max_len
-        );
-    }
+    let data = data::prepare(
+        &DataSpec {
+            data: &args.data,
+            val: args.val.as_deref(),
+            val_frac: args.val_frac,
+            seed: args.seed,
+            template,
+            max_len: args.max_len,
+            pack: !args.no_pack,
+        },
+        &loaded.tokenizer,
+    )?;
     let frozen = args
         .base_adapters
         .iter()
@@ -181,11 +155,11 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
     if !json {
         eprintln!(
             "{} training records → {} rows of ≤{} tokens ({} dropped: prompt alone fills max-len); {} validation rows; template {:?}; {} on {}",
-            train_records.len(),
-            train_rows.len(),
+            data.train_records,
+            data.train.len(),
             args.max_len,
-            dropped,
-            val_rows.len(),
+            data.dropped,
+            data.val.len(),
             template,
             loaded.info.architecture,
             gpu
@@ -208,8 +182,8 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         TrainJob {
             model: &loaded.model,
             frozen: &frozen_refs,
-            train: &train_rows,
-            val: &val_rows,
+            train: &data.train,
+            val: &data.val,
             config: &config,
             out: &args.out,
             base_model: &model_name,

@@ -42,6 +42,17 @@ pub fn cache_dir() -> PathBuf {
     }
 }
 
+/// Where the user's own work goes by default (datasets, adapters): `$CODELSI_HOME`, else the
+/// platform data directory + `codelsi`. Unlike the cache, nothing here can be fetched again.
+pub fn data_dir() -> PathBuf {
+    match std::env::var_os("CODELSI_HOME") {
+        Some(p) => PathBuf::from(p),
+        None => dirs::data_dir()
+            .unwrap_or_else(std::env::temp_dir)
+            .join("codelsi"),
+    }
+}
+
 pub fn default_model_path() -> Result<PathBuf> {
     Ok(cache_dir().join("models").join(default_manifest()?.file))
 }

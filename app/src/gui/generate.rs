@@ -10,8 +10,8 @@ use codelsi_engine::models::llama::Adapters;
 use codelsi_engine::sampling::SamplingParams;
 use eframe::egui;
 
-use super::Shared;
 use super::jobs::Job;
+use super::{Shared, highlight};
 
 enum Msg {
     /// Text streamed into column 0 (base) or 1 (adapter).
@@ -150,17 +150,7 @@ impl GeneratePanel {
         ui.heading("Generate");
         ui.horizontal(|ui| {
             ui.label("Adapter:");
-            let names: Vec<String> = shared
-                .settings
-                .adapters
-                .iter()
-                .map(|p| {
-                    p.file_name().map_or_else(
-                        || p.display().to_string(),
-                        |n| n.to_string_lossy().into_owned(),
-                    )
-                })
-                .collect();
+            let names = super::adapter_names(&shared.settings.adapters);
             let current = self
                 .adapter
                 .and_then(|i| names.get(i))
@@ -176,9 +166,7 @@ impl GeneratePanel {
             if ui.button("Add adapter folder…").clicked()
                 && let Some(dir) = rfd::FileDialog::new().pick_folder()
             {
-                if !shared.settings.adapters.contains(&dir) {
-                    shared.settings.adapters.push(dir.clone());
-                }
+                shared.settings.add_adapter(&dir);
                 self.adapter = shared.settings.adapters.iter().position(|d| *d == dir);
             }
             ui.add_enabled(
@@ -197,9 +185,19 @@ impl GeneratePanel {
             )
             .on_hover_text("0 always picks the most likely token");
         });
+        let mut layouter = |ui: &egui::Ui, buf: &dyn egui::TextBuffer, wrap: f32| {
+            let mut job = highlight::layout(
+                buf.as_str(),
+                ui.visuals(),
+                egui::TextStyle::Monospace.resolve(ui.style()),
+            );
+            job.wrap.max_width = wrap;
+            ui.fonts_mut(|f| f.layout_job(job))
+        };
         ui.add(
             egui::TextEdit::multiline(&mut self.prompt)
                 .code_editor()
+                .layouter(&mut layouter)
                 .desired_rows(6)
                 .desired_width(f32::INFINITY)
                 .hint_text("Start of the code to complete"),
@@ -249,10 +247,13 @@ impl GeneratePanel {
                 });
                 ui.weak(&self.stats[c]);
                 egui::ScrollArea::vertical().id_salt(c).show(ui, |ui| {
-                    ui.add(egui::Label::new(
-                        egui::RichText::new(format!("{}{}", self.prompt, self.outputs[c]))
-                            .monospace(),
-                    ));
+                    let code = format!("{}{}", self.prompt, self.outputs[c]);
+                    let font = egui::TextStyle::Monospace.resolve(ui.style());
+                    ui.add(egui::Label::new(highlight::layout(
+                        &code,
+                        ui.visuals(),
+                        font,
+                    )));
                 });
             }
         });

@@ -1,12 +1,16 @@
 //! The desktop app (eframe, wgpu renderer): one panel type per file, each with `fn ui`. Long
 //! work runs on background threads ([`jobs`]); the UI thread only draws and polls.
 //!
-//! Built so far: the Model and Generate panels. Data, Train, Evaluate and Adapters are the
-//! `codelsi import`, `train`, `eval` and `merge` commands until their panels land.
+//! The tabs follow the work: Model → Data → Train → Generate → Evaluate → Adapters.
 
+mod adapters;
+mod data;
+mod evaluate;
 mod generate;
+mod highlight;
 mod jobs;
 mod model;
+mod train;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,8 +20,12 @@ use codelsi_engine::device::{GpuInfo, Wgpu};
 use codelsi_engine::model::LoadedModel;
 use eframe::egui;
 
+pub use adapters::AdaptersPanel;
+pub use data::DataPanel;
+pub use evaluate::EvaluatePanel;
 pub use generate::GeneratePanel;
 pub use model::ModelPanel;
+pub use train::{Preset, RunSettings, TrainPanel};
 
 /// What persists between runs (eframe stores it with the window's size and place).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -25,12 +33,19 @@ pub use model::ModelPanel;
 pub struct Settings {
     /// Models opened before, most recent first (`default` or a path).
     pub recent_models: Vec<String>,
-    /// Adapter folders the user added.
+    /// Adapter folders the app trained or the user added.
     pub adapters: Vec<PathBuf>,
+    /// Dataset folders imported or opened, most recent first.
+    pub datasets: Vec<PathBuf>,
+    /// Where new datasets and adapters go (default: the platform data folder + `codelsi`).
+    pub workspace: Option<PathBuf>,
     pub tab: Tab,
     pub max_tokens: usize,
     /// 0 is greedy.
     pub temperature: f32,
+    /// The Train panel's data (a dataset folder or a JSONL file).
+    pub train_data: Option<PathBuf>,
+    pub train: RunSettings,
 }
 
 impl Default for Settings {
@@ -38,9 +53,13 @@ impl Default for Settings {
         Self {
             recent_models: Vec::new(),
             adapters: Vec::new(),
+            datasets: Vec::new(),
+            workspace: None,
             tab: Tab::Model,
             max_tokens: 128,
             temperature: 0.0,
+            train_data: None,
+            train: Preset::Balanced.settings(),
         }
     }
 }
@@ -52,12 +71,94 @@ impl Settings {
         self.recent_models.insert(0, spec.to_string());
         self.recent_models.truncate(8);
     }
+
+    /// Put `dir` first in the datasets (at most 16 kept).
+    pub fn remember_dataset(&mut self, dir: &std::path::Path) {
+        self.datasets.retain(|d| d != dir);
+        self.datasets.insert(0, dir.to_path_buf());
+        self.datasets.truncate(16);
+    }
+
+    pub fn add_adapter(&mut self, dir: &std::path::Path) {
+        if !self.adapters.iter().any(|a| a == dir) {
+            self.adapters.push(dir.to_path_buf());
+        }
+    }
+
+    /// Add what the workspace holds (dataset folders under `datasets/`, adapter folders under
+    /// `adapters/`) to the lists, so work done with the command line shows up in the app.
+    pub fn discover(&mut self) {
+        let ws = self.workspace();
+        let subdirs = |name: &str, marker: &str| -> Vec<PathBuf> {
+            let mut dirs: Vec<PathBuf> = std::fs::read_dir(ws.join(name))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join(marker).is_file())
+                .collect();
+            dirs.sort();
+            dirs
+        };
+        for d in subdirs("datasets", "train.jsonl") {
+            if !self.datasets.contains(&d) {
+                self.datasets.push(d);
+            }
+        }
+        for a in subdirs("adapters", "adapter_config.json") {
+            self.add_adapter(&a);
+        }
+    }
+
+    pub fn workspace(&self) -> PathBuf {
+        self.workspace
+            .clone()
+            .unwrap_or_else(codelsi_engine::fetch::data_dir)
+    }
+}
+
+/// Adapter folders by name for menus (the folder's name).
+pub fn adapter_names(dirs: &[PathBuf]) -> Vec<String> {
+    dirs.iter()
+        .map(|p| {
+            p.file_name().map_or_else(
+                || p.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Tab {
     Model,
+    Data,
+    Train,
     Generate,
+    Evaluate,
+    Adapters,
+}
+
+impl Tab {
+    pub const ALL: [Tab; 6] = [
+        Tab::Model,
+        Tab::Data,
+        Tab::Train,
+        Tab::Generate,
+        Tab::Evaluate,
+        Tab::Adapters,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tab::Model => "Model",
+            Tab::Data => "Data",
+            Tab::Train => "Train",
+            Tab::Generate => "Generate",
+            Tab::Evaluate => "Evaluate",
+            Tab::Adapters => "Adapters",
+        }
+    }
 }
 
 /// What the panels share: the loaded model and the settings.
@@ -71,7 +172,11 @@ pub struct Shared {
 pub struct App {
     pub shared: Shared,
     pub model: ModelPanel,
+    pub data: DataPanel,
+    pub train: TrainPanel,
     pub generate: GeneratePanel,
+    pub evaluate: EvaluatePanel,
+    pub adapters: AdaptersPanel,
 }
 
 impl App {
@@ -82,7 +187,11 @@ impl App {
                 ..Default::default()
             },
             model: ModelPanel::default(),
+            data: DataPanel::default(),
+            train: TrainPanel::default(),
             generate: GeneratePanel::default(),
+            evaluate: EvaluatePanel::default(),
+            adapters: AdaptersPanel::default(),
         }
     }
 
@@ -90,14 +199,20 @@ impl App {
     pub fn ui(&mut self, ui: &mut egui::Ui) {
         // Jobs report even while their panel is hidden.
         self.model.poll(&mut self.shared);
+        self.data.poll(&mut self.shared);
+        self.train.poll(&mut self.shared);
         self.generate.poll();
+        self.evaluate.poll();
+        self.adapters.poll();
+        let adapters_before = self.shared.settings.adapters.len();
         egui::Panel::top("tabs").show(ui, |ui| {
             ui.horizontal(|ui| {
                 ui.heading("codelsi");
                 ui.separator();
                 let tab = &mut self.shared.settings.tab;
-                ui.selectable_value(tab, Tab::Model, "Model");
-                ui.selectable_value(tab, Tab::Generate, "Generate");
+                for t in Tab::ALL {
+                    ui.selectable_value(tab, t, t.name());
+                }
                 ui.separator();
                 match &self.shared.model {
                     Some(m) => ui.label(format!(
@@ -111,8 +226,18 @@ impl App {
         });
         egui::CentralPanel::default().show(ui, |ui| match self.shared.settings.tab {
             Tab::Model => self.model.ui(ui, &mut self.shared),
+            Tab::Data => self.data.ui(ui, &mut self.shared),
+            Tab::Train => self.train.ui(ui, &mut self.shared),
             Tab::Generate => self.generate.ui(ui, &mut self.shared),
+            Tab::Evaluate => self.evaluate.ui(ui, &mut self.shared),
+            Tab::Adapters => self.adapters.ui(ui, &mut self.shared),
         });
+        // An adapter removed from the list moves the ones after it: drop choices by index.
+        if self.shared.settings.adapters.len() < adapters_before {
+            self.generate.adapter = None;
+            self.train.general = None;
+            self.evaluate.chosen.clear();
+        }
     }
 }
 
@@ -158,6 +283,8 @@ pub fn run(model: Option<String>) -> Result<()> {
                 .storage
                 .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
                 .unwrap_or_default();
+            let mut settings = settings;
+            settings.discover();
             let mut app = App::new(settings);
             match engine_device {
                 Ok((_, gpu)) => app.shared.gpu = Some(gpu),
@@ -211,19 +338,31 @@ mod tests {
         h.run_steps(2);
     }
 
-    #[test]
-    fn load_generate_stop_and_errors() {
+    fn harness(settings: Settings) -> Harness<'static, App> {
         if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
-            // SAFETY: set before this test starts any thread that reads the environment.
+            // SAFETY: set before the harness starts any thread that reads the environment.
             unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
         }
-        let mut h = Harness::builder()
+        Harness::builder()
             .with_size([1000.0, 640.0])
             .wgpu()
-            .build_ui_state(
-                |ui, app: &mut App| app.ui(ui),
-                App::new(Settings::default()),
-            );
+            .build_ui_state(|ui, app: &mut App| app.ui(ui), App::new(settings))
+    }
+
+    /// Load the tiny model into the app.
+    fn load_tiny(h: &mut Harness<'_, App>) {
+        let ctx = h.ctx.clone();
+        h.state_mut().model.load(&ctx, tiny_model());
+        step_until(h, "the model", |a| !a.model.busy());
+        assert!(
+            h.state().shared.model.is_some(),
+            "the tiny model did not load"
+        );
+    }
+
+    #[test]
+    fn load_generate_stop_and_errors() {
+        let mut h = harness(Settings::default());
 
         // A path that is not a model: a readable error in the panel, and nothing loaded.
         let ctx = h.ctx.clone();
@@ -235,12 +374,7 @@ mod tests {
         h.get_by_label_contains("Could not load the model");
 
         // Load the tiny model: its card shows, and it joins the recent models.
-        h.state_mut().model.load(&ctx, tiny_model());
-        step_until(&mut h, "the model", |a| !a.model.busy());
-        assert!(
-            h.state().shared.model.is_some(),
-            "the tiny model did not load"
-        );
+        load_tiny(&mut h);
         h.get_by_label("Parameters");
         assert_eq!(h.state().shared.settings.recent_models, vec![tiny_model()]);
         h.snapshot("model_panel");
@@ -300,5 +434,237 @@ mod tests {
             "{}",
             h.state().generate.stats[0]
         );
+    }
+
+    /// A folder of its own under the target dir (relative to `app/`, so the snapshots show the
+    /// same paths on every checkout), emptied first.
+    fn temp_workspace(name: &str) -> PathBuf {
+        let dir = PathBuf::from(format!("../target/gui-test-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        dir
+    }
+
+    fn lines(path: &std::path::Path) -> usize {
+        std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
+    }
+
+    /// The rest of the loop on the tiny model: import a repository, exclude a pair, train
+    /// (estimate, start, cancel, resume), evaluate base and adapter, then the adapter's card and
+    /// its deletion.
+    #[test]
+    fn import_train_evaluate_and_adapters() {
+        let workspace = temp_workspace("loop");
+        let mut h = harness(Settings {
+            workspace: Some(workspace.clone()),
+            ..Settings::default()
+        });
+        let ctx = h.ctx.clone();
+
+        // Import without a model: a readable request for one.
+        h.get_by_label("Data").click();
+        h.run_steps(2);
+        {
+            let app = h.state_mut();
+            app.data
+                .import(&ctx, &app.shared, "../tests/fixtures/import_repo".into());
+        }
+        h.run_steps(2);
+        h.get_by_label_contains("Load a model first");
+
+        // Import the fixture repository: progress to the end, then its report and pairs.
+        load_tiny(&mut h);
+        {
+            let app = h.state_mut();
+            app.data.error = None;
+            app.data
+                .import(&ctx, &app.shared, "../tests/fixtures/import_repo".into());
+        }
+        assert!(h.state().data.busy());
+        step_until(&mut h, "the import", |a| !a.data.busy());
+        let dir = workspace.join("datasets").join("import_repo");
+        let pairs = {
+            let app = h.state();
+            assert_eq!(app.data.error, None);
+            let ds = app
+                .data
+                .dataset
+                .as_ref()
+                .unwrap_or_else(|| panic!("no dataset"));
+            assert_eq!(ds.dir, dir);
+            assert_eq!(app.shared.settings.datasets, vec![dir.clone()]);
+            ds.pairs.len()
+        };
+        assert!(pairs > 10, "{pairs} pairs");
+        assert_eq!(
+            pairs,
+            lines(&dir.join("train.jsonl")) + lines(&dir.join("val.jsonl"))
+        );
+        h.get_by_label("Secrets left out, by kind");
+
+        // Search, exclude the pair shown first, save: it moves to excluded.jsonl.
+        h.state_mut().data.search = "greet".into();
+        h.run_steps(2);
+        // The first checkbox is "Replace a dataset already there"; the pairs' follow.
+        h.get_all_by_role(egui::accesskit::Role::CheckBox)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no pair matched the search"))
+            .click();
+        h.run_steps(2);
+        assert_eq!(
+            h.state().data.dataset.as_ref().map(|d| d.excluded()),
+            Some(1)
+        );
+        h.get_by_label("Save exclusions").click();
+        h.run_steps(2);
+        assert_eq!(lines(&dir.join("excluded.jsonl")), 1);
+        assert_eq!(
+            lines(&dir.join("train.jsonl")) + lines(&dir.join("val.jsonl")),
+            pairs - 1
+        );
+        let reopened = data::Dataset::open(&dir).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((reopened.pairs.len(), reopened.excluded()), (pairs, 1));
+        h.state_mut().data.selected = Some(0);
+        h.run_steps(2);
+        h.snapshot("data_panel");
+
+        // Train: the dataset goes to the Train tab; measure, start, cancel, resume.
+        h.get_by_label("Train on it").click();
+        h.run_steps(2);
+        assert_eq!(h.state().shared.settings.tab, Tab::Train);
+        assert_eq!(h.state().shared.settings.train_data, Some(dir.clone()));
+        h.state_mut().shared.settings.train = RunSettings {
+            max_len: 256,
+            epochs: 6,
+            batch: 2,
+            lr: 1e-3,
+            eval_every: 10,
+            ..Preset::Quick.settings()
+        };
+        h.get_by_label("Estimate").click();
+        h.step();
+        step_until(&mut h, "the estimate", |a| !a.train.busy());
+        let est = h
+            .state()
+            .train
+            .estimate
+            .clone()
+            .unwrap_or_else(|| panic!("no estimate: {:?}", h.state().train.error));
+        assert!(est.tokens_per_second > 0.0 && est.tokens > 0 && est.steps > 0);
+        h.get_by_label_contains("Estimate: about");
+
+        h.get_by_label("Start training").click();
+        h.step();
+        assert!(h.state().train.busy(), "the click started nothing");
+        step_until(&mut h, "the first step", |a| a.train.live.step >= 1);
+        h.get_by_label("Cancel").click();
+        step_until(&mut h, "the cancel", |a| !a.train.busy());
+        let stopped_at = h.state().train.live.step;
+        let total = h.state().train.live.total;
+        assert!(
+            stopped_at < total,
+            "cancel came after the end ({stopped_at}/{total})"
+        );
+        assert!(
+            h.state()
+                .train
+                .status
+                .as_deref()
+                .is_some_and(|s| s.starts_with("Stopped")),
+            "{:?}",
+            h.state().train.status
+        );
+        let out = workspace.join("adapters").join("import_repo-general");
+        assert!(h.state().shared.settings.adapters.is_empty());
+        h.get_by_label("Resume").click();
+        h.step();
+        step_until(&mut h, "the resumed run", |a| !a.train.busy());
+        {
+            let t = &h.state().train;
+            assert_eq!(t.error, None);
+            assert_eq!(t.live.step, total);
+            assert_eq!(t.finished.as_ref(), Some(&out));
+            // The plot has every step since the resume, and validation points.
+            assert_eq!(
+                t.live.losses.first().map(|p| p[0] as usize),
+                Some(stopped_at + 1)
+            );
+            assert!(!t.live.val_losses.is_empty());
+            let first = t.live.losses.first().map_or(0.0, |p| p[1]);
+            let last = t.live.losses.last().map_or(f64::MAX, |p| p[1]);
+            assert!(last < first, "loss went {first} → {last}");
+        }
+        assert_eq!(h.state().shared.settings.adapters, vec![out.clone()]);
+        assert!(out.join("adapter_model.safetensors").is_file());
+        // Varying figures pinned for the image.
+        {
+            let t = &mut h.state_mut().train;
+            t.live.tokens_per_second = 1000.0;
+            t.live.eta_seconds = 0.0;
+            t.live.peak_bytes = Some(50_000_000);
+            t.status = Some("Done (pinned for the snapshot).".into());
+            if let Some(e) = &mut t.estimate {
+                e.tokens_per_second = 1000.0;
+                e.peak_bytes = Some(50_000_000);
+            }
+        }
+        h.run_steps(2);
+        h.snapshot("train_panel");
+
+        // Evaluate the base model and the adapter on two problems: a row each, and a drill-in.
+        h.get_by_label("Evaluate").click();
+        h.run_steps(2);
+        {
+            let e = &mut h.state_mut().evaluate;
+            e.limit = 2;
+            e.max_tokens = 16;
+            e.chosen = vec![true];
+        }
+        h.get_by_label("Run").click();
+        h.step();
+        step_until(&mut h, "the evaluation", |a| !a.evaluate.busy());
+        {
+            let e = &h.state().evaluate;
+            assert_eq!(e.error, None);
+            let names: Vec<&str> = e.runs.iter().map(|r| r.name.as_str()).collect();
+            assert_eq!(names, ["base model", "import_repo-general"]);
+            assert!(e.runs.iter().all(|r| r.summary.total == 2));
+        }
+        {
+            let e = &mut h.state_mut().evaluate;
+            e.selected = Some((0, 0));
+            for r in &mut e.runs {
+                r.generate_seconds = 1.0;
+                r.run_seconds = 1.0;
+                // The sandbox's folder has the process id in its name.
+                for s in &mut r.results {
+                    s.stderr_tail = s
+                        .stderr_tail
+                        .replace(&std::process::id().to_string(), "PID");
+                }
+            }
+        }
+        h.run_steps(2);
+        h.get_by_label("Completion (what the model wrote after the prompt):");
+        h.snapshot("evaluate_panel");
+
+        // The adapter's card: base model, data, steps, loss and the score just measured.
+        h.get_by_label("Adapters").click();
+        h.run_steps(2);
+        h.get_by_label_contains("humaneval-ts");
+        let info = adapters::AdapterInfo::read(&out);
+        assert_eq!(info.problem, None);
+        assert_eq!(info.steps, total.to_string());
+        assert!(info.scores.contains("(2 problems)"), "{}", info.scores);
+        h.snapshot("adapters_panel");
+        // Delete asks first; then the folder and the entry are gone.
+        h.get_by_label("Delete…").click();
+        h.run_steps(2);
+        assert!(out.exists());
+        h.get_by_label("Yes, delete").click();
+        h.run_steps(2);
+        assert!(!out.exists());
+        assert!(h.state().shared.settings.adapters.is_empty());
+        let _ = std::fs::remove_dir_all(&workspace);
     }
 }

@@ -12,8 +12,12 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::generate::CancelToken;
+use crate::generate::{BatchRequest, CancelToken, GenerateOptions, generate_batch};
+use crate::io::tokenizer::{Message, Tokenizer};
+use crate::kernels::KernelBackend;
+use crate::models::llama::{Adapters, Llama};
 use crate::par::par_map;
+use crate::sampling::SamplingParams;
 pub use sandbox::{Limits, RunResult, Sandbox, Status};
 pub use typescript::TypeScript;
 
@@ -164,6 +168,121 @@ pub fn completion_from_chat(problem: &Problem, reply: &str) -> String {
         return after.strip_prefix('\n').unwrap_or(after).to_string();
     }
     code.to_string()
+}
+
+/// How completions are generated for a suite.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateSettings {
+    /// Samples per problem.
+    pub samples: usize,
+    /// 0 is greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    pub max_tokens: usize,
+    /// Sample `s` of every problem is drawn with seed `seed + s`.
+    pub seed: u64,
+    /// Requests generated together in one batch.
+    pub batch: usize,
+    /// Ask through the chat template for the whole function and take the body from the
+    /// reply's code block, instead of completing the prompt as text.
+    pub chat: bool,
+}
+
+impl Default for GenerateSettings {
+    fn default() -> Self {
+        Self {
+            samples: 1,
+            temperature: 0.0,
+            top_p: 0.95,
+            max_tokens: 384,
+            seed: 42,
+            batch: 16,
+            chat: false,
+        }
+    }
+}
+
+/// Completions from the model, `samples` per problem in problem order, with each problem's
+/// stop strings. The requests run `batch` at a time, grouped by prompt length so little padding
+/// is computed. `on_done` is called once per completion, as it finishes.
+pub fn generate_completions<B: KernelBackend>(
+    model: &Llama<B>,
+    adapters: Adapters<'_, B>,
+    tokenizer: &Tokenizer,
+    problems: &[Problem],
+    settings: &GenerateSettings,
+    cancel: &CancelToken,
+    on_done: &mut dyn FnMut(),
+) -> Result<Vec<Completion>> {
+    let samples = settings.samples;
+    if samples == 0 {
+        return Err(Error::InvalidArgument("samples must be at least 1".into()));
+    }
+    let context = model.config.max_position_embeddings;
+    // One request per (problem, sample), with its slot in `texts`, filled as requests finish.
+    let mut pending = Vec::with_capacity(problems.len() * samples);
+    let mut texts = vec![String::new(); problems.len() * samples];
+    for (pi, p) in problems.iter().enumerate() {
+        let text = if settings.chat {
+            tokenizer.apply_chat_template(&[Message::user(chat_request(p))], true)?
+        } else {
+            p.prompt.clone()
+        };
+        let ids = tokenizer.encode(&text, true)?;
+        // A prompt that fills the context gets an empty completion (and fails its tests).
+        let room = context.saturating_sub(ids.len());
+        for s in 0..samples {
+            if room == 0 {
+                on_done();
+                continue;
+            }
+            pending.push((
+                pi * samples + s,
+                BatchRequest {
+                    prompt_ids: ids.clone(),
+                    options: GenerateOptions {
+                        max_tokens: settings.max_tokens.min(room),
+                        sampling: SamplingParams {
+                            temperature: settings.temperature,
+                            top_p: settings.top_p,
+                            seed: settings.seed.wrapping_add(s as u64),
+                            ..SamplingParams::default()
+                        },
+                        // A chat reply ends at its end-of-turn token; a completion at a stop string.
+                        stop_strings: if settings.chat { Vec::new() } else { p.stops() },
+                        top_logprobs: 0,
+                    },
+                },
+            ));
+        }
+    }
+    pending.sort_by_key(|(_, r)| r.prompt_ids.len());
+    let (slots, requests): (Vec<usize>, Vec<BatchRequest>) = pending.into_iter().unzip();
+    let batch = settings.batch.max(1);
+    for (chunk, chunk_slots) in requests.chunks(batch).zip(slots.chunks(batch)) {
+        let outs = generate_batch(model, adapters, tokenizer, chunk, cancel, &mut |_, _| {
+            on_done()
+        })?;
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        for (&slot, g) in chunk_slots.iter().zip(outs) {
+            texts[slot] = if settings.chat {
+                completion_from_chat(&problems[slot / samples], &g.text)
+            } else {
+                g.text
+            };
+        }
+    }
+    Ok(problems
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.task_id.clone(), samples))
+        .zip(texts)
+        .map(|(task_id, completion)| Completion {
+            task_id,
+            completion,
+        })
+        .collect())
 }
 
 /// Printed after the tests: a program that exits cleanly without printing it never reached

@@ -2,6 +2,7 @@
 //! as HF `modeling_llama.py`), grouped-query attention with a KV cache, SwiGLU MLP, tied or
 //! untied LM head. Generic over any [`KernelBackend`]; weights quantised or not.
 
+use burn::backend::Autodiff;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
@@ -706,5 +707,44 @@ impl<B: KernelBackend> Mlp<B> {
             Target::Down,
             gate * proj(&self.up_proj, Target::Up, x),
         )
+    }
+}
+
+impl<B: KernelBackend> Llama<B> {
+    /// The same model on `Autodiff<B>` for training, sharing the device tensors (nothing is
+    /// uploaded again; the frozen weights are untracked leaves). The host-side embedding table
+    /// is copied.
+    pub fn autodiff(&self) -> Llama<Autodiff<B>> {
+        let norm = |n: &RmsNorm<B>| RmsNorm {
+            weight: Tensor::from_inner(n.weight.clone()),
+            eps: n.eps,
+        };
+        Llama {
+            config: self.config.clone(),
+            embed_tokens: self.embed_tokens.clone(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| DecoderLayer {
+                    input_layernorm: norm(&l.input_layernorm),
+                    self_attn: Attention {
+                        q_proj: l.self_attn.q_proj.autodiff(),
+                        k_proj: l.self_attn.k_proj.autodiff(),
+                        v_proj: l.self_attn.v_proj.autodiff(),
+                        o_proj: l.self_attn.o_proj.autodiff(),
+                    },
+                    post_attention_layernorm: norm(&l.post_attention_layernorm),
+                    mlp: Mlp {
+                        gate_proj: l.mlp.gate_proj.autodiff(),
+                        up_proj: l.mlp.up_proj.autodiff(),
+                        down_proj: l.mlp.down_proj.autodiff(),
+                    },
+                })
+                .collect(),
+            norm: norm(&self.norm),
+            lm_head: self.lm_head.autodiff(),
+            inv_freq: self.inv_freq.clone(),
+            device: self.device.clone(),
+        }
     }
 }

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod llama;
 
+use burn::backend::Autodiff;
 use burn::tensor::{Distribution, Tensor, TensorData};
 
 use crate::adapter::LoraPair;
@@ -31,6 +32,27 @@ pub struct Linear<B: KernelBackend> {
 }
 
 impl<B: KernelBackend> Linear<B> {
+    /// The same layer on `Autodiff<B>`, sharing its device tensors (see [`Llama::autodiff`]).
+    ///
+    /// [`Llama::autodiff`]: llama::Llama::autodiff
+    pub fn autodiff(&self) -> Linear<Autodiff<B>> {
+        Linear {
+            weight: match &self.weight {
+                LinearWeight::Dense(w) => LinearWeight::Dense(Tensor::from_inner(w.clone())),
+                LinearWeight::Quantized(q) => LinearWeight::Quantized(QTensor {
+                    format: q.format,
+                    rows: q.rows,
+                    cols: q.cols,
+                    qs: Tensor::from_inner(q.qs.clone()),
+                    scales: Tensor::from_inner(q.scales.clone()),
+                }),
+            },
+            bias: self.bias.clone().map(Tensor::from_inner),
+            in_features: self.in_features,
+            out_features: self.out_features,
+        }
+    }
+
     /// Upload `[out, in]` weights: ggml blocks of a kernel format stay quantised; anything else
     /// becomes f32, or is quantised to `quantize` when given.
     pub fn load(

@@ -279,3 +279,71 @@ pub fn split(records: Vec<Record>, frac: f64, seed: u64) -> (Vec<Record>, Vec<Re
     }
     (train, val)
 }
+
+/// Training and validation rows, ready for [`train`](super::train).
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub train: Vec<Row>,
+    pub val: Vec<Row>,
+    pub train_records: usize,
+    pub val_records: usize,
+    /// Training records with no response left within `max_len`.
+    pub dropped: usize,
+}
+
+/// Where the data is and how to cut it.
+#[derive(Debug, Clone)]
+pub struct DataSpec<'a> {
+    /// A JSONL file, or a dataset folder `codelsi import` wrote (its `train.jsonl`, and its
+    /// `val.jsonl` as validation data unless `val` is given).
+    pub data: &'a Path,
+    pub val: Option<&'a Path>,
+    /// Without validation data, this share of the training records is held out.
+    pub val_frac: f64,
+    pub seed: u64,
+    pub template: PromptTemplate,
+    pub max_len: usize,
+    /// Pack short examples together (else one example per row).
+    pub pack: bool,
+}
+
+/// Read, split, tokenise and pack the data.
+pub fn prepare(spec: &DataSpec<'_>, tokenizer: &Tokenizer) -> Result<Prepared> {
+    if spec.max_len < 8 {
+        return Err(Error::InvalidArgument(
+            "the row length (max_len) must be at least 8 tokens".into(),
+        ));
+    }
+    let (train_file, dataset_val) = crate::import::dataset_files(spec.data);
+    let records = read_jsonl(&train_file)?;
+    let (train_records, val_records) = match spec.val.map(Path::to_path_buf).or(dataset_val) {
+        Some(v) => (records, read_jsonl(&v)?),
+        None => split(records, spec.val_frac, spec.seed),
+    };
+    let rows = |records: &[Record]| -> Result<(Vec<Row>, usize)> {
+        let mut examples = Vec::with_capacity(records.len());
+        let mut dropped = 0;
+        for r in records {
+            match tokenize(r, tokenizer, spec.template, spec.max_len)? {
+                Some(e) => examples.push(e),
+                None => dropped += 1,
+            }
+        }
+        Ok((pack(&examples, spec.max_len, spec.pack), dropped))
+    };
+    let (train, dropped) = rows(&train_records)?;
+    let (val, _) = rows(&val_records)?;
+    if train.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "no training example has a response left within {} tokens",
+            spec.max_len
+        )));
+    }
+    Ok(Prepared {
+        train,
+        val,
+        train_records: train_records.len(),
+        val_records: val_records.len(),
+        dropped,
+    })
+}
