@@ -1,25 +1,47 @@
 #!/usr/bin/env bash
-# Open the real desktop app under Xvfb with the default model, generate once, and save a
-# screenshot of each panel into app/screenshots/ (the README shows them).
+# Open the real desktop app under Xvfb with the default model and save a screenshot of each
+# panel into app/screenshots/ (the README shows them). A scratch workspace gets a dataset
+# (the import fixture) and a short adapter from the command line first; the app finds both.
 # Needs: Xvfb, xdotool, ImageMagick (`apt-get install xvfb xdotool imagemagick`), a release build.
+# Clicks are at fixed places of the 1100×760 window; re-measure them if the layout changes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=app/screenshots
 mkdir -p "$out"
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$(mktemp -d)}
+ws=$(mktemp -d)
+export CODELSI_HOME=$ws
+# A fresh settings store, so the window shows what a new user sees.
+export XDG_DATA_HOME=$ws/xdg-data
+bin=target/release/codelsi
+$bin import tests/fixtures/import_repo --out "$ws/datasets/my-repo" >/dev/null
+$bin train --data "$ws/datasets/my-repo" --out "$ws/adapters/my-repo-general" \
+    --max-steps 6 --max-len 256 --batch 1 --rank 8 --alpha 16 --eval-every 3 >/dev/null 2>&1
+
 display=:97
 Xvfb $display -screen 0 1100x760x24 >/dev/null 2>&1 &
 xvfb=$!
-trap 'kill $app $xvfb 2>/dev/null || true' EXIT
+trap 'kill $app $xvfb 2>/dev/null || true; rm -rf "$ws"' EXIT
 sleep 1
-DISPLAY=$display target/release/codelsi --model default &
+DISPLAY=$display $bin --model default &
 app=$!
-# The window opens on the Generate tab once the model is loaded; tabs sit at the top left.
-sleep "${LOAD_SECONDS:-25}"
-DISPLAY=$display xdotool mousemove 50 205 click 1   # "Generate code"
-sleep "${GENERATE_SECONDS:-40}"
-DISPLAY=$display import -window root "$out/generate.png"
-DISPLAY=$display xdotool mousemove 108 12 click 1   # "Model" tab
-sleep 2
-DISPLAY=$display import -window root "$out/model.png"
-echo "saved $out/generate.png $out/model.png"
+click() { DISPLAY=$display xdotool mousemove "$1" "$2" click 1; sleep "${3:-2}"; }
+shot() { DISPLAY=$display import -window root "$out/$1.png"; }
+# Tabs along the top: Model 108, Data 156, Train 200, Generate 257, Evaluate 325, Adapters 392.
+sleep "${LOAD_SECONDS:-25}"           # the window opens on Generate once the model is loaded
+click 50 205 "${GENERATE_SECONDS:-40}" # "Generate code"
+shot generate
+click 108 12; shot model
+click 156 12
+click 90 195                          # the dataset under "Recent datasets"
+click 40 390                          # its first pair
+shot data
+click 300 142                         # "Train on it"
+click 55 238 "${TRAIN_SECONDS:-60}"   # "Start training"
+shot train
+click 175 238                         # "Cancel"
+click 325 12
+click 25 130 "${EVAL_SECONDS:-20}"    # "Run" (first 20 problems, base model)
+shot evaluate
+click 392 12; shot adapters
+echo "saved $out/{model,data,train,generate,evaluate,adapters}.png"
