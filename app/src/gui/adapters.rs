@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::Shared;
 use super::evaluate::SCORES_FILE;
-use super::jobs::Job;
+use super::jobs::{Job, drain};
 
 /// The PEFT files of an adapter folder (what other tools load).
 const PEFT_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
@@ -108,17 +108,13 @@ impl AdaptersPanel {
     }
 
     pub fn poll(&mut self) {
-        let Some(job) = &self.job else { return };
-        let finished = job.finished();
-        for msg in job.poll() {
-            match msg {
-                Msg::Progress(what, f) => self.progress = Some((what, f)),
-                Msg::Done(m) => self.message = Some(m),
-                Msg::Failed(e) => self.error = Some(e),
-            }
-        }
-        if finished {
-            self.job = None;
+        let (progress, message, error) = (&mut self.progress, &mut self.message, &mut self.error);
+        let ended = drain(&mut self.job, |msg| match msg {
+            Msg::Progress(what, f) => *progress = Some((what, f)),
+            Msg::Done(m) => *message = Some(m),
+            Msg::Failed(e) => *error = Some(e),
+        });
+        if ended {
             self.progress = None;
         }
     }
@@ -241,7 +237,7 @@ impl AdaptersPanel {
                     if let Some(p) = &info.problem {
                         ui.colored_label(ui.visuals().error_fg_color, p);
                     } else {
-                        egui::Grid::new(("adapter", i)).num_columns(2).show(ui, |ui| {
+                        super::facts(ui, ("adapter", i), |row| {
                             for (k, v) in [
                                 ("Base model", &info.base_model),
                                 ("LoRA", &info.lora),
@@ -250,9 +246,7 @@ impl AdaptersPanel {
                                 ("Final loss", &info.final_loss),
                                 ("Scores", &info.scores),
                             ] {
-                                ui.label(k);
-                                ui.label(v);
-                                ui.end_row();
+                                row(k, v.clone());
                             }
                         });
                     }

@@ -11,7 +11,7 @@ use eframe::egui;
 use serde_json::Value;
 
 use super::Shared;
-use super::jobs::Job;
+use super::jobs::{Job, drain};
 
 /// Excluded pairs are moved here (with their split), never deleted.
 const EXCLUDED_FILE: &str = "excluded.jsonl";
@@ -229,21 +229,18 @@ impl DataPanel {
     }
 
     pub fn poll(&mut self, shared: &mut Shared) {
-        let Some(job) = &self.job else { return };
-        let finished = job.finished();
-        for msg in job.poll() {
-            match msg {
-                Msg::Progress(what, f) => self.progress = Some((what, f)),
-                Msg::Done(d) => {
-                    shared.settings.remember_dataset(&d.dir);
-                    self.dataset = Some(*d);
-                    self.selected = None;
-                }
-                Msg::Failed(e) => self.error = Some(e),
+        let (progress, error) = (&mut self.progress, &mut self.error);
+        let (dataset, selected) = (&mut self.dataset, &mut self.selected);
+        let ended = drain(&mut self.job, |msg| match msg {
+            Msg::Progress(what, f) => *progress = Some((what, f)),
+            Msg::Done(d) => {
+                shared.settings.remember_dataset(&d.dir);
+                *dataset = Some(*d);
+                *selected = None;
             }
-        }
-        if finished {
-            self.job = None;
+            Msg::Failed(e) => *error = Some(e),
+        });
+        if ended {
             self.progress = None;
         }
     }
@@ -434,45 +431,37 @@ fn counts(m: &std::collections::BTreeMap<String, usize>) -> String {
 }
 
 fn report_grid(ui: &mut egui::Ui, r: &ImportReport) {
-    egui::Grid::new("import-report")
-        .num_columns(2)
-        .striped(true)
-        .show(ui, |ui| {
-            let mut row = |k: &str, v: String| {
-                ui.label(k);
-                ui.label(v);
-                ui.end_row();
-            };
-            let f = &r.files;
-            if r.source == "repository" {
-                row(
-                    "Files",
-                    format!(
-                        "{} seen, {} parsed ({:.0} kB), {} gave pairs",
-                        f.seen,
-                        f.parsed,
-                        r.bytes_parsed as f64 / 1e3,
-                        f.with_pairs
-                    ),
-                );
-                row("Skipped, by reason", counts(&f.skipped));
-            }
-            row("Secrets left out, by kind", counts(&r.secrets));
+    super::facts(ui, "import-report", |row| {
+        let f = &r.files;
+        if r.source == "repository" {
             row(
-                "Pairs kept",
+                "Files",
                 format!(
-                    "{} for training, {} for validation (of {} extracted)",
-                    r.pairs.train, r.pairs.val, r.pairs.extracted
+                    "{} seen, {} parsed ({:.0} kB), {} gave pairs",
+                    f.seen,
+                    f.parsed,
+                    r.bytes_parsed as f64 / 1e3,
+                    f.with_pairs
                 ),
             );
-            row("Pairs by kind", counts(&r.pairs.by_kind));
-            row("Pairs by language", counts(&r.pairs.by_lang));
-            row("Pairs dropped, by reason", counts(&r.pairs.dropped));
-            row(
-                "Tokens",
-                format!("{} training, {} validation", r.tokens.train, r.tokens.val),
-            );
-        });
+            row("Skipped, by reason", counts(&f.skipped));
+        }
+        row("Secrets left out, by kind", counts(&r.secrets));
+        row(
+            "Pairs kept",
+            format!(
+                "{} for training, {} for validation (of {} extracted)",
+                r.pairs.train, r.pairs.val, r.pairs.extracted
+            ),
+        );
+        row("Pairs by kind", counts(&r.pairs.by_kind));
+        row("Pairs by language", counts(&r.pairs.by_lang));
+        row("Pairs dropped, by reason", counts(&r.pairs.dropped));
+        row(
+            "Tokens",
+            format!("{} training, {} validation", r.tokens.train, r.tokens.val),
+        );
+    });
 }
 
 /// Search the pairs, tick the ones to leave out, and look at one.

@@ -12,7 +12,7 @@ use codelsi_engine::eval::{
 use codelsi_engine::models::llama::Adapters;
 use eframe::egui;
 
-use super::jobs::Job;
+use super::jobs::{Job, drain};
 use super::{Shared, highlight};
 
 /// The suites shipped with the app: (name for people, `load_suite` spec).
@@ -82,17 +82,13 @@ impl EvaluatePanel {
     }
 
     pub fn poll(&mut self) {
-        let Some(job) = &self.job else { return };
-        let finished = job.finished();
-        for msg in job.poll() {
-            match msg {
-                Msg::Progress(what, f) => self.progress = Some((what, f)),
-                Msg::Done(r) => self.runs.push(*r),
-                Msg::Failed(e) => self.error = Some(e),
-            }
-        }
-        if finished {
-            self.job = None;
+        let (progress, runs, error) = (&mut self.progress, &mut self.runs, &mut self.error);
+        let ended = drain(&mut self.job, |msg| match msg {
+            Msg::Progress(what, f) => *progress = Some((what, f)),
+            Msg::Done(r) => runs.push(*r),
+            Msg::Failed(e) => *error = Some(e),
+        });
+        if ended {
             self.progress = None;
         }
     }

@@ -10,7 +10,7 @@ use codelsi_engine::models::llama::Adapters;
 use codelsi_engine::sampling::SamplingParams;
 use eframe::egui;
 
-use super::jobs::Job;
+use super::jobs::{Job, drain};
 use super::{Shared, highlight};
 
 enum Msg {
@@ -53,18 +53,12 @@ impl GeneratePanel {
     }
 
     pub fn poll(&mut self) {
-        let Some(job) = &self.job else { return };
-        let finished = job.finished();
-        for msg in job.poll() {
-            match msg {
-                Msg::Text(col, t) => self.outputs[col].push_str(&t),
-                Msg::Done(col, s) => self.stats[col] = s,
-                Msg::Failed(e) => self.error = Some(e),
-            }
-        }
-        if finished {
-            self.job = None;
-        }
+        let (outputs, stats, error) = (&mut self.outputs, &mut self.stats, &mut self.error);
+        drain(&mut self.job, |msg| match msg {
+            Msg::Text(col, t) => outputs[col].push_str(&t),
+            Msg::Done(col, s) => stats[col] = s,
+            Msg::Failed(e) => *error = Some(e),
+        });
     }
 
     /// Start generating from the prompt with the current choices.

@@ -76,3 +76,17 @@ impl<M> Drop for Job<M> {
         self.cancel.cancel();
     }
 }
+
+/// Hand every message the job in `slot` has sent to `on_msg`, and empty the slot once the job
+/// has ended (after its last messages). Returns whether it ended.
+pub fn drain<M: Send + 'static>(slot: &mut Option<Job<M>>, mut on_msg: impl FnMut(M)) -> bool {
+    let Some(job) = slot else { return false };
+    let finished = job.finished();
+    for m in job.poll() {
+        on_msg(m);
+    }
+    if finished {
+        *slot = None;
+    }
+    finished
+}

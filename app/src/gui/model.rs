@@ -8,7 +8,7 @@ use codelsi_engine::fetch::FetchStep;
 use codelsi_engine::model::{LoadEvent, LoadedModel, load_model, resolve_model};
 use eframe::egui;
 
-use super::jobs::Job;
+use super::jobs::{Job, drain};
 use super::{Shared, mb};
 
 enum Msg {
@@ -68,25 +68,22 @@ impl ModelPanel {
 
     /// Take what the loading job reported.
     pub fn poll(&mut self, shared: &mut Shared) {
-        let Some(job) = &self.job else { return };
-        let finished = job.finished();
-        for msg in job.poll() {
-            match msg {
-                Msg::Progress(what, f) => self.progress = Some((what, f)),
-                Msg::Loaded(m, gpu, spec) => {
-                    shared.settings.remember_model(&spec);
-                    shared.model = Some(Arc::new(*m));
-                    shared.gpu = Some(gpu);
-                    self.progress = None;
-                }
-                Msg::Failed(e) => {
-                    self.error = Some(e);
-                    self.progress = None;
-                }
+        let progress = &mut self.progress;
+        let error = &mut self.error;
+        let ended = drain(&mut self.job, |msg| match msg {
+            Msg::Progress(what, f) => *progress = Some((what, f)),
+            Msg::Loaded(m, gpu, spec) => {
+                shared.settings.remember_model(&spec);
+                shared.model = Some(Arc::new(*m));
+                shared.gpu = Some(gpu);
+                *progress = None;
             }
-        }
-        if finished {
-            self.job = None;
+            Msg::Failed(e) => {
+                *error = Some(e);
+                *progress = None;
+            }
+        });
+        if ended {
             self.progress = None;
         }
     }
@@ -161,33 +158,25 @@ fn model_card(ui: &mut egui::Ui, m: &LoadedModel<Wgpu>, gpu: Option<&GpuInfo>) {
     // Keys and values of every layer, f32, for a full context.
     let kv_bytes =
         2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * i.context_length;
-    egui::Grid::new("model-card")
-        .num_columns(2)
-        .striped(true)
-        .show(ui, |ui| {
-            let mut row = |k: &str, v: String| {
-                ui.label(k);
-                ui.label(v);
-                ui.end_row();
-            };
-            row("File", i.path.display().to_string());
-            row("Format", i.format.to_string());
-            row("Architecture", i.architecture.to_string());
-            row("Parameters", format!("{:.1} M", i.parameters as f64 / 1e6));
-            row("Quantisation", i.quantization.clone());
-            row("Context length", format!("{} tokens", i.context_length));
-            row(
-                "Layers / hidden / vocabulary",
-                format!("{} / {} / {}", i.layers, i.hidden_size, i.vocab_size),
-            );
-            row(
-                "Memory",
-                format!(
-                    "{} of weights on the GPU, plus {} of KV cache per sequence at full context",
-                    mb(i.device_bytes),
-                    mb(kv_bytes)
-                ),
-            );
-            row("GPU", gpu.map_or("?".into(), |g| g.to_string()));
-        });
+    super::facts(ui, "model-card", |row| {
+        row("File", i.path.display().to_string());
+        row("Format", i.format.to_string());
+        row("Architecture", i.architecture.to_string());
+        row("Parameters", format!("{:.1} M", i.parameters as f64 / 1e6));
+        row("Quantisation", i.quantization.clone());
+        row("Context length", format!("{} tokens", i.context_length));
+        row(
+            "Layers / hidden / vocabulary",
+            format!("{} / {} / {}", i.layers, i.hidden_size, i.vocab_size),
+        );
+        row(
+            "Memory",
+            format!(
+                "{} of weights on the GPU, plus {} of KV cache per sequence at full context",
+                mb(i.device_bytes),
+                mb(kv_bytes)
+            ),
+        );
+        row("GPU", gpu.map_or("?".into(), |g| g.to_string()));
+    });
 }

@@ -17,7 +17,7 @@ use codelsi_engine::train::{
 use eframe::egui;
 use egui_plot::{Legend, Line, Plot, PlotPoints, Points};
 
-use super::jobs::{Job, Tx};
+use super::jobs::{Job, Tx, drain};
 use super::{Shared, mb};
 
 type AD = Autodiff<Wgpu>;
@@ -195,6 +195,40 @@ pub struct Live {
     pub peak_bytes: Option<u64>,
 }
 
+impl Live {
+    fn apply(&mut self, e: TrainEvent) {
+        let l = self;
+        match e {
+            TrainEvent::Started {
+                total_steps,
+                resumed_at,
+                ..
+            } => {
+                l.total = total_steps;
+                l.step = resumed_at;
+            }
+            TrainEvent::Step {
+                step,
+                total_steps,
+                loss,
+                tokens_per_second,
+                eta_seconds,
+                peak_bytes,
+                ..
+            } => {
+                l.step = step;
+                l.total = total_steps;
+                l.losses.push([step as f64, loss]);
+                l.tokens_per_second = tokens_per_second;
+                l.eta_seconds = eta_seconds;
+                l.peak_bytes = peak_bytes;
+            }
+            TrainEvent::Eval { step, val_loss } => l.val_losses.push([step as f64, val_loss]),
+            TrainEvent::Checkpoint { .. } => {}
+        }
+    }
+}
+
 pub struct TrainPanel {
     pub stage: Stage,
     /// With `Specialised`: index into `settings.adapters` of the general adapter.
@@ -265,79 +299,44 @@ impl TrainPanel {
     }
 
     pub fn poll(&mut self, shared: &mut Shared) {
-        let Some(job) = &self.job else { return };
-        let finished = job.finished();
-        for msg in job.poll() {
-            match msg {
-                Msg::Status(s) => self.status = Some(s),
-                Msg::Estimated(e) => {
-                    self.status = None;
-                    self.estimate = Some(e);
-                }
-                Msg::Event(e) => self.live_event(e),
-                Msg::Finished(s, out) => {
-                    self.status = Some(if s.cancelled {
-                        format!(
-                            "Stopped at step {}/{}. A checkpoint is saved: Resume continues from it.",
-                            s.steps, s.total_steps
-                        )
-                    } else {
-                        format!(
-                            "Done: {} steps in {:.0} s, loss {:.3} → {:.3}. The adapter is in {} and \
-                             ready in the Generate tab.",
-                            s.steps,
-                            s.seconds,
-                            s.losses.first().map_or(f64::NAN, |l| l.1),
-                            s.losses.last().map_or(f64::NAN, |l| l.1),
-                            out.display()
-                        )
-                    });
-                    if !s.cancelled {
-                        shared.settings.add_adapter(&out);
-                        self.finished = Some(out);
-                    }
-                }
-                Msg::Failed(e) => {
-                    self.status = None;
-                    self.error = Some(e);
+        let (status, error) = (&mut self.status, &mut self.error);
+        let (estimate, live, done) = (&mut self.estimate, &mut self.live, &mut self.finished);
+        let ended = drain(&mut self.job, |msg| match msg {
+            Msg::Status(s) => *status = Some(s),
+            Msg::Estimated(e) => {
+                *status = None;
+                *estimate = Some(e);
+            }
+            Msg::Event(e) => live.apply(e),
+            Msg::Finished(s, out) => {
+                *status = Some(if s.cancelled {
+                    format!(
+                        "Stopped at step {}/{}. A checkpoint is saved: Resume continues from it.",
+                        s.steps, s.total_steps
+                    )
+                } else {
+                    format!(
+                        "Done: {} steps in {:.0} s, loss {:.3} → {:.3}. The adapter is in {} and \
+                         ready in the Generate tab.",
+                        s.steps,
+                        s.seconds,
+                        s.losses.first().map_or(f64::NAN, |l| l.1),
+                        s.losses.last().map_or(f64::NAN, |l| l.1),
+                        out.display()
+                    )
+                });
+                if !s.cancelled {
+                    shared.settings.add_adapter(&out);
+                    *done = Some(out);
                 }
             }
-        }
-        if finished {
-            self.job = None;
+            Msg::Failed(e) => {
+                *status = None;
+                *error = Some(e);
+            }
+        });
+        if ended {
             self.estimating = false;
-        }
-    }
-
-    fn live_event(&mut self, e: TrainEvent) {
-        let l = &mut self.live;
-        match e {
-            TrainEvent::Started {
-                total_steps,
-                resumed_at,
-                ..
-            } => {
-                l.total = total_steps;
-                l.step = resumed_at;
-            }
-            TrainEvent::Step {
-                step,
-                total_steps,
-                loss,
-                tokens_per_second,
-                eta_seconds,
-                peak_bytes,
-                ..
-            } => {
-                l.step = step;
-                l.total = total_steps;
-                l.losses.push([step as f64, loss]);
-                l.tokens_per_second = tokens_per_second;
-                l.eta_seconds = eta_seconds;
-                l.peak_bytes = peak_bytes;
-            }
-            TrainEvent::Eval { step, val_loss } => l.val_losses.push([step as f64, val_loss]),
-            TrainEvent::Checkpoint { .. } => {}
         }
     }
 
