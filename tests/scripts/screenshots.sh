@@ -15,8 +15,15 @@ export CODELSI_HOME=$ws
 export XDG_DATA_HOME=$ws/xdg-data
 bin=target/release/codelsi
 $bin import tests/fixtures/import_repo --out "$ws/datasets/my-repo" >/dev/null
-$bin train --data "$ws/datasets/my-repo" --out "$ws/adapters/my-repo-general" \
-    --max-steps 6 --max-len 256 --batch 1 --rank 8 --alpha 16 --eval-every 3 >/dev/null 2>&1
+$bin train --data "$ws/datasets/my-repo" --out "$ws/adapters/my-repo-cli" \
+    --max-steps 2 --max-len 128 --batch 1 --rank 8 --alpha 16 >/dev/null 2>&1
+# Settings small enough for a CPU: training rows of 128 tokens, 3 problems of 64 tokens.
+mkdir -p "$XDG_DATA_HOME/codelsi"
+cat > "$XDG_DATA_HOME/codelsi/app.ron" <<'RON'
+{
+    "app": "(train:(rank:8,alpha:16.0,dropout:0.05,targets:\"attn\",lr:0.0003,epochs:1,max_len:128,batch:1,eval_every:2,grad_checkpoint:false,seed:42),eval:(suite:0,limit:3,max_tokens:64))",
+}
+RON
 
 display=:97
 Xvfb $display -screen 0 1100x760x24 >/dev/null 2>&1 &
@@ -25,23 +32,24 @@ trap 'kill $app $xvfb 2>/dev/null || true; rm -rf "$ws"' EXIT
 sleep 1
 DISPLAY=$display $bin --model default &
 app=$!
-click() { DISPLAY=$display xdotool mousemove "$1" "$2" click 1; sleep "${3:-2}"; }
+click() { DISPLAY=$display xdotool mousemove "$1" "$2" click 1 mousemove 700 700; sleep "${3:-2}"; }
 shot() { DISPLAY=$display import -window root "$out/$1.png"; }
 # Tabs along the top: Model 108, Data 156, Train 200, Generate 257, Evaluate 325, Adapters 392.
-sleep "${LOAD_SECONDS:-25}"           # the window opens on Generate once the model is loaded
-click 50 205 "${GENERATE_SECONDS:-40}" # "Generate code"
+sleep "${LOAD_SECONDS:-30}"            # the window opens on Generate once the model is loaded
+click 50 205 "${GENERATE_SECONDS:-60}" # "Generate code"
 shot generate
 click 108 12; shot model
 click 156 12
-click 90 195                          # the dataset under "Recent datasets"
-click 40 390                          # its first pair
+click 90 155                           # the dataset under "Recent datasets"
+click 200 584                          # a pair (word_counts)
 shot data
-click 300 142                         # "Train on it"
-click 55 238 "${TRAIN_SECONDS:-60}"   # "Start training"
+click 230 142                          # "Train on it"
+click 49 216 "${TRAIN_SECONDS:-240}"   # "Start training"
 shot train
-click 175 238                         # "Cancel"
+click 123 216 20                       # "Cancel"
 click 325 12
-click 25 130 "${EVAL_SECONDS:-20}"    # "Run" (first 20 problems, base model)
+click 23 130 "${EVAL_SECONDS:-240}"    # "Run"
+click 177 253                          # the first problem's result
 shot evaluate
 click 392 12; shot adapters
 echo "saved $out/{model,data,train,generate,evaluate,adapters}.png"

@@ -526,11 +526,19 @@ fn browse(
         let ui = &mut cols[1];
         match selected.and_then(|i| ds.pairs.get(i)) {
             Some(p) => {
-                egui::ScrollArea::vertical().id_salt("pair").show(ui, |ui| {
+                // Code keeps its lines (a wrapping label drops their leading spaces).
+                egui::ScrollArea::both().id_salt("pair").show(ui, |ui| {
+                    let font = egui::TextStyle::Monospace.resolve(ui.style());
                     ui.strong("Prompt");
-                    ui.label(egui::RichText::new(&p.prompt).monospace());
+                    ui.add(
+                        egui::Label::new(egui::RichText::new(&p.prompt).monospace())
+                            .wrap_mode(egui::TextWrapMode::Extend),
+                    );
                     ui.strong("Output");
-                    ui.label(egui::RichText::new(&p.output).monospace());
+                    ui.add(
+                        egui::Label::new(super::highlight::layout(&p.output, ui.visuals(), font))
+                            .wrap_mode(egui::TextWrapMode::Extend),
+                    );
                 });
             }
             None => {

@@ -40,12 +40,28 @@ enum Msg {
     Failed(String),
 }
 
-pub struct EvaluatePanel {
+/// What to run (kept between runs of the app).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct EvalChoice {
     /// Index into [`SUITES`].
     pub suite: usize,
     /// First N problems (0: all).
     pub limit: usize,
     pub max_tokens: usize,
+}
+
+impl Default for EvalChoice {
+    fn default() -> Self {
+        Self {
+            suite: 0,
+            limit: 20,
+            max_tokens: 256,
+        }
+    }
+}
+
+pub struct EvaluatePanel {
     pub with_base: bool,
     /// Per adapter in `settings.adapters`: include it.
     pub chosen: Vec<bool>,
@@ -61,9 +77,6 @@ pub struct EvaluatePanel {
 impl Default for EvaluatePanel {
     fn default() -> Self {
         Self {
-            suite: 0,
-            limit: 20,
-            max_tokens: 256,
             with_base: true,
             chosen: Vec::new(),
             runs: Vec::new(),
@@ -114,10 +127,11 @@ impl EvaluatePanel {
             self.error = Some("Choose the base model or an adapter to evaluate.".into());
             return;
         }
-        let (suite_label, suite) = SUITES[self.suite];
-        let limit = self.limit;
+        let choice = &shared.settings.eval;
+        let (suite_label, suite) = SUITES[choice.suite.min(SUITES.len() - 1)];
+        let limit = choice.limit;
         let settings = GenerateSettings {
-            max_tokens: self.max_tokens.max(1),
+            max_tokens: choice.max_tokens.max(1),
             ..GenerateSettings::default()
         };
         self.runs.clear();
@@ -145,6 +159,11 @@ impl EvaluatePanel {
                     let list: Vec<&Adapter<Wgpu>> = adapter.iter().collect();
                     let total = problems.len();
                     let mut done = 0;
+                    // The first completions end after the first batch's prefill: say what runs.
+                    tx.send(Msg::Progress(
+                        format!("{name}: writing code 0/{total}"),
+                        k as f32 / runs,
+                    ));
                     let start = Instant::now();
                     let completions = eval::generate_completions(
                         &model.model,
@@ -218,20 +237,22 @@ impl EvaluatePanel {
         let idle = !self.busy();
         self.chosen.resize(shared.settings.adapters.len(), false);
         ui.add_enabled_ui(idle, |ui| {
+            let choice = &mut shared.settings.eval;
+            choice.suite = choice.suite.min(SUITES.len() - 1);
             ui.horizontal(|ui| {
                 ui.label("Benchmark:");
                 egui::ComboBox::from_id_salt("suite")
-                    .selected_text(SUITES[self.suite].0)
+                    .selected_text(SUITES[choice.suite].0)
                     .show_ui(ui, |ui| {
                         for (i, (label, _)) in SUITES.iter().enumerate() {
-                            ui.selectable_value(&mut self.suite, i, *label);
+                            ui.selectable_value(&mut choice.suite, i, *label);
                         }
                     });
                 ui.label("First");
-                ui.add(egui::DragValue::new(&mut self.limit).range(0..=1000))
+                ui.add(egui::DragValue::new(&mut choice.limit).range(0..=1000))
                     .on_hover_text("0: every problem");
                 ui.label("problems; at most");
-                ui.add(egui::DragValue::new(&mut self.max_tokens).range(1..=2048));
+                ui.add(egui::DragValue::new(&mut choice.max_tokens).range(1..=2048));
                 ui.label("tokens each");
             });
             ui.horizontal_wrapped(|ui| {

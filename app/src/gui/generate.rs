@@ -240,14 +240,14 @@ impl GeneratePanel {
                     }
                 });
                 ui.weak(&self.stats[c]);
-                egui::ScrollArea::vertical().id_salt(c).show(ui, |ui| {
+                // Code keeps its lines (a wrapping label drops their leading spaces).
+                egui::ScrollArea::both().id_salt(c).show(ui, |ui| {
                     let code = format!("{}{}", self.prompt, self.outputs[c]);
                     let font = egui::TextStyle::Monospace.resolve(ui.style());
-                    ui.add(egui::Label::new(highlight::layout(
-                        &code,
-                        ui.visuals(),
-                        font,
-                    )));
+                    ui.add(
+                        egui::Label::new(highlight::layout(&code, ui.visuals(), font))
+                            .wrap_mode(egui::TextWrapMode::Extend),
+                    );
                 });
             }
         });

@@ -96,6 +96,11 @@ pub fn spans(code: &str) -> Vec<(Kind, &str)> {
     while i < bytes.len() {
         let start = i;
         let kind = match bytes[i] {
+            // A Markdown fence in generated text, not a template string.
+            b'`' if code[i..].starts_with("```") => {
+                i += 3;
+                Kind::Plain
+            }
             b'/' if bytes.get(i + 1) == Some(&b'/') => {
                 i = code[i..].find('\n').map_or(bytes.len(), |n| i + n);
                 Kind::Comment
@@ -205,6 +210,14 @@ mod tests {
         assert_eq!(of(Kind::Type), ["string", "number"]);
         assert_eq!(of(Kind::Number), ["42"]);
         assert_eq!(of(Kind::Str), ["`x${1}`"]);
+        // A Markdown fence after the code leaves the prose after it plain.
+        let fenced = "}\n```\n\nThis uses `split`.";
+        let strs: Vec<&str> = spans(fenced)
+            .into_iter()
+            .filter(|(k, _)| *k == Kind::Str)
+            .map(|(_, t)| t)
+            .collect();
+        assert_eq!(strs, ["`split`"]);
         // An unterminated string or comment runs to the end, without panicking.
         for bad in ["\"abc", "/* open", "'a\\", "x = 'a\nb'"] {
             assert_eq!(spans(bad).iter().map(|(_, t)| *t).collect::<String>(), bad);

@@ -22,7 +22,7 @@ use eframe::egui;
 
 pub use adapters::AdaptersPanel;
 pub use data::DataPanel;
-pub use evaluate::EvaluatePanel;
+pub use evaluate::{EvalChoice, EvaluatePanel};
 pub use generate::GeneratePanel;
 pub use model::ModelPanel;
 pub use train::{Preset, RunSettings, TrainPanel};
@@ -46,6 +46,7 @@ pub struct Settings {
     /// The Train panel's data (a dataset folder or a JSONL file).
     pub train_data: Option<PathBuf>,
     pub train: RunSettings,
+    pub eval: EvalChoice,
 }
 
 impl Default for Settings {
@@ -60,6 +61,7 @@ impl Default for Settings {
             temperature: 0.0,
             train_data: None,
             train: Preset::Balanced.settings(),
+            eval: EvalChoice::default(),
         }
     }
 }
@@ -646,10 +648,10 @@ mod tests {
         h.get_by_label("Evaluate").click();
         h.run_steps(2);
         {
-            let e = &mut h.state_mut().evaluate;
-            e.limit = 2;
-            e.max_tokens = 16;
-            e.chosen = vec![true];
+            let app = h.state_mut();
+            app.shared.settings.eval.limit = 2;
+            app.shared.settings.eval.max_tokens = 16;
+            app.evaluate.chosen = vec![true];
         }
         h.get_by_label("Run").click();
         h.step();

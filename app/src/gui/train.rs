@@ -678,13 +678,21 @@ impl TrainPanel {
             return;
         }
         ui.separator();
+        // Speed and time left exist once this run has finished a step.
+        let pace = if l.losses.is_empty() {
+            "first step running…".to_string()
+        } else {
+            format!(
+                "{:.0} tok/s   {} left",
+                l.tokens_per_second,
+                duration(l.eta_seconds)
+            )
+        };
         ui.add(
             egui::ProgressBar::new(l.step as f32 / l.total as f32).text(format!(
-                "step {}/{}   {:.0} tok/s   {} left{}",
+                "step {}/{}   {pace}{}",
                 l.step,
                 l.total,
-                l.tokens_per_second,
-                duration(l.eta_seconds),
                 l.peak_bytes
                     .map(|b| format!("   peak {}", mb(b as usize)))
                     .unwrap_or_default()
