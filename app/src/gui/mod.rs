@@ -690,14 +690,61 @@ mod tests {
         assert_eq!(info.steps, total.to_string());
         assert!(info.scores.contains("(2 problems)"), "{}", info.scores);
         h.snapshot_options("adapters_panel", &drifting());
+
+        // Export: the PEFT files, and the tiny model with the adapter merged in (an HF folder).
+        let peft = workspace.join("export-peft");
+        h.state_mut().adapters.export_peft(&out, &peft);
+        assert_eq!(h.state().adapters.error, None);
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            assert!(peft.join(f).is_file(), "{f} not exported");
+        }
+        let merged = workspace.join("export-merged");
+        {
+            let app = h.state_mut();
+            app.adapters
+                .export_merged(&ctx, &app.shared, out.clone(), merged.clone());
+        }
+        step_until(&mut h, "the merge", |a| !a.adapters.busy());
+        assert_eq!(h.state().adapters.error, None);
+        assert!(merged.join("model.safetensors").is_file());
+        h.get_by_label_contains("Merged model written to");
+
+        // Step 2: a specialised adapter on top of the general one, which stays frozen under it.
+        h.get_by_label("Train").click();
+        h.run_steps(2);
+        h.get_by_label("Next: train a specialised adapter on top of this one")
+            .click();
+        h.run_steps(2);
+        assert_eq!(h.state().train.stage, train::Stage::Specialised);
+        assert_eq!(h.state().train.general, Some(0));
+        h.state_mut().shared.settings.train.epochs = 1;
+        h.get_by_label("Start training").click();
+        h.step();
+        step_until(&mut h, "the specialised run", |a| !a.train.busy());
+        let special = workspace.join("adapters").join("import_repo-specialised");
+        assert_eq!(h.state().train.finished.as_ref(), Some(&special));
+        let meta: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(special.join("codelsi_adapter.json")).unwrap_or_else(|e| panic!("{e}")),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            meta["extra"]["base_adapters"],
+            serde_json::json!([out.clone()])
+        );
+
         // Delete asks first; then the folder and the entry are gone.
-        h.get_by_label("Delete…").click();
+        h.get_by_label("Adapters").click();
+        h.run_steps(2);
+        h.get_all_by_label("Delete…")
+            .next()
+            .unwrap_or_else(|| panic!("no Delete button"))
+            .click();
         h.run_steps(2);
         assert!(out.exists());
         h.get_by_label("Yes, delete").click();
         h.run_steps(2);
         assert!(!out.exists());
-        assert!(h.state().shared.settings.adapters.is_empty());
+        assert_eq!(h.state().shared.settings.adapters, vec![special]);
         let _ = std::fs::remove_dir_all(&workspace);
     }
 }
