@@ -161,8 +161,9 @@ pub struct Estimate {
 }
 
 impl Estimate {
-    pub fn seconds(&self, epochs: usize) -> f64 {
-        (self.tokens * epochs) as f64 / self.tokens_per_second.max(1e-9)
+    /// Every pass over the data at the measured speed.
+    pub fn seconds(&self) -> f64 {
+        (self.tokens * self.key.1.epochs) as f64 / self.tokens_per_second.max(1e-9)
     }
 }
 
@@ -406,7 +407,7 @@ impl TrainPanel {
     /// Measure: two steps on the longest row give the speed and the memory at its peak.
     pub fn estimate(&mut self, ctx: &egui::Context, shared: &Shared) {
         self.error = None;
-        let inputs = match self.inputs(shared, false) {
+        let mut inputs = match self.inputs(shared, false) {
             Ok(i) => i,
             Err(e) => {
                 self.error = Some(e);
@@ -416,17 +417,10 @@ impl TrainPanel {
         self.estimating = true;
         self.status = Some("Measuring two training steps…".into());
         self.job = Some(Job::spawn(ctx, Msg::Failed, move |tx, cancel| {
+            // The two steps write their checkpoint and adapter to a scratch folder.
             let dir = std::env::temp_dir().join(format!("codelsi-estimate-{}", std::process::id()));
-            let probe = RunInputs {
-                out: dir.clone(),
-                model: inputs.model.clone(),
-                data: inputs.data.clone(),
-                frozen: inputs.frozen.clone(),
-                settings: inputs.settings.clone(),
-                resume: false,
-                gpu: inputs.gpu.clone(),
-            };
-            let result = run(&probe, tx, cancel, true);
+            inputs.out = dir.clone();
+            let result = run(&inputs, tx, cancel, true);
             let _ = std::fs::remove_dir_all(&dir);
             if let Err(e) = result {
                 tx.send(Msg::Failed(e.to_string()));
@@ -646,7 +640,7 @@ impl TrainPanel {
                     ui.label(format!(
                         "Estimate: about {} for {} steps ({} tokens per pass at {:.0} tok/s, \
                          measured here){}",
-                        duration(e.seconds(shared.settings.train.epochs)),
+                        duration(e.seconds()),
                         e.steps,
                         e.tokens,
                         e.tokens_per_second,
