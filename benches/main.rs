@@ -230,6 +230,7 @@ fn train_bench(
             base_model: "bench",
             metadata: serde_json::Value::Null,
             resume: false,
+            new_tokens: None,
         },
         &CancelToken::new(),
         &mut |e| match e {

@@ -244,6 +244,7 @@ fn run(
             base_model: "tiny_llama",
             metadata: serde_json::Value::Null,
             resume,
+            new_tokens: None,
         },
         &cancel,
         &mut |e| {
@@ -325,6 +326,7 @@ fn resume_continues_the_same_loss_curve() {
             base_model: "tiny_llama",
             metadata: serde_json::Value::Null,
             resume: false,
+            new_tokens: None,
         },
         &cancel,
         &mut |_| {},

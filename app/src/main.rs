@@ -5,6 +5,7 @@ mod eval;
 mod gui;
 mod import;
 mod merge;
+mod regress;
 mod train;
 
 use std::io::Write;
@@ -15,7 +16,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use codelsi_engine::adapter::Adapter;
 use codelsi_engine::device::{GpuInfo, Wgpu, init_wgpu};
 use codelsi_engine::fetch::{FetchStep, cache_dir, default_manifest, default_model_path};
-use codelsi_engine::generate::{CancelToken, GenerateOptions, GenerateOutput, generate_with};
+use codelsi_engine::generate::{
+    BatchRequest, CancelToken, GenerateOptions, GenerateOutput, generate_batch, generate_with,
+};
 use codelsi_engine::io::tokenizer::Message;
 use codelsi_engine::kernels::KernelBackend;
 use codelsi_engine::model::{LoadEvent, LoadedModel, load_model, resolve_model};
@@ -50,6 +53,11 @@ enum Command {
     Train(train::TrainArgs),
     /// Fold LoRA adapters into the base model and write it (HF safetensors f16, or GGUF).
     Merge(merge::MergeArgs),
+    /// Build a regression dataset: run programs in the sandbox on scaled inputs and record
+    /// their latency and peak memory.
+    Measure(regress::MeasureArgs),
+    /// Predict the cost of code with a regression adapter, or score one on its held-out split.
+    Predict(regress::PredictArgs),
     /// Manage models: list the cache, fetch the default model, show a model's details.
     Models {
         #[command(subcommand)]
@@ -116,6 +124,18 @@ struct GenerateArgs {
     /// A LoRA adapter directory (PEFT format, as `codelsi train` writes); repeat to stack.
     #[arg(long = "adapter")]
     adapters: Vec<PathBuf>,
+    /// Draw this many candidates (as one batch; use a temperature above 0).
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    /// Rank the candidates by this metric of `--regressor`'s predictions, cheapest first.
+    #[arg(long)]
+    rank_by: Option<String>,
+    /// The regression adapter that predicts the cost of each candidate (prompt + completion).
+    #[arg(long)]
+    regressor: Option<PathBuf>,
+    /// Answers the regressor draws per candidate.
+    #[arg(long, default_value_t = 64)]
+    regressor_samples: usize,
     /// `json` prints one JSON object for scripts instead of streaming text.
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
@@ -130,6 +150,8 @@ fn main() {
         Some(Command::Eval(args)) => eval::cmd_eval(args),
         Some(Command::Train(args)) => train::cmd_train(args),
         Some(Command::Merge(args)) => merge::cmd_merge(args),
+        Some(Command::Measure(args)) => regress::cmd_measure(args),
+        Some(Command::Predict(args)) => regress::cmd_predict(args),
         Some(Command::Models { command }) => cmd_models(command),
     };
     if let Err(e) = result {
@@ -233,6 +255,12 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
         args.prompt.clone()
     };
     let prompt_ids = tokenizer.encode(&prompt_text, true)?;
+    if args.samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    if args.rank_by.is_some() != args.regressor.is_some() {
+        bail!("--rank-by and --regressor go together: a metric, and the adapter that predicts it");
+    }
     let options = GenerateOptions {
         max_tokens: args.max_tokens,
         sampling: SamplingParams {
@@ -247,6 +275,16 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
         top_logprobs: if json { 5 } else { 0 },
     };
     let cancel = CancelToken::new();
+    if args.samples > 1 || args.rank_by.is_some() {
+        return generate_candidates(
+            &args,
+            &loaded,
+            &adapter_refs,
+            &prompt_text,
+            &prompt_ids,
+            options,
+        );
+    }
     let mut stdout = std::io::stdout();
     let out = generate_with(
         model,
@@ -273,6 +311,91 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
     } else {
         println!();
         eprintln!("{}", figures(&out, &gpu, &args.adapters));
+    }
+    Ok(())
+}
+
+/// `generate --samples n [--rank-by M --regressor DIR]`: n candidates as one batch, each drawn
+/// with its own seed, ranked by predicted cost when asked.
+fn generate_candidates(
+    args: &GenerateArgs,
+    loaded: &LoadedModel<Wgpu>,
+    adapters: &[&Adapter<Wgpu>],
+    prompt_text: &str,
+    prompt_ids: &[u32],
+    options: GenerateOptions,
+) -> Result<()> {
+    let json = args.format == Format::Json;
+    if args.samples > 1 && options.sampling.temperature == 0.0 && !json {
+        eprintln!("note: at temperature 0 every candidate is the same; pass --temperature 0.8");
+    }
+    let requests: Vec<BatchRequest> = (0..args.samples)
+        .map(|i| {
+            let mut o = options.clone();
+            o.sampling.seed = options.sampling.seed + i as u64;
+            BatchRequest {
+                prompt_ids: prompt_ids.to_vec(),
+                options: o,
+            }
+        })
+        .collect();
+    let cancel = ctrl_c_token();
+    let outs = generate_batch(
+        &loaded.model,
+        Adapters {
+            list: adapters,
+            train: false,
+        },
+        &loaded.tokenizer,
+        &requests,
+        &cancel,
+        &mut |_, _| {},
+    )?;
+    let mut order: Vec<usize> = (0..outs.len()).collect();
+    let mut predicted: Vec<Option<Vec<codelsi_engine::regress::Prediction>>> =
+        vec![None; outs.len()];
+    if let (Some(metric), Some(dir)) = (&args.rank_by, &args.regressor) {
+        let codes: Vec<String> = outs
+            .iter()
+            .map(|o| format!("{prompt_text}{}", o.text))
+            .collect();
+        let (spec, preds) =
+            regress::predict_codes(loaded, dir, &codes, args.regressor_samples, &cancel)?;
+        let Some(m) = spec.metrics.iter().position(|x| x == metric) else {
+            bail!(
+                "{} predicts {}, not `{metric}`",
+                dir.display(),
+                spec.metrics.join(", ")
+            );
+        };
+        order.sort_by(|&a, &b| preds[a][m].median.total_cmp(&preds[b][m].median));
+        predicted = preds.into_iter().map(Some).collect();
+    }
+    if json {
+        let list: Vec<serde_json::Value> = order
+            .iter()
+            .map(|&i| {
+                serde_json::json!({
+                    "candidate": i,
+                    "text": outs[i].text,
+                    "stop_reason": outs[i].stop_reason,
+                    "predictions": predicted[i],
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    for (rank, &i) in order.iter().enumerate() {
+        let figures = predicted[i]
+            .as_ref()
+            .map(|p| format!(" — predicted {}", regress::describe(p)))
+            .unwrap_or_default();
+        println!(
+            "=== #{} (candidate {i}){figures}\n{}",
+            rank + 1,
+            outs[i].text
+        );
     }
     Ok(())
 }

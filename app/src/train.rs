@@ -95,9 +95,23 @@ pub struct TrainArgs {
     base_adapters: Vec<PathBuf>,
     #[arg(long, value_parser = parse_quant)]
     quantize: Option<QFormat>,
+    /// `instruct` (LoRA on instruction data) or `regression` (an adapter that predicts
+    /// numbers from code: `--data` is JSONL/CSV of `code` and metrics, as `codelsi measure`
+    /// writes; validation is split by group).
+    #[arg(long, value_enum, default_value = "instruct")]
+    task: Task,
+    /// Regression: the metrics to predict, in order (default: every one in the data).
+    #[arg(long, value_delimiter = ',')]
+    metrics: Vec<String>,
     /// `json` prints one JSON object per event instead of a progress bar.
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Task {
+    Instruct,
+    Regression,
 }
 
 pub fn cmd_train(args: TrainArgs) -> Result<()> {
@@ -126,6 +140,9 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
     };
     config.validate()?;
     let (loaded, gpu) = load_on::<AD>(&args.model, args.quantize, json)?;
+    if args.task == Task::Regression {
+        return train_regression(&args, &config, &loaded, &gpu);
+    }
     let template = match &args.template {
         Some(t) => PromptTemplate::parse(t)?,
         None => PromptTemplate::for_tokenizer(&loaded.tokenizer),
@@ -166,97 +183,101 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         );
     }
 
-    let cancel = crate::ctrl_c_token();
-    let bar = crate::progress_bar(
-        json,
-        "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
-    );
     let model_name = loaded
         .info
         .path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let job = TrainJob {
+        model: &loaded.model,
+        frozen: &frozen_refs,
+        train: &data.train,
+        val: &data.val,
+        config: &config,
+        out: &args.out,
+        base_model: &model_name,
+        metadata: serde_json::json!({
+            "data": args.data,
+            "val": args.val,
+            "template": format!("{template:?}"),
+            "max_len": args.max_len,
+            "base_adapters": args.base_adapters,
+            "device": gpu.to_string(),
+        }),
+        resume: args.resume,
+        new_tokens: None,
+    };
+    run(&args, &config, job)
+}
+
+/// Run a training job with a progress bar (or JSON events), and say how it ended.
+fn run(args: &TrainArgs, config: &TrainConfig, job: TrainJob<'_, Wgpu>) -> Result<()> {
+    let json = args.format == Format::Json;
+    let cancel = crate::ctrl_c_token();
+    let bar = crate::progress_bar(
+        json,
+        "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+    );
     let mut last_val = None;
-    let summary = train(
-        TrainJob {
-            model: &loaded.model,
-            frozen: &frozen_refs,
-            train: &data.train,
-            val: &data.val,
-            config: &config,
-            out: &args.out,
-            base_model: &model_name,
-            metadata: serde_json::json!({
-                "data": args.data,
-                "val": args.val,
-                "template": format!("{template:?}"),
-                "max_len": args.max_len,
-                "base_adapters": args.base_adapters,
-                "device": gpu.to_string(),
-            }),
-            resume: args.resume,
-        },
-        &cancel,
-        &mut |e| {
-            if json {
-                if let Ok(s) = serde_json::to_string(&e) {
-                    println!("{s}");
-                }
-                return;
+    let summary = train(job, &cancel, &mut |e| {
+        if json {
+            if let Ok(s) = serde_json::to_string(&e) {
+                println!("{s}");
             }
-            match e {
-                TrainEvent::Started {
-                    total_steps,
-                    trainable_params,
-                    resumed_at,
-                    activations,
-                    ..
-                } => {
-                    bar.set_length(total_steps as u64);
-                    bar.set_position(resumed_at as u64);
-                    bar.println(format!(
-                        "{trainable_params} trainable parameters (r={}, alpha={}, {} targets), \
+            return;
+        }
+        match e {
+            TrainEvent::Started {
+                total_steps,
+                trainable_params,
+                resumed_at,
+                activations,
+                ..
+            } => {
+                bar.set_length(total_steps as u64);
+                bar.set_position(resumed_at as u64);
+                bar.println(format!(
+                    "{trainable_params} trainable parameters (r={}, alpha={}, {} targets), \
                          {activations} activations{}",
-                        config.lora.rank,
-                        config.lora.alpha,
-                        config.lora.targets.len(),
-                        if resumed_at > 0 {
-                            format!("; resuming at step {resumed_at}")
-                        } else {
-                            String::new()
-                        }
-                    ));
-                }
-                TrainEvent::Step {
-                    step,
-                    loss,
-                    lr,
-                    tokens_per_second,
-                    peak_bytes,
-                    ..
-                } => {
-                    bar.set_position(step as u64);
-                    let mem = peak_bytes
-                        .map(|b| format!("  peak {:.0} MiB", b as f64 / (1 << 20) as f64))
-                        .unwrap_or_default();
-                    let val = last_val
-                        .map(|v: f64| format!("  val {v:.4}"))
-                        .unwrap_or_default();
-                    bar.set_message(format!(
-                        "loss {loss:.4}{val}  lr {lr:.2e}  {tokens_per_second:.0} tok/s{mem}"
-                    ));
-                }
-                TrainEvent::Eval { step, val_loss } => {
-                    last_val = Some(val_loss);
-                    bar.println(format!("step {step}: validation loss {val_loss:.4}"));
-                }
-                TrainEvent::Checkpoint { step, path } => {
-                    bar.println(format!("step {step}: checkpoint in {}", path.display()));
-                }
+                    config.lora.rank,
+                    config.lora.alpha,
+                    config.lora.targets.len(),
+                    if resumed_at > 0 {
+                        format!("; resuming at step {resumed_at}")
+                    } else {
+                        String::new()
+                    }
+                ));
             }
-        },
-    )?;
+            TrainEvent::Step {
+                step,
+                loss,
+                lr,
+                tokens_per_second,
+                peak_bytes,
+                ..
+            } => {
+                bar.set_position(step as u64);
+                let mem = peak_bytes
+                    .map(|b| format!("  peak {:.0} MiB", b as f64 / (1 << 20) as f64))
+                    .unwrap_or_default();
+                let val = last_val
+                    .map(|v: f64| format!("  val {v:.4}"))
+                    .unwrap_or_default();
+                bar.set_message(format!(
+                    "loss {loss:.4}{val}  lr {lr:.2e}  {tokens_per_second:.0} tok/s{mem}"
+                ));
+            }
+            TrainEvent::Eval { step, val_loss } => {
+                last_val = Some(val_loss);
+                bar.println(format!("step {step}: validation loss {val_loss:.4}"));
+            }
+            TrainEvent::Checkpoint { step, path } => {
+                bar.println(format!("step {step}: checkpoint in {}", path.display()));
+            }
+        }
+    })?;
     bar.finish_and_clear();
     if json {
         println!("{}", serde_json::to_string(&summary)?);
@@ -267,7 +288,7 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         );
     } else {
         eprintln!(
-            "done: {} steps in {:.0} s ({:.1} tok/s), loss {:.4} → {:.4}{}{}; adapter in {} (use it with `codelsi generate --adapter {}`)",
+            "done: {} steps in {:.0} s ({:.1} tok/s), loss {:.4} → {:.4}{}{}; adapter in {} (use it with `codelsi {} --adapter {}`)",
             summary.steps,
             summary.seconds,
             summary.tokens as f64 / summary.seconds.max(1e-9),
@@ -283,8 +304,77 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
                 .map(|b| format!(", peak GPU memory {:.0} MiB", b as f64 / (1 << 20) as f64))
                 .unwrap_or_default(),
             args.out.display(),
+            if args.task == Task::Regression {
+                "predict"
+            } else {
+                "generate"
+            },
             args.out.display()
         );
     }
     Ok(())
+}
+
+/// `--task regression`: rows of code and numbers, split by group, and an adapter that adds
+/// the number tokens.
+fn train_regression(
+    args: &TrainArgs,
+    config: &TrainConfig,
+    loaded: &codelsi_engine::model::LoadedModel<AD>,
+    gpu: &codelsi_engine::device::GpuInfo,
+) -> Result<()> {
+    if !args.base_adapters.is_empty() {
+        anyhow::bail!("a regression adapter trains on the base model alone (no --base-adapter)");
+    }
+    let data = crate::regress::regression_data(
+        &args.data,
+        &args.metrics,
+        args.val_frac,
+        args.seed,
+        args.max_len,
+        &loaded.tokenizer,
+        loaded.model.config.vocab_size,
+    )?;
+    if args.format != Format::Json {
+        eprintln!(
+            "{} training examples → {} rows, {} held-out examples → {} rows ({} left out: a metric missing); predicting {} on {}",
+            data.train_examples,
+            data.train.len(),
+            data.val_examples,
+            data.val.len(),
+            data.missing,
+            data.spec.metrics.join(", "),
+            gpu
+        );
+    }
+    let rows = codelsi_engine::regress::init_number_rows(&loaded.model, &loaded.tokenizer)?;
+    let model_name = loaded
+        .info
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let job = TrainJob {
+        model: &loaded.model,
+        frozen: &[],
+        train: &data.train,
+        val: &data.val,
+        config,
+        out: &args.out,
+        base_model: &model_name,
+        metadata: serde_json::json!({
+            "task": "regression",
+            "data": args.data,
+            "val_frac": args.val_frac,
+            "seed": args.seed,
+            "max_len": args.max_len,
+            "regression": data.spec,
+            "train_examples": data.train_examples,
+            "val_examples": data.val_examples,
+            "device": gpu.to_string(),
+        }),
+        resume: args.resume,
+        new_tokens: Some(rows),
+    };
+    run(args, config, job)
 }

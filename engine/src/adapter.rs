@@ -190,7 +190,22 @@ pub struct Adapter<B: Backend> {
     pub config: LoraConfig,
     /// `layers[i][target]`, `None` where the adapter does not touch the projection.
     pub layers: Vec<[Option<LoraPair<B>>; 7]>,
+    /// Tokens the adapter adds after the base vocabulary, with their own trained rows (a
+    /// regression adapter's number tokens, [`crate::regress`]).
+    pub new_tokens: Option<NewTokens<B>>,
 }
+
+/// The rows of tokens an adapter adds: ids `vocab..vocab + n` of the adapted model. Both are
+/// `[n, hidden]`: `embed` is their input embedding, `head` their output (LM-head) rows.
+#[derive(Debug, Clone)]
+pub struct NewTokens<B: Backend> {
+    pub embed: Tensor<B, 2>,
+    pub head: Tensor<B, 2>,
+}
+
+/// The safetensors keys of [`NewTokens`]; not PEFT's, which has no such module.
+const NEW_TOKENS_EMBED: &str = "codelsi.new_tokens.embed";
+const NEW_TOKENS_HEAD: &str = "codelsi.new_tokens.head";
 
 /// PEFT's key of a layer's projection, without the `.lora_A.weight` suffix.
 fn peft_prefix(layer: usize, t: Target) -> String {
@@ -224,7 +239,11 @@ impl<B: Backend> Adapter<B> {
             }
             layers.push(slots);
         }
-        Ok(Self { config, layers })
+        Ok(Self {
+            config,
+            layers,
+            new_tokens: None,
+        })
     }
 
     pub fn get(&self, layer: usize, t: Target) -> Option<&LoraPair<B>> {
@@ -247,6 +266,10 @@ impl<B: Backend> Adapter<B> {
                 }
             }
         }
+        if let Some(n) = &self.new_tokens {
+            out.push((NEW_TOKENS_EMBED.into(), &n.embed));
+            out.push((NEW_TOKENS_HEAD.into(), &n.head));
+        }
         out
     }
 
@@ -259,6 +282,10 @@ impl<B: Backend> Adapter<B> {
                 out.push(&mut p.a);
                 out.push(&mut p.b);
             }
+        }
+        if let Some(n) = &mut self.new_tokens {
+            out.push(&mut n.embed);
+            out.push(&mut n.head);
         }
         out
     }
@@ -290,6 +317,10 @@ impl<B: Backend> Adapter<B> {
                     })
                 })
                 .collect(),
+            new_tokens: self.new_tokens.as_ref().map(|n| NewTokens {
+                embed: f(&n.embed),
+                head: f(&n.head),
+            }),
         }
     }
 
@@ -348,6 +379,8 @@ pub struct HostAdapter {
     /// The model shape the adapter was checked against.
     pub model: Config,
     pub layers: Vec<[Option<HostPair>; 7]>,
+    /// `(rows, embed, head)` of the tokens the adapter adds, each `[rows, hidden]` row-major.
+    pub new_tokens: Option<(usize, Vec<f32>, Vec<f32>)>,
 }
 
 impl HostAdapter {
@@ -410,6 +443,15 @@ impl HostAdapter {
             }
             layers.push(slots);
         }
+        let mut new_tokens = None;
+        if let (Some(e), Some(h)) = (st.get(NEW_TOKENS_EMBED)?, st.get(NEW_TOKENS_HEAD)?) {
+            let rows = e.shape.first().copied().unwrap_or(0);
+            e.expect_shape(&[rows, model.hidden_size])?;
+            h.expect_shape(&[rows, model.hidden_size])?;
+            expected.insert(e.name.clone());
+            expected.insert(h.name.clone());
+            new_tokens = Some((rows, e.into_f32(), h.into_f32()));
+        }
         let unknown: Vec<&str> = st
             .names()
             .into_iter()
@@ -436,6 +478,7 @@ impl HostAdapter {
             config,
             model: model.clone(),
             layers,
+            new_tokens,
         })
     }
 
@@ -458,9 +501,14 @@ impl HostAdapter {
                 out
             })
             .collect();
+        let hidden = self.model.hidden_size;
         Adapter {
             config: self.config,
             layers,
+            new_tokens: self.new_tokens.map(|(rows, embed, head)| NewTokens {
+                embed: Tensor::from_data(TensorData::new(embed, [rows, hidden]), device),
+                head: Tensor::from_data(TensorData::new(head, [rows, hidden]), device),
+            }),
         }
     }
 

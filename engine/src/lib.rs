@@ -18,6 +18,7 @@ pub mod model;
 pub mod models;
 pub mod par;
 pub mod quant;
+pub mod regress;
 pub mod sampling;
 pub mod train;
 

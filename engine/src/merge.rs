@@ -178,7 +178,17 @@ pub fn merge(
     let deltas = Deltas {
         adapters: adapters
             .iter()
-            .map(|dir| HostAdapter::load_peft(dir, &config))
+            .map(|dir| {
+                let a = HostAdapter::load_peft(dir, &config)?;
+                if a.new_tokens.is_some() {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: a regression adapter's number tokens have no place in a merged \
+                         model; use it with `codelsi predict`",
+                        dir.display()
+                    )));
+                }
+                Ok(a)
+            })
             .collect::<Result<_>>()?,
     };
 

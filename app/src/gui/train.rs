@@ -826,6 +826,7 @@ fn run(
                 "app": true,
             }),
             resume: inputs.resume,
+            new_tokens: None,
         },
         cancel,
         &mut |e| {

@@ -66,6 +66,9 @@ pub struct RunResult {
     pub seconds: f64,
     /// Whether stdout held the marker `run_js` was asked to look for.
     pub marker_seen: bool,
+    /// What followed the marker's last occurrence on its line (a program's report).
+    #[serde(default)]
+    pub marker_line: Option<String>,
 }
 
 /// Whether programs get a network namespace of their own.
@@ -231,6 +234,7 @@ impl Sandbox {
                     output_tail: format!("sandbox: {e}"),
                     seconds: 0.0,
                     marker_seen: false,
+                    marker_line: None,
                 });
             }
             Err(e) => return Err(Error::io(&self.node, e)),
@@ -312,16 +316,21 @@ impl Sandbox {
             Status::Crashed
         };
         let tail_of = if stderr.is_empty() { &stdout } else { &stderr };
-        let marker_seen = marker.is_some_and(|m| {
+        let marker_line = marker.and_then(|m| {
             let m = m.as_bytes();
-            stdout.windows(m.len()).any(|w| w == m)
+            let at = stdout.windows(m.len()).rposition(|w| w == m)? + m.len();
+            let rest = &stdout[at..];
+            let end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+            Some(String::from_utf8_lossy(&rest[..end]).into_owned())
         });
+        let marker_seen = marker_line.is_some();
         Ok(RunResult {
             status: result,
             exit_code,
             output_tail: tail(tail_of, 2000),
             seconds,
             marker_seen,
+            marker_line,
         })
     }
 }

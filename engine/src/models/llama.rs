@@ -440,6 +440,38 @@ impl<B: KernelBackend> Llama<B> {
                 "forward of an empty sequence".into(),
             ));
         }
+        let h = self.config.hidden_size;
+        let x = self.embed(token_ids)?.reshape([batch, seq, h]);
+        self.forward_embedded(x, pads, cache, adapters)
+    }
+
+    /// The decoder over input embeddings (tokens the embedding table does not hold, such as an
+    /// adapter's new tokens, come in this way) after the cached positions; appends them to the
+    /// cache. Rows are left-padded by `pads` as in [`forward_batch`](Self::forward_batch).
+    /// Returns the final hidden states before the last norm.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
+    pub fn forward_embedded(
+        &self,
+        x: Tensor<B, 3>,
+        pads: &[usize],
+        cache: &mut KvCache<B>,
+        adapters: Adapters<'_, B>,
+    ) -> Result<Tensor<B, 3>> {
+        let [batch, seq, _] = x.dims();
+        if batch != pads.len() || cache.batch() != batch {
+            return Err(Error::InvalidArgument(format!(
+                "{batch} rows of embeddings with {} pads and a KV cache of batch {}",
+                pads.len(),
+                cache.batch()
+            )));
+        }
+        if seq == 0 {
+            return Err(Error::InvalidArgument(
+                "forward of an empty sequence".into(),
+            ));
+        }
         if cache.len + seq > cache.capacity {
             return Err(Error::InvalidArgument(format!(
                 "{} positions exceed the KV cache of {} (context length {})",
@@ -456,8 +488,7 @@ impl<B: KernelBackend> Llama<B> {
         } else {
             Some(self.padded_mask(pads, past, seq))
         };
-        let h = self.config.hidden_size;
-        let mut x = self.embed(token_ids)?.reshape([batch, seq, h]);
+        let mut x = x;
         let mut kv = cache.layers.iter_mut();
         for i in 0..self.layers.len() {
             x = self.layer(
@@ -579,6 +610,14 @@ impl<B: KernelBackend> Llama<B> {
             Tensor::from_data(TensorData::new(cos, [seq, hd]), &self.device),
             Tensor::from_data(TensorData::new(sin, [seq, hd]), &self.device),
         )
+    }
+
+    /// The final norm alone (what the LM head and an adapter's new-token rows read).
+    ///
+    /// # Shapes
+    /// `[batch, seq, hidden]` → `[batch, seq, hidden]`
+    pub fn final_norm(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.norm.forward(x)
     }
 
     /// Final norm and LM head: `[1, rows, hidden]` → `[rows, vocab]`.

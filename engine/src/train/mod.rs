@@ -26,7 +26,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use crate::adapter::{Adapter, LoraConfig, safetensors_bytes};
+use crate::adapter::{Adapter, LoraConfig, NewTokens, safetensors_bytes};
 use crate::error::{Error, Result};
 use crate::generate::CancelToken;
 use crate::io::WeightSource;
@@ -272,6 +272,10 @@ pub struct TrainJob<'a, B: KernelBackend> {
     /// Extra metadata written beside the adapter (`codelsi_adapter.json`), as JSON.
     pub metadata: serde_json::Value,
     pub resume: bool,
+    /// New tokens the adapter adds and trains, `(embed, head)` rows to start from, each
+    /// `[n, hidden]` row-major (a regression adapter's number tokens). Their rows then take the
+    /// loss: every label must be one of them ([`crate::regress::number_nll`]).
+    pub new_tokens: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 struct Optim<B: Backend> {
@@ -330,6 +334,12 @@ pub fn train<B: KernelBackend>(
                 ckpt.display()
             )));
         }
+        if a.new_tokens.is_some() != job.new_tokens.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the checkpoint is of another kind of adapter (regression or not)",
+                ckpt.display()
+            )));
+        }
         adapter = a;
         optim.states = s;
         state = st;
@@ -343,6 +353,21 @@ pub fn train<B: KernelBackend>(
             )));
         }
         adapter = Adapter::<B>::init(c.lora.clone(), &job.model.config, c.seed, &device)?;
+        if let Some((embed, head)) = &job.new_tokens {
+            let h = job.model.config.hidden_size;
+            let rows = embed.len() / h;
+            if rows == 0 || embed.len() != rows * h || head.len() != embed.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "new-token rows of {} and {} values for a hidden size of {h}",
+                    embed.len(),
+                    head.len()
+                )));
+            }
+            adapter.new_tokens = Some(NewTokens {
+                embed: Tensor::from_data(TensorData::new(embed.clone(), [rows, h]), &device),
+                head: Tensor::from_data(TensorData::new(head.clone(), [rows, h]), &device),
+            });
+        }
         optim.states = vec![None; adapter.named_tensors().len()];
     }
     std::fs::create_dir_all(job.out).map_err(|e| Error::io(job.out, e))?;
@@ -515,6 +540,51 @@ pub fn row_nll<B: KernelBackend>(
     Ok((nll_of_logits(logits, row), row.targets()))
 }
 
+/// [`row_nll`] where `owner` (one of `adapters`) may add tokens of its own, which then take
+/// the loss.
+fn row_nll_of<B: KernelBackend>(
+    model: &Llama<B>,
+    adapters: Adapters<'_, B>,
+    owner: &Adapter<B>,
+    row: &Row,
+) -> Result<(Tensor<B, 1>, usize)> {
+    if owner.new_tokens.is_none() {
+        return row_nll(model, adapters, row);
+    }
+    let inputs = model.packed_inputs(packed(row), DType::F32)?;
+    let mut x = embed_row(model, owner, &row.tokens)?;
+    for i in 0..model.layers.len() {
+        x = model.layer_packed(i, x, &inputs, adapters);
+    }
+    Ok((row_loss(model, owner, x, row)?, row.targets()))
+}
+
+/// A row's input embeddings: the base table's, and `adapter`'s rows for tokens it adds.
+fn embed_row<B: KernelBackend>(
+    model: &Llama<B>,
+    adapter: &Adapter<B>,
+    tokens: &[u32],
+) -> Result<Tensor<B, 3>> {
+    match &adapter.new_tokens {
+        None => model.embed(tokens),
+        Some(n) => crate::regress::embed_with_new(model, n, tokens),
+    }
+}
+
+/// Summed negative log-likelihood of a row's labels from the last layer's output `x`: the LM
+/// head's, or over `adapter`'s new tokens when it adds some.
+fn row_loss<B: KernelBackend>(
+    model: &Llama<B>,
+    adapter: &Adapter<B>,
+    x: Tensor<B, 3>,
+    row: &Row,
+) -> Result<Tensor<B, 1>> {
+    match &adapter.new_tokens {
+        None => Ok(nll_of_logits(model.head(x), row)),
+        Some(n) => crate::regress::number_nll(model, n, x, row),
+    }
+}
+
 fn packed(row: &Row) -> Packed<'_> {
     Packed {
         tokens: &row.tokens,
@@ -601,12 +671,12 @@ fn row_grads_full<B: KernelBackend>(
         train: true,
     };
     let inputs = model.packed_inputs(packed(row), pass.dtype)?;
-    let mut x = to_dtype(model.embed(&row.tokens)?, pass.dtype);
+    let mut x = to_dtype(embed_row(model, tracked, &row.tokens)?, pass.dtype);
     for i in 0..model.layers.len() {
         (pass.reseed)(i);
         x = model.layer_packed(i, x, &inputs, adapters);
     }
-    let loss = nll_of_logits(model.head(widen(x)), row) / pass.targets as f64;
+    let loss = row_loss(model, tracked, widen(x), row)? / pass.targets as f64;
     let value: f64 = loss.clone().inner().into_scalar().elem();
     let grads = (loss * pass.loss_scale()).backward();
     let g = tracked
@@ -708,7 +778,10 @@ fn train_step<B: KernelBackend>(
             dtype,
             reseed: &reseed,
         };
-        let (value, g) = if c.grad_checkpoint {
+        // An adapter's new tokens get their gradients from the embedding and the head, which
+        // the per-layer recomputation does not walk: such adapters (regression, short rows)
+        // take the whole graph at once.
+        let (value, g) = if c.grad_checkpoint && adapter.new_tokens.is_none() {
             row_grads_checkpointed(job, &tracked, row, &pass)?
         } else {
             row_grads_full(job, &tracked, row, &pass)?
@@ -772,15 +845,22 @@ pub fn evaluate<B: KernelBackend>(
     let untracked = adapter.map(|t| Tensor::<Autodiff<B>, 2>::from_inner(t.clone()));
     let mut list: Vec<&Adapter<Autodiff<B>>> = vec![&untracked];
     list.extend(frozen.iter().copied());
-    mean_loss(
-        model,
-        Adapters {
-            list: &list,
-            train: false,
-        },
-        rows,
-        cancel,
-    )
+    let adapters = Adapters {
+        list: &list,
+        train: false,
+    };
+    let mut total = 0.0;
+    let mut n = 0;
+    for row in rows {
+        if cancel.is_cancelled() {
+            return Ok(None);
+        }
+        let (nll, count) = row_nll_of(model, adapters, &untracked, row)?;
+        let v: f32 = nll.into_scalar().elem();
+        total += v as f64;
+        n += count;
+    }
+    Ok(Some(total / n.max(1) as f64))
 }
 
 /// Mean per-token loss of `rows` under `adapters` (none: the base model).

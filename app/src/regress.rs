@@ -1,0 +1,489 @@
+//! `codelsi measure` (a regression dataset from running programs), `codelsi predict` (a
+//! regression adapter's figures for code, or its scores on the held-out split beside the
+//! baselines), and the data side of `codelsi train --task regression`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use codelsi_engine::adapter::Adapter;
+use codelsi_engine::device::Wgpu;
+use codelsi_engine::eval::{self, Harness};
+use codelsi_engine::generate::CancelToken;
+use codelsi_engine::io::tokenizer::Tokenizer;
+use codelsi_engine::regress::measure::{self, MeasureEvent, MeasureSettings};
+use codelsi_engine::regress::{
+    self, Example, HeldOutReport, PredictSettings, Prediction, RegressionSpec, stats,
+};
+
+use crate::{Format, load};
+
+#[derive(clap::Args)]
+pub struct MeasureArgs {
+    /// Problems whose solutions run: `mbpp-ts` (MBTSP) or a problems JSONL of the same form.
+    #[arg(long, default_value = "mbpp-ts")]
+    suite: String,
+    /// Measure these completions (JSONL of `task_id`, `completion`, as `codelsi eval --out`
+    /// writes in `results.jsonl`) instead of the canonical solutions.
+    #[arg(long)]
+    completions: Option<PathBuf>,
+    /// Each test input scaled by each of these (arrays and strings repeated, integers
+    /// multiplied).
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000")]
+    scales: Vec<u32>,
+    /// Only the first N problems.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// CPU seconds per run; runs past it are left out.
+    #[arg(long, default_value_t = 5)]
+    timeout: u64,
+    /// Memory per run, MiB.
+    #[arg(long, default_value_t = 4096)]
+    memory_mb: u64,
+    /// Programs run at once (0: one per core; timings are of one core each).
+    #[arg(long, default_value_t = 0)]
+    jobs: usize,
+    /// The dataset (JSONL: `code`, `metrics`, `group`).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn cmd_measure(args: MeasureArgs) -> Result<()> {
+    let mut problems = eval::load_suite(&args.suite)?;
+    if let Some(n) = args.limit {
+        problems.truncate(n);
+    }
+    let completions = match &args.completions {
+        Some(p) => Some(eval::read_completions(p)?),
+        None => None,
+    };
+    let (workloads, skipped) = measure::workloads(&problems, completions.as_deref());
+    if workloads.is_empty() {
+        bail!(
+            "no workload: none of the {} problems has tests of the form `let actual_N = f(...)`",
+            problems.len()
+        );
+    }
+    let mut settings = MeasureSettings {
+        scales: args.scales.clone(),
+        ..MeasureSettings::default()
+    };
+    settings.limits.cpu_secs = args.timeout;
+    settings.limits.wall = Duration::from_secs(args.timeout * 2 + 2);
+    settings.limits.memory_bytes = args.memory_mb << 20;
+    let harness = Harness::new(settings.limits, args.jobs, &mut |s| eprintln!("{s}"))?;
+    eprintln!(
+        "{} programs × {} scales ({} problems without calls to scale); sandbox: {:?} network isolation",
+        workloads.len(),
+        settings.scales.len(),
+        skipped.len(),
+        harness.sandbox.net
+    );
+    let bar = crate::progress_bar(
+        false,
+        "{bar:30} {pos}/{len} runs  {msg}  [{elapsed_precise} < {eta_precise}]",
+    );
+    let cancel = crate::ctrl_c_token();
+    let start = Instant::now();
+    let Some((examples, dropped)) =
+        measure::measure(&workloads, &settings, &harness, &cancel, &mut |e| match e {
+            MeasureEvent::Transpiled { programs } => bar.set_length(programs as u64),
+            MeasureEvent::Ran { done, kept, .. } => {
+                bar.set_position(done as u64);
+                bar.set_message(format!("{kept} kept"));
+            }
+        })?
+    else {
+        bar.finish_and_clear();
+        bail!("cancelled; nothing written");
+    };
+    bar.finish_and_clear();
+    regress::write_examples(&args.out, &examples)?;
+    let mut why: std::collections::BTreeMap<String, usize> = Default::default();
+    for d in &dropped {
+        let kind = d.why.split(':').next().unwrap_or("").to_string();
+        *why.entry(kind).or_default() += 1;
+    }
+    println!(
+        "{} examples from {} runs in {:.0} s → {}",
+        examples.len(),
+        examples.len() + dropped.len(),
+        start.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    if !dropped.is_empty() {
+        println!("left out: {why:?}");
+    }
+    print_spread(&examples);
+    Ok(())
+}
+
+/// Each metric's range over `examples`: quantiles and decades.
+fn print_spread(examples: &[Example]) {
+    for m in regress::metric_names(examples) {
+        let v: Vec<f64> = examples
+            .iter()
+            .filter_map(|e| e.metrics.get(&m).copied())
+            .collect();
+        let (lo, hi) = (stats::quantile(&v, 0.0), stats::quantile(&v, 1.0));
+        println!(
+            "{m}: {} values, min {lo:.4}, p10 {:.4}, median {:.4}, p90 {:.4}, max {hi:.4} ({:.1} decades)",
+            v.len(),
+            stats::quantile(&v, 0.1),
+            stats::quantile(&v, 0.5),
+            stats::quantile(&v, 0.9),
+            stats::log10_floor(hi) - stats::log10_floor(lo)
+        );
+    }
+}
+
+/// Regression training data: the examples split by group, the spec, the rows.
+pub struct RegressionData {
+    pub spec: RegressionSpec,
+    pub train: Vec<codelsi_engine::train::data::Row>,
+    pub val: Vec<codelsi_engine::train::data::Row>,
+    pub train_examples: usize,
+    pub val_examples: usize,
+    pub missing: usize,
+}
+
+/// Read `data`, keep `metrics` (all of the file's when empty), split by group, tokenise.
+pub fn regression_data(
+    data: &Path,
+    metrics: &[String],
+    val_frac: f64,
+    seed: u64,
+    max_len: usize,
+    tok: &Tokenizer,
+    vocab: usize,
+) -> Result<RegressionData> {
+    let examples = regress::read_examples(data)?;
+    let available = regress::metric_names(&examples);
+    let metrics: Vec<String> = if metrics.is_empty() {
+        available.clone()
+    } else {
+        metrics.to_vec()
+    };
+    if metrics.is_empty() {
+        bail!("{}: no metric (numeric field) in the data", data.display());
+    }
+    if let Some(m) = metrics.iter().find(|m| !available.contains(m)) {
+        bail!(
+            "{}: no metric `{m}` in the data (it has: {})",
+            data.display(),
+            available.join(", ")
+        );
+    }
+    let answer = metrics.len() * regress::number::TOKENS_PER_NUMBER;
+    if max_len < answer + 48 {
+        bail!("--max-len {max_len} leaves no room for a prompt before {answer} answer tokens");
+    }
+    let spec = RegressionSpec::new(metrics, max_len - answer, vocab);
+    let (train, val) = regress::split_by_group(examples, val_frac, seed);
+    let (train_rows, missing) = spec.rows(&train, tok)?;
+    let (val_rows, _) = spec.rows(&val, tok)?;
+    if train_rows.is_empty() {
+        bail!("no training example has every metric of {:?}", spec.metrics);
+    }
+    Ok(RegressionData {
+        spec,
+        train: train_rows,
+        val: val_rows,
+        train_examples: train.len(),
+        val_examples: val.len(),
+        missing,
+    })
+}
+
+#[derive(clap::Args)]
+pub struct PredictArgs {
+    /// Code files to predict for (`-` reads standard input).
+    files: Vec<PathBuf>,
+    /// The base model the adapter was trained on.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// A regression adapter (`codelsi train --task regression`).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Answers drawn per input; the median is the prediction, the 10–90 % range its spread.
+    #[arg(long, default_value_t = 64)]
+    samples: usize,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Score the adapter on its held-out split (the groups its training left out, recomputed
+    /// from the data, fraction and seed it was trained with) beside the two baselines.
+    #[arg(long)]
+    evaluate: bool,
+    /// With `--evaluate`: this data instead of the adapter's.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// With `--evaluate`: only the first N held-out examples.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// With `--evaluate` and `--data`: only the baselines (no adapter), split with
+    /// `--val-frac` and `--split-seed`, for these metrics (default: all).
+    #[arg(long)]
+    baselines_only: bool,
+    #[arg(long, default_value_t = 0.1)]
+    val_frac: f64,
+    #[arg(long, default_value_t = 42)]
+    split_seed: u64,
+    #[arg(long, value_delimiter = ',')]
+    metrics: Vec<String>,
+    /// Write the held-out report (JSON) here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+}
+
+/// Where a regression adapter's training data and split came from (`codelsi_adapter.json`).
+fn training_split(dir: &Path) -> Result<(PathBuf, f64, u64)> {
+    let path = dir.join("codelsi_adapter.json");
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let extra = &v["extra"];
+    let data = extra["data"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("the adapter does not record its data; pass --data")?;
+    Ok((
+        data,
+        extra["val_frac"].as_f64().unwrap_or(0.1),
+        extra["seed"].as_u64().unwrap_or(42),
+    ))
+}
+
+pub fn cmd_predict(args: PredictArgs) -> Result<()> {
+    let json = args.format == Format::Json;
+    if args.evaluate && args.baselines_only {
+        return baselines_only(&args, json);
+    }
+    let Some(dir) = &args.adapter else {
+        bail!("--adapter is needed (a regression adapter); --baselines-only needs none");
+    };
+    let spec = RegressionSpec::load(dir)?.with_context(|| {
+        format!(
+            "{} is not a regression adapter (no `regression` in codelsi_adapter.json)",
+            dir.display()
+        )
+    })?;
+    let (loaded, gpu) = load(&args.model, None, json)?;
+    let adapter = Adapter::<Wgpu>::load_peft(dir, &loaded.model.config, loaded.model.device())?;
+    let settings = PredictSettings {
+        samples: args.samples,
+        temperature: args.temperature,
+        seed: args.seed,
+    };
+    let cancel = crate::ctrl_c_token();
+    if args.evaluate {
+        let (data, val_frac, seed) = match &args.data {
+            Some(d) => (d.clone(), args.val_frac, args.split_seed),
+            None => training_split(dir)?,
+        };
+        let examples = regress::read_examples(&data)?;
+        let (train, mut val) = regress::split_by_group(examples, val_frac, seed);
+        val.retain(|e| spec.metrics.iter().all(|m| e.metrics.contains_key(m)));
+        if let Some(n) = args.limit {
+            val.truncate(n);
+        }
+        if val.is_empty() {
+            bail!("the held-out split has no example with every metric");
+        }
+        let bar = crate::progress_bar(
+            json,
+            "{bar:30} {pos}/{len} held-out programs  [{elapsed_precise} < {eta_precise}]",
+        );
+        bar.set_length(val.len() as u64);
+        let codes: Vec<String> = val.iter().map(|e| e.code.clone()).collect();
+        let start = Instant::now();
+        let Some(preds) = regress::predict(
+            &loaded.model,
+            &adapter,
+            &spec,
+            &loaded.tokenizer,
+            &codes,
+            settings,
+            &cancel,
+            &mut |i| bar.set_position(i as u64 + 1),
+        )?
+        else {
+            bail!("cancelled");
+        };
+        bar.finish_and_clear();
+        let report =
+            regress::held_out_report(&spec, &loaded.tokenizer, &train, &val, Some(&preds))?;
+        if !json {
+            eprintln!(
+                "{} held-out programs, {} samples each, in {:.0} s on {gpu}",
+                val.len(),
+                args.samples,
+                start.elapsed().as_secs_f64()
+            );
+        }
+        return finish_report(&report, &args, json);
+    }
+
+    if args.files.is_empty() {
+        bail!("name code files to predict for (or - for standard input), or pass --evaluate");
+    }
+    let mut codes = Vec::new();
+    for f in &args.files {
+        codes.push(if f.as_os_str() == "-" {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            s
+        } else {
+            std::fs::read_to_string(f).with_context(|| f.display().to_string())?
+        });
+    }
+    let Some(preds) = regress::predict(
+        &loaded.model,
+        &adapter,
+        &spec,
+        &loaded.tokenizer,
+        &codes,
+        settings,
+        &cancel,
+        &mut |_| {},
+    )?
+    else {
+        bail!("cancelled");
+    };
+    if json {
+        let out: Vec<serde_json::Value> = args
+            .files
+            .iter()
+            .zip(&preds)
+            .map(|(f, p)| serde_json::json!({"file": f, "predictions": p}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for (f, p) in args.files.iter().zip(&preds) {
+            println!("{}: {}", f.display(), describe(p));
+        }
+    }
+    Ok(())
+}
+
+/// `latency_ms 12.3 (8.1–20.5), peak_kb 45000 (…)`.
+pub fn describe(p: &[Prediction]) -> String {
+    p.iter()
+        .map(|p| {
+            format!(
+                "{} {} ({}–{})",
+                p.metric,
+                short(p.median),
+                short(p.low),
+                short(p.high)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Four significant digits, as the number tokens carry.
+pub fn short(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let digits = (3 - v.abs().log10().floor() as i32).max(0) as usize;
+    format!("{v:.digits$}")
+}
+
+fn baselines_only(args: &PredictArgs, json: bool) -> Result<()> {
+    let Some(data) = &args.data else {
+        bail!("--baselines-only needs --data");
+    };
+    let (loaded, _) = load(&args.model, None, json)?;
+    let examples = regress::read_examples(data)?;
+    let metrics = if args.metrics.is_empty() {
+        regress::metric_names(&examples)
+    } else {
+        args.metrics.clone()
+    };
+    let spec = RegressionSpec::new(metrics, 0, loaded.model.config.vocab_size);
+    let (train, val) = regress::split_by_group(examples, args.val_frac, args.split_seed);
+    let report = regress::held_out_report(&spec, &loaded.tokenizer, &train, &val, None)?;
+    finish_report(&report, args, json)
+}
+
+fn finish_report(report: &HeldOutReport, args: &PredictArgs, json: bool) -> Result<()> {
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_vec_pretty(report)?)
+            .with_context(|| out.display().to_string())?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    println!(
+        "held out: {} examples in {} groups (trained on {})",
+        report.val_examples, report.val_groups, report.train_examples
+    );
+    println!(
+        "{:<12} {:<14} {:>9} {:>10} {:>11}",
+        "metric", "predictor", "Spearman", "Kendall τ", "MAE log10"
+    );
+    for m in &report.metrics {
+        let mut rows = vec![];
+        if let Some(s) = m.model {
+            rows.push(("adapter", s));
+        }
+        rows.push(("code length", m.length));
+        rows.push(("token ridge", m.ridge));
+        for (name, s) in rows {
+            println!(
+                "{:<12} {:<14} {:>9.3} {:>10.3} {:>11.3}",
+                m.metric, name, s.spearman, s.kendall_tau, s.mae_log10
+            );
+        }
+        println!(
+            "{:<12} values {} … {} (median {}, {:.1} decades){}",
+            "",
+            short(m.min),
+            short(m.max),
+            short(m.median),
+            m.decades,
+            match (m.model_interval_decades, m.model_coverage) {
+                (Some(w), Some(c)) => format!(
+                    "; adapter's 10–90 % interval {w:.2} decades wide, holds {:.0} % of values",
+                    c * 100.0
+                ),
+                _ => String::new(),
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Predictions for candidates with the regression adapter in `dir` (for `generate --rank-by`).
+pub fn predict_codes(
+    loaded: &codelsi_engine::model::LoadedModel<Wgpu>,
+    dir: &Path,
+    codes: &[String],
+    samples: usize,
+    cancel: &CancelToken,
+) -> Result<(RegressionSpec, Vec<Vec<Prediction>>)> {
+    let spec = RegressionSpec::load(dir)?
+        .with_context(|| format!("{} is not a regression adapter", dir.display()))?;
+    let adapter = Adapter::<Wgpu>::load_peft(dir, &loaded.model.config, loaded.model.device())?;
+    let preds = regress::predict(
+        &loaded.model,
+        &adapter,
+        &spec,
+        &loaded.tokenizer,
+        codes,
+        PredictSettings {
+            samples,
+            ..PredictSettings::default()
+        },
+        cancel,
+        &mut |_| {},
+    )?
+    .context("cancelled")?;
+    Ok((spec, preds))
+}

@@ -1,0 +1,304 @@
+//! Regression adapters on the tiny model: training on code/number pairs teaches the number
+//! tokens (the adapter overfits four programs whose values span four decades and predicts them
+//! back by constrained sampling); the adapter's files round-trip; `merge` refuses one; and
+//! `measure` runs MBTSP solutions on scaled inputs.
+
+use burn::backend::Autodiff;
+use codelsi_engine::adapter::Adapter;
+use codelsi_engine::eval::{Harness, Limits, load_suite};
+use codelsi_engine::generate::CancelToken;
+use codelsi_engine::model::{LoadedModel, load_model};
+use codelsi_engine::quant::QFormat;
+use codelsi_engine::regress::measure::{self, LATENCY, MeasureSettings, PEAK_MEMORY};
+use codelsi_engine::regress::{self, Example, PredictSettings, RegressionSpec, number, stats};
+use codelsi_engine::train::{Activations, Decay, TrainConfig, TrainEvent, TrainJob, train};
+use codelsi_tests::{B, device, fixtures};
+
+type AD = Autodiff<B>;
+
+fn tiny() -> LoadedModel<AD> {
+    load_model::<AD>(
+        &fixtures().join("tiny_llama"),
+        Some(QFormat::Q8_0),
+        &device(),
+        &mut |_| {},
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn temp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("codelsi-regress-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn config(steps: usize) -> TrainConfig {
+    let mut c = TrainConfig {
+        lr: 1e-2,
+        epochs: 1000,
+        max_steps: Some(steps),
+        batch: 1,
+        warmup_frac: 0.05,
+        decay: Decay::Cosine,
+        seed: 3,
+        eval_every: 0,
+        checkpoint_every: 0,
+        activations: Activations::F32,
+        ..TrainConfig::default()
+    };
+    c.lora.rank = 4;
+    c.lora.alpha = 8.0;
+    c.lora.dropout = 0.0;
+    c
+}
+
+/// Four programs, two metrics each, the first spanning four decades.
+fn examples() -> Vec<Example> {
+    let programs = [
+        ("for (let i = 0; i < 10; i++) sum += i;", 0.012, 4.5e4),
+        ("const xs = make(1000); xs.sort();", 3.4, 5.2e4),
+        ("while (queue.length) visit(queue.pop());", 27.0, 9.9e4),
+        (
+            "for (const a of all) for (const b of all) pair(a, b);",
+            180.0,
+            2.6e5,
+        ),
+    ];
+    programs
+        .iter()
+        .enumerate()
+        .map(|(i, (code, ms, kb))| Example {
+            code: code.to_string(),
+            metrics: [("latency_ms".into(), *ms), ("peak_kb".into(), *kb)].into(),
+            group: Some(format!("p{i}")),
+        })
+        .collect()
+}
+
+#[test]
+fn learns_and_predicts_numbers() {
+    let loaded = tiny();
+    let model = &loaded.model;
+    let spec = RegressionSpec::new(
+        vec!["latency_ms".into(), "peak_kb".into()],
+        200,
+        model.config.vocab_size,
+    );
+    let data = examples();
+    let (rows, missing) = spec
+        .rows(&data, &loaded.tokenizer)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(missing, 0);
+    // Every label is a number token, in the grammar's order.
+    let vocab = model.config.vocab_size as u32;
+    let labels: Vec<usize> = rows
+        .iter()
+        .flat_map(|r| r.labels.iter().flatten())
+        .map(|&l| (l - vocab) as usize)
+        .collect();
+    assert_eq!(labels.len(), data.len() * 2 * number::TOKENS_PER_NUMBER);
+    for (i, &l) in labels.iter().enumerate() {
+        assert_eq!(number::Class::of(l), number::class_at(i));
+    }
+
+    let out = temp("train");
+    let init =
+        regress::init_number_rows(model, &loaded.tokenizer).unwrap_or_else(|e| panic!("{e}"));
+    let mut losses = vec![];
+    let summary = train(
+        TrainJob {
+            model,
+            frozen: &[],
+            train: &rows,
+            val: &rows[..1],
+            config: &config(80),
+            out: &out,
+            base_model: "tiny_llama",
+            metadata: serde_json::json!({ "regression": spec }),
+            resume: false,
+            new_tokens: Some(init),
+        },
+        &CancelToken::new(),
+        &mut |e| {
+            if let TrainEvent::Step { loss, .. } = e {
+                losses.push(loss);
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    eprintln!(
+        "regression losses: {:?}",
+        losses.iter().step_by(10).collect::<Vec<_>>()
+    );
+    assert!(!summary.cancelled);
+    assert!(last < first / 5.0, "number-token loss {first} → {last}");
+
+    // The adapter on disk: LoRA pairs and number-token rows, and its spec.
+    let spec_back = RegressionSpec::load(&out)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no regression spec in {}", out.display()));
+    assert_eq!(spec_back, spec);
+    let plain = load_model::<B>(
+        &fixtures().join("tiny_llama"),
+        Some(QFormat::Q8_0),
+        &device(),
+        &mut |_| {},
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let adapter = Adapter::<B>::load_peft(&out, &plain.model.config, plain.model.device())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let new = adapter
+        .new_tokens
+        .as_ref()
+        .unwrap_or_else(|| panic!("no number tokens"));
+    assert_eq!(
+        new.head.dims(),
+        [number::NUM_TOKENS, plain.model.config.hidden_size]
+    );
+
+    let codes: Vec<String> = data.iter().map(|e| e.code.clone()).collect();
+    let settings = PredictSettings {
+        samples: 16,
+        temperature: 1.0,
+        seed: 1,
+    };
+    let preds = regress::predict(
+        &plain.model,
+        &adapter,
+        &spec,
+        &plain.tokenizer,
+        &codes,
+        settings,
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .unwrap_or_else(|| panic!("cancelled"));
+    let medians: Vec<f64> = preds.iter().map(|p| p[0].median).collect();
+    let truth: Vec<f64> = data.iter().map(|e| e.metrics["latency_ms"]).collect();
+    eprintln!("latency medians {medians:?} (truth {truth:?})");
+    for p in &preds {
+        assert_eq!(p.len(), 2);
+        for m in p {
+            assert_eq!(m.samples.len(), 16);
+            assert!(m.low <= m.median && m.median <= m.high);
+        }
+    }
+    assert!(stats::spearman(&medians, &truth) > 0.99, "{medians:?}");
+    assert!(stats::mae_log10(&medians, &truth) < 0.3, "{medians:?}");
+
+    // A regression adapter has no place in a merged model.
+    let merged = temp("merged");
+    let err = codelsi_engine::merge::merge(
+        &fixtures().join("tiny_llama"),
+        std::slice::from_ref(&out),
+        &merged,
+        codelsi_engine::merge::MergeFormat::HfF16,
+        &CancelToken::new(),
+        &mut |_, _| {},
+    );
+    assert!(err.is_err_and(|e| e.to_string().contains("regression adapter")));
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn data_files_and_held_out_split() {
+    let dir = temp("data");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let csv = dir.join("bench.csv");
+    std::fs::write(
+        &csv,
+        "code,group,latency_ms,peak_kb\n\"a(1)\",g1,1.5,100\n\"b(2), with a comma\",g2,,200\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ex = regress::read_examples(&csv).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ex.len(), 2);
+    assert_eq!(ex[1].code, "b(2), with a comma");
+    assert!(!ex[1].metrics.contains_key("latency_ms"));
+    assert_eq!(ex[1].metrics["peak_kb"], 200.0);
+    let bad = dir.join("bad.csv");
+    std::fs::write(&bad, "code,latency_ms\nx,fast\n").unwrap_or_else(|e| panic!("{e}"));
+    let e = regress::read_examples(&bad)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`fast` is not a number"), "{e}");
+    let jsonl = dir.join("m.jsonl");
+    std::fs::write(
+        &jsonl,
+        "{\"code\": \"x\", \"latency_ms\": 3, \"task_id\": \"T/1\"}\n{\"code\": 5}\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let e = regress::read_examples(&jsonl)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line 2") && e.contains("code"), "{e}");
+
+    // 40 examples in 10 groups: whole groups go to one side.
+    let many: Vec<Example> = (0..40)
+        .map(|i| Example {
+            code: format!("f({i})"),
+            metrics: [("m".into(), i as f64)].into(),
+            group: Some(format!("g{}", i % 10)),
+        })
+        .collect();
+    let (train, val) = regress::split_by_group(many, 0.2, 9);
+    assert_eq!((train.len(), val.len()), (32, 8));
+    for v in &val {
+        assert!(train.iter().all(|t| t.group != v.group));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn measures_solutions_on_scaled_inputs() {
+    let problems = load_suite("mbpp-ts").unwrap_or_else(|e| panic!("{e}"));
+    // MBTSP/514: the sum of a list, one pass over it.
+    let picked: Vec<_> = problems
+        .into_iter()
+        .filter(|p| p.task_id == "MBTSP/514")
+        .collect();
+    assert_eq!(picked.len(), 1);
+    let (workloads, skipped) = measure::workloads(&picked, None);
+    assert!(skipped.is_empty());
+    assert_eq!(workloads.len(), 1);
+    let mut broken = workloads[0].clone();
+    broken.source = "broken".into();
+    broken.solution = format!("{}\n  throw new Error('no');\n}}\n", picked[0].prompt);
+    let all = [workloads[0].clone(), broken];
+    let settings = MeasureSettings {
+        scales: vec![1, 10000],
+        min_ms: 5.0,
+        limits: Limits::default(),
+    };
+    let harness = Harness::new(settings.limits, 0, &mut |s| eprintln!("{s}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (examples, dropped) =
+        measure::measure(&all, &settings, &harness, &CancelToken::new(), &mut |_| {})
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("cancelled"));
+    assert_eq!(examples.len(), 2, "dropped: {dropped:?}");
+    assert_eq!(dropped.len(), 2);
+    assert!(
+        dropped
+            .iter()
+            .all(|d| d.source == "broken" && d.why.contains("no"))
+    );
+    for e in &examples {
+        assert!(e.code.contains("const SCALE = ") && e.code.contains("sum_elements("));
+        assert!(
+            e.metrics[LATENCY] > 0.0 && e.metrics[PEAK_MEMORY] > 1000.0,
+            "{e:?}"
+        );
+        assert_eq!(e.group.as_deref(), Some("MBTSP/514"));
+    }
+    // Ten thousand times the input: a linear scan takes longer by far (not a speed target:
+    // the ratio is thousands, timer noise is not).
+    let (small, big) = (examples[0].metrics[LATENCY], examples[1].metrics[LATENCY]);
+    assert!(
+        big > 10.0 * small,
+        "scale 1: {small} ms, scale 10000: {big} ms"
+    );
+}
