@@ -5,7 +5,7 @@
 
 use burn::backend::Autodiff;
 use codelsi_engine::adapter::Adapter;
-use codelsi_engine::eval::{Harness, Limits, load_suite};
+use codelsi_engine::eval::{Completion, Harness, Limits, load_suite};
 use codelsi_engine::generate::CancelToken;
 use codelsi_engine::model::{LoadedModel, load_model};
 use codelsi_engine::quant::QFormat;
@@ -264,6 +264,16 @@ fn measures_solutions_on_scaled_inputs() {
     let (workloads, skipped) = measure::workloads(&picked, None);
     assert!(skipped.is_empty());
     assert_eq!(workloads.len(), 1);
+    // Model samples come as completions of the prompt, one workload each.
+    let body = picked[0].canonical_solution.clone().unwrap_or_default();
+    let samples = [Completion {
+        task_id: "MBTSP/514".into(),
+        completion: body,
+    }];
+    let (from_samples, _) = measure::workloads(&picked, Some(&samples));
+    assert_eq!(from_samples.len(), 1);
+    assert_eq!(from_samples[0].source, "sample 0");
+    assert_eq!(from_samples[0].solution, workloads[0].solution);
     let mut broken = workloads[0].clone();
     broken.source = "broken".into();
     broken.solution = format!("{}\n  throw new Error('no');\n}}\n", picked[0].prompt);

@@ -156,8 +156,15 @@ pub fn regression_data(
     seed: u64,
     max_len: usize,
     tok: &Tokenizer,
-    vocab: usize,
+    model: &codelsi_engine::models::config::Config,
 ) -> Result<RegressionData> {
+    let vocab = model.vocab_size;
+    if max_len > model.max_position_embeddings {
+        bail!(
+            "--max-len {max_len} is past the model's context of {} tokens",
+            model.max_position_embeddings
+        );
+    }
     let examples = regress::read_examples(data)?;
     let available = regress::metric_names(&examples);
     let metrics: Vec<String> = if metrics.is_empty() {
@@ -227,7 +234,7 @@ pub struct PredictArgs {
     /// `--val-frac` and `--split-seed`, for these metrics (default: all).
     #[arg(long)]
     baselines_only: bool,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.2)]
     val_frac: f64,
     #[arg(long, default_value_t = 42)]
     split_seed: u64,
@@ -252,7 +259,7 @@ fn training_split(dir: &Path) -> Result<(PathBuf, f64, u64)> {
         .context("the adapter does not record its data; pass --data")?;
     Ok((
         data,
-        extra["val_frac"].as_f64().unwrap_or(0.1),
+        extra["val_frac"].as_f64().unwrap_or(0.2),
         extra["seed"].as_u64().unwrap_or(42),
     ))
 }
@@ -385,12 +392,16 @@ pub fn describe(p: &[Prediction]) -> String {
         .join(", ")
 }
 
-/// Four significant digits, as the number tokens carry.
+/// Four significant digits, as the number tokens carry: `12.35`, `0.001234`, `4.560e7`.
 pub fn short(v: f64) -> String {
-    if v == 0.0 {
-        return "0".into();
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
     }
-    let digits = (3 - v.abs().log10().floor() as i32).max(0) as usize;
+    let a = v.abs();
+    if !(1e-4..1e6).contains(&a) {
+        return format!("{v:.3e}");
+    }
+    let digits = (3 - a.log10().floor() as i32).max(0) as usize;
     format!("{v:.digits$}")
 }
 
@@ -486,4 +497,16 @@ pub fn predict_codes(
     )?
     .context("cancelled")?;
     Ok((spec, preds))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn short_keeps_four_significant_digits() {
+        assert_eq!(super::short(12.3456), "12.35");
+        assert_eq!(super::short(0.00123456), "0.001235");
+        assert_eq!(super::short(44424.0), "44424");
+        assert_eq!(super::short(2757814000.0), "2.758e9");
+        assert_eq!(super::short(0.0), "0");
+    }
 }

@@ -29,8 +29,10 @@ pub struct TrainArgs {
     /// Validation data (same format). Without it, `--val-frac` of the training records are held out.
     #[arg(long)]
     val: Option<PathBuf>,
-    #[arg(long, default_value_t = 0.05)]
-    val_frac: f64,
+    /// Share held out for validation: 0.05 of the records for instruction data, 0.2 of the
+    /// groups (problems) for regression.
+    #[arg(long)]
+    val_frac: Option<f64>,
     /// Output directory: a PEFT adapter (and `checkpoint/` while training).
     #[arg(long)]
     out: PathBuf,
@@ -151,7 +153,7 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         &DataSpec {
             data: &args.data,
             val: args.val.as_deref(),
-            val_frac: args.val_frac,
+            val_frac: args.val_frac.unwrap_or(0.05),
             seed: args.seed,
             template,
             max_len: args.max_len,
@@ -326,14 +328,15 @@ fn train_regression(
     if !args.base_adapters.is_empty() {
         anyhow::bail!("a regression adapter trains on the base model alone (no --base-adapter)");
     }
+    let val_frac = args.val_frac.unwrap_or(0.2);
     let data = crate::regress::regression_data(
         &args.data,
         &args.metrics,
-        args.val_frac,
+        val_frac,
         args.seed,
         args.max_len,
         &loaded.tokenizer,
-        loaded.model.config.vocab_size,
+        &loaded.model.config,
     )?;
     if args.format != Format::Json {
         eprintln!(
@@ -365,7 +368,7 @@ fn train_regression(
         metadata: serde_json::json!({
             "task": "regression",
             "data": args.data,
-            "val_frac": args.val_frac,
+            "val_frac": val_frac,
             "seed": args.seed,
             "max_len": args.max_len,
             "regression": data.spec,

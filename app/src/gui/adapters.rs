@@ -23,6 +23,10 @@ enum Msg {
 /// What an adapter folder says about itself.
 #[derive(Debug, Clone, Default)]
 pub struct AdapterInfo {
+    /// What it does: generation, or predicting which metrics.
+    pub kind: String,
+    /// A regression adapter (its number tokens cannot be merged into a model).
+    pub regression: bool,
     pub base_model: String,
     pub lora: String,
     pub data: String,
@@ -72,7 +76,17 @@ impl AdapterInfo {
                     .join(", ")
             })
             .unwrap_or_else(|| "not evaluated".into());
+        let metrics: Vec<String> = meta["extra"]["regression"]["metrics"]
+            .as_array()
+            .map(|m| m.iter().map(s).collect())
+            .unwrap_or_default();
         Self {
+            kind: if metrics.is_empty() {
+                "generation (LoRA)".into()
+            } else {
+                format!("regression: predicts {}", metrics.join(", "))
+            },
+            regression: !metrics.is_empty(),
             base_model: s(&cfg["base_model_name_or_path"]),
             lora: format!(
                 "rank {}, alpha {}, {targets} layer kinds",
@@ -100,11 +114,29 @@ pub struct AdaptersPanel {
     pub error: Option<String>,
     job: Option<Job<Msg>>,
     progress: Option<(String, f32)>,
+    /// What each listed folder says, read when the list changes and at most every
+    /// [`REREAD`] otherwise (a run or an evaluation may write to a folder meanwhile).
+    infos: Vec<(std::path::PathBuf, AdapterInfo)>,
+    read_at: Option<std::time::Instant>,
 }
+
+const REREAD: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl AdaptersPanel {
     pub fn busy(&self) -> bool {
         self.job.is_some()
+    }
+
+    fn refresh(&mut self, dirs: &[std::path::PathBuf]) {
+        let changed =
+            self.infos.len() != dirs.len() || self.infos.iter().zip(dirs).any(|(i, d)| i.0 != *d);
+        if changed || self.read_at.is_none_or(|t| t.elapsed() > REREAD) {
+            self.infos = dirs
+                .iter()
+                .map(|d| (d.clone(), AdapterInfo::read(d)))
+                .collect();
+            self.read_at = Some(std::time::Instant::now());
+        }
     }
 
     pub fn poll(&mut self) {
@@ -224,10 +256,11 @@ impl AdaptersPanel {
             return;
         }
         let names = super::adapter_names(&shared.settings.adapters);
+        self.refresh(&shared.settings.adapters);
         let mut remove = None;
         egui::ScrollArea::vertical().show(ui, |ui| {
             for (i, dir) in shared.settings.adapters.clone().iter().enumerate() {
-                let info = AdapterInfo::read(dir);
+                let info = self.infos[i].1.clone();
                 ui.group(|ui| {
                     ui.set_width(ui.available_width());
                     ui.horizontal(|ui| {
@@ -239,6 +272,7 @@ impl AdaptersPanel {
                     } else {
                         super::facts(ui, ("adapter", i), |row| {
                             for (k, v) in [
+                                ("Kind", &info.kind),
                                 ("Base model", &info.base_model),
                                 ("LoRA", &info.lora),
                                 ("Trained on", &info.data),
@@ -258,7 +292,10 @@ impl AdaptersPanel {
                             self.export_peft(dir, &to);
                         }
                         if ui
-                            .add_enabled(ok, egui::Button::new("Export merged model…"))
+                            .add_enabled(
+                                ok && !info.regression,
+                                egui::Button::new("Export merged model…"),
+                            )
                             .on_hover_text("The loaded model with this adapter folded in: name the file .gguf for GGUF, anything else for an HF folder")
                             .clicked()
                             && let Some(out) = rfd::FileDialog::new()

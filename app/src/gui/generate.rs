@@ -1,5 +1,6 @@
 //! The Generate panel: a prompt, an adapter (or none), streaming output with stop, the base
-//! model beside the adapter on the same prompt, copy to the clipboard.
+//! model beside the adapter on the same prompt, copy to the clipboard; with a regression
+//! adapter chosen, each output's predicted cost (median and 10–90 % range) beside it.
 
 use std::path::PathBuf;
 
@@ -7,6 +8,7 @@ use codelsi_engine::adapter::Adapter;
 use codelsi_engine::device::Wgpu;
 use codelsi_engine::generate::{GenerateOptions, generate_with};
 use codelsi_engine::models::llama::Adapters;
+use codelsi_engine::regress::{self, PredictSettings, RegressionSpec};
 use codelsi_engine::sampling::SamplingParams;
 use eframe::egui;
 
@@ -17,6 +19,8 @@ enum Msg {
     /// Text streamed into column 0 (base) or 1 (adapter).
     Text(usize, String),
     Done(usize, String),
+    /// The regression adapter's figures for a column's code.
+    Predicted(usize, String),
     Failed(String),
 }
 
@@ -29,6 +33,15 @@ pub struct GeneratePanel {
     /// Column 0: the base model (or the only output), 1: with the adapter.
     pub outputs: [String; 2],
     pub stats: [String; 2],
+    /// Index into `settings.adapters` of the regression adapter that predicts each output's
+    /// cost; `None`: no prediction.
+    pub regressor: Option<usize>,
+    /// Answers drawn per prediction.
+    pub regressor_samples: usize,
+    pub predicted: [String; 2],
+    /// Which of `settings.adapters` are regression adapters, read when the list changes (not
+    /// every frame).
+    kinds: Vec<(PathBuf, bool)>,
     job: Option<Job<Msg>>,
     error: Option<String>,
 }
@@ -41,6 +54,10 @@ impl Default for GeneratePanel {
             side_by_side: true,
             outputs: Default::default(),
             stats: Default::default(),
+            regressor: None,
+            regressor_samples: 64,
+            predicted: Default::default(),
+            kinds: Vec::new(),
             job: None,
             error: None,
         }
@@ -54,11 +71,28 @@ impl GeneratePanel {
 
     pub fn poll(&mut self) {
         let (outputs, stats, error) = (&mut self.outputs, &mut self.stats, &mut self.error);
+        let predicted = &mut self.predicted;
         drain(&mut self.job, |msg| match msg {
             Msg::Text(col, t) => outputs[col].push_str(&t),
             Msg::Done(col, s) => stats[col] = s,
+            Msg::Predicted(col, s) => predicted[col] = s,
             Msg::Failed(e) => *error = Some(e),
         });
+    }
+
+    /// Whether `settings.adapters[i]` is a regression adapter (refreshing the cache when the
+    /// list changed).
+    fn refresh_kinds(&mut self, dirs: &[PathBuf]) {
+        if self.kinds.len() != dirs.len() || self.kinds.iter().zip(dirs).any(|(k, d)| k.0 != *d) {
+            self.kinds = dirs
+                .iter()
+                .map(|d| (d.clone(), matches!(RegressionSpec::load(d), Ok(Some(_)))))
+                .collect();
+        }
+    }
+
+    fn is_regressor(&self, i: usize) -> bool {
+        self.kinds.get(i).is_some_and(|k| k.1)
     }
 
     /// Start generating from the prompt with the current choices.
@@ -78,7 +112,15 @@ impl GeneratePanel {
         };
         self.outputs = Default::default();
         self.stats = Default::default();
+        self.predicted = Default::default();
         self.error = None;
+        let regressor: Option<PathBuf> = self
+            .regressor
+            .and_then(|i| shared.settings.adapters.get(i).cloned());
+        let predict = PredictSettings {
+            samples: self.regressor_samples.max(1),
+            ..PredictSettings::default()
+        };
         let prompt = self.prompt.clone();
         let options = GenerateOptions {
             max_tokens: shared.settings.max_tokens.max(1),
@@ -97,6 +139,23 @@ impl GeneratePanel {
                         &model.model.config,
                         model.model.device(),
                     )?),
+                    None => None,
+                };
+                let regression = match &regressor {
+                    Some(dir) => {
+                        let spec = RegressionSpec::load(dir)?.ok_or_else(|| {
+                            codelsi_engine::Error::InvalidArgument(format!(
+                                "{} is not a regression adapter",
+                                dir.display()
+                            ))
+                        })?;
+                        let a = Adapter::<Wgpu>::load_peft(
+                            dir,
+                            &model.model.config,
+                            model.model.device(),
+                        )?;
+                        Some((spec, a))
+                    }
                     None => None,
                 };
                 for (col, with) in runs {
@@ -131,6 +190,38 @@ impl GeneratePanel {
                             out.stop_reason
                         ),
                     ));
+                    if let Some((spec, a)) = &regression
+                        && !cancel.is_cancelled()
+                    {
+                        tx.send(Msg::Predicted(col, "predicting the cost…".into()));
+                        let code = format!("{prompt}{}", out.text);
+                        let p = regress::predict(
+                            &model.model,
+                            a,
+                            spec,
+                            &model.tokenizer,
+                            &[code],
+                            predict,
+                            cancel,
+                            &mut |_| {},
+                        )?;
+                        if let Some(p) = p.and_then(|mut p| p.pop()) {
+                            let text = p
+                                .iter()
+                                .map(|m| {
+                                    format!(
+                                        "{} {} ({}–{})",
+                                        m.metric,
+                                        crate::regress::short(m.median),
+                                        crate::regress::short(m.low),
+                                        crate::regress::short(m.high)
+                                    )
+                                })
+                                .collect::<Vec<_>>()
+                                .join(" · ");
+                            tx.send(Msg::Predicted(col, format!("Predicted: {text}")));
+                        }
+                    }
                 }
                 Ok::<_, codelsi_engine::Error>(())
             })();
@@ -142,21 +233,19 @@ impl GeneratePanel {
 
     pub fn ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
         ui.heading("Generate");
+        self.refresh_kinds(&shared.settings.adapters);
+        let names = super::adapter_names(&shared.settings.adapters);
         ui.horizontal(|ui| {
             ui.label("Adapter:");
-            let names = super::adapter_names(&shared.settings.adapters);
-            let current = self
-                .adapter
-                .and_then(|i| names.get(i))
-                .map_or("none (base model)", |s| s.as_str());
-            egui::ComboBox::from_id_salt("adapter")
-                .selected_text(current)
-                .show_ui(ui, |ui| {
-                    ui.selectable_value(&mut self.adapter, None, "none (base model)");
-                    for (i, n) in names.iter().enumerate() {
-                        ui.selectable_value(&mut self.adapter, Some(i), n);
-                    }
-                });
+            let offered: Vec<bool> = (0..names.len()).map(|i| !self.is_regressor(i)).collect();
+            pick_adapter(
+                ui,
+                "adapter",
+                &mut self.adapter,
+                "none (base model)",
+                &names,
+                &offered,
+            );
             if ui.button("Add adapter folder…").clicked()
                 && let Some(dir) = rfd::FileDialog::new().pick_folder()
             {
@@ -179,6 +268,32 @@ impl GeneratePanel {
             )
             .on_hover_text("0 always picks the most likely token");
         });
+        if (0..names.len()).any(|i| self.is_regressor(i)) {
+            ui.horizontal(|ui| {
+                ui.label("Predict cost with:");
+                let offered: Vec<bool> = (0..names.len()).map(|i| self.is_regressor(i)).collect();
+                pick_adapter(
+                    ui,
+                    "regressor",
+                    &mut self.regressor,
+                    "no prediction",
+                    &names,
+                    &offered,
+                )
+                .on_hover_text(
+                    "A regression adapter (codelsi train --task regression) predicts each \
+                         output's cost from its code",
+                );
+                if self.regressor.is_some() {
+                    ui.label("Samples:");
+                    ui.add(egui::DragValue::new(&mut self.regressor_samples).range(1..=256))
+                        .on_hover_text(
+                            "Answers drawn per prediction: the median is shown, with the range \
+                             of the middle 80 %",
+                        );
+                }
+            });
+        }
         let mut layouter = |ui: &egui::Ui, buf: &dyn egui::TextBuffer, wrap: f32| {
             let mut job = highlight::layout(
                 buf.as_str(),
@@ -240,6 +355,9 @@ impl GeneratePanel {
                     }
                 });
                 ui.weak(&self.stats[c]);
+                if !self.predicted[c].is_empty() {
+                    ui.label(&self.predicted[c]);
+                }
                 // Code keeps its lines (a wrapping label drops their leading spaces).
                 egui::ScrollArea::both().id_salt(c).show(ui, |ui| {
                     let code = format!("{}{}", self.prompt, self.outputs[c]);
@@ -252,4 +370,29 @@ impl GeneratePanel {
             }
         });
     }
+}
+
+/// A combo box choosing one of `names` (those `offered`) or none.
+fn pick_adapter(
+    ui: &mut egui::Ui,
+    id: &str,
+    choice: &mut Option<usize>,
+    none: &str,
+    names: &[String],
+    offered: &[bool],
+) -> egui::Response {
+    let current = choice
+        .and_then(|i| names.get(i))
+        .map_or(none, |s| s.as_str());
+    egui::ComboBox::from_id_salt(id)
+        .selected_text(current)
+        .show_ui(ui, |ui| {
+            ui.selectable_value(choice, None, none);
+            for (i, n) in names.iter().enumerate() {
+                if offered.get(i).copied().unwrap_or(false) {
+                    ui.selectable_value(choice, Some(i), n);
+                }
+            }
+        })
+        .response
 }

@@ -369,6 +369,15 @@ mod tests {
             .build_ui_state(|ui, app: &mut App| app.ui(ui), App::new(settings))
     }
 
+    /// The model the app has loaded.
+    fn the_model(h: &Harness<'_, App>) -> std::sync::Arc<LoadedModel<Wgpu>> {
+        h.state()
+            .shared
+            .model
+            .clone()
+            .unwrap_or_else(|| panic!("no model"))
+    }
+
     /// Load the tiny model into the app.
     fn load_tiny(h: &mut Harness<'_, App>) {
         let ctx = h.ctx.clone();
@@ -412,12 +421,7 @@ mod tests {
         assert!(h.state().generate.busy(), "the click started nothing");
         step_until(&mut h, "generation", |a| !a.generate.busy());
         let want = {
-            let m = h
-                .state()
-                .shared
-                .model
-                .clone()
-                .unwrap_or_else(|| panic!("no model"));
+            let m = the_model(&h);
             let ids = m
                 .tokenizer
                 .encode("fn main() {", true)
@@ -454,6 +458,115 @@ mod tests {
             "{}",
             h.state().generate.stats[0]
         );
+    }
+
+    /// A regression adapter among the adapters: the Generate panel offers it as a cost
+    /// predictor (not as an adapter to generate with), and shows its figures under the output,
+    /// the same the engine predicts for that code.
+    #[test]
+    fn generate_shows_predicted_cost() {
+        use codelsi_engine::regress::{self, Example, PredictSettings, RegressionSpec};
+        use codelsi_engine::train::{TrainConfig, TrainJob, train};
+
+        let mut h = harness(Settings::default());
+        load_tiny(&mut h);
+        let m = the_model(&h);
+        // A few steps of a tiny regression adapter (what it predicts does not matter here).
+        let dir = temp_workspace("regressor").join("cost");
+        let spec = RegressionSpec::new(vec!["latency_ms".into()], 160, m.model.config.vocab_size);
+        let data: Vec<Example> = [("a()", 1.5), ("b(); b();", 300.0)]
+            .iter()
+            .map(|(c, v)| Example {
+                code: c.to_string(),
+                metrics: [("latency_ms".to_string(), *v)].into(),
+                group: None,
+            })
+            .collect();
+        let (rows, _) = spec
+            .rows(&data, &m.tokenizer)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let trainable = m.model.autodiff();
+        let mut config = TrainConfig {
+            max_steps: Some(3),
+            eval_every: 0,
+            checkpoint_every: 0,
+            ..TrainConfig::default()
+        };
+        config.lora.rank = 2;
+        train(
+            TrainJob {
+                model: &trainable,
+                frozen: &[],
+                train: &rows,
+                val: &[],
+                config: &config,
+                out: &dir,
+                base_model: "tiny_llama",
+                metadata: serde_json::json!({ "regression": spec }),
+                resume: false,
+                new_tokens: Some(
+                    regress::init_number_rows(&m.model, &m.tokenizer)
+                        .unwrap_or_else(|e| panic!("{e}")),
+                ),
+            },
+            &CancelToken::new(),
+            &mut |_| {},
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        h.state_mut().shared.settings.add_adapter(&dir);
+
+        h.get_by_label("Generate").click();
+        h.run_steps(2);
+        h.get_by_label("Predict cost with:");
+        {
+            let app = h.state_mut();
+            app.generate.prompt = "fn main() {".into();
+            app.shared.settings.max_tokens = 6;
+            app.generate.regressor = Some(0);
+            app.generate.regressor_samples = 5;
+        }
+        h.run_steps(2);
+        h.get_by_label("Generate code").click();
+        h.step();
+        step_until(&mut h, "generation and prediction", |a| !a.generate.busy());
+        let shown = h.state().generate.predicted[0].clone();
+        let code = format!("fn main() {{{}", h.state().generate.outputs[0]);
+        let adapter = codelsi_engine::adapter::Adapter::<codelsi_engine::device::Wgpu>::load_peft(
+            &dir,
+            &m.model.config,
+            m.model.device(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let want = regress::predict(
+            &m.model,
+            &adapter,
+            &spec,
+            &m.tokenizer,
+            &[code],
+            PredictSettings {
+                samples: 5,
+                ..PredictSettings::default()
+            },
+            &CancelToken::new(),
+            &mut |_| {},
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("cancelled"));
+        let p = &want[0][0];
+        assert_eq!(
+            shown,
+            format!(
+                "Predicted: latency_ms {} ({}–{})",
+                crate::regress::short(p.median),
+                crate::regress::short(p.low),
+                crate::regress::short(p.high)
+            )
+        );
+        h.get_by_label(&shown);
+        // The speed differs from run to run; the snapshot shows a fixed one.
+        h.state_mut().generate.stats[0] = "6 tokens, 10.0 tok/s, stop: MaxTokens".into();
+        h.run_steps(2);
+        h.snapshot_options("generate_predicted", &drifting());
     }
 
     /// For images of a trained adapter: a run resumed at another step ends a few 1e-5 away

@@ -244,6 +244,8 @@ pub struct TrainPanel {
     pub live: Live,
     job: Option<Job<Msg>>,
     estimating: bool,
+    /// `resumable(out)` for the output folder, looked at once a second rather than every frame.
+    resume_check: Option<(PathBuf, std::time::Instant, (bool, bool))>,
 }
 
 impl Default for TrainPanel {
@@ -259,6 +261,7 @@ impl Default for TrainPanel {
             live: Live::default(),
             job: None,
             estimating: false,
+            resume_check: None,
         }
     }
 }
@@ -338,6 +341,8 @@ impl TrainPanel {
         });
         if ended {
             self.estimating = false;
+            // The run wrote a checkpoint or an adapter: look again.
+            self.resume_check = None;
         }
     }
 
@@ -440,7 +445,14 @@ impl TrainPanel {
         ui.add_space(4.0);
         self.estimate_line(ui, shared);
         let out = self.out_dir(shared);
-        let (can_resume, has_adapter) = resumable(&out);
+        let (can_resume, has_adapter) = match &self.resume_check {
+            Some((dir, at, r)) if *dir == out && at.elapsed().as_secs_f64() < 1.0 => *r,
+            _ => {
+                let r = resumable(&out);
+                self.resume_check = Some((out.clone(), std::time::Instant::now(), r));
+                r
+            }
+        };
         ui.horizontal(|ui| {
             let ready = idle && shared.model.is_some() && shared.settings.train_data.is_some();
             let start = if can_resume {

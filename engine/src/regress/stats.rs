@@ -146,8 +146,11 @@ impl LengthBaseline {
     }
 }
 
-/// Features of the bag-of-tokens baseline: token ids hashed into this many buckets.
+/// Features of the bag-of-tokens baseline: token ids hashed into this many buckets, and one
+/// constant feature after them (the features are not centred, so the fit needs its own
+/// intercept beside the mean it starts from).
 const BUCKETS: usize = 1024;
+const FEATURES: usize = BUCKETS + 1;
 
 /// Ridge regression of log10 y on a bag of tokens (`log(1 + count)` per hashed token id), the
 /// strength chosen on a fifth of the training examples held out.
@@ -164,10 +167,12 @@ fn features(tokens: &[u32]) -> Vec<(usize, f64)> {
         let h = (t as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54; // top 10 bits: 1024
         *counts.entry(h as usize % BUCKETS).or_default() += 1.0;
     }
-    counts
+    let mut f: Vec<(usize, f64)> = counts
         .into_iter()
         .map(|(k, c)| (k, (1.0 + c).ln()))
-        .collect()
+        .collect();
+    f.push((BUCKETS, 1.0));
+    f
 }
 
 /// Solve `(XᵀX + λI) w = Xᵀy` (Cholesky; the matrix is positive definite for λ > 0).
@@ -204,13 +209,13 @@ impl RidgeBaseline {
     fn fit_with(docs: &[Vec<(usize, f64)>], ly: &[f64], lambda: f64) -> Self {
         let n = docs.len().max(1) as f64;
         let bias = ly.iter().sum::<f64>() / n;
-        let mut xtx = vec![0.0; BUCKETS * BUCKETS];
-        let mut xty = vec![0.0; BUCKETS];
+        let mut xtx = vec![0.0; FEATURES * FEATURES];
+        let mut xty = vec![0.0; FEATURES];
         for (d, y) in docs.iter().zip(ly) {
             for &(i, a) in d {
                 xty[i] += a * (y - bias);
                 for &(j, b) in d {
-                    xtx[i * BUCKETS + j] += a * b;
+                    xtx[i * FEATURES + j] += a * b;
                 }
             }
         }
