@@ -1,7 +1,7 @@
 //! codelsi benchmarks (not tests: timings never decide pass/fail).
 //!
-//! `cargo run --release -p codelsi-benches -- [kernels|model|train|all] [--model M] [--batches 1,8,32] [--seq N]
-//! [--steps N] [--grad-checkpoint] [--activations auto|f16|f32]`, and
+//! `cargo run --release -p codelsi-benches -- [kernels|model|train|predict|all] [--model M] [--batches 1,8,32] [--seq N]
+//! [--steps N] [--grad-checkpoint] [--activations auto|f16|f32] [--samples 16,64]`, and
 //! `... -- import [--src DIR]... [--threads N] [--max-file-kb K]`
 //!
 //! - kernels: device copy bandwidth (the roofline for a memory-bound mat-vec), then GB/s of the
@@ -10,6 +10,10 @@
 //!   prefill and decode at the batch sizes of `--batches` (default 1,8,32).
 //! - train: LoRA training tokens/s and peak device memory at seq 512, r = 16, alpha = 32, all
 //!   seven projections (the setting of the CodeLSI paper), one 512-token row per step.
+//! - predict: a regression adapter's prediction of one ~200-token program (`regress::predict`:
+//!   the prompt once, then N answers of two numbers as one batch), seconds per prediction at
+//!   each `--samples` (default 16,64). The adapter is untrained: the cost does not depend on
+//!   its values.
 //! - import: repository import throughput (MB/s of source parsed, pairs/s) on real TypeScript
 //!   code from the npm registry (rxjs 7.8.1's `src/`, typescript 5.6.3's `lib/`), fetched with
 //!   `npm pack` into the cache on first use; `--src` names other folders. No GPU needed.
@@ -383,6 +387,60 @@ fn import_bench(args: &[String], model: &str) -> Result<()> {
     Ok(())
 }
 
+fn predict_bench(
+    device: &burn::backend::wgpu::WgpuDevice,
+    spec: &str,
+    samples: &[usize],
+) -> Result<()> {
+    use codelsi_engine::adapter::{Adapter, LoraConfig, NewTokens};
+    use codelsi_engine::regress::{self, PredictSettings, RegressionSpec};
+    let path = resolve_model(spec, &mut |_| {})?;
+    let loaded = load_model::<B>(&path, None, device, &mut |_| {})?;
+    let m = &loaded.model;
+    let h = m.config.hidden_size;
+    let mut adapter = Adapter::<B>::init(LoraConfig::default(), &m.config, 1, device)?;
+    let (embed, head) = regress::init_number_rows(m, &loaded.tokenizer)?;
+    let rows = embed.len() / h;
+    adapter.new_tokens = Some(NewTokens {
+        embed: Tensor::from_data(burn::tensor::TensorData::new(embed, [rows, h]), device),
+        head: Tensor::from_data(burn::tensor::TensorData::new(head, [rows, h]), device),
+    });
+    let rspec = RegressionSpec::new(
+        vec!["latency_ms".into(), "peak_kb".into()],
+        500,
+        m.config.vocab_size,
+    );
+    let code = "const sum_elements = function (test_tup: Array<number>) : number  {\n  var result = 0;\n  for (var i = 0; i < test_tup.length; i++) {\n    result += test_tup[i];\n  }\n  return result;\n}\n\n// Workload: the inputs below, arrays and strings repeated and integers multiplied by SCALE.\nconst SCALE = 100;\nsum_elements([7, 8, 9, 1, 10, 7]);\nsum_elements([1, 2, 3, 4, 5, 6]);\nsum_elements([11, 12, 13, 45, 14]);\n".to_string();
+    let prompt_len = rspec.prompt_tokens(&loaded.tokenizer, &code)?.len();
+    let cancel = codelsi_engine::generate::CancelToken::new();
+    let run = |n: usize| -> Result<f64> {
+        let t = Instant::now();
+        regress::predict(
+            m,
+            &adapter,
+            &rspec,
+            &loaded.tokenizer,
+            std::slice::from_ref(&code),
+            PredictSettings {
+                samples: n,
+                ..PredictSettings::default()
+            },
+            &cancel,
+            &mut |_| {},
+        )?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    run(2)?; // compile the shaders
+    for &n in samples {
+        let secs = run(n)?;
+        println!(
+            "predict: prompt {prompt_len} tokens, {n} samples × 12 number tokens: {secs:.2} s per prediction ({:.1} number tokens/s)",
+            (n * 12) as f64 / secs
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.first().map(String::as_str).unwrap_or("all");
@@ -428,6 +486,17 @@ fn main() -> Result<()> {
             })?;
         let (seq, steps) = (number("--seq", 512), number("--steps", 3));
         train_bench(&device, spec, seq, steps, ckpt, act)?;
+    }
+    if matches!(what, "predict" | "all") {
+        let samples = args
+            .iter()
+            .position(|a| a == "--samples")
+            .and_then(|i| args.get(i + 1))
+            .map_or("16,64", |s| s)
+            .split(',')
+            .map(|b| b.trim().parse::<usize>())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        predict_bench(&device, spec, &samples)?;
     }
     Ok(())
 }

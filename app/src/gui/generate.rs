@@ -159,8 +159,11 @@ impl GeneratePanel {
                     None => None,
                 };
                 for (col, with) in runs {
+                    // Stopped before this column began (Stop can land while the prompt is
+                    // tokenised or the adapter loads): say so, as a stopped generation does.
                     if cancel.is_cancelled() {
-                        break;
+                        tx.send(Msg::Done(col, "0 tokens, stop: Cancelled".into()));
+                        continue;
                     }
                     let list: Vec<&Adapter<Wgpu>> = if with {
                         adapter.iter().collect()
