@@ -725,11 +725,10 @@ mod tests {
             assert_eq!(t.error, None);
             assert_eq!(t.live.step, total);
             assert_eq!(t.finished.as_ref(), Some(&out));
-            // The plot has every step since the resume, and validation points.
-            assert_eq!(
-                t.live.losses.first().map(|p| p[0] as usize),
-                Some(stopped_at + 1)
-            );
+            // The plot has every step of the run, those before the resume included, and
+            // validation points.
+            assert_eq!(t.live.losses.first().map(|p| p[0] as usize), Some(1));
+            assert_eq!(t.live.losses.len(), total);
             assert!(!t.live.val_losses.is_empty());
             let first = t.live.losses.first().map_or(0.0, |p| p[1]);
             let last = t.live.losses.last().map_or(f64::MAX, |p| p[1]);

@@ -313,6 +313,10 @@ impl TrainPanel {
             }
             Msg::Event(e) => live.apply(e),
             Msg::Finished(s, out) => {
+                // The whole run's curve, steps before a resume included (the live events
+                // only saw this session's steps).
+                live.losses = s.losses.iter().map(|&(st, l)| [st as f64, l]).collect();
+                live.val_losses = s.val_losses.iter().map(|&(st, l)| [st as f64, l]).collect();
                 *status = Some(if s.cancelled {
                     format!(
                         "Stopped at step {}/{}. A checkpoint is saved: Resume continues from it.",
