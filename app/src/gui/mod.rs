@@ -743,10 +743,14 @@ mod tests {
             t.live.eta_seconds = 0.0;
             t.live.peak_bytes = Some(50_000_000);
             t.status = Some("Done (pinned for the snapshot).".into());
-            // Where the cancel lands varies, and the resumed run's losses with it in the 4th
-            // decimal; the image shows them rounded.
-            for p in t.live.losses.iter_mut().chain(&mut t.live.val_losses) {
-                p[1] = (p[1] * 100.0).round() / 100.0;
+            // Where the cancel lands varies, and the resumed run's losses with it by more than
+            // a pixel's worth in places (seen in CI). The curve's values are asserted above;
+            // the image, which checks the layout, shows a fixed curve on the same steps.
+            for p in &mut t.live.losses {
+                p[1] = 4.4 + 3.0 / (1.0 + p[0] / 8.0) + 0.1 * (p[0] * 1.7).sin();
+            }
+            for p in &mut t.live.val_losses {
+                p[1] = 4.5 + 3.0 / (1.0 + p[0] / 8.0);
             }
             if let Some(e) = &mut t.estimate {
                 e.tokens_per_second = 1000.0;
