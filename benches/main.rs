@@ -393,32 +393,36 @@ fn predict_bench(
     samples: &[usize],
 ) -> Result<()> {
     use codelsi_engine::adapter::{Adapter, LoraConfig, NewTokens};
-    use codelsi_engine::regress::{self, PredictSettings, RegressionSpec};
+    use codelsi_engine::regress::{self, PredictSettings, RegressionSpec, Regressor};
     let path = resolve_model(spec, &mut |_| {})?;
     let loaded = load_model::<B>(&path, None, device, &mut |_| {})?;
     let m = &loaded.model;
-    let h = m.config.hidden_size;
     let mut adapter = Adapter::<B>::init(LoraConfig::default(), &m.config, 1, device)?;
     let (embed, head) = regress::init_number_rows(m, &loaded.tokenizer)?;
-    let rows = embed.len() / h;
-    adapter.new_tokens = Some(NewTokens {
-        embed: Tensor::from_data(burn::tensor::TensorData::new(embed, [rows, h]), device),
-        head: Tensor::from_data(burn::tensor::TensorData::new(head, [rows, h]), device),
-    });
-    let rspec = RegressionSpec::new(
-        vec!["latency_ms".into(), "peak_kb".into()],
-        500,
-        m.config.vocab_size,
-    );
+    adapter.new_tokens = Some(NewTokens::from_host(
+        embed,
+        head,
+        m.config.hidden_size,
+        device,
+    )?);
+    let regressor = Regressor {
+        spec: RegressionSpec::new(
+            vec!["latency_ms".into(), "peak_kb".into()],
+            500,
+            m.config.vocab_size,
+        ),
+        adapter,
+    };
     let code = "const sum_elements = function (test_tup: Array<number>) : number  {\n  var result = 0;\n  for (var i = 0; i < test_tup.length; i++) {\n    result += test_tup[i];\n  }\n  return result;\n}\n\n// Workload: the inputs below, arrays and strings repeated and integers multiplied by SCALE.\nconst SCALE = 100;\nsum_elements([7, 8, 9, 1, 10, 7]);\nsum_elements([1, 2, 3, 4, 5, 6]);\nsum_elements([11, 12, 13, 45, 14]);\n".to_string();
-    let prompt_len = rspec.prompt_tokens(&loaded.tokenizer, &code)?.len();
+    let prompt_len = regressor
+        .spec
+        .prompt_tokens(&loaded.tokenizer, &code)?
+        .len();
     let cancel = codelsi_engine::generate::CancelToken::new();
     let run = |n: usize| -> Result<f64> {
         let t = Instant::now();
-        regress::predict(
+        regressor.predict(
             m,
-            &adapter,
-            &rspec,
             &loaded.tokenizer,
             std::slice::from_ref(&code),
             PredictSettings {
@@ -441,6 +445,18 @@ fn predict_bench(
     Ok(())
 }
 
+/// The comma-separated numbers after `flag` (`--batches 1,8,32`), or `default`'s.
+fn list_arg(args: &[String], flag: &str, default: &str) -> Result<Vec<usize>> {
+    Ok(args
+        .iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |s| s)
+        .split(',')
+        .map(|b| b.trim().parse::<usize>())
+        .collect::<std::result::Result<Vec<_>, _>>()?)
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.first().map(String::as_str).unwrap_or("all");
@@ -458,15 +474,7 @@ fn main() -> Result<()> {
         kernels(&device);
     }
     if matches!(what, "model" | "all") {
-        let batches = args
-            .iter()
-            .position(|a| a == "--batches")
-            .and_then(|i| args.get(i + 1))
-            .map_or("1,8,32", |s| s)
-            .split(',')
-            .map(|b| b.trim().parse::<usize>())
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        model(&device, spec, &batches)?;
+        model(&device, spec, &list_arg(&args, "--batches", "1,8,32")?)?;
     }
     if matches!(what, "train" | "all") {
         let number = |flag: &str, default: usize| {
@@ -488,15 +496,7 @@ fn main() -> Result<()> {
         train_bench(&device, spec, seq, steps, ckpt, act)?;
     }
     if matches!(what, "predict" | "all") {
-        let samples = args
-            .iter()
-            .position(|a| a == "--samples")
-            .and_then(|i| args.get(i + 1))
-            .map_or("16,64", |s| s)
-            .split(',')
-            .map(|b| b.trim().parse::<usize>())
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        predict_bench(&device, spec, &samples)?;
+        predict_bench(&device, spec, &list_arg(&args, "--samples", "16,64")?)?;
     }
     Ok(())
 }

@@ -114,3 +114,18 @@ pub fn randomized(
         burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, [r, c]), &t.device())
     })
 }
+
+/// The tiny random Llama (`fixtures/tiny_llama`), its weights quantised to Q8_0 at load so the
+/// WGSL kernels run, on any backend of the wgpu device (`Autodiff<B>` to train it).
+pub fn tiny_q8<Bk>() -> codelsi_engine::model::LoadedModel<Bk>
+where
+    Bk: codelsi_engine::kernels::KernelBackend<Device = burn::backend::wgpu::WgpuDevice>,
+{
+    codelsi_engine::model::load_model::<Bk>(
+        &fixtures().join("tiny_llama"),
+        Some(codelsi_engine::quant::QFormat::Q8_0),
+        &device(),
+        &mut |_| {},
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}

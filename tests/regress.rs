@@ -4,27 +4,16 @@
 //! `measure` runs MBTSP solutions on scaled inputs.
 
 use burn::backend::Autodiff;
-use codelsi_engine::adapter::Adapter;
 use codelsi_engine::eval::{Completion, Harness, Limits, load_suite};
 use codelsi_engine::generate::CancelToken;
-use codelsi_engine::model::{LoadedModel, load_model};
-use codelsi_engine::quant::QFormat;
 use codelsi_engine::regress::measure::{self, LATENCY, MeasureSettings, PEAK_MEMORY};
-use codelsi_engine::regress::{self, Example, PredictSettings, RegressionSpec, number, stats};
+use codelsi_engine::regress::{
+    self, Example, PredictSettings, RegressionSpec, Regressor, number, stats,
+};
 use codelsi_engine::train::{Activations, Decay, TrainConfig, TrainEvent, TrainJob, train};
-use codelsi_tests::{B, device, fixtures};
+use codelsi_tests::{B, fixtures, tiny_q8};
 
 type AD = Autodiff<B>;
-
-fn tiny() -> LoadedModel<AD> {
-    load_model::<AD>(
-        &fixtures().join("tiny_llama"),
-        Some(QFormat::Q8_0),
-        &device(),
-        &mut |_| {},
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn temp(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("codelsi-regress-{name}-{}", std::process::id()));
@@ -77,7 +66,7 @@ fn examples() -> Vec<Example> {
 
 #[test]
 fn learns_and_predicts_numbers() {
-    let loaded = tiny();
+    let loaded = tiny_q8::<AD>();
     let model = &loaded.model;
     let spec = RegressionSpec::new(
         vec!["latency_ms".into(), "peak_kb".into()],
@@ -135,20 +124,11 @@ fn learns_and_predicts_numbers() {
     assert!(last < first / 5.0, "number-token loss {first} → {last}");
 
     // The adapter on disk: LoRA pairs and number-token rows, and its spec.
-    let spec_back = RegressionSpec::load(&out)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|| panic!("no regression spec in {}", out.display()));
-    assert_eq!(spec_back, spec);
-    let plain = load_model::<B>(
-        &fixtures().join("tiny_llama"),
-        Some(QFormat::Q8_0),
-        &device(),
-        &mut |_| {},
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let adapter = Adapter::<B>::load_peft(&out, &plain.model.config, plain.model.device())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let new = adapter
+    let plain = tiny_q8::<B>();
+    let regressor = Regressor::<B>::load(&out, &plain.model).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(regressor.spec, spec);
+    let new = regressor
+        .adapter
         .new_tokens
         .as_ref()
         .unwrap_or_else(|| panic!("no number tokens"));
@@ -163,18 +143,17 @@ fn learns_and_predicts_numbers() {
         temperature: 1.0,
         seed: 1,
     };
-    let preds = regress::predict(
-        &plain.model,
-        &adapter,
-        &spec,
-        &plain.tokenizer,
-        &codes,
-        settings,
-        &CancelToken::new(),
-        &mut |_| {},
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
-    .unwrap_or_else(|| panic!("cancelled"));
+    let preds = regressor
+        .predict(
+            &plain.model,
+            &plain.tokenizer,
+            &codes,
+            settings,
+            &CancelToken::new(),
+            &mut |_| {},
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("cancelled"));
     let medians: Vec<f64> = preds.iter().map(|p| p[0].median).collect();
     let truth: Vec<f64> = data.iter().map(|e| e.metrics["latency_ms"]).collect();
     eprintln!("latency medians {medians:?} (truth {truth:?})");

@@ -9,7 +9,7 @@ use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
 use codelsi_engine::generate::CancelToken;
 use codelsi_engine::io::{HostData, HostTensor, WeightSource};
 use codelsi_engine::kernels::KernelBackend;
-use codelsi_engine::model::{LoadedModel, load_model};
+use codelsi_engine::model::LoadedModel;
 use codelsi_engine::models::config::Config;
 use codelsi_engine::models::llama::{Adapters, Llama, Packed};
 use codelsi_engine::quant::QFormat;
@@ -17,7 +17,7 @@ use codelsi_engine::train::data::{self, PromptTemplate, Record, Row};
 use codelsi_engine::train::{
     Activations, Decay, TrainConfig, TrainEvent, TrainJob, TrainSummary, row_nll, train,
 };
-use codelsi_tests::{B, assert_close, device, fixtures, random_values, randomized, to_vec};
+use codelsi_tests::{B, assert_close, device, random_values, randomized, tiny_q8, to_vec};
 
 type AD = Autodiff<B>;
 
@@ -26,17 +26,6 @@ type AD = Autodiff<B>;
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn tiny() -> LoadedModel<AD> {
-    let dev = device();
-    load_model::<AD>(
-        &fixtures().join("tiny_llama"),
-        Some(QFormat::Q8_0),
-        &dev,
-        &mut |_| {},
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// In-memory weights with the scales of a trained model where it matters here: the tiny
@@ -169,7 +158,7 @@ fn loss_and_grads(model: &Llama<AD>, adapter: &Adapter<B>, row: &Row) -> (f32, V
 #[test]
 fn model_gradient_matches_reference_path() {
     let dev = device();
-    let loaded = tiny();
+    let loaded = tiny_q8::<AD>();
     let dense = loaded.model.to_dense();
     let row = &rows(&loaded, 256, true)[0];
     let config = LoraConfig {
@@ -267,7 +256,7 @@ fn temp(name: &str) -> std::path::PathBuf {
 #[test]
 fn overfits_a_handful_of_examples() {
     let _serial = serial();
-    let loaded = tiny();
+    let loaded = tiny_q8::<AD>();
     let model = confident_tiny();
     // One example per row: four rows, two per step.
     let rows = rows(&loaded, 256, false);
@@ -302,7 +291,7 @@ fn overfits_a_handful_of_examples() {
 
 #[test]
 fn resume_continues_the_same_loss_curve() {
-    let loaded = tiny();
+    let loaded = tiny_q8::<AD>();
     let rows = rows(&loaded, 256, false);
     // Dropout on, so the per-step RNG has to line up too.
     let _serial = serial();
@@ -346,7 +335,7 @@ fn resume_continues_the_same_loss_curve() {
 /// the run (losses and the trained adapter) is the one without checkpointing.
 #[test]
 fn gradient_checkpointing_gives_the_same_run() {
-    let loaded = tiny();
+    let loaded = tiny_q8::<AD>();
     let rows = rows(&loaded, 256, true);
     let _serial = serial();
     let plain = config(3, 5e-3, 0.1);
@@ -384,7 +373,7 @@ fn f16_activations_track_f32() {
         <AD as KernelBackend>::supports_f16(&dev),
         "this test expects an adapter with shader-f16 (lavapipe has it)"
     );
-    let loaded = tiny();
+    let loaded = tiny_q8::<AD>();
     let rows = rows(&loaded, 256, true);
     let _serial = serial();
     let f32_run = config(3, 5e-3, 0.0);
@@ -498,13 +487,7 @@ fn data_masks_responses_and_packs_examples_apart() {
 #[test]
 fn stacked_adapters_match_reference_path() {
     let dev = device();
-    let loaded = load_model::<B>(
-        &fixtures().join("tiny_llama"),
-        Some(QFormat::Q8_0),
-        &dev,
-        &mut |_| {},
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let loaded = tiny_q8::<B>();
     let dense = loaded.model.to_dense();
     let random_adapter = |targets: &str, seed: u64| {
         let config = LoraConfig {
@@ -559,14 +542,8 @@ fn stacked_adapters_match_reference_path() {
 #[test]
 fn autodiff_view_trains_like_a_training_load() {
     let _guard = serial();
-    let loaded = tiny();
-    let plain = load_model::<B>(
-        &fixtures().join("tiny_llama"),
-        Some(QFormat::Q8_0),
-        &device(),
-        &mut |_| {},
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let loaded = tiny_q8::<AD>();
+    let plain = tiny_q8::<B>();
     let view = plain.model.autodiff();
     let lora = LoraConfig {
         rank: 4,

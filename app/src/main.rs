@@ -11,7 +11,7 @@ mod train;
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use codelsi_engine::adapter::Adapter;
 use codelsi_engine::device::{GpuInfo, Wgpu, init_wgpu};
@@ -24,6 +24,7 @@ use codelsi_engine::kernels::KernelBackend;
 use codelsi_engine::model::{LoadEvent, LoadedModel, load_model, resolve_model};
 use codelsi_engine::models::llama::Adapters;
 use codelsi_engine::quant::QFormat;
+use codelsi_engine::regress::{PredictSettings, Regressor};
 use codelsi_engine::sampling::SamplingParams;
 
 #[derive(Parser)]
@@ -329,6 +330,21 @@ fn generate_candidates(
     if args.samples > 1 && options.sampling.temperature == 0.0 && !json {
         eprintln!("note: at temperature 0 every candidate is the same; pass --temperature 0.8");
     }
+    // The ranking's regressor and metric, checked before any candidate is generated.
+    let ranking = match (&args.rank_by, &args.regressor) {
+        (Some(metric), Some(dir)) => {
+            let r = Regressor::<Wgpu>::load(dir, &loaded.model)?;
+            let Some(m) = r.spec.metrics.iter().position(|x| x == metric) else {
+                bail!(
+                    "{} predicts {}, not `{metric}`",
+                    dir.display(),
+                    r.spec.metrics.join(", ")
+                );
+            };
+            Some((r, m))
+        }
+        _ => None,
+    };
     let requests: Vec<BatchRequest> = (0..args.samples)
         .map(|i| {
             let mut o = options.clone();
@@ -354,20 +370,25 @@ fn generate_candidates(
     let mut order: Vec<usize> = (0..outs.len()).collect();
     let mut predicted: Vec<Option<Vec<codelsi_engine::regress::Prediction>>> =
         vec![None; outs.len()];
-    if let (Some(metric), Some(dir)) = (&args.rank_by, &args.regressor) {
+    if let Some((regressor, m)) = &ranking {
+        let m = *m;
         let codes: Vec<String> = outs
             .iter()
             .map(|o| format!("{prompt_text}{}", o.text))
             .collect();
-        let (spec, preds) =
-            regress::predict_codes(loaded, dir, &codes, args.regressor_samples, &cancel)?;
-        let Some(m) = spec.metrics.iter().position(|x| x == metric) else {
-            bail!(
-                "{} predicts {}, not `{metric}`",
-                dir.display(),
-                spec.metrics.join(", ")
-            );
-        };
+        let preds = regressor
+            .predict(
+                &loaded.model,
+                &loaded.tokenizer,
+                &codes,
+                PredictSettings {
+                    samples: args.regressor_samples,
+                    ..PredictSettings::default()
+                },
+                &cancel,
+                &mut |_| {},
+            )?
+            .context("cancelled")?;
         order.sort_by(|&a, &b| preds[a][m].median.total_cmp(&preds[b][m].median));
         predicted = preds.into_iter().map(Some).collect();
     }
@@ -389,7 +410,7 @@ fn generate_candidates(
     for (rank, &i) in order.iter().enumerate() {
         let figures = predicted[i]
             .as_ref()
-            .map(|p| format!(" — predicted {}", regress::describe(p)))
+            .map(|p| format!(" — predicted {}", regress::describe(p, ", ")))
             .unwrap_or_default();
         println!(
             "=== #{} (candidate {i}){figures}\n{}",

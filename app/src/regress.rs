@@ -7,14 +7,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use codelsi_engine::adapter::Adapter;
 use codelsi_engine::device::Wgpu;
 use codelsi_engine::eval::{self, Harness};
-use codelsi_engine::generate::CancelToken;
 use codelsi_engine::io::tokenizer::Tokenizer;
 use codelsi_engine::regress::measure::{self, MeasureEvent, MeasureSettings};
 use codelsi_engine::regress::{
-    self, Example, HeldOutReport, PredictSettings, Prediction, RegressionSpec, stats,
+    self, Example, HeldOutReport, PredictSettings, Prediction, RegressionSpec, Regressor, stats,
 };
 
 use crate::{Format, load};
@@ -272,21 +270,12 @@ pub fn cmd_predict(args: PredictArgs) -> Result<()> {
     let Some(dir) = &args.adapter else {
         bail!("--adapter is needed (a regression adapter); --baselines-only needs none");
     };
-    let spec = RegressionSpec::load(dir)?.with_context(|| {
-        format!(
-            "{} is not a regression adapter (no `regression` in codelsi_adapter.json)",
-            dir.display()
-        )
-    })?;
     let (loaded, gpu) = load(&args.model, None, json)?;
-    let adapter = Adapter::<Wgpu>::load_peft(dir, &loaded.model.config, loaded.model.device())?;
-    let settings = PredictSettings {
-        samples: args.samples,
-        temperature: args.temperature,
-        seed: args.seed,
-    };
-    let cancel = crate::ctrl_c_token();
-    if args.evaluate {
+    let regressor = Regressor::<Wgpu>::load(dir, &loaded.model)?;
+    let spec = &regressor.spec;
+    // What to predict for: the held-out split (with the training side, for the baselines),
+    // or the files named.
+    let (codes, held_out) = if args.evaluate {
         let (data, val_frac, seed) = match &args.data {
             Some(d) => (d.clone(), args.val_frac, args.split_seed),
             None => training_split(dir)?,
@@ -300,29 +289,50 @@ pub fn cmd_predict(args: PredictArgs) -> Result<()> {
         if val.is_empty() {
             bail!("the held-out split has no example with every metric");
         }
-        let bar = crate::progress_bar(
-            json,
-            "{bar:30} {pos}/{len} held-out programs  [{elapsed_precise} < {eta_precise}]",
-        );
-        bar.set_length(val.len() as u64);
         let codes: Vec<String> = val.iter().map(|e| e.code.clone()).collect();
-        let start = Instant::now();
-        let Some(preds) = regress::predict(
+        (codes, Some((train, val)))
+    } else {
+        if args.files.is_empty() {
+            bail!("name code files to predict for (or - for standard input), or pass --evaluate");
+        }
+        let mut codes = Vec::new();
+        for f in &args.files {
+            codes.push(if f.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::stdin().read_to_string(&mut s)?;
+                s
+            } else {
+                std::fs::read_to_string(f).with_context(|| f.display().to_string())?
+            });
+        }
+        (codes, None)
+    };
+
+    let bar = crate::progress_bar(
+        json || held_out.is_none(),
+        "{bar:30} {pos}/{len} held-out programs  [{elapsed_precise} < {eta_precise}]",
+    );
+    bar.set_length(codes.len() as u64);
+    let start = Instant::now();
+    let settings = PredictSettings {
+        samples: args.samples,
+        temperature: args.temperature,
+        seed: args.seed,
+    };
+    let preds = regressor
+        .predict(
             &loaded.model,
-            &adapter,
-            &spec,
             &loaded.tokenizer,
             &codes,
             settings,
-            &cancel,
+            &crate::ctrl_c_token(),
             &mut |i| bar.set_position(i as u64 + 1),
         )?
-        else {
-            bail!("cancelled");
-        };
-        bar.finish_and_clear();
-        let report =
-            regress::held_out_report(&spec, &loaded.tokenizer, &train, &val, Some(&preds))?;
+        .context("cancelled")?;
+    bar.finish_and_clear();
+
+    if let Some((train, val)) = held_out {
+        let report = regress::held_out_report(spec, &loaded.tokenizer, &train, &val, Some(&preds))?;
         if !json {
             eprintln!(
                 "{} held-out programs, {} samples each, in {:.0} s on {gpu}",
@@ -333,33 +343,6 @@ pub fn cmd_predict(args: PredictArgs) -> Result<()> {
         }
         return finish_report(&report, &args, json);
     }
-
-    if args.files.is_empty() {
-        bail!("name code files to predict for (or - for standard input), or pass --evaluate");
-    }
-    let mut codes = Vec::new();
-    for f in &args.files {
-        codes.push(if f.as_os_str() == "-" {
-            let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s)?;
-            s
-        } else {
-            std::fs::read_to_string(f).with_context(|| f.display().to_string())?
-        });
-    }
-    let Some(preds) = regress::predict(
-        &loaded.model,
-        &adapter,
-        &spec,
-        &loaded.tokenizer,
-        &codes,
-        settings,
-        &cancel,
-        &mut |_| {},
-    )?
-    else {
-        bail!("cancelled");
-    };
     if json {
         let out: Vec<serde_json::Value> = args
             .files
@@ -370,14 +353,15 @@ pub fn cmd_predict(args: PredictArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         for (f, p) in args.files.iter().zip(&preds) {
-            println!("{}: {}", f.display(), describe(p));
+            println!("{}: {}", f.display(), describe(p, ", "));
         }
     }
     Ok(())
 }
 
-/// `latency_ms 12.3 (8.1–20.5), peak_kb 45000 (…)`.
-pub fn describe(p: &[Prediction]) -> String {
+/// Each metric's median and 10–90 % range, `sep` between them:
+/// `latency_ms 12.30 (8.100–20.50), peak_kb 45000 (…)`.
+pub fn describe(p: &[Prediction], sep: &str) -> String {
     p.iter()
         .map(|p| {
             format!(
@@ -389,7 +373,7 @@ pub fn describe(p: &[Prediction]) -> String {
             )
         })
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(sep)
 }
 
 /// Four significant digits, as the number tokens carry: `12.35`, `0.001234`, `4.560e7`.
@@ -469,34 +453,6 @@ fn finish_report(report: &HeldOutReport, args: &PredictArgs, json: bool) -> Resu
         );
     }
     Ok(())
-}
-
-/// Predictions for candidates with the regression adapter in `dir` (for `generate --rank-by`).
-pub fn predict_codes(
-    loaded: &codelsi_engine::model::LoadedModel<Wgpu>,
-    dir: &Path,
-    codes: &[String],
-    samples: usize,
-    cancel: &CancelToken,
-) -> Result<(RegressionSpec, Vec<Vec<Prediction>>)> {
-    let spec = RegressionSpec::load(dir)?
-        .with_context(|| format!("{} is not a regression adapter", dir.display()))?;
-    let adapter = Adapter::<Wgpu>::load_peft(dir, &loaded.model.config, loaded.model.device())?;
-    let preds = regress::predict(
-        &loaded.model,
-        &adapter,
-        &spec,
-        &loaded.tokenizer,
-        codes,
-        PredictSettings {
-            samples,
-            ..PredictSettings::default()
-        },
-        cancel,
-        &mut |_| {},
-    )?
-    .context("cancelled")?;
-    Ok((spec, preds))
 }
 
 #[cfg(test)]

@@ -185,12 +185,7 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         );
     }
 
-    let model_name = loaded
-        .info
-        .path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let model_name = loaded.info.file_name();
     let job = TrainJob {
         model: &loaded.model,
         frozen: &frozen_refs,
@@ -351,12 +346,7 @@ fn train_regression(
         );
     }
     let rows = codelsi_engine::regress::init_number_rows(&loaded.model, &loaded.tokenizer)?;
-    let model_name = loaded
-        .info
-        .path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let model_name = loaded.info.file_name();
     let job = TrainJob {
         model: &loaded.model,
         frozen: &[],

@@ -203,6 +203,29 @@ pub struct NewTokens<B: Backend> {
     pub head: Tensor<B, 2>,
 }
 
+impl<B: Backend> NewTokens<B> {
+    /// Rows from the host: `embed` and `head` each `[n, hidden]` row-major.
+    pub fn from_host(
+        embed: Vec<f32>,
+        head: Vec<f32>,
+        hidden: usize,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let rows = embed.len() / hidden.max(1);
+        if rows == 0 || embed.len() != rows * hidden || head.len() != embed.len() {
+            return Err(Error::InvalidArgument(format!(
+                "new-token rows of {} and {} values for a hidden size of {hidden}",
+                embed.len(),
+                head.len()
+            )));
+        }
+        Ok(Self {
+            embed: Tensor::from_data(TensorData::new(embed, [rows, hidden]), device),
+            head: Tensor::from_data(TensorData::new(head, [rows, hidden]), device),
+        })
+    }
+}
+
 /// The safetensors keys of [`NewTokens`]; not PEFT's, which has no such module.
 const NEW_TOKENS_EMBED: &str = "codelsi.new_tokens.embed";
 const NEW_TOKENS_HEAD: &str = "codelsi.new_tokens.head";

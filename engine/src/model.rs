@@ -31,6 +31,16 @@ pub struct ModelInfo {
     pub device_bytes: usize,
 }
 
+impl ModelInfo {
+    /// The model file's (or folder's) name: what an adapter records as its base model.
+    pub fn file_name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
 pub struct LoadedModel<B: KernelBackend> {
     pub model: Llama<B>,
     pub tokenizer: Tokenizer,

@@ -8,7 +8,7 @@ use codelsi_engine::adapter::Adapter;
 use codelsi_engine::device::Wgpu;
 use codelsi_engine::generate::{GenerateOptions, generate_with};
 use codelsi_engine::models::llama::Adapters;
-use codelsi_engine::regress::{self, PredictSettings, RegressionSpec};
+use codelsi_engine::regress::{PredictSettings, RegressionSpec, Regressor};
 use codelsi_engine::sampling::SamplingParams;
 use eframe::egui;
 
@@ -141,21 +141,8 @@ impl GeneratePanel {
                     )?),
                     None => None,
                 };
-                let regression = match &regressor {
-                    Some(dir) => {
-                        let spec = RegressionSpec::load(dir)?.ok_or_else(|| {
-                            codelsi_engine::Error::InvalidArgument(format!(
-                                "{} is not a regression adapter",
-                                dir.display()
-                            ))
-                        })?;
-                        let a = Adapter::<Wgpu>::load_peft(
-                            dir,
-                            &model.model.config,
-                            model.model.device(),
-                        )?;
-                        Some((spec, a))
-                    }
+                let regressor = match &regressor {
+                    Some(dir) => Some(Regressor::<Wgpu>::load(dir, &model.model)?),
                     None => None,
                 };
                 for (col, with) in runs {
@@ -193,15 +180,13 @@ impl GeneratePanel {
                             out.stop_reason
                         ),
                     ));
-                    if let Some((spec, a)) = &regression
+                    if let Some(r) = &regressor
                         && !cancel.is_cancelled()
                     {
                         tx.send(Msg::Predicted(col, "predicting the cost…".into()));
                         let code = format!("{prompt}{}", out.text);
-                        let p = regress::predict(
+                        let p = r.predict(
                             &model.model,
-                            a,
-                            spec,
                             &model.tokenizer,
                             &[code],
                             predict,
@@ -209,19 +194,7 @@ impl GeneratePanel {
                             &mut |_| {},
                         )?;
                         if let Some(p) = p.and_then(|mut p| p.pop()) {
-                            let text = p
-                                .iter()
-                                .map(|m| {
-                                    format!(
-                                        "{} {} ({}–{})",
-                                        m.metric,
-                                        crate::regress::short(m.median),
-                                        crate::regress::short(m.low),
-                                        crate::regress::short(m.high)
-                                    )
-                                })
-                                .collect::<Vec<_>>()
-                                .join(" · ");
+                            let text = crate::regress::describe(&p, " · ");
                             tx.send(Msg::Predicted(col, format!("Predicted: {text}")));
                         }
                     }

@@ -465,7 +465,7 @@ mod tests {
     /// the same the engine predicts for that code.
     #[test]
     fn generate_shows_predicted_cost() {
-        use codelsi_engine::regress::{self, Example, PredictSettings, RegressionSpec};
+        use codelsi_engine::regress::{self, Example, PredictSettings, RegressionSpec, Regressor};
         use codelsi_engine::train::{TrainConfig, TrainJob, train};
 
         let mut h = harness(Settings::default());
@@ -531,27 +531,21 @@ mod tests {
         step_until(&mut h, "generation and prediction", |a| !a.generate.busy());
         let shown = h.state().generate.predicted[0].clone();
         let code = format!("fn main() {{{}", h.state().generate.outputs[0]);
-        let adapter = codelsi_engine::adapter::Adapter::<codelsi_engine::device::Wgpu>::load_peft(
-            &dir,
-            &m.model.config,
-            m.model.device(),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let want = regress::predict(
-            &m.model,
-            &adapter,
-            &spec,
-            &m.tokenizer,
-            &[code],
-            PredictSettings {
-                samples: 5,
-                ..PredictSettings::default()
-            },
-            &CancelToken::new(),
-            &mut |_| {},
-        )
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|| panic!("cancelled"));
+        let regressor = Regressor::<Wgpu>::load(&dir, &m.model).unwrap_or_else(|e| panic!("{e}"));
+        let want = regressor
+            .predict(
+                &m.model,
+                &m.tokenizer,
+                &[code],
+                PredictSettings {
+                    samples: 5,
+                    ..PredictSettings::default()
+                },
+                &CancelToken::new(),
+                &mut |_| {},
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("cancelled"));
         let p = &want[0][0];
         assert_eq!(
             shown,

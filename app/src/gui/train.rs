@@ -816,12 +816,7 @@ fn run(
             inputs.gpu
         )));
     }
-    let model_name = loaded
-        .info
-        .path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let model_name = loaded.info.file_name();
     // The estimate times the second step alone (the first compiles the kernels).
     let mut step_times = Vec::new();
     let summary = train(

@@ -342,6 +342,12 @@ impl RegressionSpec {
     }
 }
 
+/// A regression adapter read from its folder: what it predicts, and its tensors.
+pub struct Regressor<B: KernelBackend> {
+    pub spec: RegressionSpec,
+    pub adapter: Adapter<B>,
+}
+
 /// The number-token rows a regression adapter starts from: each token's input embedding is the
 /// mean embedding of a text the base tokenizer knows (`7`, `-`, `e-3`), and its output row the
 /// same vector, so a model with tied embeddings starts from its own preference among those
@@ -485,104 +491,120 @@ pub struct Prediction {
     pub samples: Vec<f64>,
 }
 
-/// Predict every metric of `spec` for each code: the prompt once, then `samples` answers
-/// decoded as one batch over the prompt's KV cache, each token drawn among those the number
-/// grammar allows. `on_done(i)` after each input; `None` when cancelled.
-#[allow(clippy::too_many_arguments)]
-pub fn predict<B: KernelBackend>(
-    model: &Llama<B>,
-    adapter: &Adapter<B>,
-    spec: &RegressionSpec,
-    tok: &Tokenizer,
-    codes: &[String],
-    settings: PredictSettings,
-    cancel: &CancelToken,
-    on_done: &mut dyn FnMut(usize),
-) -> Result<Option<Vec<Vec<Prediction>>>> {
-    let new = adapter.new_tokens.as_ref().ok_or_else(|| {
-        Error::InvalidArgument("this adapter has no number tokens: not a regression adapter".into())
-    })?;
-    if new.head.dims()[0] != NUM_TOKENS || spec.vocab != model.config.vocab_size {
-        return Err(Error::InvalidArgument(format!(
-            "the regression adapter was trained for a vocabulary of {} with {} number tokens; \
-             this model has {} and codelsi uses {NUM_TOKENS}",
-            spec.vocab,
-            new.head.dims()[0],
-            model.config.vocab_size
-        )));
+impl<B: KernelBackend> Regressor<B> {
+    /// The regression adapter in `dir`, for `model`; an error when the folder holds an adapter
+    /// of another kind.
+    pub fn load(dir: &Path, model: &Llama<B>) -> Result<Self> {
+        let spec = RegressionSpec::load(dir)?.ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{} is not a regression adapter (no `regression` in codelsi_adapter.json)",
+                dir.display()
+            ))
+        })?;
+        let adapter = Adapter::load_peft(dir, &model.config, model.device())?;
+        Ok(Self { spec, adapter })
     }
-    let n = settings.samples.max(1);
-    if !(settings.temperature > 0.0 && settings.temperature.is_finite()) {
-        return Err(Error::InvalidArgument(
-            "the temperature of regression samples must be above 0".into(),
-        ));
-    }
-    let list = [adapter];
-    let adapters = Adapters {
-        list: &list,
-        train: false,
-    };
-    let steps = spec.metrics.len() * TOKENS_PER_NUMBER;
-    let h = model.config.hidden_size;
-    let device = model.device().clone();
-    let mut rng = StdRng::seed_from_u64(settings.seed);
-    let mut out = Vec::with_capacity(codes.len());
-    for (ci, code) in codes.iter().enumerate() {
-        if cancel.is_cancelled() {
-            return Ok(None);
+
+    /// Predict every metric of the spec for each code: the prompt once, then `samples`
+    /// answers decoded as one batch over the prompt's KV cache, each token drawn among those
+    /// the number grammar allows. `on_done(i)` after each input; `None` when cancelled.
+    pub fn predict(
+        &self,
+        model: &Llama<B>,
+        tok: &Tokenizer,
+        codes: &[String],
+        settings: PredictSettings,
+        cancel: &CancelToken,
+        on_done: &mut dyn FnMut(usize),
+    ) -> Result<Option<Vec<Vec<Prediction>>>> {
+        let (adapter, spec) = (&self.adapter, &self.spec);
+        let new = adapter.new_tokens.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(
+                "this adapter has no number tokens: not a regression adapter".into(),
+            )
+        })?;
+        if new.head.dims()[0] != NUM_TOKENS || spec.vocab != model.config.vocab_size {
+            return Err(Error::InvalidArgument(format!(
+                "the regression adapter was trained for a vocabulary of {} with {} number tokens; \
+                 this model has {} and codelsi uses {NUM_TOKENS}",
+                spec.vocab,
+                new.head.dims()[0],
+                model.config.vocab_size
+            )));
         }
-        let prompt = spec.prompt_tokens(tok, code)?;
-        let mut cache = model.new_cache(1, prompt.len() + steps);
-        let x = model.embed(&prompt)?;
-        let hidden = model.forward_embedded(x, &[0], &mut cache, adapters)?;
-        let last = hidden.slice([0..1, prompt.len() - 1..prompt.len(), 0..h]);
-        cache.retain_rows(&vec![0; n]);
-        let mut last = last.repeat_dim(0, n); // [n, 1, h]
-        let mut drawn: Vec<Vec<usize>> = vec![Vec::with_capacity(steps); n];
-        for step in 0..steps {
+        let n = settings.samples.max(1);
+        if !(settings.temperature > 0.0 && settings.temperature.is_finite()) {
+            return Err(Error::InvalidArgument(
+                "the temperature of regression samples must be above 0".into(),
+            ));
+        }
+        let list = [adapter];
+        let adapters = Adapters {
+            list: &list,
+            train: false,
+        };
+        let steps = spec.metrics.len() * TOKENS_PER_NUMBER;
+        let h = model.config.hidden_size;
+        let device = model.device().clone();
+        let mut rng = StdRng::seed_from_u64(settings.seed);
+        let mut out = Vec::with_capacity(codes.len());
+        for (ci, code) in codes.iter().enumerate() {
             if cancel.is_cancelled() {
                 return Ok(None);
             }
-            let normed = model.final_norm(last).reshape([n, h]);
-            let logits = normed.matmul(new.head.clone().transpose()); // [n, NUM_TOKENS]
-            let logits: Vec<f32> = logits
-                .into_data()
-                .convert::<f32>()
-                .into_vec()
-                .map_err(|e| Error::InvalidArgument(format!("reading logits: {e:?}")))?;
-            let allowed = class_at(step).tokens();
-            let mut next = Vec::with_capacity(n);
-            for (r, row) in logits.chunks_exact(NUM_TOKENS).enumerate() {
-                let t = sample_among(&row[allowed.clone()], settings.temperature, &mut rng)
-                    + allowed.start;
-                drawn[r].push(t);
-                next.push(t as i32);
+            let prompt = spec.prompt_tokens(tok, code)?;
+            let mut cache = model.new_cache(1, prompt.len() + steps);
+            let x = model.embed(&prompt)?;
+            let hidden = model.forward_embedded(x, &[0], &mut cache, adapters)?;
+            let last = hidden.slice([0..1, prompt.len() - 1..prompt.len(), 0..h]);
+            cache.retain_rows(&vec![0; n]);
+            let mut last = last.repeat_dim(0, n); // [n, 1, h]
+            let mut drawn: Vec<Vec<usize>> = vec![Vec::with_capacity(steps); n];
+            for step in 0..steps {
+                if cancel.is_cancelled() {
+                    return Ok(None);
+                }
+                let normed = model.final_norm(last).reshape([n, h]);
+                let logits = normed.matmul(new.head.clone().transpose()); // [n, NUM_TOKENS]
+                let logits: Vec<f32> = logits
+                    .into_data()
+                    .convert::<f32>()
+                    .into_vec()
+                    .map_err(|e| Error::InvalidArgument(format!("reading logits: {e:?}")))?;
+                let allowed = class_at(step).tokens();
+                let mut next = Vec::with_capacity(n);
+                for (r, row) in logits.chunks_exact(NUM_TOKENS).enumerate() {
+                    let t = sample_among(&row[allowed.clone()], settings.temperature, &mut rng)
+                        + allowed.start;
+                    drawn[r].push(t);
+                    next.push(t as i32);
+                }
+                if step + 1 == steps {
+                    break;
+                }
+                let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(next, [n]), &device);
+                let x = new.embed.clone().select(0, idx).reshape([n, 1, h]);
+                last = model.forward_embedded(x, &vec![0; n], &mut cache, adapters)?;
             }
-            if step + 1 == steps {
-                break;
+            let mut per_metric = Vec::with_capacity(spec.metrics.len());
+            for (m, name) in spec.metrics.iter().enumerate() {
+                let values: Vec<f64> = drawn
+                    .iter()
+                    .map(|d| number::decode(&d[m * TOKENS_PER_NUMBER..(m + 1) * TOKENS_PER_NUMBER]))
+                    .collect::<Result<_>>()?;
+                per_metric.push(Prediction {
+                    metric: name.clone(),
+                    median: stats::quantile(&values, 0.5),
+                    low: stats::quantile(&values, 0.1),
+                    high: stats::quantile(&values, 0.9),
+                    samples: values,
+                });
             }
-            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(next, [n]), &device);
-            let x = new.embed.clone().select(0, idx).reshape([n, 1, h]);
-            last = model.forward_embedded(x, &vec![0; n], &mut cache, adapters)?;
+            out.push(per_metric);
+            on_done(ci);
         }
-        let mut per_metric = Vec::with_capacity(spec.metrics.len());
-        for (m, name) in spec.metrics.iter().enumerate() {
-            let values: Vec<f64> = drawn
-                .iter()
-                .map(|d| number::decode(&d[m * TOKENS_PER_NUMBER..(m + 1) * TOKENS_PER_NUMBER]))
-                .collect::<Result<_>>()?;
-            per_metric.push(Prediction {
-                metric: name.clone(),
-                median: stats::quantile(&values, 0.5),
-                low: stats::quantile(&values, 0.1),
-                high: stats::quantile(&values, 0.9),
-                samples: values,
-            });
-        }
-        out.push(per_metric);
-        on_done(ci);
+        Ok(Some(out))
     }
-    Ok(Some(out))
 }
 
 /// Draw an index from `softmax(logits / temperature)`.

@@ -354,19 +354,12 @@ pub fn train<B: KernelBackend>(
         }
         adapter = Adapter::<B>::init(c.lora.clone(), &job.model.config, c.seed, &device)?;
         if let Some((embed, head)) = &job.new_tokens {
-            let h = job.model.config.hidden_size;
-            let rows = embed.len() / h;
-            if rows == 0 || embed.len() != rows * h || head.len() != embed.len() {
-                return Err(Error::InvalidArgument(format!(
-                    "new-token rows of {} and {} values for a hidden size of {h}",
-                    embed.len(),
-                    head.len()
-                )));
-            }
-            adapter.new_tokens = Some(NewTokens {
-                embed: Tensor::from_data(TensorData::new(embed.clone(), [rows, h]), &device),
-                head: Tensor::from_data(TensorData::new(head.clone(), [rows, h]), &device),
-            });
+            adapter.new_tokens = Some(NewTokens::from_host(
+                embed.clone(),
+                head.clone(),
+                job.model.config.hidden_size,
+                &device,
+            )?);
         }
         optim.states = vec![None; adapter.named_tensors().len()];
     }
@@ -545,12 +538,12 @@ pub fn row_nll<B: KernelBackend>(
 fn row_nll_of<B: KernelBackend>(
     model: &Llama<B>,
     adapters: Adapters<'_, B>,
-    owner: &Adapter<B>,
+    owner: Option<&Adapter<B>>,
     row: &Row,
 ) -> Result<(Tensor<B, 1>, usize)> {
-    if owner.new_tokens.is_none() {
+    let Some(owner) = owner.filter(|a| a.new_tokens.is_some()) else {
         return row_nll(model, adapters, row);
-    }
+    };
     let inputs = model.packed_inputs(packed(row), DType::F32)?;
     let mut x = embed_row(model, owner, &row.tokens)?;
     for i in 0..model.layers.len() {
@@ -849,18 +842,7 @@ pub fn evaluate<B: KernelBackend>(
         list: &list,
         train: false,
     };
-    let mut total = 0.0;
-    let mut n = 0;
-    for row in rows {
-        if cancel.is_cancelled() {
-            return Ok(None);
-        }
-        let (nll, count) = row_nll_of(model, adapters, &untracked, row)?;
-        let v: f32 = nll.into_scalar().elem();
-        total += v as f64;
-        n += count;
-    }
-    Ok(Some(total / n.max(1) as f64))
+    mean_loss_of(model, adapters, Some(&untracked), rows, cancel)
 }
 
 /// Mean per-token loss of `rows` under `adapters` (none: the base model).
@@ -870,13 +852,25 @@ pub fn mean_loss<B: KernelBackend>(
     rows: &[Row],
     cancel: &CancelToken,
 ) -> Result<Option<f64>> {
+    mean_loss_of(model, adapters, None, rows, cancel)
+}
+
+/// [`mean_loss`] where `owner` (one of `adapters`) may add tokens of its own (see
+/// [`row_nll_of`]).
+fn mean_loss_of<B: KernelBackend>(
+    model: &Llama<B>,
+    adapters: Adapters<'_, B>,
+    owner: Option<&Adapter<B>>,
+    rows: &[Row],
+    cancel: &CancelToken,
+) -> Result<Option<f64>> {
     let mut total = 0.0;
     let mut n = 0;
     for row in rows {
         if cancel.is_cancelled() {
             return Ok(None);
         }
-        let (nll, count) = row_nll(model, adapters, row)?;
+        let (nll, count) = row_nll_of(model, adapters, owner, row)?;
         let v: f32 = nll.into_scalar().elem();
         total += v as f64;
         n += count;
