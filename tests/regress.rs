@@ -1,7 +1,7 @@
 //! Regression adapters on the tiny model: training on code/number pairs teaches the number
 //! tokens (the adapter overfits four programs whose values span four decades and predicts them
 //! back by constrained sampling); the adapter's files round-trip; `merge` refuses one; and
-//! `measure` runs MBTSP solutions on scaled inputs.
+//! `measure` runs MBTSP solutions on scaled inputs and times every layout of the kernels.
 
 use burn::backend::Autodiff;
 use codelsi_engine::eval::{Completion, Harness, Limits, load_suite};
@@ -290,4 +290,51 @@ fn measures_solutions_on_scaled_inputs() {
         big > 10.0 * small,
         "scale 1: {small} ms, scale 10000: {big} ms"
     );
+}
+
+/// `measure --suite kernels`: every layout of the quantised matmul runs, is checked against the
+/// reference product, and is timed; cases group by problem and the engine's own layout is
+/// among them; a cancelled sweep returns nothing.
+#[test]
+fn sweeps_kernel_layouts() {
+    use codelsi_engine::kernels::qmatmul::QShape;
+    use codelsi_engine::kernels::sweep::{self, SweepSettings};
+    use codelsi_engine::quant::QFormat;
+
+    let device = codelsi_tests::device();
+    let settings = SweepSettings {
+        formats: vec![QFormat::Q4_1],
+        shapes: vec![[96, 64]],
+        rows: vec![1, 9],
+        min_secs: 0.0,
+    };
+    let cases = sweep::cases(&settings).unwrap();
+    assert_eq!(cases.len(), 2 * sweep::plans().len());
+    let mut seen = 0;
+    let timed = sweep::sweep(
+        &device,
+        &cases,
+        0.0,
+        &CancelToken::new(),
+        &mut |done, total| {
+            assert_eq!(total, cases.len());
+            seen = done;
+        },
+    )
+    .unwrap()
+    .expect("not cancelled");
+    assert_eq!(seen, cases.len());
+    assert!(timed.iter().all(|t| t.ms > 0.0 && t.ms.is_finite()));
+    let best = sweep::best_per_problem(&timed, QShape::for_adapter());
+    assert_eq!(best.len(), 2);
+    for b in &best {
+        let ours = b.ours_ms.expect("the engine's layout is timed");
+        assert!(b.best_ms <= ours);
+    }
+    assert_eq!(best[1].problem, "Q4_1 m=9 n=96 k=64");
+
+    let cancel = CancelToken::new();
+    cancel.cancel();
+    let none = sweep::sweep(&device, &cases, 0.0, &cancel, &mut |_, _| {}).unwrap();
+    assert!(none.is_none());
 }

@@ -7,9 +7,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use codelsi_engine::device::Wgpu;
+use codelsi_engine::device::{Wgpu, init_wgpu};
 use codelsi_engine::eval::{self, Harness};
 use codelsi_engine::io::tokenizer::Tokenizer;
+use codelsi_engine::kernels::qmatmul::{QPlan, QShape};
+use codelsi_engine::kernels::sweep::{self, Best, SweepSettings};
+use codelsi_engine::quant::QFormat;
 use codelsi_engine::regress::measure::{self, MeasureEvent, MeasureSettings};
 use codelsi_engine::regress::{
     self, Example, HeldOutReport, PredictSettings, Prediction, RegressionSpec, Regressor, stats,
@@ -19,7 +22,9 @@ use crate::{Format, load};
 
 #[derive(clap::Args)]
 pub struct MeasureArgs {
-    /// Problems whose solutions run: `mbpp-ts` (MBTSP) or a problems JSONL of the same form.
+    /// Problems whose solutions run: `mbpp-ts` (MBTSP) or a problems JSONL of the same form;
+    /// or `kernels`: the latency of every layout of the engine's quantised-matmul WGSL kernels
+    /// on this machine's GPU (`--formats`, `--shapes`, `--rows`), with a tuning report.
     #[arg(long, default_value = "mbpp-ts")]
     suite: String,
     /// Measure these completions (JSONL of `task_id`, `completion`, as `codelsi eval --out`
@@ -45,9 +50,28 @@ pub struct MeasureArgs {
     /// The dataset (JSONL: `code`, `metrics`, `group`).
     #[arg(long)]
     out: PathBuf,
+    /// `--suite kernels`: weight formats.
+    #[arg(long, value_delimiter = ',', default_value = "q4_1,q8_0")]
+    formats: Vec<String>,
+    /// `--suite kernels`: shapes of W, `NxK` (default: the default model's projections).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "576x576,192x576,1536x576,576x1536"
+    )]
+    shapes: Vec<String>,
+    /// `--suite kernels`: rows of x (1 is decode).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64,128")]
+    rows: Vec<usize>,
+    /// `--suite kernels`: each layout repeats until it ran this many milliseconds.
+    #[arg(long, default_value_t = 20.0)]
+    min_ms: f64,
 }
 
 pub fn cmd_measure(args: MeasureArgs) -> Result<()> {
+    if args.suite == "kernels" {
+        return measure_kernels(&args);
+    }
     let mut problems = eval::load_suite(&args.suite)?;
     if let Some(n) = args.limit {
         problems.truncate(n);
@@ -115,6 +139,124 @@ pub fn cmd_measure(args: MeasureArgs) -> Result<()> {
     }
     print_spread(&examples);
     Ok(())
+}
+
+/// `codelsi measure --suite kernels`: time every kernel layout on every problem, write them as
+/// examples (`latency_ms`, grouped by problem), and report the fastest layouts beside the
+/// engine's.
+fn measure_kernels(args: &MeasureArgs) -> Result<()> {
+    if args.completions.is_some() {
+        bail!("--completions is for program suites, not `--suite kernels`");
+    }
+    let formats = args
+        .formats
+        .iter()
+        .map(|f| {
+            QFormat::parse(f)
+                .with_context(|| format!("--formats: {f} is not one of q4_0, q4_1, q8_0"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let shapes = args
+        .shapes
+        .iter()
+        .map(|s| {
+            let parsed = s
+                .split_once(['x', 'X'])
+                .and_then(|(n, k)| Some([n.trim().parse().ok()?, k.trim().parse().ok()?]));
+            parsed.with_context(|| format!("--shapes: {s} is not NxK (e.g. 1536x576)"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let settings = SweepSettings {
+        formats,
+        shapes,
+        rows: args.rows.clone(),
+        min_secs: args.min_ms / 1e3,
+    };
+    let cases = sweep::cases(&settings)?;
+    let (device, gpu) = init_wgpu()?;
+    eprintln!(
+        "{} cases ({} layouts × {} problems) on {gpu}",
+        cases.len(),
+        sweep::plans().len(),
+        cases.len() / sweep::plans().len()
+    );
+    let bar = crate::progress_bar(
+        false,
+        "{bar:30} {pos}/{len} layouts  [{elapsed_precise} < {eta_precise}]",
+    );
+    bar.set_length(cases.len() as u64);
+    let start = Instant::now();
+    let timed = sweep::sweep(
+        &device,
+        &cases,
+        settings.min_secs,
+        &crate::ctrl_c_token(),
+        &mut |done, _| bar.set_position(done as u64),
+    )?;
+    bar.finish_and_clear();
+    let Some(timed) = timed else {
+        bail!("cancelled; nothing written");
+    };
+    let examples: Vec<Example> = timed
+        .iter()
+        .map(|t| Example {
+            code: t.case.text(),
+            metrics: [("latency_ms".to_string(), t.ms)].into(),
+            group: Some(t.case.problem()),
+        })
+        .collect();
+    regress::write_examples(&args.out, &examples)?;
+    println!(
+        "{} examples in {:.0} s → {}",
+        examples.len(),
+        start.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    print_spread(&examples);
+    print_tuning(&sweep::best_per_problem(&timed, QShape::for_adapter()));
+    Ok(())
+}
+
+fn plan_label(plan: QPlan) -> String {
+    match plan {
+        QPlan::Vector { lanes, rows } => format!("mat-vec {lanes}×{rows}"),
+        QPlan::RowBlocks => "row-block".into(),
+        QPlan::Tiled => "tiled".into(),
+    }
+}
+
+/// For each row count: how often the engine's layout is the fastest (or within 5 % of it), how
+/// far it is from the fastest, and which layout is fastest most often.
+fn print_tuning(best: &[Best]) {
+    println!("fastest layout vs the engine's (mat-vec lanes×rows), by rows of x:");
+    let mut ms: Vec<usize> = best.iter().map(|b| b.m).collect();
+    ms.sort_unstable();
+    ms.dedup();
+    for m in ms {
+        let of_m: Vec<&Best> = best.iter().filter(|b| b.m == m).collect();
+        let ratios: Vec<f64> = of_m
+            .iter()
+            .filter_map(|b| b.ours_ms.map(|o| o / b.best_ms))
+            .collect();
+        let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+        for b in &of_m {
+            *counts.entry(plan_label(b.best)).or_default() += 1;
+        }
+        let (top, n) = counts
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(l, n)| (l.clone(), *n))
+            .unwrap_or_default();
+        println!(
+            "  m={m}: ours ({}) fastest or within 5 % on {}/{}; ours/fastest median {:.2}, max {:.2}; fastest most often: {top} ({n}/{})",
+            plan_label(of_m[0].ours),
+            ratios.iter().filter(|r| **r <= 1.05).count(),
+            ratios.len(),
+            stats::quantile(&ratios, 0.5),
+            stats::quantile(&ratios, 1.0),
+            of_m.len()
+        );
+    }
 }
 
 /// Each metric's range over `examples`: quantiles and decades.

@@ -101,6 +101,10 @@ pub enum Error {
 
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+
+    /// A kernel's result differs from the reference product (a bug in a kernel or a driver).
+    #[error("kernel check failed: {0}")]
+    KernelCheck(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

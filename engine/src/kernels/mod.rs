@@ -12,6 +12,7 @@ pub mod autodiff;
 pub mod lora;
 pub mod qmatmul;
 pub mod reference;
+pub mod sweep;
 pub mod wgpu;
 pub mod wgsl;
 

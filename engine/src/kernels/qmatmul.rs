@@ -76,45 +76,114 @@ impl QShape {
     }
 }
 
+/// One way to run `x · Wᵀ`: a kernel and its thread layout. [`QShape::plan`] picks one from the
+/// rows of x; `codelsi measure --suite kernels` times every one ([`super::sweep`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Op {
-    /// qmatvec.wgsl
-    Vector,
-    /// qmatmul.wgsl
-    Tiled,
-    /// qmatmul_rows.wgsl
+pub enum QPlan {
+    /// qmatvec.wgsl: `lanes` threads per row of W (a power of two), `rows` rows of W per
+    /// workgroup; W is read once per row of x.
+    Vector { lanes: u32, rows: u32 },
+    /// qmatmul_rows.wgsl: a thread per row of W and block of 8 rows of x.
     RowBlocks,
+    /// qmatmul.wgsl: 64×64 tiles of y, 16×16 threads, in workgroup memory.
+    Tiled,
+}
+
+/// Threads per workgroup every WebGPU adapter allows (`maxComputeInvocationsPerWorkgroup`).
+pub const MAX_WORKGROUP: u32 = 256;
+
+impl QPlan {
+    /// The shader file (under shaders/).
+    pub fn shader(self) -> &'static str {
+        match self {
+            Self::Vector { .. } => "qmatvec.wgsl",
+            Self::RowBlocks => "qmatmul_rows.wgsl",
+            Self::Tiled => "qmatmul.wgsl",
+        }
+    }
+
+    /// Whether the kernel can run this layout: lanes a power of two (the reduction halves them)
+    /// and the workgroup within [`MAX_WORKGROUP`].
+    pub fn is_valid(self) -> bool {
+        match self {
+            Self::Vector { lanes, rows } => {
+                lanes.is_power_of_two() && rows > 0 && lanes * rows <= MAX_WORKGROUP
+            }
+            Self::RowBlocks | Self::Tiled => true,
+        }
+    }
+
+    /// The workgroup size and the number of workgroups for `m` rows of x and `n` rows of W.
+    pub fn launch(self, m: usize, n: usize) -> (CubeDim, [u32; 3]) {
+        match self {
+            Self::Vector { lanes, rows } => (
+                CubeDim {
+                    x: lanes * rows,
+                    y: 1,
+                    z: 1,
+                },
+                [n.div_ceil(rows as usize) as u32, m as u32, 1],
+            ),
+            // Keep in sync with ROWS in shaders/qmatmul_rows.wgsl.
+            Self::RowBlocks => (
+                CubeDim { x: 64, y: 1, z: 1 },
+                [n.div_ceil(64) as u32, m.div_ceil(8) as u32, 1],
+            ),
+            Self::Tiled => (
+                CubeDim { x: 16, y: 16, z: 1 },
+                [n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1],
+            ),
+        }
+    }
+}
+
+impl QShape {
+    /// The kernel for `m` rows of x: the mat-vec kernel for one row; above one, GPUs run it up
+    /// to [`MATVEC_MAX_ROWS`] and the tiled kernel beyond, CPU adapters the row-block kernel up
+    /// to [`ROW_BLOCK_MAX_ROWS`] and the tiled kernel beyond.
+    pub fn plan(self, m: usize) -> QPlan {
+        if m == 1 || (m <= MATVEC_MAX_ROWS && !self.row_blocks) {
+            QPlan::Vector {
+                lanes: self.lanes,
+                rows: self.rows,
+            }
+        } else if self.row_blocks && m <= ROW_BLOCK_MAX_ROWS {
+            QPlan::RowBlocks
+        } else {
+            QPlan::Tiled
+        }
+    }
 }
 
 #[derive(Debug)]
 struct QKernel {
-    op: Op,
+    plan: QPlan,
     format: QFormat,
-    shape: QShape,
 }
 
 impl KernelSource for QKernel {
     fn source(&self) -> SourceTemplate {
         // WGSL has no includes: the op, its parameters and bindings, and the format's helpers
         // are concatenated.
-        let op = match self.op {
-            Op::Vector => include_str!("../../../shaders/qmatvec.wgsl"),
-            Op::Tiled => include_str!("../../../shaders/qmatmul.wgsl"),
-            Op::RowBlocks => include_str!("../../../shaders/qmatmul_rows.wgsl"),
+        let op = match self.plan {
+            QPlan::Vector { .. } => include_str!("../../../shaders/qmatvec.wgsl"),
+            QPlan::Tiled => include_str!("../../../shaders/qmatmul.wgsl"),
+            QPlan::RowBlocks => include_str!("../../../shaders/qmatmul_rows.wgsl"),
         };
         let io = include_str!("../../../shaders/common/qmatmul_io.wgsl");
         let format = format_source(self.format);
-        SourceTemplate::new(format!("{op}\n{io}\n{format}"))
-            .register("lanes", self.shape.lanes.to_string())
-            .register("rows", self.shape.rows.to_string())
-            .register(
-                "workgroup",
-                (self.shape.lanes * self.shape.rows).to_string(),
-            )
+        let template = SourceTemplate::new(format!("{op}\n{io}\n{format}"));
+        match self.plan {
+            QPlan::Vector { lanes, rows } => template
+                .register("lanes", lanes.to_string())
+                .register("rows", rows.to_string())
+                .register("workgroup", (lanes * rows).to_string()),
+            QPlan::RowBlocks | QPlan::Tiled => template,
+        }
     }
 
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.op, self.format, self.shape))
+        KernelId::new::<Self>().info((self.plan, self.format))
     }
 }
 
@@ -139,12 +208,23 @@ pub fn q_matmul_wgpu<I: IntElement, BT: BoolElement>(
 }
 
 /// `x · Wᵀ + scale · u · Bᵀ`: the quantised product with a LoRA adapter's up-projection fused
-/// into its epilogue.
+/// into its epilogue, by the kernel `shape` picks for the rows of x.
 pub fn q_matmul_lora_wgpu<I: IntElement, BT: BoolElement>(
     x: Tensor<WgpuCube<I, BT>, 2>,
     w: &QTensor<WgpuCube<I, BT>>,
     lora: Option<&LoraEpilogue<WgpuCube<I, BT>>>,
     shape: QShape,
+) -> Tensor<WgpuCube<I, BT>, 2> {
+    let plan = shape.plan(x.dims()[0]);
+    q_matmul_planned(x, w, lora, plan)
+}
+
+/// [`q_matmul_lora_wgpu`] by the kernel and layout of `plan` (which must be valid).
+pub fn q_matmul_planned<I: IntElement, BT: BoolElement>(
+    x: Tensor<WgpuCube<I, BT>, 2>,
+    w: &QTensor<WgpuCube<I, BT>>,
+    lora: Option<&LoraEpilogue<WgpuCube<I, BT>>>,
+    plan: QPlan,
 ) -> Tensor<WgpuCube<I, BT>, 2> {
     let [m, k] = x.dims();
     assert_eq!(k, w.cols, "q_matmul: x has {k} columns, W has {}", w.cols);
@@ -182,27 +262,16 @@ pub fn q_matmul_lora_wgpu<I: IntElement, BT: BoolElement>(
         scale,
         _pad: [0; 2],
     };
-    let (op, cube_dim, count) = if m == 1 || (m <= MATVEC_MAX_ROWS && !shape.row_blocks) {
-        let wg = shape.lanes * shape.rows;
-        let count = CubeCount::Static(n.div_ceil(shape.rows as usize) as u32, m as u32, 1);
-        (Op::Vector, CubeDim { x: wg, y: 1, z: 1 }, count)
-    } else if shape.row_blocks && m <= ROW_BLOCK_MAX_ROWS {
-        // Keep in sync with ROWS in shaders/qmatmul_rows.wgsl.
-        let count = CubeCount::Static(n.div_ceil(64) as u32, m.div_ceil(8) as u32, 1);
-        (Op::RowBlocks, CubeDim { x: 64, y: 1, z: 1 }, count)
-    } else {
-        let count = CubeCount::Static(n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1);
-        (Op::Tiled, CubeDim { x: 16, y: 16, z: 1 }, count)
-    };
+    assert!(plan.is_valid(), "q_matmul: invalid kernel layout {plan:?}");
+    let (cube_dim, [gx, gy, gz]) = plan.launch(m, n);
     let kernel = QKernel {
-        op,
+        plan,
         format: w.format,
-        shape,
     };
     wgsl::launch(
         kernel,
         cube_dim,
-        count,
+        CubeCount::Static(gx, gy, gz),
         &[&x, &qs, &scales, &out, &u, &b],
         params,
     );
