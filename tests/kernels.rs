@@ -38,9 +38,10 @@ fn reference_dequantize_matches_cpu() {
 #[test]
 fn q_matmul_kernels_match_references() {
     let dev = device();
-    // GPU shape: m = 1..=4 runs the mat-vec kernel, larger m the tiled one; CPU shape: m = 1 the
-    // mat-vec kernel, larger m the row-block one. n and m not multiples of any workgroup
-    // dimension or row block; k several blocks.
+    // Both shapes: m = 1..=4 runs the mat-vec kernel (GPU: 16 lanes per row; CPU: one); above,
+    // the GPU shape runs the tiled kernel, the CPU shape the row-block one up to 32 rows and the
+    // tiled one beyond. n and m not multiples of any workgroup dimension or row block; k
+    // several blocks.
     let shapes = [
         (1, 45, 96),
         (3, 77, 160),

@@ -33,7 +33,10 @@ pub struct QMatmulParams {
     pub _pad: [u32; 2],
 }
 
-/// Rows of x up to which GPUs use the mat-vec kernel (it reads W once per row of x).
+/// Rows of x up to which every adapter uses the mat-vec kernel (it reads W once per row of x).
+/// On CPU adapters too: the row-block kernel does 8 rows' work for 2 (`codelsi measure --suite
+/// kernels` on lavapipe: mat-vec layouts 2-3x faster than it at 2 and 4 rows; a decode step of
+/// the default model at batch 2 took 1.74 s with it, 0.53 s without, at batch 4 1.62 → 1.15 s).
 pub const MATVEC_MAX_ROWS: usize = 4;
 /// Rows of x up to which CPU adapters use the row-block kernel. It costs about what the mat-vec
 /// does per row, while the tiled kernel costs as much for 8 rows as for 64 (lavapipe: 4-5x
@@ -41,10 +44,10 @@ pub const MATVEC_MAX_ROWS: usize = 4;
 pub const ROW_BLOCK_MAX_ROWS: usize = 32;
 
 /// Which kernels suit the adapter, and their thread layout. The mat-vec kernel splits rows of W
-/// over threads: `lanes` threads per row, `rows` rows per workgroup. Above one row of x, GPUs
-/// run the mat-vec kernel up to [`MATVEC_MAX_ROWS`] and the tiled kernel beyond; CPU adapters
-/// run the row-block kernel (`row_blocks`) up to [`ROW_BLOCK_MAX_ROWS`] (batched decode), and
-/// the tiled kernel beyond (prefill).
+/// over threads: `lanes` threads per row, `rows` rows per workgroup. Every adapter runs it up
+/// to [`MATVEC_MAX_ROWS`] rows of x; beyond, GPUs run the tiled kernel, CPU adapters the
+/// row-block kernel (`row_blocks`) up to [`ROW_BLOCK_MAX_ROWS`] (batched decode) and the tiled
+/// kernel beyond (prefill).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct QShape {
     pub lanes: u32,
@@ -138,11 +141,10 @@ impl QPlan {
 }
 
 impl QShape {
-    /// The kernel for `m` rows of x: the mat-vec kernel for one row; above one, GPUs run it up
-    /// to [`MATVEC_MAX_ROWS`] and the tiled kernel beyond, CPU adapters the row-block kernel up
-    /// to [`ROW_BLOCK_MAX_ROWS`] and the tiled kernel beyond.
+    /// The kernel for `m` rows of x: the mat-vec kernel up to [`MATVEC_MAX_ROWS`]; beyond, the
+    /// row-block kernel up to [`ROW_BLOCK_MAX_ROWS`] where `row_blocks`, else the tiled one.
     pub fn plan(self, m: usize) -> QPlan {
-        if m == 1 || (m <= MATVEC_MAX_ROWS && !self.row_blocks) {
+        if m <= MATVEC_MAX_ROWS {
             QPlan::Vector {
                 lanes: self.lanes,
                 rows: self.rows,
