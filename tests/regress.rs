@@ -15,6 +15,10 @@ use codelsi_tests::{B, fixtures, tiny_q8};
 
 type AD = Autodiff<B>;
 
+/// The kernel sweep keeps both cores busy; the measure test times programs. Run apart, so the
+/// test checks the measuring, not the scheduler.
+static CPU_BOUND: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn temp(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("codelsi-regress-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -233,6 +237,7 @@ fn data_files_and_held_out_split() {
 
 #[test]
 fn measures_solutions_on_scaled_inputs() {
+    let _apart = CPU_BOUND.lock().unwrap_or_else(|e| e.into_inner());
     let problems = load_suite("mbpp-ts").unwrap_or_else(|e| panic!("{e}"));
     // MBTSP/514: the sum of a list, one pass over it.
     let picked: Vec<_> = problems
@@ -297,6 +302,7 @@ fn measures_solutions_on_scaled_inputs() {
 /// among them; a cancelled sweep returns nothing.
 #[test]
 fn sweeps_kernel_layouts() {
+    let _apart = CPU_BOUND.lock().unwrap_or_else(|e| e.into_inner());
     use codelsi_engine::kernels::qmatmul::QShape;
     use codelsi_engine::kernels::sweep::{self, SweepSettings};
     use codelsi_engine::quant::QFormat;

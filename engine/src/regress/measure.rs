@@ -23,8 +23,10 @@ pub const PEAK_MEMORY: &str = "peak_kb";
 pub struct MeasureSettings {
     /// Each input scaled by each of these.
     pub scales: Vec<u32>,
-    /// Repeat a workload until its calls took this long in all (the first, cold, run is left
-    /// out of the mean when there are more).
+    /// Repeat a workload until its calls took this long in all, and, when the first (cold) run
+    /// was shorter than this, at least three times after it. The latency is the median of the
+    /// runs after the first (the first alone for slow programs), so one scheduler stall on a
+    /// busy machine cannot set it, as it could a mean of two runs.
     pub min_ms: f64,
     pub limits: Limits,
 }
@@ -184,17 +186,18 @@ impl Workload {
                return v;\n\
              }}\n\
              const __inputs: any[][] = [{args}];\n\
-             let __total = 0, __first = 0, __reps = 0;\n\
-             while (__reps < 10000 && (__reps === 0 || __total < {min_ms})) {{\n\
+             let __total = 0, __first = 0, __reps = 0; const __times: number[] = [];\n\
+             while (__reps < 10000 && (__reps === 0 || __total < {min_ms} || (__reps < 4 && __first < {min_ms}))) {{\n\
                const __in = __reps === 0 ? __inputs : structuredClone(__inputs);\n\
                const __t = process.hrtime.bigint();\n\
                for (const a of __in) ({entry} as any)(...a);\n\
                const __ms = Number(process.hrtime.bigint() - __t) / 1e6;\n\
-               if (__reps === 0) __first = __ms;\n\
+               if (__reps === 0) __first = __ms; else __times.push(__ms);\n\
                __total += __ms; __reps++;\n\
              }}\n\
-             const __mean = __reps > 1 ? (__total - __first) / (__reps - 1) : __total;\n\
-             console.log({MARKER:?} + JSON.stringify({{ ms: __mean, reps: __reps, rss_kb: process.resourceUsage().maxRSS }}));\n",
+             __times.sort((a, b) => a - b);\n\
+             const __ms = __times.length > 0 ? __times[Math.floor(__times.length / 2)] : __first;\n\
+             console.log({MARKER:?} + JSON.stringify({{ ms: __ms, reps: __reps, rss_kb: process.resourceUsage().maxRSS }}));\n",
             solution = self.solution,
             entry = self.entry_point,
         )
