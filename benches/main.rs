@@ -4,6 +4,8 @@
 //! [--steps N] [--grad-checkpoint] [--activations auto|f16|f32] [--samples 16,64]`, and
 //! `... -- import [--src DIR]... [--threads N] [--max-file-kb K]`
 //!
+//! `--device cpu` runs model, train and predict on the CPU path (burn-flex) instead of wgpu.
+//!
 //! - kernels: device copy bandwidth (the roofline for a memory-bound mat-vec), then GB/s of the
 //!   quantised mat-vec kernel per format and GFLOP/s of the tiled and row-block kernels.
 //! - model: prefill and decode tokens/s of a model (default: the default model), then batched
@@ -112,7 +114,7 @@ fn kernels(device: &burn::backend::wgpu::WgpuDevice) {
     }
 }
 
-fn model(device: &burn::backend::wgpu::WgpuDevice, spec: &str, batches: &[usize]) -> Result<()> {
+fn model<B: KernelBackend>(device: &B::Device, spec: &str, batches: &[usize]) -> Result<()> {
     let path = resolve_model(spec, &mut |_| {})?;
     let loaded = load_model::<B>(&path, None, device, &mut |_| {})?;
     let m = &loaded.model;
@@ -139,7 +141,7 @@ fn model(device: &burn::backend::wgpu::WgpuDevice, spec: &str, batches: &[usize]
     }
     let decode = t.elapsed().as_secs_f64();
     println!(
-        "model {}: prefill {} tokens {:.1} tok/s; decode {:.2} tok/s ({:.0} ms/token, logits read back each step); weights {:.1} MB on the GPU",
+        "model {}: prefill {} tokens {:.1} tok/s; decode {:.2} tok/s ({:.0} ms/token, logits read back each step); weights {:.1} MB on the device",
         path.file_name()
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default(),
@@ -182,8 +184,8 @@ fn model(device: &burn::backend::wgpu::WgpuDevice, spec: &str, batches: &[usize]
     Ok(())
 }
 
-fn train_bench(
-    device: &burn::backend::wgpu::WgpuDevice,
+fn train_bench<B: KernelBackend>(
+    device: &B::Device,
     spec: &str,
     seq: usize,
     steps: usize,
@@ -387,8 +389,8 @@ fn import_bench(args: &[String], model: &str) -> Result<()> {
     Ok(())
 }
 
-fn predict_bench(
-    device: &burn::backend::wgpu::WgpuDevice,
+fn predict_bench<B: KernelBackend>(
+    device: &B::Device,
     spec: &str,
     samples: &[usize],
 ) -> Result<()> {
@@ -468,13 +470,35 @@ fn main() -> Result<()> {
     if what == "import" {
         return import_bench(&args, spec);
     }
+    let device = args
+        .iter()
+        .position(|a| a == "--device")
+        .and_then(|i| args.get(i + 1))
+        .map_or("gpu", |s| s);
+    if device == "cpu" {
+        if what == "kernels" {
+            anyhow::bail!("the kernels bench times the WGSL kernels: run it without --device cpu");
+        }
+        println!("device: CPU (burn-flex)");
+        return backend_benches::<burn::backend::Flex>(&Default::default(), &args, what, spec);
+    }
     let (device, gpu) = init_wgpu()?;
     println!("adapter: {gpu}");
     if matches!(what, "kernels" | "all") {
         kernels(&device);
     }
+    backend_benches::<B>(&device, &args, what, spec)
+}
+
+/// The benches that run on any backend: model, train, predict.
+fn backend_benches<B: KernelBackend>(
+    device: &B::Device,
+    args: &[String],
+    what: &str,
+    spec: &str,
+) -> Result<()> {
     if matches!(what, "model" | "all") {
-        model(&device, spec, &list_arg(&args, "--batches", "1,8,32")?)?;
+        model::<B>(device, spec, &list_arg(args, "--batches", "1,8,32")?)?;
     }
     if matches!(what, "train" | "all") {
         let number = |flag: &str, default: usize| {
@@ -493,10 +517,10 @@ fn main() -> Result<()> {
                 codelsi_engine::train::Activations::parse(s)
             })?;
         let (seq, steps) = (number("--seq", 512), number("--steps", 3));
-        train_bench(&device, spec, seq, steps, ckpt, act)?;
+        train_bench::<B>(device, spec, seq, steps, ckpt, act)?;
     }
     if matches!(what, "predict" | "all") {
-        predict_bench(&device, spec, &list_arg(&args, "--samples", "16,64")?)?;
+        predict_bench::<B>(device, spec, &list_arg(args, "--samples", "16,64")?)?;
     }
     Ok(())
 }

@@ -1,8 +1,10 @@
 //! Golden tests against an independent implementation: outputs dumped by HF transformers with
 //! `tests/scripts/make_golden.py` (prompt ids, greedy tokens, top-5 logits per step).
 
+use burn::backend::Flex;
 use codelsi_engine::io::gguf::GgufFile;
 use codelsi_engine::io::tokenizer::{Message, Tokenizer};
+use codelsi_engine::kernels::KernelBackend;
 use codelsi_engine::model::{LoadedModel, load_model};
 use codelsi_engine::models::llama::Llama;
 use codelsi_engine::quant::QFormat;
@@ -41,7 +43,7 @@ fn read<T: for<'de> Deserialize<'de>>(path: std::path::PathBuf) -> T {
 }
 
 /// Logits of the last position after a forward of `prompt`.
-fn last_logits(model: &Llama<B>, prompt: &[u32]) -> Vec<f32> {
+fn last_logits<Bk: KernelBackend>(model: &Llama<Bk>, prompt: &[u32]) -> Vec<f32> {
     let mut cache = model.new_cache(1, prompt.len());
     to_vec(
         model
@@ -52,9 +54,9 @@ fn last_logits(model: &Llama<B>, prompt: &[u32]) -> Vec<f32> {
 
 /// Greedy decode with the KV cache, checking at every step that our top-1 is the reference's
 /// and that our logits at the reference's top-5 ids are within `abs + rel·|x|`.
-fn check_greedy(
+fn check_greedy<Bk: KernelBackend>(
     what: &str,
-    model: &Llama<B>,
+    model: &Llama<Bk>,
     prompt: &[u32],
     tokens: &[u32],
     top_ids: &[Vec<u32>],
@@ -95,9 +97,16 @@ fn check_greedy(
 }
 
 fn tiny(name: &str, quantize: Option<QFormat>) -> (LoadedModel<B>, TinyGolden) {
-    let dev = device();
+    tiny_on::<B>(name, quantize, &device())
+}
+
+fn tiny_on<Bk: KernelBackend>(
+    name: &str,
+    quantize: Option<QFormat>,
+    dev: &Bk::Device,
+) -> (LoadedModel<Bk>, TinyGolden) {
     let dir = fixtures().join(name);
-    let loaded = load_model::<B>(&dir, quantize, &dev, &mut |_| {})
+    let loaded = load_model::<Bk>(&dir, quantize, dev, &mut |_| {})
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     (loaded, read(dir.join("golden.json")))
 }
@@ -106,8 +115,18 @@ fn tiny(name: &str, quantize: Option<QFormat>) -> (LoadedModel<B>, TinyGolden) {
 /// untied head in f32; Qwen2 with q/k/v biases and tied embeddings in bf16.
 #[test]
 fn tiny_hf_models_match_transformers() {
+    tiny_hf_models_match::<B>(&device());
+}
+
+/// The same on the CPU path (burn-flex: f32 weights, gemm).
+#[test]
+fn tiny_hf_models_match_transformers_on_cpu() {
+    tiny_hf_models_match::<Flex>(&Default::default());
+}
+
+fn tiny_hf_models_match<Bk: KernelBackend>(dev: &Bk::Device) {
     for name in ["tiny_llama", "tiny_qwen2"] {
-        let (loaded, g) = tiny(name, None);
+        let (loaded, g) = tiny_on::<Bk>(name, None, dev);
         let last = last_logits(&loaded.model, &g.prompt_ids);
         // f32 throughout on both sides: only summation order differs.
         assert_close(
@@ -165,13 +184,30 @@ fn tiny_model_quantized_at_load_stays_close() {
 /// same quantised model in f32; differences are summation order through 30 layers.
 #[test]
 fn default_model_matches_transformers() {
+    default_model_matches::<B>(&device());
+}
+
+/// The same on the CPU path: the Q4_1/Q8_0 blocks dequantised at load, the same model in f32.
+#[test]
+fn default_model_matches_transformers_on_cpu() {
+    let loaded = default_model_matches::<Flex>(&Default::default());
+    // Every weight was taken as f32: about 4 bytes a parameter (the embedding table stays on the
+    // host, the tied head is a dense copy of it); Q4_1 blocks would be about 0.6.
+    assert!(
+        loaded.info.device_bytes * 10 >= loaded.info.parameters * 35,
+        "{} bytes for {} parameters",
+        loaded.info.device_bytes,
+        loaded.info.parameters
+    );
+}
+
+fn default_model_matches<Bk: KernelBackend>(dev: &Bk::Device) -> LoadedModel<Bk> {
     /// Logits here are of magnitude ~10-40; the worst difference measured on lavapipe was
     /// 6e-5 (printed below), so this leaves a margin of ~30x while still catching any real bug.
     const ABS: f32 = 2e-3;
     const REL: f32 = 1e-4;
-    let dev = device();
     let path = default_model();
-    let loaded = load_model::<B>(&path, None, &dev, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    let loaded = load_model::<Bk>(&path, None, dev, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
     let golden: Golden = read(fixtures().join("smollm2_golden.json"));
     let mut worst = 0f32;
     for (i, case) in golden.cases.iter().enumerate() {
@@ -205,7 +241,11 @@ fn default_model_matches_transformers() {
         );
         worst = worst.max(w);
     }
-    println!("default model: worst |logit difference| over all steps: {worst}");
+    println!(
+        "default model ({}): worst |logit difference| over all steps: {worst}",
+        Bk::kernels_impl()
+    );
+    loaded
 }
 
 #[derive(Deserialize)]

@@ -3,7 +3,7 @@
 //! path, an overfit run, resume after an interruption giving the uninterrupted loss curve,
 //! gradient checkpointing giving the same run, f16 activations following the f32 run.
 
-use burn::backend::Autodiff;
+use burn::backend::{Autodiff, Flex};
 use burn::tensor::Tensor;
 use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
 use codelsi_engine::generate::CancelToken;
@@ -46,6 +46,14 @@ impl WeightSource for Weights {
 }
 
 fn confident_tiny() -> Llama<AD> {
+    confident_tiny_on::<B>(Some(QFormat::Q8_0), &device())
+}
+
+/// [`confident_tiny`] on any backend, quantised at load or not.
+fn confident_tiny_on<Bk: KernelBackend>(
+    quantize: Option<QFormat>,
+    dev: &Bk::Device,
+) -> Llama<Autodiff<Bk>> {
     let c = Config::tiny();
     let mut map = std::collections::HashMap::new();
     let mut seed = 500;
@@ -99,8 +107,7 @@ fn confident_tiny() -> Llama<AD> {
         );
     }
     let src = Weights(map, "in-memory tiny model".into());
-    Llama::load(c, &src, Some(QFormat::Q8_0), &device(), &mut |_, _| {})
-        .unwrap_or_else(|e| panic!("{e}"))
+    Llama::load(c, &src, quantize, dev, &mut |_, _| {}).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn records() -> Vec<Record> {
@@ -213,8 +220,8 @@ fn config(steps: usize, lr: f64, dropout: f32) -> TrainConfig {
     }
 }
 
-fn run(
-    model: &Llama<AD>,
+fn run<Bk: KernelBackend>(
+    model: &Llama<Autodiff<Bk>>,
     rows: &[Row],
     config: &TrainConfig,
     out: &std::path::Path,
@@ -251,6 +258,43 @@ fn temp(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("codelsi-train-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
+}
+
+/// The CPU path (burn-flex) trains as the GPU path does: the same f32 model, rows and settings
+/// (no dropout: the backends' random generators differ) give the same loss curve, and it falls.
+#[test]
+fn cpu_path_trains_like_the_gpu_path() {
+    let _serial = serial();
+    let loaded = tiny_q8::<AD>();
+    let rows = rows(&loaded, 256, false);
+    let cfg = config(12, 1e-2, 0.0);
+    let (gpu_out, cpu_out) = (temp("gpu-path"), temp("cpu-path"));
+    let gpu_model = confident_tiny_on::<B>(None, &device());
+    let gpu = run(&gpu_model, &rows, &cfg, &gpu_out, false, None);
+    let cpu_model = confident_tiny_on::<Flex>(None, &Default::default());
+    let cpu = run(&cpu_model, &rows, &cfg, &cpu_out, false, None);
+    let curve = |s: &TrainSummary| s.losses.iter().map(|l| l.1 as f32).collect::<Vec<_>>();
+    let (g, c) = (curve(&gpu), curve(&cpu));
+    eprintln!("gpu path {g:?}\ncpu path {c:?}");
+    assert_eq!(g.len(), 12);
+    assert_close("cpu vs gpu loss curve", &c, &g, 1e-3, 1e-3);
+    assert!(c[11] < c[0] / 2.0, "loss {} → {}", c[0], c[11]);
+    // The adapters it wrote agree too.
+    let dev = device();
+    let a_gpu = Adapter::<B>::load_peft(&gpu_out, &gpu_model.config, &dev).unwrap();
+    let a_cpu = Adapter::<B>::load_peft(&cpu_out, &cpu_model.config, &dev).unwrap();
+    let pairs = a_gpu.named_tensors().into_iter().zip(a_cpu.named_tensors());
+    for ((name, t_gpu), (_, t_cpu)) in pairs {
+        assert_close(
+            &name,
+            &to_vec(t_cpu.clone()),
+            &to_vec(t_gpu.clone()),
+            1e-3,
+            1e-2,
+        );
+    }
+    std::fs::remove_dir_all(&gpu_out).unwrap();
+    std::fs::remove_dir_all(&cpu_out).unwrap();
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use codelsi_engine::adapter::Adapter;
-use codelsi_engine::device::Wgpu;
+use codelsi_engine::device::OpenDevice;
 use codelsi_engine::eval::{
     self, Completion, EvalEvent, GenerateSettings, Harness, Limits, Problem, Status,
 };
@@ -87,16 +87,16 @@ pub struct EvalArgs {
 }
 
 /// Completions from the model (with `--adapter`s), with a progress bar.
-fn generate_all(
+fn generate_all<B: OpenDevice>(
     args: &EvalArgs,
     problems: &[Problem],
     cancel: &CancelToken,
     json: bool,
 ) -> Result<Vec<Completion>> {
-    let (loaded, gpu) = crate::load(&args.model, None, json)?;
+    let (loaded, gpu) = crate::load::<B>(&args.model, None, json)?;
     let model = &loaded.model;
     let adapters = crate::load_adapters(&args.adapters, model)?;
-    let refs: Vec<&Adapter<Wgpu>> = adapters.iter().collect();
+    let refs: Vec<&Adapter<B>> = adapters.iter().collect();
     if !json {
         eprintln!(
             "generating {} × {} completions with {} on {}, {} at a time",
@@ -138,7 +138,7 @@ fn generate_all(
 }
 
 /// `--data`: loss and generation closeness on an imported validation split, base vs adapter.
-fn cmd_fit(args: &EvalArgs, data: &std::path::Path) -> Result<()> {
+fn cmd_fit<B: OpenDevice>(args: &EvalArgs, data: &std::path::Path) -> Result<()> {
     use codelsi_engine::eval::fit::{FitEvent, domain_fit};
     use codelsi_engine::train::data::{PromptTemplate, read_jsonl};
     let json = args.format == Format::Json;
@@ -151,14 +151,14 @@ fn cmd_fit(args: &EvalArgs, data: &std::path::Path) -> Result<()> {
     if let Some(n) = args.limit {
         records.truncate(n);
     }
-    let (loaded, _) = crate::load(&args.model, None, json)?;
+    let (loaded, _) = crate::load::<B>(&args.model, None, json)?;
     let model = &loaded.model;
     let adapters = crate::load_adapters(&args.adapters, model)?;
-    let refs: Vec<&Adapter<Wgpu>> = adapters.iter().collect();
+    let refs: Vec<&Adapter<B>> = adapters.iter().collect();
     let template = PromptTemplate::for_tokenizer(&loaded.tokenizer);
     let cancel = crate::ctrl_c_token();
     let mut rows = Vec::new();
-    let runs: Vec<(&str, &[&Adapter<Wgpu>])> = if refs.is_empty() {
+    let runs: Vec<(&str, &[&Adapter<B>])> = if refs.is_empty() {
         vec![("base", &[])]
     } else {
         vec![("base", &[]), ("adapter", &refs)]
@@ -255,7 +255,7 @@ fn compare_runs(args: &EvalArgs) -> Vec<(String, EvalArgs)> {
 pub fn cmd_eval(args: EvalArgs) -> Result<()> {
     if let Some(data) = &args.data {
         // Domain fit puts the base and the adapted model side by side anyway.
-        return cmd_fit(&args, data);
+        return crate::on_engine!(cmd_fit(&args, data));
     }
     if !args.compare {
         return eval_one(args).map(|_| ());
@@ -331,7 +331,7 @@ fn eval_one(args: EvalArgs) -> Result<eval::Summary> {
             }
             c
         }
-        None => generate_all(&args, &problems, &cancel, json)?,
+        None => crate::on_engine!(generate_all(&args, &problems, &cancel, json))?,
     };
     let gen_secs = start.elapsed().as_secs_f64();
     let pb = crate::progress_bar(

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use codelsi_engine::adapter::Adapter;
-use codelsi_engine::device::{GpuInfo, Wgpu, init_wgpu};
+use codelsi_engine::device::{GpuInfo, OpenDevice, init_wgpu};
 use codelsi_engine::fetch::{FetchStep, cache_dir, default_manifest, default_model_path};
 use codelsi_engine::generate::{
     BatchRequest, CancelToken, GenerateOptions, GenerateOutput, generate_batch, generate_with,
@@ -36,6 +36,11 @@ use codelsi_engine::sampling::SamplingParams;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Where the engine runs: `gpu` (wgpu: Vulkan, Metal, DX12), `cpu` (burn-flex on every
+    /// core), or `auto`: the GPU when wgpu finds a hardware one, else the CPU (a software
+    /// Vulkan such as lavapipe runs the model several times slower than the CPU path).
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    device: DeviceChoice,
     /// With no subcommand: the model the desktop app loads at start (`default`, a GGUF file or
     /// an HF folder; `none` to pick one in the app).
     #[arg(long, default_value = "default")]
@@ -80,6 +85,50 @@ enum ModelsCommand {
         quantize: Option<QFormat>,
     },
 }
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
+enum DeviceChoice {
+    Auto,
+    Gpu,
+    Cpu,
+}
+
+/// The engine a command runs on, once `--device auto` is resolved.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Engine {
+    Gpu,
+    Cpu,
+}
+
+static DEVICE: std::sync::OnceLock<DeviceChoice> = std::sync::OnceLock::new();
+
+/// The engine of this process: `--device`, with `auto` resolved by opening wgpu once.
+fn engine() -> Result<Engine> {
+    static ENGINE: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
+    if let Some(e) = ENGINE.get() {
+        return Ok(*e);
+    }
+    let e = match DEVICE.get().copied().unwrap_or(DeviceChoice::Auto) {
+        DeviceChoice::Gpu => Engine::Gpu,
+        DeviceChoice::Cpu => Engine::Cpu,
+        DeviceChoice::Auto => match init_wgpu() {
+            Ok((_, info)) if info.device_type != "Cpu" => Engine::Gpu,
+            _ => Engine::Cpu,
+        },
+    };
+    Ok(*ENGINE.get_or_init(|| e))
+}
+
+/// `$f::<B>(args…)` with `B` the backend of [`engine`]: the commands are generic over it.
+macro_rules! on_engine {
+    ($f:ident ( $($arg:expr),* $(,)? )) => {
+        match $crate::engine()? {
+            $crate::Engine::Gpu => $f::<codelsi_engine::device::Wgpu>($($arg),*),
+            $crate::Engine::Cpu => $f::<burn::backend::Flex>($($arg),*),
+        }
+    };
+}
+pub(crate) use on_engine;
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum Format {
@@ -144,9 +193,13 @@ struct GenerateArgs {
 
 fn main() {
     let cli = Cli::parse();
+    let _ = DEVICE.set(cli.device);
+    if cli.command.is_none() && cli.device != DeviceChoice::Auto {
+        eprintln!("note: the desktop app runs on wgpu; --device applies to the headless commands");
+    }
     let result = match cli.command {
         None => gui::run((cli.model != "none").then_some(cli.model)),
-        Some(Command::Generate(args)) => cmd_generate(args),
+        Some(Command::Generate(args)) => run_generate(args),
         Some(Command::Import(args)) => import::cmd_import(args),
         Some(Command::Eval(args)) => eval::cmd_eval(args),
         Some(Command::Train(args)) => train::cmd_train(args),
@@ -161,7 +214,10 @@ fn main() {
     }
 }
 
-/// Load a model, reporting progress on stderr.
+fn run_generate(args: GenerateArgs) -> Result<()> {
+    on_engine!(cmd_generate(args))
+}
+
 /// The process's cancel token, set by Ctrl-C. `ctrlc` takes one handler per process, so every
 /// command (and every run inside `eval --compare`) shares this one.
 fn ctrl_c_token() -> CancelToken {
@@ -190,26 +246,19 @@ fn progress_bar(json: bool, template: &str) -> indicatif::ProgressBar {
 }
 
 /// PEFT adapter directories loaded for `model`.
-fn load_adapters(
+fn load_adapters<B: KernelBackend>(
     dirs: &[PathBuf],
-    model: &codelsi_engine::models::llama::Llama<Wgpu>,
-) -> Result<Vec<Adapter<Wgpu>>> {
+    model: &codelsi_engine::models::llama::Llama<B>,
+) -> Result<Vec<Adapter<B>>> {
     Ok(dirs
         .iter()
-        .map(|dir| Adapter::<Wgpu>::load_peft(dir, &model.config, model.device()))
+        .map(|dir| Adapter::<B>::load_peft(dir, &model.config, model.device()))
         .collect::<Result<Vec<_>, _>>()?)
 }
 
-fn load(
-    spec: &str,
-    quantize: Option<QFormat>,
-    quiet: bool,
-) -> Result<(LoadedModel<Wgpu>, GpuInfo)> {
-    load_on::<Wgpu>(spec, quantize, quiet)
-}
-
-/// [`load`] on any backend of the wgpu device (the training path loads on `Autodiff<Wgpu>`).
-fn load_on<B: KernelBackend<Device = burn::backend::wgpu::WgpuDevice>>(
+/// Load a model onto `B`'s device, reporting progress on stderr (the training path loads on
+/// `Autodiff<B>`).
+fn load<B: OpenDevice>(
     spec: &str,
     quantize: Option<QFormat>,
     quiet: bool,
@@ -236,20 +285,20 @@ fn load_on<B: KernelBackend<Device = burn::backend::wgpu::WgpuDevice>>(
         }
     };
     let path = resolve_model(spec, &mut report)?;
-    let (device, gpu) = init_wgpu()?;
+    let (device, gpu) = B::open()?;
     // Engine errors already name the file and the problem.
     let loaded = load_model::<B>(&path, quantize, &device, &mut report)?;
     Ok((loaded, gpu))
 }
 
-fn cmd_generate(args: GenerateArgs) -> Result<()> {
+fn cmd_generate<B: OpenDevice>(args: GenerateArgs) -> Result<()> {
     let json = args.format == Format::Json;
-    let (loaded, gpu) = load(&args.model, args.quantize, json)?;
+    let (loaded, gpu) = load::<B>(&args.model, args.quantize, json)?;
     let LoadedModel {
         model, tokenizer, ..
     } = &loaded;
     let adapters = load_adapters(&args.adapters, model)?;
-    let adapter_refs: Vec<&Adapter<Wgpu>> = adapters.iter().collect();
+    let adapter_refs: Vec<&Adapter<B>> = adapters.iter().collect();
     let prompt_text = if args.chat {
         tokenizer.apply_chat_template(&[Message::user(&args.prompt)], true)?
     } else {
@@ -318,10 +367,10 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
 
 /// `generate --samples n [--rank-by M --regressor DIR]`: n candidates as one batch, each drawn
 /// with its own seed, ranked by predicted cost when asked.
-fn generate_candidates(
+fn generate_candidates<B: KernelBackend>(
     args: &GenerateArgs,
-    loaded: &LoadedModel<Wgpu>,
-    adapters: &[&Adapter<Wgpu>],
+    loaded: &LoadedModel<B>,
+    adapters: &[&Adapter<B>],
     prompt_text: &str,
     prompt_ids: &[u32],
     options: GenerateOptions,
@@ -333,7 +382,7 @@ fn generate_candidates(
     // The ranking's regressor and metric, checked before any candidate is generated.
     let ranking = match (&args.rank_by, &args.regressor) {
         (Some(metric), Some(dir)) => {
-            let r = Regressor::<Wgpu>::load(dir, &loaded.model)?;
+            let r = Regressor::<B>::load(dir, &loaded.model)?;
             let Some(m) = r.spec.metrics.iter().position(|x| x == metric) else {
                 bail!(
                     "{} predicts {}, not `{metric}`",
@@ -429,13 +478,13 @@ fn figures(out: &GenerateOutput, gpu: &GpuInfo, lora: &[PathBuf]) -> String {
         format!(", LoRA {}", names.join(" + "))
     };
     format!(
-        "[prompt {} tokens, generated {} tokens, prefill {:.1} tok/s, decode {:.1} tok/s, stop: {:?}, backend wgpu/{}, adapter {}{lora}]",
+        "[prompt {} tokens, generated {} tokens, prefill {:.1} tok/s, decode {:.1} tok/s, stop: {:?}, backend {}, device {}{lora}]",
         out.prompt_token_ids.len(),
         out.token_ids.len(),
         out.prefill_tokens_per_second(),
         out.decode_tokens_per_second(),
         out.stop_reason,
-        gpu.backend,
+        gpu.engine(),
         gpu.name,
     )
 }
@@ -465,7 +514,7 @@ fn json_output(
         "generated_tokens": out.token_ids.len(),
         "prefill_tokens_per_second": out.prefill_tokens_per_second(),
         "decode_tokens_per_second": out.decode_tokens_per_second(),
-        "backend": format!("wgpu/{}", gpu.backend),
+        "backend": gpu.engine(),
         "adapter": gpu,
         "lora_adapters": lora,
     })
@@ -506,29 +555,33 @@ fn cmd_models(command: ModelsCommand) -> Result<()> {
             })?;
             println!("{}", path.display());
         }
-        ModelsCommand::Info { model, quantize } => {
-            let (loaded, gpu) = load(&model, quantize, false)?;
-            let i = &loaded.info;
-            println!("path:          {}", i.path.display());
-            println!("format:        {}", i.format);
-            println!("architecture:  {}", i.architecture);
-            println!("parameters:    {:.1} M", i.parameters as f64 / 1e6);
-            println!("tensor types:  {}", i.quantization);
-            println!(
-                "layers:        {} (hidden {}, vocab {})",
-                i.layers, i.hidden_size, i.vocab_size
-            );
-            println!("context:       {} tokens", i.context_length);
-            println!(
-                "GPU memory:    {:.1} MB of weights",
-                i.device_bytes as f64 / 1e6
-            );
-            println!("runs on:       {gpu}");
-            println!("kernels:       {}", <Wgpu as KernelBackend>::kernels_impl());
-            if loaded.tokenizer.vocab_size() == 0 {
-                bail!("the tokenizer is empty");
-            }
-        }
+        ModelsCommand::Info { model, quantize } => on_engine!(model_info(&model, quantize))?,
+    }
+    Ok(())
+}
+
+/// `codelsi models info`: what a model is and what it takes on `B`'s device.
+fn model_info<B: OpenDevice>(model: &str, quantize: Option<QFormat>) -> Result<()> {
+    let (loaded, gpu) = load::<B>(model, quantize, false)?;
+    let i = &loaded.info;
+    println!("path:          {}", i.path.display());
+    println!("format:        {}", i.format);
+    println!("architecture:  {}", i.architecture);
+    println!("parameters:    {:.1} M", i.parameters as f64 / 1e6);
+    println!("tensor types:  {}", i.quantization);
+    println!(
+        "layers:        {} (hidden {}, vocab {})",
+        i.layers, i.hidden_size, i.vocab_size
+    );
+    println!("context:       {} tokens", i.context_length);
+    println!(
+        "device memory: {:.1} MB of weights",
+        i.device_bytes as f64 / 1e6
+    );
+    println!("runs on:       {gpu}");
+    println!("kernels:       {}", <B as KernelBackend>::kernels_impl());
+    if loaded.tokenizer.vocab_size() == 0 {
+        bail!("the tokenizer is empty");
     }
     Ok(())
 }

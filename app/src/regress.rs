@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use codelsi_engine::device::{Wgpu, init_wgpu};
+use codelsi_engine::device::{OpenDevice, init_wgpu};
 use codelsi_engine::eval::{self, Harness};
 use codelsi_engine::io::tokenizer::Tokenizer;
 use codelsi_engine::kernels::qmatmul::{QPlan, QShape};
@@ -201,7 +201,7 @@ fn measure_kernels(args: &MeasureArgs) -> Result<()> {
         .iter()
         .map(|t| Example {
             code: t.case.text(),
-            metrics: [("latency_ms".to_string(), t.ms)].into(),
+            metrics: [(measure::LATENCY.to_string(), t.ms)].into(),
             group: Some(t.case.problem()),
         })
         .collect();
@@ -407,13 +407,19 @@ fn training_split(dir: &Path) -> Result<(PathBuf, f64, u64)> {
 pub fn cmd_predict(args: PredictArgs) -> Result<()> {
     let json = args.format == Format::Json;
     if args.evaluate && args.baselines_only {
-        return baselines_only(&args, json);
+        return crate::on_engine!(baselines_only(&args, json));
     }
     let Some(dir) = &args.adapter else {
         bail!("--adapter is needed (a regression adapter); --baselines-only needs none");
     };
-    let (loaded, gpu) = load(&args.model, None, json)?;
-    let regressor = Regressor::<Wgpu>::load(dir, &loaded.model)?;
+    crate::on_engine!(predict_on(&args, dir))
+}
+
+/// `codelsi predict` on `B`: the held-out split or the files named.
+fn predict_on<B: OpenDevice>(args: &PredictArgs, dir: &Path) -> Result<()> {
+    let json = args.format == Format::Json;
+    let (loaded, gpu) = load::<B>(&args.model, None, json)?;
+    let regressor = Regressor::<B>::load(dir, &loaded.model)?;
     let spec = &regressor.spec;
     // What to predict for: the held-out split (with the training side, for the baselines),
     // or the files named.
@@ -483,7 +489,7 @@ pub fn cmd_predict(args: PredictArgs) -> Result<()> {
                 start.elapsed().as_secs_f64()
             );
         }
-        return finish_report(&report, &args, json);
+        return finish_report(&report, args, json);
     }
     if json {
         let out: Vec<serde_json::Value> = args
@@ -531,11 +537,11 @@ pub fn short(v: f64) -> String {
     format!("{v:.digits$}")
 }
 
-fn baselines_only(args: &PredictArgs, json: bool) -> Result<()> {
+fn baselines_only<B: OpenDevice>(args: &PredictArgs, json: bool) -> Result<()> {
     let Some(data) = &args.data else {
         bail!("--baselines-only needs --data");
     };
-    let (loaded, _) = load(&args.model, None, json)?;
+    let (loaded, _) = load::<B>(&args.model, None, json)?;
     let examples = regress::read_examples(data)?;
     let metrics = if args.metrics.is_empty() {
         regress::metric_names(&examples)

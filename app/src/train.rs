@@ -7,14 +7,12 @@ use anyhow::{Context, Result};
 use burn::backend::Autodiff;
 use burn::tensor::Tensor;
 use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
-use codelsi_engine::device::Wgpu;
+use codelsi_engine::device::OpenDevice;
 use codelsi_engine::quant::QFormat;
 use codelsi_engine::train::data::{self, DataSpec, PromptTemplate};
 use codelsi_engine::train::{Activations, Decay, TrainConfig, TrainEvent, TrainJob, train};
 
-use crate::{Format, load_on, parse_quant};
-
-type AD = Autodiff<Wgpu>;
+use crate::{Format, load, parse_quant};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
@@ -117,7 +115,6 @@ enum Task {
 }
 
 pub fn cmd_train(args: TrainArgs) -> Result<()> {
-    let json = args.format == Format::Json;
     let config = TrainConfig {
         lora: LoraConfig {
             rank: args.rank,
@@ -141,9 +138,15 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         activations: Activations::parse(&args.activations)?,
     };
     config.validate()?;
-    let (loaded, gpu) = load_on::<AD>(&args.model, args.quantize, json)?;
+    crate::on_engine!(train_on(&args, &config))
+}
+
+/// The training run on `B` (the model loads on `Autodiff<B>`).
+fn train_on<B: OpenDevice>(args: &TrainArgs, config: &TrainConfig) -> Result<()> {
+    let json = args.format == Format::Json;
+    let (loaded, gpu) = load::<Autodiff<B>>(&args.model, args.quantize, json)?;
     if args.task == Task::Regression {
-        return train_regression(&args, &config, &loaded, &gpu);
+        return train_regression(args, config, &loaded, &gpu);
     }
     let template = match &args.template {
         Some(t) => PromptTemplate::parse(t)?,
@@ -165,12 +168,12 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         .base_adapters
         .iter()
         .map(|d| {
-            Adapter::<Wgpu>::load_peft(d, &loaded.model.config, loaded.model.device())
-                .map(|a| a.map(|t| Tensor::<AD, 2>::from_inner(t.clone())))
+            Adapter::<B>::load_peft(d, &loaded.model.config, loaded.model.device())
+                .map(|a| a.map(|t| Tensor::<Autodiff<B>, 2>::from_inner(t.clone())))
                 .with_context(|| format!("base adapter {}", d.display()))
         })
         .collect::<Result<Vec<_>>>()?;
-    let frozen_refs: Vec<&Adapter<AD>> = frozen.iter().collect();
+    let frozen_refs: Vec<&Adapter<Autodiff<B>>> = frozen.iter().collect();
     if !json {
         eprintln!(
             "{} training records → {} rows of ≤{} tokens ({} dropped: prompt alone fills max-len); {} validation rows; template {:?}; {} on {}",
@@ -191,7 +194,7 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         frozen: &frozen_refs,
         train: &data.train,
         val: &data.val,
-        config: &config,
+        config,
         out: &args.out,
         base_model: &model_name,
         metadata: serde_json::json!({
@@ -205,11 +208,11 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         resume: args.resume,
         new_tokens: None,
     };
-    run(&args, &config, job)
+    run(args, config, job)
 }
 
 /// Run a training job with a progress bar (or JSON events), and say how it ended.
-fn run(args: &TrainArgs, config: &TrainConfig, job: TrainJob<'_, Wgpu>) -> Result<()> {
+fn run<B: OpenDevice>(args: &TrainArgs, config: &TrainConfig, job: TrainJob<'_, B>) -> Result<()> {
     let json = args.format == Format::Json;
     let cancel = crate::ctrl_c_token();
     let bar = crate::progress_bar(
@@ -314,10 +317,10 @@ fn run(args: &TrainArgs, config: &TrainConfig, job: TrainJob<'_, Wgpu>) -> Resul
 
 /// `--task regression`: rows of code and numbers, split by group, and an adapter that adds
 /// the number tokens.
-fn train_regression(
+fn train_regression<B: OpenDevice>(
     args: &TrainArgs,
     config: &TrainConfig,
-    loaded: &codelsi_engine::model::LoadedModel<AD>,
+    loaded: &codelsi_engine::model::LoadedModel<Autodiff<B>>,
     gpu: &codelsi_engine::device::GpuInfo,
 ) -> Result<()> {
     if !args.base_adapters.is_empty() {

@@ -83,3 +83,51 @@ pub fn init_wgpu() -> Result<(WgpuDevice, GpuInfo)> {
 pub fn adapter_is_cpu() -> bool {
     matches!(GPU.get(), Some(Ok(info)) if info.device_type == "Cpu")
 }
+
+/// A backend the engine can open a device of: the GPU path (wgpu), the CPU path (burn-flex), and
+/// either under autodiff for training. Commands are generic over it and pick one at run time.
+pub trait OpenDevice: crate::kernels::KernelBackend {
+    /// The device to load onto, and what it is (for reports).
+    fn open() -> Result<(Self::Device, GpuInfo)>;
+}
+
+impl OpenDevice for Wgpu {
+    fn open() -> Result<(Self::Device, GpuInfo)> {
+        init_wgpu()
+    }
+}
+
+impl OpenDevice for burn::backend::Flex {
+    fn open() -> Result<(Self::Device, GpuInfo)> {
+        Ok((Default::default(), cpu_info()))
+    }
+}
+
+impl<B: OpenDevice> OpenDevice for burn::backend::Autodiff<B> {
+    fn open() -> Result<(Self::Device, GpuInfo)> {
+        B::open()
+    }
+}
+
+/// The CPU as [`GpuInfo`] describes a device: burn-flex runs on every core (rayon).
+pub fn cpu_info() -> GpuInfo {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    GpuInfo {
+        name: format!("CPU, {threads} threads"),
+        backend: "burn-flex".into(),
+        device_type: "Cpu".into(),
+        driver: format!("{} {}", std::env::consts::ARCH, std::env::consts::OS),
+    }
+}
+
+impl GpuInfo {
+    /// The engine behind this device, for reports: `burn-flex` on the CPU path, else
+    /// `wgpu/<graphics API>`.
+    pub fn engine(&self) -> String {
+        if self.backend == "burn-flex" {
+            self.backend.clone()
+        } else {
+            format!("wgpu/{}", self.backend)
+        }
+    }
+}

@@ -245,6 +245,10 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
         B::supports_f16(device)
     }
 
+    fn dense_weights() -> bool {
+        B::dense_weights()
+    }
+
     fn kernels_impl() -> &'static str {
         B::kernels_impl()
     }

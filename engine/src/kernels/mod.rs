@@ -9,6 +9,7 @@
 //! hand-written backward passes that call the same kernels.
 
 pub mod autodiff;
+pub mod cpu;
 pub mod lora;
 pub mod qmatmul;
 pub mod reference;
@@ -194,9 +195,43 @@ pub trait KernelBackend: Backend {
         false
     }
 
+    /// `x · W` for a dense linear weight held as `[in, out]` (see `LinearWeight::Dense`).
+    fn dense_matmul(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let w = to_dtype(w.clone(), x.dtype());
+        x.matmul(w)
+    }
+
+    /// Whether linear weights are better held dequantised (f32, multiplied by the backend's own
+    /// matmul) than as quantised blocks. True where no quantised kernel exists and the reference
+    /// would dequantise the whole matrix on every product (the CPU backend).
+    fn dense_weights() -> bool {
+        false
+    }
+
     /// Short name of the implementation, for reports.
     fn kernels_impl() -> &'static str {
         "reference (plain tensor ops)"
+    }
+}
+
+/// burn-flex, the CPU backend for machines without a usable GPU: weights are dequantised once at
+/// load and every product is burn-flex's gemm (multi-threaded, SIMD), which on a CPU beats both the
+/// per-call reference and lavapipe running our WGSL (see the README's CPU figures).
+impl KernelBackend for burn::backend::Flex {
+    fn dense_weights() -> bool {
+        true
+    }
+
+    /// Few rows of x (decode) skip gemm's packing of the weight (`cpu.rs`).
+    fn dense_matmul(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
+        cpu::try_matmul(&x, w).unwrap_or_else(|| {
+            let w = to_dtype(w.clone(), x.dtype());
+            x.matmul(w)
+        })
+    }
+
+    fn kernels_impl() -> &'static str {
+        "burn-flex (CPU): f32 weights dequantised at load, gemm products"
     }
 }
 

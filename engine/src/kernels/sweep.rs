@@ -152,9 +152,9 @@ pub struct Timed {
     pub ms: f64,
 }
 
-/// Time `cases` on `device` (burn-wgpu), in order; `on_timed(done, total)` after each. Neighbouring
-/// cases of one problem share its x and W (random, seeded by the problem). `Ok(None)`: cancelled. An error:
-/// a plan's result differed from the reference product.
+/// Time `cases` on `device` (burn-wgpu), in order; `on_timed(done, total)` after each.
+/// Neighbouring cases of one problem share its x and W (random, seeded by the problem).
+/// `Ok(None)`: cancelled. An error: a plan's result differed from the reference product.
 pub fn sweep(
     device: &WgpuDevice,
     cases: &[KernelCase],

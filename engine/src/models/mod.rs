@@ -53,7 +53,8 @@ impl<B: KernelBackend> Linear<B> {
         }
     }
 
-    /// Upload `[out, in]` weights: ggml blocks of a kernel format stay quantised; anything else
+    /// Upload `[out, in]` weights: ggml blocks of a kernel format stay quantised (on backends with
+    /// quantised kernels, see [`KernelBackend::dense_weights`]); anything else
     /// becomes f32, or is quantised to `quantize` when given.
     pub fn load(
         weight: HostTensor,
@@ -81,10 +82,13 @@ impl<B: KernelBackend> Linear<B> {
             }
             None => None,
         };
+        // Backends without quantised kernels take every weight as f32 (and `quantize` is moot).
+        let dense = B::dense_weights();
         let native = match &weight.data {
-            HostData::Blocks { ty, .. } => ty.gpu_format(),
-            HostData::F32(_) => None,
+            HostData::Blocks { ty, .. } if !dense => ty.gpu_format(),
+            _ => None,
         };
+        let quantize = quantize.filter(|_| !dense);
         let weight = match (native, weight.data, quantize) {
             (Some(format), HostData::Blocks { bytes, .. }, _) => {
                 LinearWeight::Quantized(QTensor::from_qmatrix(
@@ -130,10 +134,7 @@ impl<B: KernelBackend> Linear<B> {
         let [batch, seq, _] = x.dims();
         let x = x.reshape([batch * seq, self.in_features]);
         let y = match &self.weight {
-            LinearWeight::Dense(w) => {
-                let w = to_dtype(w.clone(), x.dtype());
-                x.matmul(w)
-            }
+            LinearWeight::Dense(w) => B::dense_matmul(x, w),
             LinearWeight::Quantized(q) => <B as KernelBackend>::q_matmul(x, q),
         };
         let y = match &self.bias {
@@ -163,9 +164,7 @@ impl<B: KernelBackend> Linear<B> {
                 first.pair.b.clone(),
                 first.scale,
             ),
-            LinearWeight::Dense(w) => {
-                x.clone().matmul(to_dtype(w.clone(), x.dtype())) + first.term(&x)
-            }
+            LinearWeight::Dense(w) => B::dense_matmul(x.clone(), w) + first.term(&x),
         };
         for l in rest {
             y = y + l.term(&x);
