@@ -315,11 +315,7 @@ fn npm_package(spec: &str, sub: &str) -> Result<std::path::PathBuf> {
 fn import_bench(args: &[String], model: &str) -> Result<()> {
     use codelsi_engine::generate::CancelToken;
     use codelsi_engine::import::{ImportOptions, import_repo};
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-    };
+    let value = |flag: &str| flag_value(args, flag);
     let mut sources: Vec<std::path::PathBuf> = args
         .windows(2)
         .filter(|w| w[0] == "--src")
@@ -449,33 +445,29 @@ fn predict_bench<B: KernelBackend>(
 
 /// The comma-separated numbers after `flag` (`--batches 1,8,32`), or `default`'s.
 fn list_arg(args: &[String], flag: &str, default: &str) -> Result<Vec<usize>> {
-    Ok(args
-        .iter()
-        .position(|a| a == flag)
-        .and_then(|i| args.get(i + 1))
-        .map_or(default, |s| s)
+    Ok(flag_value(args, flag)
+        .unwrap_or(default)
         .split(',')
         .map(|b| b.trim().parse::<usize>())
         .collect::<std::result::Result<Vec<_>, _>>()?)
 }
 
+/// The argument after `flag` (`--model M`), if any.
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.first().map(String::as_str).unwrap_or("all");
-    let spec = args
-        .iter()
-        .position(|a| a == "--model")
-        .and_then(|i| args.get(i + 1))
-        .map_or("default", |s| s);
+    let spec = flag_value(&args, "--model").unwrap_or("default");
     if what == "import" {
         return import_bench(&args, spec);
     }
-    let device = args
-        .iter()
-        .position(|a| a == "--device")
-        .and_then(|i| args.get(i + 1))
-        .map_or("gpu", |s| s);
-    if device == "cpu" {
+    if flag_value(&args, "--device") == Some("cpu") {
         if what == "kernels" {
             anyhow::bail!("the kernels bench times the WGSL kernels: run it without --device cpu");
         }
@@ -502,17 +494,12 @@ fn backend_benches<B: KernelBackend>(
     }
     if matches!(what, "train" | "all") {
         let number = |flag: &str, default: usize| {
-            args.iter()
-                .position(|a| a == flag)
-                .and_then(|i| args.get(i + 1))
+            flag_value(args, flag)
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(default)
         };
         let ckpt = args.iter().any(|a| a == "--grad-checkpoint");
-        let act = args
-            .iter()
-            .position(|a| a == "--activations")
-            .and_then(|i| args.get(i + 1))
+        let act = flag_value(args, "--activations")
             .map_or(Ok(codelsi_engine::train::Activations::Auto), |s| {
                 codelsi_engine::train::Activations::parse(s)
             })?;

@@ -279,18 +279,21 @@ fn cpu_path_trains_like_the_gpu_path() {
     assert_eq!(g.len(), 12);
     assert_close("cpu vs gpu loss curve", &c, &g, 1e-3, 1e-3);
     assert!(c[11] < c[0] / 2.0, "loss {} → {}", c[0], c[11]);
-    // The adapters it wrote agree too.
+    // The adapters it wrote agree too, as whole tensors: Adam moves a parameter whose gradient
+    // is near zero by about the learning rate whatever its sign, so single elements can differ
+    // by ~lr (measured: 0.003 of 0.09) while the tensors agree to well under 1 %.
     let dev = device();
     let a_gpu = Adapter::<B>::load_peft(&gpu_out, &gpu_model.config, &dev).unwrap();
     let a_cpu = Adapter::<B>::load_peft(&cpu_out, &cpu_model.config, &dev).unwrap();
     let pairs = a_gpu.named_tensors().into_iter().zip(a_cpu.named_tensors());
     for ((name, t_gpu), (_, t_cpu)) in pairs {
-        assert_close(
-            &name,
-            &to_vec(t_cpu.clone()),
-            &to_vec(t_gpu.clone()),
-            1e-3,
-            1e-2,
+        let (g, c) = (to_vec(t_gpu.clone()), to_vec(t_cpu.clone()));
+        let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x * x).sum::<f32>().sqrt();
+        let diff = norm(&mut g.iter().zip(&c).map(|(a, b)| a - b));
+        let size = norm(&mut g.iter().copied());
+        assert!(
+            diff <= 0.02 * size,
+            "{name}: |cpu - gpu| {diff} vs |gpu| {size}"
         );
     }
     std::fs::remove_dir_all(&gpu_out).unwrap();

@@ -231,7 +231,7 @@ impl KernelBackend for burn::backend::Flex {
     }
 
     fn kernels_impl() -> &'static str {
-        "burn-flex (CPU): f32 weights dequantised at load, gemm products"
+        "burn-flex (CPU): f32 weights dequantised at load; gemm, and a rows product up to 32 rows"
     }
 }
 
