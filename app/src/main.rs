@@ -103,26 +103,24 @@ enum Engine {
 static DEVICE: std::sync::OnceLock<DeviceChoice> = std::sync::OnceLock::new();
 
 /// The engine of this process: `--device`, with `auto` resolved by opening wgpu once.
-fn engine() -> Result<Engine> {
+fn engine() -> Engine {
     static ENGINE: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
-    if let Some(e) = ENGINE.get() {
-        return Ok(*e);
-    }
-    let e = match DEVICE.get().copied().unwrap_or(DeviceChoice::Auto) {
-        DeviceChoice::Gpu => Engine::Gpu,
-        DeviceChoice::Cpu => Engine::Cpu,
-        DeviceChoice::Auto => match init_wgpu() {
-            Ok((_, info)) if info.device_type != "Cpu" => Engine::Gpu,
-            _ => Engine::Cpu,
+    *ENGINE.get_or_init(
+        || match DEVICE.get().copied().unwrap_or(DeviceChoice::Auto) {
+            DeviceChoice::Gpu => Engine::Gpu,
+            DeviceChoice::Cpu => Engine::Cpu,
+            DeviceChoice::Auto => match init_wgpu() {
+                Ok((_, info)) if info.device_type != "Cpu" => Engine::Gpu,
+                _ => Engine::Cpu,
+            },
         },
-    };
-    Ok(*ENGINE.get_or_init(|| e))
+    )
 }
 
 /// `$f::<B>(args…)` with `B` the backend of [`engine`]: the commands are generic over it.
 macro_rules! on_engine {
     ($f:ident ( $($arg:expr),* $(,)? )) => {
-        match $crate::engine()? {
+        match $crate::engine() {
             $crate::Engine::Gpu => $f::<codelsi_engine::device::Wgpu>($($arg),*),
             $crate::Engine::Cpu => $f::<burn::backend::Flex>($($arg),*),
         }
@@ -199,7 +197,7 @@ fn main() {
     }
     let result = match cli.command {
         None => gui::run((cli.model != "none").then_some(cli.model)),
-        Some(Command::Generate(args)) => run_generate(args),
+        Some(Command::Generate(args)) => on_engine!(cmd_generate(args)),
         Some(Command::Import(args)) => import::cmd_import(args),
         Some(Command::Eval(args)) => eval::cmd_eval(args),
         Some(Command::Train(args)) => train::cmd_train(args),
@@ -212,10 +210,6 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
-}
-
-fn run_generate(args: GenerateArgs) -> Result<()> {
-    on_engine!(cmd_generate(args))
 }
 
 /// The process's cancel token, set by Ctrl-C. `ctrlc` takes one handler per process, so every

@@ -109,12 +109,15 @@ impl<B: OpenDevice> OpenDevice for burn::backend::Autodiff<B> {
     }
 }
 
+/// [`GpuInfo::backend`] of the CPU path.
+const CPU_BACKEND: &str = "burn-flex";
+
 /// The CPU as [`GpuInfo`] describes a device: burn-flex runs on every core (rayon).
 pub fn cpu_info() -> GpuInfo {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     GpuInfo {
         name: format!("CPU, {threads} threads"),
-        backend: "burn-flex".into(),
+        backend: CPU_BACKEND.into(),
         device_type: "Cpu".into(),
         driver: format!("{} {}", std::env::consts::ARCH, std::env::consts::OS),
     }
@@ -124,7 +127,7 @@ impl GpuInfo {
     /// The engine behind this device, for reports: `burn-flex` on the CPU path, else
     /// `wgpu/<graphics API>`.
     pub fn engine(&self) -> String {
-        if self.backend == "burn-flex" {
+        if self.backend == CPU_BACKEND {
             self.backend.clone()
         } else {
             format!("wgpu/{}", self.backend)

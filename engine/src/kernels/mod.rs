@@ -197,8 +197,7 @@ pub trait KernelBackend: Backend {
 
     /// `x · W` for a dense linear weight held as `[in, out]` (see `LinearWeight::Dense`).
     fn dense_matmul(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
-        let w = to_dtype(w.clone(), x.dtype());
-        x.matmul(w)
+        reference::dense_matmul(x, w)
     }
 
     /// Whether linear weights are better held dequantised (f32, multiplied by the backend's own
@@ -215,8 +214,9 @@ pub trait KernelBackend: Backend {
 }
 
 /// burn-flex, the CPU backend for machines without a usable GPU: weights are dequantised once at
-/// load and every product is burn-flex's gemm (multi-threaded, SIMD), which on a CPU beats both the
-/// per-call reference and lavapipe running our WGSL (see the README's CPU figures).
+/// load and multiplied by burn-flex's gemm (multi-threaded, SIMD), or by `cpu.rs` for few rows of
+/// x, which on a CPU beats both the per-call reference and lavapipe running our WGSL (see the
+/// README's CPU figures).
 impl KernelBackend for burn::backend::Flex {
     fn dense_weights() -> bool {
         true
@@ -224,10 +224,7 @@ impl KernelBackend for burn::backend::Flex {
 
     /// Few rows of x (decode) skip gemm's packing of the weight (`cpu.rs`).
     fn dense_matmul(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
-        cpu::try_matmul(&x, w).unwrap_or_else(|| {
-            let w = to_dtype(w.clone(), x.dtype());
-            x.matmul(w)
-        })
+        cpu::try_matmul(&x, w).unwrap_or_else(|| reference::dense_matmul(x, w))
     }
 
     fn kernels_impl() -> &'static str {

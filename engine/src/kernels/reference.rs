@@ -97,6 +97,12 @@ pub fn dequantize<B: Backend>(w: &QTensor<B>) -> Tensor<B, 2> {
     values.reshape([w.rows, w.cols])
 }
 
+/// `x · W` for a dense weight held as `[in, out]`, in `x`'s type.
+pub fn dense_matmul<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+    let w = to_dtype(w.clone(), x.dtype());
+    x.matmul(w)
+}
+
 /// `x · Wᵀ` by dequantising `W`.
 pub fn q_matmul<B: Backend>(x: Tensor<B, 2>, w: &QTensor<B>) -> Tensor<B, 2> {
     let dtype = x.dtype();
