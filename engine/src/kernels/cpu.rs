@@ -1,11 +1,13 @@
-//! The CPU path's product for few rows of x (decode steps, the head on last positions).
+//! The CPU path's kernels for decode steps: the product of few rows of x with a weight (the
+//! projections, the head on last positions), and attention of few query rows over the KV cache.
 //!
 //! burn-flex multiplies with gemm, which packs both operands into panels on every call. With
 //! a weight of `[out, in]` and a handful of rows of x, packing the weight costs about as much as
 //! the product: a batch-16 decode step of the default model spent most of its 515 ms packing
-//! (perf on the 2-core VM). Here each weight row is read once, straight from its row-major
-//! storage, against four rows of x at a time, on every core (rayon), with AVX2/FMA where the
-//! processor has them.
+//! (perf on the 2-core VM). Here each weight row is read straight from its row-major storage,
+//! in register blocks of 6 rows of x by 2 weight rows, on every core (rayon), with AVX2/FMA
+//! intrinsics where the processor has them. Attention reads keys and values where they lie in
+//! the cache, which gemm would first copy out of the cache's view on one core.
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
@@ -47,54 +49,153 @@ pub fn matmul_rows(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f3
     out
 }
 
+/// Lanes of each accumulator: one AVX register of f32.
+const LANES: usize = 8;
+/// Rows of x and rows of W in one register block: 6 × 2 accumulators, two weight vectors and
+/// one x vector take 15 of AVX2's 16 registers, and the twelve independent FMA chains hide the
+/// FMA latency. (Four rows of x against one weight row, four chains, ran at half the core's
+/// FMA rate: batch-16 decode of the default model went from 293 to 224 ms a step.)
+const XROWS: usize = 6;
+const WROWS: usize = 2;
+
 /// `out[j * m + i] = x_i · w_j` for every row `w_j` of `rows`.
 fn dot_rows(x: &[f32], m: usize, k: usize, rows: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the processor has AVX2 and FMA (checked above), all this function needs.
-        unsafe { dot_rows_avx2(x, m, k, rows, out) };
+    if let Some(avx2) = Avx2::detect() {
+        blocks(&avx2, x, m, k, rows, out);
         return;
     }
-    dot_rows_portable(x, m, k, rows, out);
+    blocks(&Portable, x, m, k, rows, out);
 }
 
-/// [`dot_rows_portable`] compiled for AVX2/FMA, so its lanes become ymm registers and its
-/// `mul_add`s single instructions.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_rows_avx2(x: &[f32], m: usize, k: usize, rows: &[f32], out: &mut [f32]) {
-    dot_rows_portable(x, m, k, rows, out);
+/// Computes one register block of [`dot_rows`].
+trait BlockKernel {
+    /// `out[(j + q) * m + i + r] = x_{i+r} · w_{j+q}` for `r < XR`, `q < WR`.
+    fn run<const XR: usize, const WR: usize>(&self, at: &Block<'_>, out: &mut [f32]);
 }
 
-/// Lanes of each accumulator: one AVX register of f32.
-const LANES: usize = 8;
-/// Rows of x sharing one pass over a weight row.
-const XROWS: usize = 4;
+/// Where a register block starts: rows `i..` of x (`[m, k]`) against rows `j..` of `w`.
+struct Block<'a> {
+    x: &'a [f32],
+    k: usize,
+    w: &'a [f32],
+    i: usize,
+    j: usize,
+    m: usize,
+}
 
-#[inline(always)]
-fn dot_rows_portable(x: &[f32], m: usize, k: usize, rows: &[f32], out: &mut [f32]) {
-    let body = k - k % LANES;
-    for (j, wr) in rows.chunks_exact(k).enumerate() {
+/// [`dot_rows`] in register blocks of up to [`XROWS`] rows of x by [`WROWS`] rows of W.
+fn blocks(kernel: &impl BlockKernel, x: &[f32], m: usize, k: usize, rows: &[f32], out: &mut [f32]) {
+    let n = rows.len() / k;
+    let mut j = 0;
+    while j < n {
+        let wr = WROWS.min(n - j);
         let mut i = 0;
         while i < m {
-            let block = XROWS.min(m - i);
-            let mut acc = [[0f32; LANES]; XROWS];
-            for c in (0..body).step_by(LANES) {
-                let w8: &[f32; LANES] = wr[c..c + LANES].try_into().unwrap_or(&[0.0; LANES]);
-                for (r, a) in acc.iter_mut().enumerate().take(block) {
-                    let xo = (i + r) * k + c;
-                    let x8: &[f32; LANES] = x[xo..xo + LANES].try_into().unwrap_or(&[0.0; LANES]);
-                    for ((a, w), x) in a.iter_mut().zip(w8).zip(x8) {
-                        *a = w.mul_add(*x, *a);
-                    }
-                }
+            let xr = XROWS.min(m - i);
+            let at = Block {
+                x,
+                k,
+                w: rows,
+                i,
+                j,
+                m,
+            };
+            // Every block shape once, so each is compiled with its loops unrolled.
+            match (xr, wr) {
+                (6, 2) => kernel.run::<6, 2>(&at, out),
+                (5, 2) => kernel.run::<5, 2>(&at, out),
+                (4, 2) => kernel.run::<4, 2>(&at, out),
+                (3, 2) => kernel.run::<3, 2>(&at, out),
+                (2, 2) => kernel.run::<2, 2>(&at, out),
+                (1, 2) => kernel.run::<1, 2>(&at, out),
+                (6, _) => kernel.run::<6, 1>(&at, out),
+                (5, _) => kernel.run::<5, 1>(&at, out),
+                (4, _) => kernel.run::<4, 1>(&at, out),
+                (3, _) => kernel.run::<3, 1>(&at, out),
+                (2, _) => kernel.run::<2, 1>(&at, out),
+                _ => kernel.run::<1, 1>(&at, out),
             }
-            for (r, a) in acc.iter().enumerate().take(block) {
-                let xr = &x[(i + r) * k..(i + r + 1) * k];
-                let tail: f32 = (body..k).map(|c| wr[c] * xr[c]).sum();
-                out[j * m + i + r] = a.iter().sum::<f32>() + tail;
+            i += xr;
+        }
+        j += wr;
+    }
+}
+
+/// Any processor: plain loops the compiler vectorises as it can.
+struct Portable;
+
+impl BlockKernel for Portable {
+    fn run<const XR: usize, const WR: usize>(&self, at: &Block<'_>, out: &mut [f32]) {
+        let Block { x, k, w, i, j, m } = *at;
+        for r in 0..XR {
+            let xr = &x[(i + r) * k..(i + r + 1) * k];
+            for q in 0..WR {
+                let wr = &w[(j + q) * k..(j + q + 1) * k];
+                out[(j + q) * m + i + r] = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
             }
-            i += block;
+        }
+    }
+}
+
+/// AVX2 and FMA intrinsics. Only [`Avx2::detect`] makes one, so holding one proves the
+/// processor has both. (Plain loops compiled for AVX2 came out badly: LLVM's SLP vectoriser
+/// packed the 1-row blocks of batch-1 decode across weight rows, 2x slower than before.)
+#[cfg(target_arch = "x86_64")]
+struct Avx2(());
+
+#[cfg(target_arch = "x86_64")]
+impl Avx2 {
+    fn detect() -> Option<Self> {
+        (std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
+            .then_some(Avx2(()))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl BlockKernel for Avx2 {
+    fn run<const XR: usize, const WR: usize>(&self, at: &Block<'_>, out: &mut [f32]) {
+        // SAFETY: an `Avx2` exists only where the processor has AVX2 and FMA.
+        unsafe { block_avx2::<XR, WR>(at, out) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn block_avx2<const XR: usize, const WR: usize>(at: &Block<'_>, out: &mut [f32]) {
+    use std::arch::x86_64::{__m256, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps};
+    let Block { x, k, w, i, j, m } = *at;
+    assert!(
+        (i + XR) * k <= x.len() && (j + WR) * k <= w.len(),
+        "block outside x or W"
+    );
+    let body = k - k % LANES;
+    let (xp, wp) = (x[i * k..].as_ptr(), w[j * k..].as_ptr());
+    let mut acc: [[__m256; WR]; XR] = [[_mm256_setzero_ps(); WR]; XR];
+    let mut c = 0;
+    while c < body {
+        let mut wv = [_mm256_setzero_ps(); WR];
+        for (q, wv) in wv.iter_mut().enumerate() {
+            // SAFETY: row j + q of W has k elements from `wp + q k` (asserted above), and
+            // c + LANES <= body <= k.
+            *wv = unsafe { _mm256_loadu_ps(wp.add(q * k + c)) };
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: as above, for row i + r of x.
+            let xv = unsafe { _mm256_loadu_ps(xp.add(r * k + c)) };
+            for (a, wv) in acc.iter_mut().zip(&wv) {
+                *a = _mm256_fmadd_ps(*wv, xv, *a);
+            }
+        }
+        c += LANES;
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (q, a) in acc.iter().enumerate() {
+            // SAFETY: `__m256` is eight f32 lanes.
+            let lanes: [f32; LANES] = unsafe { std::mem::transmute(*a) };
+            let (xr, wr) = ((i + r) * k, (j + q) * k);
+            let tail: f32 = (body..k).map(|c| w[wr + c] * x[xr + c]).sum();
+            out[(j + q) * m + i + r] = lanes.iter().sum::<f32>() + tail;
         }
     }
 }
@@ -124,9 +225,221 @@ pub fn try_matmul(x: &Tensor<Flex, 2>, w: &Tensor<Flex, 2>) -> Option<Tensor<Fle
     )))
 }
 
+/// Query rows per (batch row, KV head) up to which [`try_attention`] runs: a decode step has
+/// `heads / kv_heads` of them; prefill and training go to gemm.
+pub const MAX_QUERY_ROWS: usize = 16;
+
+/// A `[batch, heads, positions, head_dim]` view of f32 storage with unit stride along
+/// `head_dim` (the KV cache's slice of filled positions is one).
+struct View<'a> {
+    data: &'a [f32],
+    start: usize,
+    /// Strides of batch, head and position.
+    strides: [usize; 3],
+}
+
+impl<'a> View<'a> {
+    /// `None` unless f32, with non-negative strides, unit along the last dimension, and every
+    /// element inside the storage.
+    fn of(t: &'a FlexTensor, dims: [usize; 4]) -> Option<Self> {
+        if t.dtype() != DType::F32 {
+            return None;
+        }
+        let layout = t.layout();
+        let &[s0, s1, s2, 1] = layout.strides() else {
+            return None;
+        };
+        let strides = [
+            usize::try_from(s0).ok()?,
+            usize::try_from(s1).ok()?,
+            usize::try_from(s2).ok()?,
+        ];
+        let start = layout.start_offset();
+        let data = t.storage::<f32>();
+        let last = dims
+            .iter()
+            .zip(strides.iter().chain([&1]))
+            .map(|(&d, &s)| d.saturating_sub(1) * s)
+            .sum::<usize>();
+        (dims.contains(&0) || start + last < data.len()).then_some(View {
+            data,
+            start,
+            strides,
+        })
+    }
+
+    /// The `d`-long row at `(b, h, p)`.
+    #[inline(always)]
+    fn row(&self, b: usize, h: usize, p: usize, d: usize) -> &'a [f32] {
+        let at = self.start + b * self.strides[0] + h * self.strides[1] + p * self.strides[2];
+        &self.data[at..at + d]
+    }
+}
+
+/// `softmax(q·kᵀ·scale + mask)·v` for few query rows (decode), reading keys and values where
+/// they lie in the KV cache; one task per (batch row, KV head), on every core. `None` where
+/// the shapes or layouts are not these (the caller uses the reference):
+/// `q`: `[b, h, rows ≤ MAX_QUERY_ROWS, d]`, `keys`/`values`: `[b, h, total, d]`, `mask`:
+/// `[b or 1, 1, rows, total]`.
+pub fn try_attention(
+    q: &Tensor<Flex, 4>,
+    keys: &Tensor<Flex, 4>,
+    values: &Tensor<Flex, 4>,
+    mask: Option<&Tensor<Flex, 4>>,
+    scale: f32,
+) -> Option<Tensor<Flex, 4>> {
+    let [b, h, rows, d] = q.dims();
+    let [kb, kh, total, kd] = keys.dims();
+    if rows > MAX_QUERY_ROWS || [kb, kh, kd] != [b, h, d] || values.dims() != keys.dims() {
+        return None;
+    }
+    let qp: FlexTensor = q.clone().into_primitive().tensor().to_contiguous();
+    let kp: FlexTensor = keys.clone().into_primitive().tensor();
+    let vp: FlexTensor = values.clone().into_primitive().tensor();
+    let q = View::of(&qp, [b, h, rows, d])?;
+    let k = View::of(&kp, [b, h, total, d])?;
+    let v = View::of(&vp, [b, h, total, d])?;
+    let mp: Option<FlexTensor> = mask.map(|m| m.clone().into_primitive().tensor().to_contiguous());
+    let mask = match (&mp, mask.map(|m| m.dims())) {
+        (Some(mp), Some([mb, 1, mr, mt])) if (mb == 1 || mb == b) && [mr, mt] == [rows, total] => {
+            Some((mp.as_slice::<f32>()?, mb))
+        }
+        (None, None) => None,
+        _ => return None,
+    };
+    let mut out = vec![0f32; b * h * rows * d];
+    if out.is_empty() {
+        return Some(flex(out, [b, h, rows, d]));
+    }
+    let task = |(i, out): (usize, &mut [f32])| {
+        let (bi, hi) = (i / h, i % h);
+        let mask = mask.map(|(m, mb)| {
+            let at = if mb == 1 { 0 } else { bi * rows * total };
+            &m[at..at + rows * total]
+        });
+        let task = Task {
+            q: &q,
+            k: &k,
+            v: &v,
+            at: (bi, hi),
+            shape: (rows, total, d),
+            mask,
+            scale,
+        };
+        attend(&task, out);
+    };
+    // A batch-1 step is a few microseconds of work per task, less than waking the pool.
+    if out.len() * total < 1 << 18 {
+        out.chunks_mut(rows * d).enumerate().for_each(task);
+    } else {
+        out.par_chunks_mut(rows * d).enumerate().for_each(task);
+    }
+    Some(flex(out, [b, h, rows, d]))
+}
+
+/// The views and shape of one [`try_attention`] task.
+struct Task<'a> {
+    q: &'a View<'a>,
+    k: &'a View<'a>,
+    v: &'a View<'a>,
+    /// Batch row and KV head.
+    at: (usize, usize),
+    /// Query rows, positions, head dim.
+    shape: (usize, usize, usize),
+    /// `[rows, total]`, added to the scores.
+    mask: Option<&'a [f32]>,
+    scale: f32,
+}
+
+/// One (batch row, KV head) of [`try_attention`]: `out` is `[rows, d]`.
+fn attend(task: &Task<'_>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the processor has AVX2 and FMA (checked above), all this function needs.
+        unsafe { attend_avx2(task, out) };
+        return;
+    }
+    attend_portable(task, out);
+}
+
+/// [`attend_portable`] compiled for AVX2/FMA: inlined here, its loops get ymm registers and
+/// its `mul_add`s become single instructions.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(task: &Task<'_>, out: &mut [f32]) {
+    attend_portable(task, out);
+}
+
+#[inline(always)]
+fn attend_portable(task: &Task<'_>, out: &mut [f32]) {
+    let Task {
+        q,
+        k,
+        v,
+        at: (bi, hi),
+        shape: (rows, total, d),
+        mask,
+        scale,
+    } = *task;
+    debug_assert_eq!(out.len(), rows * d);
+    let mut p = vec![0f32; total];
+    for (r, out) in out.chunks_exact_mut(d).enumerate() {
+        let qr = q.row(bi, hi, r, d);
+        for (j, pj) in p.iter_mut().enumerate() {
+            let m = mask.map_or(0.0, |m| m[r * total + j]);
+            *pj = dot(qr, k.row(bi, hi, j, d)) * scale + m;
+        }
+        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            // Nothing visible (no mask of ours does this): the reference would give NaN.
+            out.fill(f32::NAN);
+            continue;
+        }
+        let mut sum = 0.0;
+        for pj in &mut p {
+            *pj = (*pj - max).exp();
+            sum += *pj;
+        }
+        out.fill(0.0);
+        for (j, pj) in p.iter().enumerate() {
+            let w = pj / sum;
+            for (o, x) in out.iter_mut().zip(v.row(bi, hi, j, d)) {
+                *o = w.mul_add(*x, *o);
+            }
+        }
+    }
+}
+
+/// `a · b` in 8 lanes (vectorised by the compiler; head dims are multiples of 8).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((a, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *a = x.mul_add(*y, *a);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// A contiguous burn-flex tensor of `data`.
+fn flex<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
+        TensorData::new(data, shape),
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::reference;
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
         use rand::{Rng, SeedableRng};
@@ -161,6 +474,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Against the reference on a view of a larger cache (as `LayerCache::append` returns
+    /// it), with a per-row mask, a broadcast mask and none; prefill-sized queries are left to
+    /// the reference.
+    #[test]
+    fn attention_on_a_cache_view_matches_the_reference() {
+        // Small enough to run on one thread, and large enough to go to the pool.
+        attention_case(3, 2, 3, 16, 40, 29);
+        attention_case(4, 3, 3, 64, 600, 520);
+    }
+
+    fn attention_case(b: usize, h: usize, rows: usize, d: usize, cap: usize, total: usize) {
+        let dev = Default::default();
+        let t = |n: usize, seed: u64, shape: [usize; 4]| {
+            Tensor::<Flex, 4>::from_data(TensorData::new(values(n, seed), shape), &dev)
+        };
+        let q = t(b * h * rows * d, 5, [b, h, rows, d]);
+        let view =
+            |seed| t(b * h * cap * d, seed, [b, h, cap, d]).slice([0..b, 0..h, 0..total, 0..d]);
+        let (keys, vals) = (view(6), view(7));
+        // Row `bi` sees positions `bi..`, as left padding hides a row's first positions.
+        let per_row: Vec<f32> = (0..b * rows * total)
+            .map(|i| {
+                if (i % total) < i / (rows * total) {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let per_row =
+            Tensor::<Flex, 4>::from_data(TensorData::new(per_row, [b, 1, rows, total]), &dev);
+        let broadcast = t(rows * total, 8, [1, 1, rows, total]);
+        for mask in [Some(&per_row), Some(&broadcast), None] {
+            let Some(got) = try_attention(&q, &keys, &vals, mask, 0.25) else {
+                panic!("a decode-sized query on a cache view should take the CPU kernel");
+            };
+            let want = reference::attention(q.clone(), keys.clone(), vals.clone(), mask, 0.25);
+            let diff = (got - want).abs().max().into_scalar();
+            assert!(diff < 1e-5, "max |diff| {diff}");
+        }
+        let tall = t(
+            b * h * (MAX_QUERY_ROWS + 1) * d,
+            9,
+            [b, h, MAX_QUERY_ROWS + 1, d],
+        );
+        assert!(try_attention(&tall, &keys, &vals, None, 0.25).is_none());
     }
 
     /// The tensor entry point takes a dense weight as `Linear::load` stores it and agrees with

@@ -200,6 +200,22 @@ pub trait KernelBackend: Backend {
         reference::dense_matmul(x, w)
     }
 
+    /// Attention of query rows over keys and values: `softmax(q·kᵀ·scale + mask)·v`. The
+    /// keys and values may be a view of the KV cache (strided, not contiguous).
+    ///
+    /// # Shapes
+    /// - `q`: `[batch, kv_heads, rows, head_dim]`, `keys`/`values`: `[batch, kv_heads, total,
+    ///   head_dim]`, `mask`: `[batch or 1, 1, rows, total]` → `[batch, kv_heads, rows, head_dim]`
+    fn attention(
+        q: Tensor<Self, 4>,
+        keys: Tensor<Self, 4>,
+        values: Tensor<Self, 4>,
+        mask: Option<&Tensor<Self, 4>>,
+        scale: f64,
+    ) -> Tensor<Self, 4> {
+        reference::attention(q, keys, values, mask, scale)
+    }
+
     /// Whether linear weights are better held dequantised (f32, multiplied by the backend's own
     /// matmul) than as quantised blocks. True where no quantised kernel exists and the reference
     /// would dequantise the whole matrix on every product (the CPU backend).
@@ -225,6 +241,19 @@ impl KernelBackend for burn::backend::Flex {
     /// Few rows of x (decode) skip gemm's packing of the weight (`cpu.rs`).
     fn dense_matmul(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
         cpu::try_matmul(&x, w).unwrap_or_else(|| reference::dense_matmul(x, w))
+    }
+
+    /// Decode steps (few query rows) read the cache in place (`cpu.rs`); gemm would first
+    /// copy the transposed keys and the values out of the cache view, on one core.
+    fn attention(
+        q: Tensor<Self, 4>,
+        keys: Tensor<Self, 4>,
+        values: Tensor<Self, 4>,
+        mask: Option<&Tensor<Self, 4>>,
+        scale: f64,
+    ) -> Tensor<Self, 4> {
+        cpu::try_attention(&q, &keys, &values, mask, scale as f32)
+            .unwrap_or_else(|| reference::attention(q, keys, values, mask, scale))
     }
 
     fn kernels_impl() -> &'static str {

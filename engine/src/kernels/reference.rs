@@ -103,6 +103,26 @@ pub fn dense_matmul<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 
     x.matmul(w)
 }
 
+/// Attention of query rows over keys and values: `softmax(q·kᵀ·scale + mask)·v`.
+///
+/// # Shapes
+/// - `q`: `[batch, kv_heads, rows, head_dim]`, `keys`/`values`: `[batch, kv_heads, total,
+///   head_dim]`, `mask`: `[batch or 1, 1, rows, total]` → `[batch, kv_heads, rows, head_dim]`
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    keys: Tensor<B, 4>,
+    values: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4>>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let scores = q.matmul(keys.swap_dims(2, 3)) * scale;
+    let scores = match mask {
+        Some(m) => scores + m.clone(),
+        None => scores,
+    };
+    burn::tensor::activation::softmax(scores, 3).matmul(values)
+}
+
 /// `x · Wᵀ` by dequantising `W`.
 pub fn q_matmul<B: Backend>(x: Tensor<B, 2>, w: &QTensor<B>) -> Tensor<B, 2> {
     let dtype = x.dtype();

@@ -3,7 +3,7 @@
 //! untied LM head. Generic over any [`KernelBackend`]; weights quantised or not.
 
 use burn::backend::Autodiff;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::silu;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use super::config::Config;
@@ -714,13 +714,8 @@ impl<B: KernelBackend> Attention<B> {
         };
 
         let q = q.reshape([batch, n_kv, rep * seq, hd]);
-        let scores = q.matmul(keys.swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt()); // [b, n_kv, rep*seq, total]
-        let scores = match mask {
-            Some(m) => scores + m.clone(),
-            None => scores,
-        };
-        let probs = softmax(scores, 3);
-        let out = probs.matmul(values); // [b, n_kv, rep*seq, hd]
+        let scale = 1.0 / (hd as f64).sqrt();
+        let out = <B as KernelBackend>::attention(q, keys, values, mask, scale); // [b, n_kv, rep*seq, hd]
         let out = out
             .reshape([batch, n_heads, seq, hd])
             .swap_dims(1, 2)
