@@ -461,6 +461,7 @@ fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
 }
 
 fn main() -> Result<()> {
+    codelsi_engine::device::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.first().map(String::as_str).unwrap_or("all");
     let spec = flag_value(&args, "--model").unwrap_or("default");
@@ -471,7 +472,7 @@ fn main() -> Result<()> {
         if what == "kernels" {
             anyhow::bail!("the kernels bench times the WGSL kernels: run it without --device cpu");
         }
-        println!("device: CPU (burn-flex)");
+        println!("device: {}", codelsi_engine::device::cpu_info());
         return backend_benches::<burn::backend::Flex>(&Default::default(), &args, what, spec);
     }
     let (device, gpu) = init_wgpu()?;

@@ -190,6 +190,7 @@ struct GenerateArgs {
 }
 
 fn main() {
+    codelsi_engine::device::keep_freed_memory();
     let cli = Cli::parse();
     let _ = DEVICE.set(cli.device);
     if cli.command.is_none() && cli.device != DeviceChoice::Auto {
