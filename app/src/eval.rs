@@ -61,6 +61,7 @@ pub struct EvalArgs {
     compare: bool,
     /// Chat mode for instruct models: ask through the chat template for the whole function
     /// and take the body from the reply's code block (default: complete the prompt as text).
+    /// With `--completions`, the lines are such replies.
     #[arg(long)]
     chat: bool,
     /// Only the first N problems.
@@ -328,6 +329,14 @@ fn eval_one(args: EvalArgs) -> Result<eval::Summary> {
             let mut c = eval::read_completions(f)?;
             if args.limit.is_some() {
                 c.retain(|c| problems.iter().any(|p| p.task_id == c.task_id));
+            }
+            if args.chat {
+                // Chat replies made elsewhere: take each one's function as chat mode does.
+                for c in &mut c {
+                    if let Some(p) = problems.iter().find(|p| p.task_id == c.task_id) {
+                        c.completion = eval::completion_from_chat(p, &c.completion);
+                    }
+                }
             }
             c
         }

@@ -143,7 +143,9 @@ pub fn chat_request(problem: &Problem) -> String {
 }
 
 /// A chat reply turned into a completion of the prompt: the first code block (or the whole
-/// reply), from after the prompt's last line (the signature) when the reply repeats it.
+/// reply), from after the prompt's last line (the signature) when the reply repeats it, else
+/// from after the line that opens the reply's own declaration of the entry point (models often
+/// rewrite the signature: an arrow function, other spacing), else the code as it is.
 pub fn completion_from_chat(problem: &Problem, reply: &str) -> String {
     let code = match reply.find("```") {
         Some(open) => {
@@ -167,7 +169,41 @@ pub fn completion_from_chat(problem: &Problem, reply: &str) -> String {
         let after = &code[at + signature.len()..];
         return after.strip_prefix('\n').unwrap_or(after).to_string();
     }
+    if let Some(body) = after_declaration(code, &problem.entry_point) {
+        return body.to_string();
+    }
     code.to_string()
+}
+
+/// What follows the line that opens the body of `name`'s declaration in `code` (`function
+/// name`, `const name =`, ..., up to the first line after it ending in `{`).
+fn after_declaration<'a>(code: &'a str, name: &str) -> Option<&'a str> {
+    if name.is_empty() {
+        return None;
+    }
+    let declares = |line: &str| {
+        let line = line.trim_start();
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let line = line.strip_prefix("async ").unwrap_or(line);
+        ["function ", "const ", "let ", "var "].iter().any(|kw| {
+            line.strip_prefix(kw)
+                .map(|rest| rest.trim_start())
+                .and_then(|rest| rest.strip_prefix(name))
+                .is_some_and(|rest| {
+                    !rest.starts_with(|c: char| c.is_alphanumeric() || c == '_' || c == '$')
+                })
+        })
+    };
+    let mut offset = 0;
+    let mut declared = false;
+    for line in code.split_inclusive('\n') {
+        offset += line.len();
+        declared = declared || declares(line);
+        if declared && line.trim_end().ends_with('{') {
+            return Some(&code[offset..]);
+        }
+    }
+    None
 }
 
 /// How completions are generated for a suite.
@@ -551,6 +587,14 @@ mod tests {
         let reply = "Sure:\n```typescript\nconst f = function (x: number) : number  {\n  return x;\n}\n```\nDone.";
         assert_eq!(completion_from_chat(&p, reply), "  return x;\n}\n");
         assert_eq!(completion_from_chat(&p, "  return x;\n}"), "  return x;\n}");
+        // A rewritten signature: the body after the reply's own declaration of `f`.
+        let arrow = "```ts\nconst f = (x: number): number => {\n  return x;\n};\n```";
+        assert_eq!(completion_from_chat(&p, arrow), "  return x;\n};\n");
+        let split = "```\nexport function f(\n  x: number,\n): number {\n  return x;\n}\n```";
+        assert_eq!(completion_from_chat(&p, split), "  return x;\n}\n");
+        // Another function of a longer name is not the entry point's declaration.
+        let other = "```\nconst f2 = (x: number) => {\n  return x;\n};\n```";
+        assert_eq!(completion_from_chat(&p, other), other[4..other.len() - 3]);
         assert!(chat_request(&p).contains("```typescript\n/** doc */"));
     }
 
