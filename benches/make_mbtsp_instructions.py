@@ -10,8 +10,8 @@ code block), the reply is the function from its signature on (the prompt's last 
 canonical solution) in one code block: the doc comment is not repeated, so replies are short, and
 `completion_from_chat` takes what follows the signature.
 
-About a fifth of MBTSP's canonical solutions fail their own tests, and some of those are
-nonsense. The script also writes them as completions (`mbtsp-canonical.jsonl`) for
+Most of MBTSP's canonical solutions fail their own tests in codelsi's harness (591 of 967),
+and some of those are nonsense. The script also writes them as completions (`mbtsp-canonical.jsonl`) for
 `codelsi eval --completions`; run again with `--passing` and that run's `results.jsonl`, only
 the solutions that passed are kept:
 
@@ -21,9 +21,9 @@ the solutions that passed are kept:
         --passing data/canonical/results.jsonl
 """
 
+import argparse
 import json
 import os
-import sys
 
 
 def chat_request(prompt, lang="typescript"):
@@ -33,27 +33,27 @@ def chat_request(prompt, lang="typescript"):
 
 
 def main():
-    args = sys.argv[1:]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("src", help="mbtsp_release_v1.2.jsonl")
+    ap.add_argument("out", help="folder for mbtsp-{train,val,canonical}.jsonl")
+    ap.add_argument("--passing", help="results.jsonl of scoring mbtsp-canonical.jsonl")
+    args = ap.parse_args()
     passing = None
-    if "--passing" in args:
-        i = args.index("--passing")
-        with open(args[i + 1]) as fh:
+    if args.passing:
+        with open(args.passing) as fh:
             results = [json.loads(line) for line in fh if line.strip()]
         passing = {r["task_id"] for r in results if r["status"] == "passed"}
-        del args[i:i + 2]
-    src, out = args
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
     splits = {"train": [], "val": []}
     canonical = []
-    for line in open(src):
+    for line in open(args.src):
         p = json.loads(line)
-        if p.get("canonical_solution"):
-            canonical.append({"task_id": p["task_id"], "completion": p["canonical_solution"]})
+        if not p.get("canonical_solution"):
+            continue
+        canonical.append({"task_id": p["task_id"], "completion": p["canonical_solution"]})
         n = int(p["task_id"].split("/")[1])
         split = "train" if 601 <= n <= 974 else "val" if 511 <= n <= 600 else None
-        if split is None or not p.get("canonical_solution"):
-            continue
-        if passing is not None and p["task_id"] not in passing:
+        if split is None or (passing is not None and p["task_id"] not in passing):
             continue
         signature = p["prompt"].rstrip().splitlines()[-1]
         function = signature + "\n" + p["canonical_solution"].strip("\n")
@@ -62,11 +62,11 @@ def main():
             {"role": "assistant", "content": f"```typescript\n{function}\n```"},
         ]})
     for name, recs in splits.items():
-        with open(os.path.join(out, f"mbtsp-{name}.jsonl"), "w") as fh:
+        with open(os.path.join(args.out, f"mbtsp-{name}.jsonl"), "w") as fh:
             for r in recs:
                 fh.write(json.dumps(r) + "\n")
         print(name, len(recs))
-    with open(os.path.join(out, "mbtsp-canonical.jsonl"), "w") as fh:
+    with open(os.path.join(args.out, "mbtsp-canonical.jsonl"), "w") as fh:
         for c in canonical:
             fh.write(json.dumps(c) + "\n")
 
