@@ -327,17 +327,17 @@ fn eval_one(args: EvalArgs) -> Result<eval::Summary> {
     let completions = match &args.completions {
         Some(f) => {
             let mut c = eval::read_completions(f)?;
-            if args.limit.is_some() {
-                c.retain(|c| problems.iter().any(|p| p.task_id == c.task_id));
-            }
-            if args.chat {
-                // Chat replies made elsewhere: take each one's function as chat mode does.
-                for c in &mut c {
-                    if let Some(p) = problems.iter().find(|p| p.task_id == c.task_id) {
+            // One pass: with `--limit`, drop the tasks past it; with `--chat`, the lines are
+            // chat replies made elsewhere, so take each one's function as chat mode does.
+            c.retain_mut(|c| match problems.iter().find(|p| p.task_id == c.task_id) {
+                Some(p) => {
+                    if args.chat {
                         c.completion = eval::completion_from_chat(p, &c.completion);
                     }
+                    true
                 }
-            }
+                None => args.limit.is_none(),
+            });
             c
         }
         None => crate::on_engine!(generate_all(&args, &problems, &cancel, json))?,
