@@ -11,9 +11,9 @@ canonical solution) in one code block: the doc comment is not repeated, so repli
 `completion_from_chat` takes what follows the signature.
 
 Most of MBTSP's canonical solutions fail their own tests in codelsi's harness (591 of 967),
-and some of those are nonsense. The script also writes them as completions (`mbtsp-canonical.jsonl`) for
-`codelsi eval --completions`; run again with `--passing` and that run's `results.jsonl`, only
-the solutions that passed are kept:
+and some of those are nonsense. The script also writes them as completions
+(`mbtsp-canonical.jsonl`) for `codelsi eval --completions`; run again with `--passing` and that
+run's `results.jsonl`, only the solutions that passed are kept:
 
     python3 benches/make_mbtsp_instructions.py ../shared/data/mbtsp/mbtsp_release_v1.2.jsonl data
     codelsi eval --suite mbpp-ts --completions data/mbtsp-canonical.jsonl --out data/canonical
