@@ -206,6 +206,7 @@ fn train_bench<B: KernelBackend>(
     let row = Row {
         positions: (0..n).collect(),
         segments: vec![0; n],
+        parents: vec![],
         labels: (0..n).map(|i| tokens.get(i + 1).copied()).collect(),
         tokens,
     };

@@ -531,6 +531,93 @@ fn data_masks_responses_and_packs_examples_apart() {
     assert_eq!(data::pack(&[a, b], 5, false).len(), 2);
 }
 
+/// A group's common prefix is packed once; the rests see it and continue its positions; the
+/// prefix stops before the token ahead of the first trained one; groups sharing too little,
+/// and rests that would overflow the row, fall back to plain units.
+#[test]
+fn shared_prefix_packing_lays_out_rows() {
+    let ex = |tail: &[u32], prompt: usize| {
+        let tokens: Vec<u32> = (100..100 + prompt as u32 - tail.len() as u32)
+            .chain(tail.iter().copied())
+            .chain([7, 8])
+            .collect();
+        let loss_mask = (0..tokens.len()).map(|i| i >= prompt).collect();
+        data::Example { tokens, loss_mask }
+    };
+    // Prompts of 20 tokens differing in their last; the answer is 2 tokens.
+    let (a, b) = (ex(&[1], 20), ex(&[2], 20));
+    let rows = data::pack_shared(&[vec![a.clone(), b.clone()]], 64);
+    assert_eq!(rows.len(), 1);
+    let r = &rows[0];
+    assert_eq!(r.tokens.len(), 19 + 3 + 3);
+    assert_eq!(r.parents, vec![None, Some(0), Some(0)]);
+    assert_eq!(r.segments[18..20], [0, 1]);
+    assert_eq!(r.positions[19..], [19, 20, 21, 19, 20, 21]);
+    assert_eq!(r.labels[..19], [None; 19]);
+    assert_eq!(
+        r.labels[19..],
+        [Some(7), Some(8), None, Some(7), Some(8), None]
+    );
+    // Identical prompts: the prefix still ends before the token ahead of the answer.
+    let rows = data::pack_shared(&[vec![a.clone(), a.clone()]], 64);
+    assert_eq!(rows[0].tokens.len(), 19 + 3 + 3);
+    // Too little in common: packed as `pack` does.
+    let short = data::pack_shared(&[vec![ex(&[1], 10), ex(&[2], 10)]], 64);
+    assert_eq!(short[0].parents, vec![None, None]);
+    assert_eq!(short[0].tokens.len(), 24);
+    // A row of 24 holds the prefix and one rest: the second rest repeats the prefix.
+    let split = data::pack_shared(&[vec![a, b]], 24);
+    assert_eq!(split.len(), 2);
+    assert!(
+        split
+            .iter()
+            .all(|r| r.tokens.len() == 22 && r.parents == [None, Some(0)])
+    );
+}
+
+/// Shared-prefix rows give the loss of the same examples packed one per row, to rounding:
+/// attention, positions and labels are unchanged, only computed once for the prefix.
+#[test]
+fn shared_prefix_rows_give_the_loss_of_separate_rows() {
+    let _guard = serial();
+    let model = confident_tiny();
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 13 % 240 + 3) as u32).collect();
+    let group: Vec<data::Example> = (0..3u32)
+        .map(|k| {
+            let mut tokens = prompt.clone();
+            tokens.extend([200 + k, 201, 50 + k, 60 + 2 * k, 70]);
+            let loss_mask = (0..tokens.len()).map(|i| i >= 42).collect();
+            data::Example { tokens, loss_mask }
+        })
+        .collect();
+    let adapters = Adapters {
+        list: &[],
+        train: false,
+    };
+    let total = |rows: &[Row]| -> (f32, usize) {
+        rows.iter().fold((0.0, 0), |(l, n), r| {
+            let (nll, t) = row_nll(&model, adapters, r).unwrap_or_else(|e| panic!("{e}"));
+            (l + to_vec(nll.inner())[0], n + t)
+        })
+    };
+    let apart = data::pack(&group, 128, false);
+    let shared = data::pack_shared(std::slice::from_ref(&group), 128);
+    assert_eq!((apart.len(), shared.len()), (3, 1));
+    assert_eq!(shared[0].tokens.len(), 40 + 3 * 5);
+    let (a, na) = total(&apart);
+    let (s, ns) = total(&shared);
+    assert_eq!(na, ns);
+    assert!((a - s).abs() < 1e-4 * a.abs(), "apart {a}, shared {s}");
+    // The mask matters: the same row with the rests unable to see the prefix scores otherwise.
+    let mut blind = shared[0].clone();
+    blind.parents = vec![];
+    let (b, _) = total(&[blind]);
+    assert!(
+        (a - b).abs() > 1e-2,
+        "the prefix changed nothing ({a} vs {b})"
+    );
+}
+
 #[test]
 fn stacked_adapters_match_reference_path() {
     let dev = device();
@@ -558,6 +645,7 @@ fn stacked_adapters_match_reference_path() {
         tokens: &tokens,
         positions: &positions,
         segments: &segments,
+        parents: &[],
     };
     let logits = |m: &Llama<B>, list: &[&Adapter<B>]| {
         to_vec(

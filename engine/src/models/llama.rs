@@ -179,6 +179,8 @@ pub struct Packed<'a> {
     pub tokens: &'a [u32],
     pub positions: &'a [usize],
     pub segments: &'a [u32],
+    /// `parents[s]`: the segment that segment `s` also sees (a shared prefix); may be empty.
+    pub parents: &'a [Option<u32>],
 }
 
 /// RoPE tables for `positions`: `(cos, sin)`, each `[len, head_dim]` (the frequencies repeated
@@ -543,7 +545,7 @@ impl<B: KernelBackend> Llama<B> {
         let (cos, sin) = self.rope(packed.positions.iter().copied());
         Ok(PackedInputs {
             rope: (to_dtype(cos, dtype), to_dtype(sin, dtype)),
-            mask: to_dtype(self.segment_mask(packed.segments), dtype),
+            mask: to_dtype(self.segment_mask(packed.segments, packed.parents), dtype),
         })
     }
 
@@ -629,16 +631,18 @@ impl<B: KernelBackend> Llama<B> {
             .reshape([rows, self.config.vocab_size])
     }
 
-    /// Additive mask `[1, 1, rep * seq, seq]` for packed examples: position i sees j when both
-    /// belong to the same example and j <= i.
-    fn segment_mask(&self, segments: &[u32]) -> Tensor<B, 4> {
+    /// Additive mask `[1, 1, rep * seq, seq]` for packed examples: position i sees j when j <= i
+    /// and j belongs to i's segment or to the prefix that segment shares (`parents`).
+    fn segment_mask(&self, segments: &[u32], parents: &[Option<u32>]) -> Tensor<B, 4> {
         let rep = self.config.num_attention_heads / self.config.num_key_value_heads;
         let seq = segments.len();
         let mut m = Vec::with_capacity(rep * seq * seq);
         for _ in 0..rep {
             for i in 0..seq {
                 m.extend((0..seq).map(|j| {
-                    if j <= i && segments[j] == segments[i] {
+                    let (si, sj) = (segments[i], segments[j]);
+                    let shared = parents.get(si as usize).copied().flatten() == Some(sj);
+                    if j <= i && (si == sj || shared) {
                         0.0
                     } else {
                         f32::NEG_INFINITY

@@ -215,6 +215,9 @@ pub struct Row {
     pub tokens: Vec<u32>,
     pub positions: Vec<usize>,
     pub segments: Vec<u32>,
+    /// `parents[s]`: the segment whose tokens segment `s` also sees, a prefix it shares with
+    /// other examples ([`pack_shared`]). Empty, or `None`, when a segment sees only itself.
+    pub parents: Vec<Option<u32>>,
     /// `labels[i]`: the token position i is trained to predict, if any.
     pub labels: Vec<Option<u32>>,
 }
@@ -241,6 +244,7 @@ pub fn pack(examples: &[Example], max_len: usize, pack: bool) -> Vec<Row> {
                 tokens: vec![],
                 positions: vec![],
                 segments: vec![],
+                parents: vec![],
                 labels: vec![],
             });
         }
@@ -256,6 +260,114 @@ pub fn pack(examples: &[Example], max_len: usize, pack: bool) -> Vec<Row> {
     }
     rows.extend(cur);
     rows
+}
+
+/// Pack groups of examples that begin alike (one program at several input sizes) into rows of
+/// at most `max_len` tokens, each group's common prefix once: the prefix is a segment of its
+/// own, and each example's rest a segment that sees it ([`Row::parents`]) and continues its
+/// positions. Attention, positions and labels are those of the examples packed apart, so the
+/// loss is the same, for the prefix's compute once instead of once per example. A prefix never
+/// reaches a labelled token; groups whose examples share fewer than [`MIN_SHARED`] tokens, and
+/// single examples, are packed as [`pack`] packs them. Units (a prefix with the rests that fit
+/// beside it, or one example) fill rows first fit in order.
+pub fn pack_shared(groups: &[Vec<Example>], max_len: usize) -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::new();
+    let mut cur = Row {
+        tokens: vec![],
+        positions: vec![],
+        segments: vec![],
+        parents: vec![],
+        labels: vec![],
+    };
+    for group in groups {
+        for (prefix, rests) in shared_units(group, max_len) {
+            let len = prefix + rests.iter().map(|e| e.tokens.len() - prefix).sum::<usize>();
+            if !cur.tokens.is_empty() && cur.tokens.len() + len > max_len {
+                rows.push(std::mem::replace(
+                    &mut cur,
+                    Row {
+                        tokens: vec![],
+                        positions: vec![],
+                        segments: vec![],
+                        parents: vec![],
+                        labels: vec![],
+                    },
+                ));
+            }
+            let push = |row: &mut Row, ex: &Example, span: std::ops::Range<usize>, parent| {
+                let seg = row.parents.len() as u32;
+                row.parents.push(parent);
+                for i in span {
+                    row.tokens.push(ex.tokens[i]);
+                    row.positions.push(i);
+                    row.segments.push(seg);
+                    let n = ex.tokens.len();
+                    row.labels
+                        .push((i + 1 < n && ex.loss_mask[i + 1]).then(|| ex.tokens[i + 1]));
+                }
+                seg
+            };
+            let parent = (prefix > 0).then(|| push(&mut cur, rests[0], 0..prefix, None));
+            for ex in rests {
+                push(&mut cur, ex, prefix..ex.tokens.len(), parent);
+            }
+        }
+    }
+    if !cur.tokens.is_empty() {
+        rows.push(cur);
+    }
+    rows
+}
+
+/// Fewer shared tokens than this are not worth a segment of their own.
+pub const MIN_SHARED: usize = 16;
+
+/// A group cut into units of (prefix length, examples): the group's common prefix, up to
+/// before its first labelled token, with as many examples' rests as fit in `max_len` beside it.
+fn shared_units(group: &[Example], max_len: usize) -> Vec<(usize, Vec<&Example>)> {
+    let Some(first) = group.first() else {
+        return vec![];
+    };
+    // A token's label is the next token's when that one is trained on, so the prefix must
+    // stop before the token ahead of the first trained one.
+    let mut prefix = group
+        .iter()
+        .map(|e| {
+            e.loss_mask
+                .iter()
+                .position(|&m| m)
+                .unwrap_or(e.tokens.len())
+        })
+        .min()
+        .unwrap_or(0)
+        .saturating_sub(1);
+    for e in &group[1..] {
+        prefix = prefix.min(
+            first
+                .tokens
+                .iter()
+                .zip(&e.tokens)
+                .take_while(|(a, b)| a == b)
+                .count(),
+        );
+    }
+    if group.len() < 2 || prefix < MIN_SHARED {
+        return group.iter().map(|e| (0, vec![e])).collect();
+    }
+    let mut units: Vec<(usize, Vec<&Example>)> = Vec::new();
+    let mut len = 0;
+    for e in group {
+        let rest = e.tokens.len() - prefix;
+        if units.is_empty() || len + rest > max_len {
+            units.push((prefix, vec![]));
+            len = prefix;
+        }
+        len += rest;
+        if let Some(u) = units.last_mut() {
+            u.1.push(e);
+        }
+    }
+    units
 }
 
 /// Split records into (train, validation): a seeded shuffle, `frac` of them (at least one when

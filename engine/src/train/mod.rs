@@ -583,6 +583,7 @@ fn packed(row: &Row) -> Packed<'_> {
         tokens: &row.tokens,
         positions: &row.positions,
         segments: &row.segments,
+        parents: &row.parents,
     }
 }
 
