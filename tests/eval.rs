@@ -248,3 +248,46 @@ fn domain_fit_measures_base_and_adapter() {
         "{base:?} {adapted:?}"
     );
 }
+
+/// `benches/make_mbtsp_instructions.py` writes the training data's user turns with its own copy
+/// of `chat_request`: the training data must ask exactly what `codelsi eval --chat` asks.
+#[test]
+fn training_script_asks_what_eval_asks() {
+    let dir = std::env::temp_dir().join(format!("codelsi-chat-drift-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let mut p = problem("MBTSP/601");
+    p.prompt =
+        "/**\n * Add two numbers.\n */\nconst add = function (a: number, b: number) : number {\n"
+            .into();
+    p.canonical_solution = Some("\treturn a + b;\n}\n".into());
+    let src = dir.join("mbtsp.jsonl");
+    std::fs::write(
+        &src,
+        serde_json::to_string(&p).unwrap_or_else(|e| panic!("{e}")) + "\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../benches/make_mbtsp_instructions.py"
+    );
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&src)
+        .arg(&dir)
+        .output()
+        .unwrap_or_else(|e| panic!("python3 (the test command installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line =
+        std::fs::read_to_string(dir.join("mbtsp-train.jsonl")).unwrap_or_else(|e| panic!("{e}"));
+    let record: serde_json::Value =
+        serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        record["messages"][0]["content"].as_str(),
+        Some(eval::chat_request(&p).as_str())
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
