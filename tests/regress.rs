@@ -166,8 +166,17 @@ fn learns_and_predicts_numbers() {
         for m in p {
             assert_eq!(m.samples.len(), 16);
             assert!(m.low <= m.median && m.median <= m.high);
+            let mean_log = m
+                .samples
+                .iter()
+                .map(|&v| stats::log10_floor(v))
+                .sum::<f64>()
+                / 16.0;
+            assert!((m.geomean.log10() - mean_log).abs() < 1e-9, "{m:?}");
         }
     }
+    let geomeans: Vec<f64> = preds.iter().map(|p| p[0].geomean).collect();
+    assert!(stats::spearman(&geomeans, &truth) > 0.99, "{geomeans:?}");
     assert!(stats::spearman(&medians, &truth) > 0.99, "{medians:?}");
     assert!(stats::mae_log10(&medians, &truth) < 0.3, "{medians:?}");
 

@@ -568,7 +568,7 @@ fn finish_report(report: &HeldOutReport, args: &PredictArgs, json: bool) -> Resu
         report.val_examples, report.val_groups, report.train_examples
     );
     println!(
-        "{:<12} {:<14} {:>9} {:>10} {:>11}",
+        "{:<12} {:<15} {:>9} {:>10} {:>11}",
         "metric", "predictor", "Spearman", "Kendall τ", "MAE log10"
     );
     for m in &report.metrics {
@@ -576,11 +576,14 @@ fn finish_report(report: &HeldOutReport, args: &PredictArgs, json: bool) -> Resu
         if let Some(s) = m.model {
             rows.push(("adapter", s));
         }
+        if let Some(s) = m.model_geomean {
+            rows.push(("adapter, gmean", s));
+        }
         rows.push(("code length", m.length));
         rows.push(("token ridge", m.ridge));
         for (name, s) in rows {
             println!(
-                "{:<12} {:<14} {:>9.3} {:>10.3} {:>11.3}",
+                "{:<12} {:<15} {:>9.3} {:>10.3} {:>11.3}",
                 m.metric, name, s.spearman, s.kendall_tau, s.mae_log10
             );
         }

@@ -496,8 +496,13 @@ impl Default for PredictSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
     pub metric: String,
-    /// The median of the samples.
+    /// The median of the samples: the prediction.
     pub median: f64,
+    /// The samples' geometric mean (the mean of their log10): unlike the median, it moves with
+    /// the probability of every order of magnitude, not only the likeliest, which makes it the
+    /// finer score for ranking when most samples fall in one.
+    #[serde(default)]
+    pub geomean: f64,
     /// The 10th and 90th percentiles: the spread, an uncertainty.
     pub low: f64,
     pub high: f64,
@@ -608,6 +613,10 @@ impl<B: KernelBackend> Regressor<B> {
                 per_metric.push(Prediction {
                     metric: name.clone(),
                     median: stats::quantile(&values, 0.5),
+                    geomean: 10f64.powf(
+                        values.iter().map(|&v| stats::log10_floor(v)).sum::<f64>()
+                            / values.len() as f64,
+                    ),
                     low: stats::quantile(&values, 0.1),
                     high: stats::quantile(&values, 0.9),
                     samples: values,
@@ -645,6 +654,16 @@ pub struct HeldOutReport {
     pub val_examples: usize,
     pub val_groups: usize,
     pub metrics: Vec<MetricReport>,
+    /// Each held-out example's group, true values and predictions (with the adapter).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub predictions: Vec<HeldOutPrediction>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldOutPrediction {
+    pub group: Option<String>,
+    pub truth: BTreeMap<String, f64>,
+    pub predicted: Vec<Prediction>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -655,7 +674,9 @@ pub struct MetricReport {
     pub median: f64,
     pub max: f64,
     pub decades: f64,
+    /// The model's median predictions scored, and its samples' geometric means.
     pub model: Option<stats::Scores>,
+    pub model_geomean: Option<stats::Scores>,
     pub length: stats::Scores,
     pub ridge: stats::Scores,
     /// Mean width of the model's 10–90 % interval, in decades.
@@ -699,11 +720,13 @@ pub fn held_out_report(
             stats::RidgeBaseline::fit(&trows.iter().map(|r| r.2.clone()).collect::<Vec<_>>(), &ty);
         let length_pred: Vec<f64> = vrows.iter().map(|r| length.predict(r.1)).collect();
         let ridge_pred: Vec<f64> = vrows.iter().map(|r| ridge.predict(&r.2)).collect();
-        let (mut model, mut width, mut coverage) = (None, None, None);
+        let (mut model, mut geomean, mut width, mut coverage) = (None, None, None, None);
         if let Some(p) = predictions {
             let got: Vec<&Prediction> = vrows.iter().map(|r| &p[r.0][m]).collect();
             let med: Vec<f64> = got.iter().map(|p| p.median).collect();
             model = Some(stats::Scores::of(&med, &vy));
+            let gm: Vec<f64> = got.iter().map(|p| p.geomean).collect();
+            geomean = Some(stats::Scores::of(&gm, &vy));
             width = Some(
                 got.iter()
                     .map(|p| stats::log10_floor(p.high) - stats::log10_floor(p.low))
@@ -726,6 +749,7 @@ pub fn held_out_report(
             max,
             decades: stats::log10_floor(max) - stats::log10_floor(min),
             model,
+            model_geomean: geomean,
             length: stats::Scores::of(&length_pred, &vy),
             ridge: stats::Scores::of(&ridge_pred, &vy),
             model_interval_decades: width,
@@ -742,6 +766,16 @@ pub fn held_out_report(
             g.len()
         },
         metrics,
+        predictions: predictions.map_or_else(Vec::new, |p| {
+            val.iter()
+                .zip(p)
+                .map(|(e, p)| HeldOutPrediction {
+                    group: e.group.clone(),
+                    truth: e.metrics.clone(),
+                    predicted: p.clone(),
+                })
+                .collect()
+        }),
     })
 }
 
