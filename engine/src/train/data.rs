@@ -210,7 +210,7 @@ pub fn tokenize(
 }
 
 /// Rows of packed examples, each at most `max_len` tokens.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Row {
     pub tokens: Vec<u32>,
     pub positions: Vec<usize>,
@@ -240,13 +240,7 @@ pub fn pack(examples: &[Example], max_len: usize, pack: bool) -> Vec<Row> {
             .is_some_and(|r| pack && r.tokens.len() + n <= max_len);
         if !fits {
             rows.extend(cur.take());
-            cur = Some(Row {
-                tokens: vec![],
-                positions: vec![],
-                segments: vec![],
-                parents: vec![],
-                labels: vec![],
-            });
+            cur = Some(Row::default());
         }
         let Some(row) = cur.as_mut() else { continue };
         let seg = row.segments.last().map_or(0, |s| s + 1);
@@ -272,27 +266,12 @@ pub fn pack(examples: &[Example], max_len: usize, pack: bool) -> Vec<Row> {
 /// beside it, or one example) fill rows first fit in order.
 pub fn pack_shared(groups: &[Vec<Example>], max_len: usize) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
-    let mut cur = Row {
-        tokens: vec![],
-        positions: vec![],
-        segments: vec![],
-        parents: vec![],
-        labels: vec![],
-    };
+    let mut cur = Row::default();
     for group in groups {
         for (prefix, rests) in shared_units(group, max_len) {
             let len = prefix + rests.iter().map(|e| e.tokens.len() - prefix).sum::<usize>();
             if !cur.tokens.is_empty() && cur.tokens.len() + len > max_len {
-                rows.push(std::mem::replace(
-                    &mut cur,
-                    Row {
-                        tokens: vec![],
-                        positions: vec![],
-                        segments: vec![],
-                        parents: vec![],
-                        labels: vec![],
-                    },
-                ));
+                rows.push(std::mem::take(&mut cur));
             }
             let push = |row: &mut Row, ex: &Example, span: std::ops::Range<usize>, parent| {
                 let seg = row.parents.len() as u32;
