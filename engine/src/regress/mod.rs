@@ -319,7 +319,7 @@ impl RegressionSpec {
     /// Training rows: prompt then answer, the loss on the answer; examples missing a metric
     /// are left out (their count is returned). The examples of a group (one program at several
     /// sizes) share the start of their prompts, which is packed once ([`pack_shared`]): on
-    /// `codelsi measure` data that is 2.4 times fewer tokens to run.
+    /// `codelsi measure` data that is about 2.4 times less text to run.
     pub fn rows(&self, examples: &[Example], tok: &Tokenizer) -> Result<(Vec<Row>, usize)> {
         let mut groups: Vec<Vec<TokenExample>> = Vec::new();
         let mut group_of: BTreeMap<&str, usize> = BTreeMap::new();
