@@ -3,6 +3,7 @@
 //! or a named prompt template, tokenised with a loss mask on the response tokens only,
 //! truncated, and packed into rows with each example's positions and segment kept apart.
 
+use std::ops::Range;
 use std::path::Path;
 
 use rand::SeedableRng;
@@ -226,6 +227,22 @@ impl Row {
     pub fn targets(&self) -> usize {
         self.labels.iter().filter(|l| l.is_some()).count()
     }
+
+    /// Append `ex.tokens[span]` as a new segment that also sees `parent`, at their positions in
+    /// `ex`, each labelled with the next token when that one is trained on; returns its id.
+    fn push_segment(&mut self, ex: &Example, span: Range<usize>, parent: Option<u32>) -> u32 {
+        let seg = self.parents.len() as u32;
+        self.parents.push(parent);
+        let n = ex.tokens.len();
+        for i in span {
+            self.tokens.push(ex.tokens[i]);
+            self.positions.push(i);
+            self.segments.push(seg);
+            self.labels
+                .push((i + 1 < n && ex.loss_mask[i + 1]).then(|| ex.tokens[i + 1]));
+        }
+        seg
+    }
 }
 
 /// Pack examples in order into rows of at most `max_len` tokens (first fit in order: an example
@@ -243,14 +260,7 @@ pub fn pack(examples: &[Example], max_len: usize, pack: bool) -> Vec<Row> {
             cur = Some(Row::default());
         }
         let Some(row) = cur.as_mut() else { continue };
-        let seg = row.segments.last().map_or(0, |s| s + 1);
-        for i in 0..n {
-            row.tokens.push(ex.tokens[i]);
-            row.positions.push(i);
-            row.segments.push(seg);
-            let label = (i + 1 < n && ex.loss_mask[i + 1]).then(|| ex.tokens[i + 1]);
-            row.labels.push(label);
-        }
+        row.push_segment(ex, 0..n, None);
     }
     rows.extend(cur);
     rows
@@ -273,22 +283,9 @@ pub fn pack_shared(groups: &[Vec<Example>], max_len: usize) -> Vec<Row> {
             if !cur.tokens.is_empty() && cur.tokens.len() + len > max_len {
                 rows.push(std::mem::take(&mut cur));
             }
-            let push = |row: &mut Row, ex: &Example, span: std::ops::Range<usize>, parent| {
-                let seg = row.parents.len() as u32;
-                row.parents.push(parent);
-                for i in span {
-                    row.tokens.push(ex.tokens[i]);
-                    row.positions.push(i);
-                    row.segments.push(seg);
-                    let n = ex.tokens.len();
-                    row.labels
-                        .push((i + 1 < n && ex.loss_mask[i + 1]).then(|| ex.tokens[i + 1]));
-                }
-                seg
-            };
-            let parent = (prefix > 0).then(|| push(&mut cur, rests[0], 0..prefix, None));
+            let parent = (prefix > 0).then(|| cur.push_segment(rests[0], 0..prefix, None));
             for ex in rests {
-                push(&mut cur, ex, prefix..ex.tokens.len(), parent);
+                cur.push_segment(ex, prefix..ex.tokens.len(), parent);
             }
         }
     }
