@@ -238,6 +238,7 @@ fn train_bench<B: KernelBackend>(
             metadata: serde_json::Value::Null,
             resume: false,
             new_tokens: None,
+            init: None,
         },
         &CancelToken::new(),
         &mut |e| match e {

@@ -110,6 +110,7 @@ fn learns_and_predicts_numbers() {
             metadata: serde_json::json!({ "regression": spec }),
             resume: false,
             new_tokens: Some(init),
+            init: None,
         },
         &CancelToken::new(),
         &mut |e| {

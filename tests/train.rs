@@ -15,7 +15,7 @@ use codelsi_engine::models::llama::{Adapters, Llama, Packed};
 use codelsi_engine::quant::QFormat;
 use codelsi_engine::train::data::{self, PromptTemplate, Record, Row};
 use codelsi_engine::train::{
-    Activations, Decay, TrainConfig, TrainEvent, TrainJob, TrainSummary, row_nll, train,
+    Activations, Decay, TrainConfig, TrainEvent, TrainJob, TrainSummary, evaluate, row_nll, train,
 };
 use codelsi_tests::{B, assert_close, device, random_values, randomized, tiny_q8, to_vec};
 
@@ -241,6 +241,7 @@ fn run<Bk: KernelBackend>(
             metadata: serde_json::Value::Null,
             resume,
             new_tokens: None,
+            init: None,
         },
         &cancel,
         &mut |e| {
@@ -363,6 +364,7 @@ fn resume_continues_the_same_loss_curve() {
             metadata: serde_json::Value::Null,
             resume: false,
             new_tokens: None,
+            init: None,
         },
         &cancel,
         &mut |_| {},
@@ -376,6 +378,72 @@ fn resume_continues_the_same_loss_curve() {
     assert_close("loss curve", &l2, &l1, 1e-6, 1e-5);
     std::fs::remove_dir_all(&a).unwrap();
     std::fs::remove_dir_all(&b).unwrap();
+}
+
+/// `init`: a run starts from an earlier adapter's weights. Its held-out loss before the first
+/// step is the earlier adapter's, not a fresh one's; an adapter of another shape is refused.
+#[test]
+fn init_starts_from_an_earlier_adapter() {
+    let _serial = serial();
+    let loaded = tiny_q8::<AD>();
+    let rows = rows(&loaded, 256, false);
+    let model = confident_tiny_on::<Flex>(None, &Default::default());
+    let first = temp("init-first");
+    run(&model, &rows, &config(8, 1e-2, 0.0), &first, false, None);
+    let trained = Adapter::<Flex>::load_peft(&first, &model.config, &Default::default()).unwrap();
+    let cancel = CancelToken::new();
+    let want = evaluate(&model, &[], &trained, &rows[..1], &cancel)
+        .unwrap()
+        .unwrap();
+    let next = |c: &TrainConfig, init: Option<&std::path::Path>, out: &std::path::Path| {
+        train(
+            TrainJob {
+                model: &model,
+                frozen: &[],
+                train: &rows,
+                val: &rows[..1],
+                config: c,
+                out,
+                base_model: "tiny_llama",
+                metadata: serde_json::Value::Null,
+                resume: false,
+                new_tokens: None,
+                init,
+            },
+            &cancel,
+            &mut |_| {},
+        )
+    };
+    let c = TrainConfig {
+        eval_every: 1,
+        ..config(1, 1e-2, 0.0)
+    };
+    let (cont, fresh) = (temp("init-cont"), temp("init-fresh"));
+    let started = next(&c, Some(&first), &cont).unwrap_or_else(|e| panic!("{e}"));
+    let from_scratch = next(&c, None, &fresh).unwrap_or_else(|e| panic!("{e}"));
+    let (got, base) = (started.val_losses[0], from_scratch.val_losses[0]);
+    eprintln!("held-out loss: trained {want}, started from it {got:?}, fresh {base:?}");
+    assert_eq!((got.0, base.0), (0, 0));
+    assert_close(
+        "loss before the first step",
+        &[got.1 as f32],
+        &[want as f32],
+        1e-5,
+        1e-4,
+    );
+    assert!(want < base.1 - 0.1, "trained {want} vs fresh {}", base.1);
+
+    let mut other = config(1, 1e-2, 0.0);
+    other.lora.rank = 4;
+    let refused = next(&other, Some(&first), &temp("init-refused"));
+    let Err(err) = refused else {
+        panic!("a rank-4 run from a rank-8 adapter was not refused");
+    };
+    let err = err.to_string();
+    assert!(err.contains("rank 8"), "{err}");
+    for d in [first, cont, fresh] {
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 }
 
 /// Gradient checkpointing per layer recomputes each layer in the backward: with dropout on,

@@ -93,6 +93,11 @@ pub struct TrainArgs {
     /// Train on top of earlier adapters, kept frozen and stacked under the new one (repeatable).
     #[arg(long = "base-adapter")]
     base_adapters: Vec<PathBuf>,
+    /// Start from this adapter's weights and train it further (on new data, say) instead of
+    /// from fresh ones. It needs the same --rank, --alpha and --targets, and for regression the
+    /// same metrics; the optimiser and the schedule start afresh.
+    #[arg(long, conflicts_with = "resume")]
+    init_adapter: Option<PathBuf>,
     #[arg(long, value_parser = parse_quant)]
     quantize: Option<QFormat>,
     /// `instruct` (LoRA on instruction data) or `regression` (an adapter that predicts
@@ -203,10 +208,12 @@ fn train_on<B: OpenDevice>(args: &TrainArgs, config: &TrainConfig) -> Result<()>
             "template": format!("{template:?}"),
             "max_len": args.max_len,
             "base_adapters": args.base_adapters,
+            "init_adapter": args.init_adapter,
             "device": gpu.to_string(),
         }),
         resume: args.resume,
         new_tokens: None,
+        init: args.init_adapter.as_deref(),
     };
     run(args, config, job)
 }
@@ -348,6 +355,23 @@ fn train_regression<B: OpenDevice>(
             gpu
         );
     }
+    if let Some(dir) = &args.init_adapter {
+        let theirs = codelsi_engine::regress::RegressionSpec::load(dir)?.with_context(|| {
+            format!(
+                "--init-adapter {}: not a regression adapter (no `regression` in codelsi_adapter.json)",
+                dir.display()
+            )
+        })?;
+        if theirs.metrics != data.spec.metrics {
+            anyhow::bail!(
+                "--init-adapter {} predicts {}; this run {} (pass --metrics {})",
+                dir.display(),
+                theirs.metrics.join(", "),
+                data.spec.metrics.join(", "),
+                theirs.metrics.join(",")
+            );
+        }
+    }
     let rows = codelsi_engine::regress::init_number_rows(&loaded.model, &loaded.tokenizer)?;
     let model_name = loaded.info.file_name();
     let job = TrainJob {
@@ -367,10 +391,12 @@ fn train_regression<B: OpenDevice>(
             "regression": data.spec,
             "train_examples": data.train_examples,
             "val_examples": data.val_examples,
+            "init_adapter": args.init_adapter,
             "device": gpu.to_string(),
         }),
         resume: args.resume,
         new_tokens: Some(rows),
+        init: args.init_adapter.as_deref(),
     };
     run(args, config, job)
 }

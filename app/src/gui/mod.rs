@@ -510,6 +510,7 @@ mod tests {
                     regress::init_number_rows(&m.model, &m.tokenizer)
                         .unwrap_or_else(|e| panic!("{e}")),
                 ),
+                init: None,
             },
             &CancelToken::new(),
             &mut |_| {},

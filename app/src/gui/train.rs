@@ -838,6 +838,7 @@ fn run(
             }),
             resume: inputs.resume,
             new_tokens: None,
+            init: None,
         },
         cancel,
         &mut |e| {

@@ -276,6 +276,10 @@ pub struct TrainJob<'a, B: KernelBackend> {
     /// `[n, hidden]` row-major (a regression adapter's number tokens). Their rows then take the
     /// loss: every label must be one of them ([`crate::regress::number_nll`]).
     pub new_tokens: Option<(Vec<f32>, Vec<f32>)>,
+    /// Start from this adapter's weights instead of fresh ones: training an adapter further on
+    /// new data. Its rank, alpha and targets must be `config.lora`'s; a regression adapter's
+    /// trained number-token rows replace `new_tokens`. The optimiser starts afresh.
+    pub init: Option<&'a Path>,
 }
 
 struct Optim<B: Backend> {
@@ -352,15 +356,21 @@ pub fn train<B: KernelBackend>(
                 ckpt.display()
             )));
         }
-        adapter = Adapter::<B>::init(c.lora.clone(), &job.model.config, c.seed, &device)?;
-        if let Some((embed, head)) = &job.new_tokens {
-            adapter.new_tokens = Some(NewTokens::from_host(
-                embed.clone(),
-                head.clone(),
-                job.model.config.hidden_size,
-                &device,
-            )?);
-        }
+        adapter = match job.init {
+            Some(dir) => start_from(dir, &job, &device)?,
+            None => {
+                let mut a = Adapter::<B>::init(c.lora.clone(), &job.model.config, c.seed, &device)?;
+                if let Some((embed, head)) = &job.new_tokens {
+                    a.new_tokens = Some(NewTokens::from_host(
+                        embed.clone(),
+                        head.clone(),
+                        job.model.config.hidden_size,
+                        &device,
+                    )?);
+                }
+                a
+            }
+        };
         optim.states = vec![None; adapter.named_tensors().len()];
     }
     std::fs::create_dir_all(job.out).map_err(|e| Error::io(job.out, e))?;
@@ -877,6 +887,61 @@ fn mean_loss_of<B: KernelBackend>(
         n += count;
     }
     Ok(Some(total / n.max(1) as f64))
+}
+
+/// The adapter in `dir` as the starting point of `job`, refused when its shape is not the
+/// one `job` trains (another rank, alpha or targets, or number tokens where none are wanted).
+fn start_from<B: KernelBackend>(
+    dir: &Path,
+    job: &TrainJob<'_, B>,
+    device: &B::Device,
+) -> Result<Adapter<B>> {
+    let want = &job.config.lora;
+    let mut a = Adapter::<B>::load_peft(dir, &job.model.config, device)?;
+    let same_targets = {
+        let (mut x, mut y) = (a.config.targets.clone(), want.targets.clone());
+        x.sort();
+        y.sort();
+        x == y
+    };
+    if a.config.rank != want.rank
+        || a.config.alpha != want.alpha
+        || a.config.rslora != want.rslora
+        || !same_targets
+    {
+        return Err(Error::InvalidArgument(format!(
+            "{}: the adapter to start from has rank {}, alpha {} on {} projection(s); this run \
+             trains rank {}, alpha {} on {} (pass the same --rank, --alpha and --targets)",
+            dir.display(),
+            a.config.rank,
+            a.config.alpha,
+            a.config.targets.len(),
+            want.rank,
+            want.alpha,
+            want.targets.len()
+        )));
+    }
+    match (&a.new_tokens, &job.new_tokens) {
+        (None, None) => {}
+        (Some(have), Some((embed, _))) => {
+            let rows = embed.len() / job.model.config.hidden_size;
+            let have = have.embed.dims()[0];
+            if have != rows {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: the adapter adds {have} tokens, this run {rows}",
+                    dir.display(),
+                )));
+            }
+        }
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the adapter to start from is of another kind (regression or not)",
+                dir.display()
+            )));
+        }
+    }
+    a.config.dropout = want.dropout;
+    Ok(a)
 }
 
 fn save_checkpoint<B: KernelBackend>(
