@@ -8,7 +8,7 @@ use codelsi_engine::eval::{Completion, Harness, Limits, load_suite};
 use codelsi_engine::generate::CancelToken;
 use codelsi_engine::regress::measure::{self, LATENCY, MeasureSettings, PEAK_MEMORY};
 use codelsi_engine::regress::{
-    self, Example, PredictSettings, RegressionSpec, Regressor, number, stats,
+    self, Example, PredictSettings, Prediction, RegressionSpec, Regressor, number, stats,
 };
 use codelsi_engine::train::{Activations, Decay, TrainConfig, TrainEvent, TrainJob, train};
 use codelsi_tests::{B, fixtures, tiny_q8};
@@ -147,6 +147,7 @@ fn learns_and_predicts_numbers() {
         samples: 16,
         temperature: 1.0,
         seed: 1,
+        share_prefix: true,
     };
     let preds = regressor
         .predict(
@@ -176,6 +177,46 @@ fn learns_and_predicts_numbers() {
             assert!((m.geomean.log10() - mean_log).abs() < 1e-9, "{m:?}");
         }
     }
+    // Programs at two sizes: the second of each pair starts from the first's prompt cache,
+    // and draws what it draws when its prompt runs whole.
+    let sized: Vec<String> = codes[..3]
+        .iter()
+        .flat_map(|c| {
+            [
+                format!("{c}\nconst SCALE = 1;"),
+                format!("{c}\nconst SCALE = 1000;"),
+            ]
+        })
+        .collect();
+    let draw = |share_prefix| {
+        regressor
+            .predict(
+                &plain.model,
+                &plain.tokenizer,
+                &sized,
+                PredictSettings {
+                    share_prefix,
+                    ..settings
+                },
+                &CancelToken::new(),
+                &mut |_| {},
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("cancelled"))
+    };
+    let (shared, whole) = (draw(true), draw(false));
+    let samples = |p: &[Vec<Prediction>]| -> Vec<f64> {
+        p.iter()
+            .flatten()
+            .flat_map(|m| m.samples.iter().copied())
+            .collect()
+    };
+    let (a, b) = (samples(&shared), samples(&whole));
+    assert_eq!(a.len(), 6 * 2 * 16);
+    // Rounding can move a draw that falls on a boundary; the rest are the same values.
+    let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+    assert!(differ <= 2, "{differ} of {} samples differ", a.len());
+
     let geomeans: Vec<f64> = preds.iter().map(|p| p[0].geomean).collect();
     assert!(stats::spearman(&geomeans, &truth) > 0.99, "{geomeans:?}");
     assert!(stats::spearman(&medians, &truth) > 0.99, "{medians:?}");

@@ -466,6 +466,7 @@ fn predict_on<B: OpenDevice>(args: &PredictArgs, dir: &Path) -> Result<()> {
         samples: args.samples,
         temperature: args.temperature,
         seed: args.seed,
+        share_prefix: true,
     };
     let preds = regressor
         .predict(

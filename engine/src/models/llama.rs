@@ -28,6 +28,11 @@ impl<B: KernelBackend> KvCache<B> {
         self.len = 0;
     }
 
+    /// Forget the positions from `len` on (the next forward writes over them).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Rows of the batch in the cache.
     pub fn batch(&self) -> usize {
         self.layers.first().map_or(0, |l| l.keys.dims()[0])

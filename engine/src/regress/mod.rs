@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::generate::CancelToken;
 use crate::io::tokenizer::Tokenizer;
 use crate::kernels::KernelBackend;
-use crate::models::llama::{Adapters, Llama};
+use crate::models::llama::{Adapters, KvCache, Llama};
 use crate::train::data::{Example as TokenExample, Row, pack_shared};
 use number::{Class, NUM_TOKENS, TOKENS_PER_NUMBER, class_at};
 
@@ -480,6 +480,10 @@ pub struct PredictSettings {
     /// Temperature of the number tokens' distribution (1: the model's own).
     pub temperature: f32,
     pub seed: u64,
+    /// Reuse the previous input's prompt keys and values for the tokens the two prompts begin
+    /// with (a program at several input sizes, say): the same predictions up to rounding, for
+    /// less compute. Off only to check that.
+    pub share_prefix: bool,
 }
 
 impl Default for PredictSettings {
@@ -488,6 +492,7 @@ impl Default for PredictSettings {
             samples: 64,
             temperature: 1.0,
             seed: 0,
+            share_prefix: true,
         }
     }
 }
@@ -565,16 +570,38 @@ impl<B: KernelBackend> Regressor<B> {
         let h = model.config.hidden_size;
         let device = model.device().clone();
         let mut rng = StdRng::seed_from_u64(settings.seed);
+        let prompts = codes
+            .iter()
+            .map(|c| spec.prompt_tokens(tok, c))
+            .collect::<Result<Vec<_>>>()?;
+        // One capacity for every cache, so that each can start the next input's.
+        let capacity = prompts.iter().map(Vec::len).max().unwrap_or(0) + steps;
+        // The last prompt's cache (batch 1, its prompt alone) and tokens.
+        let mut previous: Option<(KvCache<B>, &[u32])> = None;
         let mut out = Vec::with_capacity(codes.len());
-        for (ci, code) in codes.iter().enumerate() {
+        for (ci, prompt) in prompts.iter().enumerate() {
             if cancel.is_cancelled() {
                 return Ok(None);
             }
-            let prompt = spec.prompt_tokens(tok, code)?;
-            let mut cache = model.new_cache(1, prompt.len() + steps);
-            let x = model.embed(&prompt)?;
+            // At least the last prompt token is run, for the first answer token's logits.
+            let (mut cache, start) = match previous.take() {
+                Some((mut cache, before)) if settings.share_prefix => {
+                    let common = before
+                        .iter()
+                        .zip(prompt)
+                        .take_while(|(a, b)| a == b)
+                        .count()
+                        .min(prompt.len() - 1);
+                    cache.truncate(common);
+                    (cache, common)
+                }
+                _ => (model.new_cache(1, capacity), 0),
+            };
+            let x = model.embed(&prompt[start..])?;
             let hidden = model.forward_embedded(x, &[0], &mut cache, adapters)?;
-            let last = hidden.slice([0..1, prompt.len() - 1..prompt.len(), 0..h]);
+            let seq = prompt.len() - start;
+            let last = hidden.slice([0..1, seq - 1..seq, 0..h]);
+            previous = Some((cache.clone(), prompt));
             cache.retain_rows(&vec![0; n]);
             let mut last = last.repeat_dim(0, n); // [n, 1, h]
             let mut drawn: Vec<Vec<usize>> = vec![Vec::with_capacity(steps); n];
