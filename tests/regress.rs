@@ -6,7 +6,9 @@
 use burn::backend::Autodiff;
 use codelsi_engine::eval::{Completion, Harness, Limits, load_suite};
 use codelsi_engine::generate::CancelToken;
-use codelsi_engine::regress::measure::{self, LATENCY, MeasureSettings, PEAK_MEMORY};
+use codelsi_engine::regress::measure::{
+    self, LATENCY, MEMORY_FLOOR_KB, MeasureSettings, PEAK_MEMORY,
+};
 use codelsi_engine::regress::{
     self, Example, PredictSettings, Prediction, RegressionSpec, Regressor, number, stats,
 };
@@ -334,7 +336,7 @@ fn measures_solutions_on_scaled_inputs() {
     for e in &examples {
         assert!(e.code.contains("const SCALE = ") && e.code.contains("sum_elements("));
         assert!(
-            e.metrics[LATENCY] > 0.0 && e.metrics[PEAK_MEMORY] > 1000.0,
+            e.metrics[LATENCY] > 0.0 && e.metrics[PEAK_MEMORY] >= MEMORY_FLOOR_KB,
             "{e:?}"
         );
         assert_eq!(e.group.as_deref(), Some("MBTSP/514"));
@@ -345,6 +347,15 @@ fn measures_solutions_on_scaled_inputs() {
     assert!(
         big > 10.0 * small,
         "scale 1: {small} ms, scale 10000: {big} ms"
+    );
+    // And it holds more memory of its own: node's footprint, the same in both, is left out.
+    let (small, big) = (
+        examples[0].metrics[PEAK_MEMORY],
+        examples[1].metrics[PEAK_MEMORY],
+    );
+    assert!(
+        big > 1000.0 && big > 10.0 * small,
+        "scale 1: {small} KB, scale 10000: {big} KB"
     );
 }
 

@@ -509,7 +509,7 @@ fn predict_on<B: OpenDevice>(args: &PredictArgs, dir: &Path) -> Result<()> {
 }
 
 /// Each metric's median and 10–90 % range, `sep` between them:
-/// `latency_ms 12.30 (8.100–20.50), peak_kb 45000 (…)`.
+/// `latency_ms 12.30 (8.100–20.50), peak_kb 384.0 (…)`.
 pub fn describe(p: &[Prediction], sep: &str) -> String {
     p.iter()
         .map(|p| {

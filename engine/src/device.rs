@@ -45,9 +45,16 @@ pub fn init_wgpu() -> Result<(WgpuDevice, GpuInfo)> {
     let device = WgpuDevice::DefaultDevice;
     let info = GPU.get_or_init(|| {
         // wgpu/cubecl panic when no adapter exists; turn that into an error the user can act on.
+        // The default hook would first print the panic and a backtrace, which reads as a crash
+        // where `--device auto` then goes on on the CPU, so it is silenced for this call. The
+        // hook is global: a panic on another thread in that moment would go unprinted (its
+        // thread still fails), which is the lesser evil at startup, when nothing else runs.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
         let setup = std::panic::catch_unwind(|| {
             init_setup::<AutoGraphicsApi>(&WgpuDevice::DefaultDevice, RuntimeOptions::default())
         });
+        std::panic::set_hook(hook);
         match setup {
             Ok(setup) => {
                 let i = setup.adapter.get_info();
