@@ -356,8 +356,8 @@ fn eval_one(args: EvalArgs) -> Result<eval::Summary> {
         &mut |e| match e {
             EvalEvent::Transpiled { programs } => pb.set_length(programs as u64),
             EvalEvent::Ran { done, passed, .. } => {
-                pb.set_position(done as u64);
                 pb.set_message(format!("{passed} passed"));
+                pb.set_position(done as u64);
             }
         },
     )?;

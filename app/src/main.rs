@@ -5,10 +5,11 @@ mod eval;
 mod gui;
 mod import;
 mod merge;
+mod progress;
 mod regress;
 mod train;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -227,17 +228,10 @@ fn ctrl_c_token() -> CancelToken {
         .clone()
 }
 
-/// A progress bar on stderr drawn with `template`, or a hidden one for `--format json`.
-fn progress_bar(json: bool, template: &str) -> indicatif::ProgressBar {
-    if json {
-        return indicatif::ProgressBar::hidden();
-    }
-    let b = indicatif::ProgressBar::new(0);
-    b.set_style(
-        indicatif::ProgressStyle::with_template(template)
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    b
+/// Progress on stderr drawn with `template` (a bar on a terminal, lines in a log), or none for
+/// `--format json`.
+fn progress_bar(json: bool, template: &str) -> progress::Progress {
+    progress::Progress::new(json, template)
 }
 
 /// PEFT adapter directories loaded for `model`.
@@ -270,12 +264,14 @@ fn load<B: OpenDevice>(
             LoadEvent::Fetch(FetchStep::Done) => {
                 eprintln!("saved in {}", cache_dir().join("models").display())
             }
-            LoadEvent::Upload { done, total } => {
+            // Counted in place on a terminal; in a log, one line when done.
+            LoadEvent::Upload { done, total } if std::io::stderr().is_terminal() => {
                 eprint!("\rloading weights {done}/{total}");
                 if done == total {
                     eprintln!();
                 }
             }
+            LoadEvent::Upload { done, total } if done == total => eprintln!("weights loaded"),
             _ => {}
         }
     };

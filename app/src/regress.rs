@@ -112,8 +112,8 @@ pub fn cmd_measure(args: MeasureArgs) -> Result<()> {
         measure::measure(&workloads, &settings, &harness, &cancel, &mut |e| match e {
             MeasureEvent::Transpiled { programs } => bar.set_length(programs as u64),
             MeasureEvent::Ran { done, kept, .. } => {
-                bar.set_position(done as u64);
                 bar.set_message(format!("{kept} kept"));
+                bar.set_position(done as u64);
             }
         })?
     else {

@@ -265,7 +265,6 @@ fn run<B: OpenDevice>(args: &TrainArgs, config: &TrainConfig, job: TrainJob<'_, 
                 peak_bytes,
                 ..
             } => {
-                bar.set_position(step as u64);
                 let mem = peak_bytes
                     .map(|b| format!("  peak {:.0} MiB", b as f64 / (1 << 20) as f64))
                     .unwrap_or_default();
@@ -275,6 +274,7 @@ fn run<B: OpenDevice>(args: &TrainArgs, config: &TrainConfig, job: TrainJob<'_, 
                 bar.set_message(format!(
                     "loss {loss:.4}{val}  lr {lr:.2e}  {tokens_per_second:.0} tok/s{mem}"
                 ));
+                bar.set_position(step as u64);
             }
             TrainEvent::Eval { step, val_loss } => {
                 last_val = Some(val_loss);
