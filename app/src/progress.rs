@@ -38,15 +38,7 @@ impl Progress {
             return Self(Kind::Hidden);
         }
         if !std::io::stderr().is_terminal() {
-            return Self(Kind::Lines(Mutex::new(Lines {
-                template: template.to_string(),
-                pos: 0,
-                len: 0,
-                msg: String::new(),
-                start: Instant::now(),
-                base: None,
-                written: None,
-            })));
+            return Self(Kind::Lines(Mutex::new(Lines::new(template))));
         }
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
@@ -115,6 +107,19 @@ fn lock(l: &Mutex<Lines>) -> std::sync::MutexGuard<'_, Lines> {
 }
 
 impl Lines {
+    /// Nothing counted yet; the clock starts now.
+    fn new(template: &str) -> Self {
+        Self {
+            template: template.to_string(),
+            pos: 0,
+            len: 0,
+            msg: String::new(),
+            start: Instant::now(),
+            base: None,
+            written: None,
+        }
+    }
+
     /// Move to `pos`, writing a line at the first step and then when the last is `LINE_EVERY`
     /// old (the commands say how the work ended themselves).
     fn moved_to(&mut self, pos: u64) {
@@ -175,21 +180,10 @@ fn clock(d: Duration) -> String {
 mod tests {
     use super::*;
 
-    fn lines(template: &str) -> Lines {
-        Lines {
-            template: template.into(),
-            pos: 0,
-            len: 0,
-            msg: String::new(),
-            start: Instant::now(),
-            base: None,
-            written: None,
-        }
-    }
-
     #[test]
     fn renders_the_template_without_the_bar() {
-        let mut l = lines("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]");
+        let mut l =
+            Lines::new("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]");
         let t0 = Instant::now();
         l.start = t0;
         l.len = 10;
@@ -202,7 +196,7 @@ mod tests {
 
     #[test]
     fn writes_a_line_at_the_first_step_then_when_due() {
-        let mut l = lines("{pos}/{len}");
+        let mut l = Lines::new("{pos}/{len}");
         l.len = 3;
         l.moved_to(0);
         assert!(l.written.is_none(), "nothing done yet");
