@@ -221,6 +221,39 @@ fn learns_and_predicts_numbers() {
 
     let geomeans: Vec<f64> = preds.iter().map(|p| p[0].geomean).collect();
     assert!(stats::spearman(&geomeans, &truth) > 0.99, "{geomeans:?}");
+    let expected: Vec<f64> = preds.iter().map(|p| p[0].expected).collect();
+    assert!(stats::spearman(&expected, &truth) > 0.99, "{expected:?}");
+
+    // The expected exponent takes most of the sampling noise out of the geometric mean: drawn
+    // hot (so that the exponent varies), four samples at a time, under several seeds.
+    let (mut gm, mut ex) = (vec![], vec![]);
+    for seed in 0..12 {
+        let p = regressor
+            .predict(
+                &plain.model,
+                &plain.tokenizer,
+                &codes[..1],
+                PredictSettings {
+                    samples: 4,
+                    temperature: 4.0,
+                    seed,
+                    share_prefix: true,
+                },
+                &CancelToken::new(),
+                &mut |_| {},
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("cancelled"));
+        gm.push(p[0][0].geomean.log10());
+        ex.push(p[0][0].expected.log10());
+    }
+    let var = |x: &[f64]| {
+        let mean = x.iter().sum::<f64>() / x.len() as f64;
+        x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / x.len() as f64
+    };
+    eprintln!("spread over seeds: geomean {gm:?}, expected {ex:?}");
+    assert!(var(&gm) > 0.05, "the hot draws did not vary: {gm:?}");
+    assert!(var(&ex) < var(&gm) / 4.0, "geomean {gm:?}, expected {ex:?}");
     assert!(stats::spearman(&medians, &truth) > 0.99, "{medians:?}");
     assert!(stats::mae_log10(&medians, &truth) < 0.3, "{medians:?}");
 
@@ -236,6 +269,19 @@ fn learns_and_predicts_numbers() {
     );
     assert!(err.is_err_and(|e| e.to_string().contains("regression adapter")));
     let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn expected_index_is_the_softmax_mean() {
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+    assert!(close(regress::expected_index(&[0.0, 0.0], 1.0), 0.5));
+    // Weights 1 : 3.
+    assert!(close(regress::expected_index(&[0.0, 3f32.ln()], 1.0), 0.75));
+    // Hotter flattens towards the middle; colder picks the likeliest.
+    let hot = regress::expected_index(&[0.0, 0.0, 5.0], 100.0);
+    assert!((hot - 1.0).abs() < 0.05, "{hot}");
+    let cold = regress::expected_index(&[0.0, 0.0, 5.0], 0.01);
+    assert!(close(cold, 2.0), "{cold}");
 }
 
 #[test]

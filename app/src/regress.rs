@@ -580,6 +580,9 @@ fn finish_report(report: &HeldOutReport, args: &PredictArgs, json: bool) -> Resu
         if let Some(s) = m.model_geomean {
             rows.push(("adapter, gmean", s));
         }
+        if let Some(s) = m.model_expected {
+            rows.push(("adapter, E[exp]", s));
+        }
         rows.push(("code length", m.length));
         rows.push(("token ridge", m.ridge));
         for (name, s) in rows {
