@@ -679,13 +679,18 @@ impl<B: KernelBackend> Regressor<B> {
     }
 }
 
-/// The mean index under `softmax(logits / temperature)`.
-pub fn expected_index(logits: &[f32], temperature: f32) -> f64 {
+/// `softmax(logits / temperature)`, unnormalised.
+fn weights(logits: &[f32], temperature: f32) -> Vec<f64> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let w: Vec<f64> = logits
+    logits
         .iter()
         .map(|&l| (((l - max) / temperature) as f64).exp())
-        .collect();
+        .collect()
+}
+
+/// The mean index under `softmax(logits / temperature)`.
+pub fn expected_index(logits: &[f32], temperature: f32) -> f64 {
+    let w = weights(logits, temperature);
     let total: f64 = w.iter().sum();
     w.iter()
         .enumerate()
@@ -696,11 +701,7 @@ pub fn expected_index(logits: &[f32], temperature: f32) -> f64 {
 
 /// Draw an index from `softmax(logits / temperature)`.
 fn sample_among(logits: &[f32], temperature: f32, rng: &mut StdRng) -> usize {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let w: Vec<f64> = logits
-        .iter()
-        .map(|&l| (((l - max) / temperature) as f64).exp())
-        .collect();
+    let w = weights(logits, temperature);
     let total: f64 = w.iter().sum();
     let mut u = rng.random::<f64>() * total;
     for (i, &x) in w.iter().enumerate() {
