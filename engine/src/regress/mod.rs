@@ -625,15 +625,15 @@ impl<B: KernelBackend> Regressor<B> {
                     .convert::<f32>()
                     .into_vec()
                     .map_err(|e| Error::InvalidArgument(format!("reading logits: {e:?}")))?;
-                let allowed = class_at(step).tokens();
+                let class = class_at(step);
+                let allowed = class.tokens();
                 let mut next = Vec::with_capacity(n);
                 for (r, row) in logits.chunks_exact(NUM_TOKENS).enumerate() {
-                    let choices = &row[allowed.clone()];
-                    let i = sample_among(choices, settings.temperature, &mut rng);
-                    if class_at(step) == Class::Exponent {
+                    let w = softmax_weights(&row[allowed.clone()], settings.temperature);
+                    let i = draw(&w, &mut rng);
+                    if class == Class::Exponent {
                         // Exponent tokens are in order, one decade apart.
-                        let mean = expected_index(choices, settings.temperature);
-                        shift[r][step / TOKENS_PER_NUMBER] = mean - i as f64;
+                        shift[r][step / TOKENS_PER_NUMBER] = mean_index(&w) - i as f64;
                     }
                     let t = i + allowed.start;
                     drawn[r].push(t);
@@ -655,17 +655,12 @@ impl<B: KernelBackend> Regressor<B> {
                 per_metric.push(Prediction {
                     metric: name.clone(),
                     median: stats::quantile(&values, 0.5),
-                    geomean: 10f64.powf(
-                        values.iter().map(|&v| stats::log10_floor(v)).sum::<f64>()
-                            / values.len() as f64,
-                    ),
-                    expected: 10f64.powf(
+                    geomean: geometric_mean(values.iter().copied()),
+                    expected: geometric_mean(
                         values
                             .iter()
                             .zip(&shift)
-                            .map(|(&v, s)| stats::log10_floor(v * 10f64.powf(s[m])))
-                            .sum::<f64>()
-                            / values.len() as f64,
+                            .map(|(&v, s)| v * 10f64.powf(s[m])),
                     ),
                     low: stats::quantile(&values, 0.1),
                     high: stats::quantile(&values, 0.9),
@@ -680,7 +675,7 @@ impl<B: KernelBackend> Regressor<B> {
 }
 
 /// `softmax(logits / temperature)`, unnormalised.
-fn weights(logits: &[f32], temperature: f32) -> Vec<f64> {
+pub fn softmax_weights(logits: &[f32], temperature: f32) -> Vec<f64> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     logits
         .iter()
@@ -688,9 +683,8 @@ fn weights(logits: &[f32], temperature: f32) -> Vec<f64> {
         .collect()
 }
 
-/// The mean index under `softmax(logits / temperature)`.
-pub fn expected_index(logits: &[f32], temperature: f32) -> f64 {
-    let w = weights(logits, temperature);
+/// The mean index under weights `w` ([`softmax_weights`]).
+pub fn mean_index(w: &[f64]) -> f64 {
     let total: f64 = w.iter().sum();
     w.iter()
         .enumerate()
@@ -699,9 +693,8 @@ pub fn expected_index(logits: &[f32], temperature: f32) -> f64 {
         / total
 }
 
-/// Draw an index from `softmax(logits / temperature)`.
-fn sample_among(logits: &[f32], temperature: f32, rng: &mut StdRng) -> usize {
-    let w = weights(logits, temperature);
+/// Draw an index in proportion to the weights `w`.
+fn draw(w: &[f64], rng: &mut StdRng) -> usize {
     let total: f64 = w.iter().sum();
     let mut u = rng.random::<f64>() * total;
     for (i, &x) in w.iter().enumerate() {
@@ -711,6 +704,12 @@ fn sample_among(logits: &[f32], temperature: f32, rng: &mut StdRng) -> usize {
         u -= x;
     }
     w.len() - 1
+}
+
+/// The geometric mean of positive values, each floored as [`stats::log10_floor`] floors it.
+fn geometric_mean(values: impl ExactSizeIterator<Item = f64>) -> f64 {
+    let n = values.len() as f64;
+    10f64.powf(values.map(stats::log10_floor).sum::<f64>() / n)
 }
 
 /// A held-out evaluation: the adapter's median predictions and the two baselines, per metric.
@@ -744,7 +743,6 @@ pub struct MetricReport {
     /// geometric means with the exponent's expectation ([`Prediction::expected`]).
     pub model: Option<stats::Scores>,
     pub model_geomean: Option<stats::Scores>,
-    #[serde(default)]
     pub model_expected: Option<stats::Scores>,
     pub length: stats::Scores,
     pub ridge: stats::Scores,
@@ -793,12 +791,13 @@ pub fn held_out_report(
         let (mut width, mut coverage) = (None, None);
         if let Some(p) = predictions {
             let got: Vec<&Prediction> = vrows.iter().map(|r| &p[r.0][m]).collect();
-            let med: Vec<f64> = got.iter().map(|p| p.median).collect();
-            model = Some(stats::Scores::of(&med, &vy));
-            let gm: Vec<f64> = got.iter().map(|p| p.geomean).collect();
-            geomean = Some(stats::Scores::of(&gm, &vy));
-            let ex: Vec<f64> = got.iter().map(|p| p.expected).collect();
-            expected = Some(stats::Scores::of(&ex, &vy));
+            let score = |of: fn(&Prediction) -> f64| {
+                let pred: Vec<f64> = got.iter().map(|&p| of(p)).collect();
+                Some(stats::Scores::of(&pred, &vy))
+            };
+            model = score(|p| p.median);
+            geomean = score(|p| p.geomean);
+            expected = score(|p| p.expected);
             width = Some(
                 got.iter()
                     .map(|p| stats::log10_floor(p.high) - stats::log10_floor(p.low))
