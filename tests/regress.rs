@@ -368,7 +368,7 @@ fn measures_solutions_on_scaled_inputs() {
         min_ms: 5.0,
         limits: Limits::default(),
     };
-    let harness = Harness::new(settings.limits, 0, &mut |s| eprintln!("{s}"))
+    let harness = Harness::new(settings.limits, 0, false, &mut |s| eprintln!("{s}"))
         .unwrap_or_else(|e| panic!("{e}"));
     let (examples, dropped) =
         measure::measure(&all, &settings, &harness, &CancelToken::new(), &mut |_| {})

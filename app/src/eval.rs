@@ -76,6 +76,11 @@ pub struct EvalArgs {
     /// Programs run at once (0: one per core).
     #[arg(long, default_value_t = 0)]
     jobs: usize,
+    /// Run model-written programs even where no sandbox can be set up (no bubblewrap, or a
+    /// kernel that refuses namespaces, or not Linux). UNSAFE: they then run with node's
+    /// permission model and rlimits only, and can see your files and processes.
+    #[arg(long)]
+    unsafe_no_sandbox: bool,
     /// Write `results.jsonl` (every sample) and `summary.json` here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -318,7 +323,7 @@ fn eval_one(args: EvalArgs) -> Result<eval::Summary> {
         memory_bytes: args.memory_mb << 20,
         ..Limits::default()
     };
-    let harness = Harness::new(limits, args.jobs, &mut |s| {
+    let harness = Harness::new(limits, args.jobs, args.unsafe_no_sandbox, &mut |s| {
         if !json {
             eprintln!("{s}");
         }
@@ -380,7 +385,7 @@ fn eval_one(args: EvalArgs) -> Result<eval::Summary> {
     if json {
         let mut v = serde_json::to_value(&summary)?;
         v["suite"] = args.suite.clone().into();
-        v["network_isolation"] = serde_json::to_value(harness.sandbox.net)?;
+        v["isolation"] = serde_json::to_value(harness.sandbox.isolation)?;
         v["generate_seconds"] = gen_secs.into();
         v["run_seconds"] = run_secs.into();
         if !args.quiet {
@@ -411,8 +416,8 @@ fn eval_one(args: EvalArgs) -> Result<eval::Summary> {
             .collect::<String>()
     );
     println!(
-        "statuses: {:?}; generation {gen_secs:.1} s, execution {run_secs:.1} s; network isolation: {:?}",
-        summary.statuses, harness.sandbox.net
+        "statuses: {:?}; generation {gen_secs:.1} s, execution {run_secs:.1} s; sandbox: {}",
+        summary.statuses, harness.sandbox.isolation
     );
     Ok(summary)
 }

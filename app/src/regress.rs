@@ -47,6 +47,11 @@ pub struct MeasureArgs {
     /// Programs run at once (0: one per core; timings are of one core each).
     #[arg(long, default_value_t = 0)]
     jobs: usize,
+    /// Run model-written programs even where no sandbox can be set up (no bubblewrap, or a
+    /// kernel that refuses namespaces, or not Linux). UNSAFE: they then run with node's
+    /// permission model and rlimits only, and can see your files and processes.
+    #[arg(long)]
+    unsafe_no_sandbox: bool,
     /// The dataset (JSONL: `code`, `metrics`, `group`).
     #[arg(long)]
     out: PathBuf,
@@ -94,13 +99,18 @@ pub fn cmd_measure(args: MeasureArgs) -> Result<()> {
     settings.limits.cpu_secs = args.timeout;
     settings.limits.wall = Duration::from_secs(args.timeout * 2 + 2);
     settings.limits.memory_bytes = args.memory_mb << 20;
-    let harness = Harness::new(settings.limits, args.jobs, &mut |s| eprintln!("{s}"))?;
+    let harness = Harness::new(
+        settings.limits,
+        args.jobs,
+        args.unsafe_no_sandbox,
+        &mut |s| eprintln!("{s}"),
+    )?;
     eprintln!(
-        "{} programs × {} scales ({} problems without calls to scale); sandbox: {:?} network isolation",
+        "{} programs × {} scales ({} problems without calls to scale); sandbox: {}",
         workloads.len(),
         settings.scales.len(),
         skipped.len(),
-        harness.sandbox.net
+        harness.sandbox.isolation
     );
     let bar = crate::progress_bar(
         false,

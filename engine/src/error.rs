@@ -102,6 +102,11 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// Model-written programs run only inside a sandbox, and none could be set up here (the
+    /// user did not pass the flag that accepts running them without one).
+    #[error("no sandbox for model-written programs: {why}")]
+    NoSandbox { why: String },
+
     /// A kernel's result differs from the reference product (a bug in a kernel or a driver).
     #[error("kernel check failed: {0}")]
     KernelCheck(String),

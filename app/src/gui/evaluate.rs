@@ -143,7 +143,9 @@ impl EvaluatePanel {
                 if limit > 0 {
                     problems.truncate(limit);
                 }
-                let harness = Harness::new(Limits::default(), 0, &mut |s| {
+                // The app never runs programs unsandboxed: where no sandbox can be set up, the
+                // error says how to get one (or to use the CLI's --unsafe-no-sandbox).
+                let harness = Harness::new(Limits::default(), 0, false, &mut |s| {
                     tx.send(Msg::Progress(s.to_string(), 0.0));
                 })?;
                 let runs = who.len() as f32;

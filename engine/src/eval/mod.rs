@@ -1,6 +1,7 @@
 //! Functional correctness: problems (prompt + tests), completions for them, each program
-//! (prompt + completion + tests) transpiled from TypeScript and run under node in the
-//! [`sandbox`], and pass@k with the unbiased estimator of Chen et al. (2021).
+//! (prompt + completion) and the problem's tests transpiled from TypeScript and run under node
+//! in the [`sandbox`] by the grader (`grader.js`), and pass@k with the unbiased estimator of
+//! Chen et al. (2021).
 
 pub mod fit;
 pub mod sandbox;
@@ -8,7 +9,9 @@ pub mod typescript;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::LazyLock;
 
+use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -321,17 +324,82 @@ pub fn generate_completions<B: KernelBackend>(
         .collect())
 }
 
-/// Printed after the tests: a program that exits cleanly without printing it never reached
-/// the end of its tests (a completion that leaves a block open swallows them, and
-/// `transpileModule` recovers from the syntax error into a program that asserts nothing).
-pub const TESTS_DONE: &str = "__codelsi_tests_done__";
+/// `node -e` this to grade a program: it reads a [`GradeJob`] on stdin and prints the job's
+/// proof only when every test ran to its end (its threat model is in the file).
+const GRADER: &str = include_str!("grader.js");
 
-/// The program a completion is judged by: prompt, completion, tests, the end marker.
-pub fn program(problem: &Problem, completion: &str) -> String {
-    format!(
-        "{}{}\n{}\n;console.log({TESTS_DONE:?});\n",
-        problem.prompt, completion, problem.test
-    )
+/// What the grader is given, on stdin (read whole before the completion loads).
+#[derive(Serialize)]
+struct GradeJob<'a> {
+    /// A secret of this run: seen in stdout only when the tests passed.
+    proof: String,
+    solution: &'a str,
+    tests: &'a str,
+    /// The names the tests take from the solution.
+    names: &'a [String],
+}
+
+/// The names the tests take from the program: what the prompt declares at the top level, and
+/// the entry point, less what the tests declare themselves.
+pub fn shared_names(problem: &Problem) -> Vec<String> {
+    // The patterns are constants: a bad one panics in every test, never first in a user's hands.
+    #[allow(clippy::expect_used)]
+    static DECLARED: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(
+            r"(?m)^(?:export\s+)?(?:async\s+)?(?:function\*?|const|let|var|class)\s+([A-Za-z_$][\w$]*)",
+        )
+        .expect("a valid pattern")
+    });
+    #[allow(clippy::expect_used)]
+    static TEST_DECLARED: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(
+            r"(?:\b(?:function\*?|const|let|var|class)|\bimport\s+\*\s+as|\bimport)\s+([A-Za-z_$][\w$]*)",
+        )
+        .expect("a valid pattern")
+    });
+    // The grader's own parameters, and what strict mode forbids as one.
+    const TAKEN: [&str; 6] = [
+        "require",
+        "exports",
+        "module",
+        "eval",
+        "arguments",
+        "assert",
+    ];
+    let own: std::collections::BTreeSet<&str> = TEST_DECLARED
+        .captures_iter(&problem.test)
+        .filter_map(|c| c.get(1).map(|m| m.as_str()))
+        .collect();
+    let mut names: Vec<String> = Vec::new();
+    let declared = DECLARED
+        .captures_iter(&problem.prompt)
+        .filter_map(|c| c.get(1).map(|m| m.as_str()));
+    for name in declared.chain([problem.entry_point.as_str()]) {
+        if !name.is_empty()
+            && !own.contains(name)
+            && !TAKEN.contains(&name)
+            && !names.iter().any(|n| n == name)
+        {
+            names.push(name.to_string());
+        }
+    }
+    names
+}
+
+/// The program a completion is judged by: prompt and completion, then the names the tests
+/// take, handed over as the module's exports.
+pub fn solution_source(problem: &Problem, completion: &str, names: &[String]) -> String {
+    let mut s = format!(
+        "{}{}\n;module.exports = (() => {{ const __codelsi_names: any = {{}};",
+        problem.prompt, completion
+    );
+    for n in names {
+        s.push_str(&format!(
+            " try {{ __codelsi_names.{n} = {n}; }} catch (_) {{}}"
+        ));
+    }
+    s.push_str(" return __codelsi_names; })();\n");
+    s
 }
 
 /// One scored sample.
@@ -371,9 +439,16 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// Find node and its sandbox, and the typescript package (installed on first use).
-    pub fn new(limits: Limits, jobs: usize, status: &mut dyn FnMut(&str)) -> Result<Self> {
-        let sandbox = Sandbox::detect()?;
+    /// Find node and its sandbox, and the typescript package (installed on first use). Where
+    /// no sandbox can be set up this fails, unless `allow_unsafe` (the user's explicit word
+    /// that programs may run without one).
+    pub fn new(
+        limits: Limits,
+        jobs: usize,
+        allow_unsafe: bool,
+        status: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        let sandbox = Sandbox::detect(allow_unsafe, status)?;
         let ts = TypeScript::ensure(&sandbox.node, status)?;
         Ok(Self {
             ts,
@@ -384,8 +459,10 @@ impl Harness {
     }
 }
 
-/// Transpile and run every completion. Completions for tasks not in `problems` are an error
-/// (a mismatched file, not a failure).
+/// Transpile and run every completion against its problem's tests. Completions for tasks not
+/// in `problems` are an error (a mismatched file, not a failure). A program or tests with
+/// syntax errors fail: `transpileModule` would recover from them into a program other than
+/// the one written (a block left open swallows what follows it).
 pub fn score(
     problems: &[Problem],
     completions: &[Completion],
@@ -394,12 +471,19 @@ pub fn score(
     progress: &mut dyn FnMut(EvalEvent),
 ) -> Result<Vec<SampleResult>> {
     let (ts, sandbox, limits) = (&harness.ts, &harness.sandbox, &harness.limits);
-    let by_id: BTreeMap<&str, &Problem> =
-        problems.iter().map(|p| (p.task_id.as_str(), p)).collect();
+    // Each problem once: its index among the tests, and the names its tests take.
+    let mut by_id: BTreeMap<&str, (usize, &Problem, Vec<String>)> = BTreeMap::new();
+    for p in problems {
+        let next = by_id.len();
+        by_id
+            .entry(p.task_id.as_str())
+            .or_insert_with(|| (next, p, shared_names(p)));
+    }
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     let mut jobs = Vec::with_capacity(completions.len());
+    let mut sources = Vec::with_capacity(completions.len() + by_id.len());
     for c in completions {
-        let p = by_id.get(c.task_id.as_str()).ok_or_else(|| {
+        let (_, p, names) = by_id.get(c.task_id.as_str()).ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "completion for `{}`, which is not a problem of this suite",
                 c.task_id
@@ -408,12 +492,15 @@ pub fn score(
         let n = counts.entry(p.task_id.as_str()).or_default();
         jobs.push((*p, c, *n));
         *n += 1;
+        sources.push(solution_source(p, &c.completion, names));
     }
-    let sources: Vec<String> = jobs
-        .iter()
-        .map(|(p, c, _)| program(p, &c.completion))
-        .collect();
-    let compiled = ts.transpile(&sources)?;
+    let mut tests_of: Vec<&str> = vec![""; by_id.len()];
+    for (i, p, _) in by_id.values() {
+        tests_of[*i] = &p.test;
+    }
+    sources.extend(tests_of.iter().map(|t| t.to_string()));
+    let mut compiled = ts.transpile(&sources)?;
+    let tests = compiled.split_off(completions.len());
     progress(EvalEvent::Transpiled {
         programs: compiled.len(),
     });
@@ -421,21 +508,15 @@ pub fn score(
         compiled.into_iter().enumerate().collect();
     let run = |_: &mut (), (i, js): &(usize, std::result::Result<String, String>)| {
         let (p, c, sample) = &jobs[*i];
-        let (status, tail, seconds) = match js {
-            Err(diag) => (Status::Failed, format!("TypeScript: {diag}"), 0.0),
-            Ok(js) => match sandbox.run_js(js, limits, Some(TESTS_DONE)) {
-                Ok(r) if r.status == Status::Passed && !r.marker_seen => (
-                    Status::Failed,
-                    format!(
-                        "the tests did not run to their end (the completion leaves a block \
-                         open?)\n{}",
-                        r.output_tail
-                    ),
-                    r.seconds,
-                ),
-                Ok(r) => (r.status, r.output_tail, r.seconds),
-                Err(e) => (Status::Crashed, format!("sandbox: {e}"), 0.0),
-            },
+        let (index, _, names) = &by_id[p.task_id.as_str()];
+        let (status, tail, seconds) = match (js, &tests[*index]) {
+            (Err(diag), _) => (Status::Failed, format!("TypeScript: {diag}"), 0.0),
+            (_, Err(diag)) => (
+                Status::Failed,
+                format!("the problem's tests: TypeScript: {diag}"),
+                0.0,
+            ),
+            (Ok(js), Ok(tests)) => grade(sandbox, limits, js, tests, names),
         };
         SampleResult {
             task_id: p.task_id.clone(),
@@ -463,6 +544,39 @@ pub fn score(
             })
         },
     )
+}
+
+/// One program against its tests in the sandbox: passed only if the grader printed this run's
+/// proof (every test ran to its end) and node exited cleanly.
+fn grade(
+    sandbox: &Sandbox,
+    limits: &Limits,
+    solution: &str,
+    tests: &str,
+    names: &[String],
+) -> (Status, String, f64) {
+    let job = GradeJob {
+        proof: format!("{:032x}", rand::random::<u128>()),
+        solution,
+        tests,
+        names,
+    };
+    let stdin = match serde_json::to_vec(&job) {
+        Ok(b) => b,
+        Err(e) => return (Status::Crashed, format!("encoding the program: {e}"), 0.0),
+    };
+    match sandbox.run_script(GRADER, &stdin, limits, Some(&job.proof)) {
+        Ok(r) if r.status == Status::Passed && !r.marker_seen => (
+            Status::Failed,
+            format!(
+                "exited before its tests had run to their end\n{}",
+                r.output_tail
+            ),
+            r.seconds,
+        ),
+        Ok(r) => (r.status, r.output_tail, r.seconds),
+        Err(e) => (Status::Crashed, format!("sandbox: {e}"), 0.0),
+    }
 }
 
 /// The unbiased pass@k estimate for a task with `n` samples of which `c` passed:

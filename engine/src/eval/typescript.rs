@@ -1,6 +1,8 @@
 //! TypeScript to JavaScript with the `typescript` npm package (`ts.transpileModule`: no type
-//! check, and its output is run even when it reports syntax errors, as it recovers from them —
-//! the program's tests then decide), many programs per node process. The package lives in the cache, installed with npm on first use.
+//! check), many programs per node process. A program with syntax errors is refused rather than
+//! run: transpileModule recovers from them into a program other than the one written (a block
+//! left open swallows the code after it), which would then be judged in its place. The package
+//! lives in the cache, installed with npm on first use.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,7 +14,7 @@ use crate::error::{Error, Result};
 pub const VERSION: &str = "5.6.3";
 
 const SCRIPT: &str = r#"
-const ts = require(process.argv[2]);
+const ts = require(process.argv[1]);
 let input = '';
 process.stdin.setEncoding('utf8');
 process.stdin.on('data', (d) => { input += d; });
@@ -23,7 +25,7 @@ process.stdin.on('end', () => {
       compilerOptions: { module: ts.ModuleKind.CommonJS, target: ts.ScriptTarget.ES2020 },
     });
     const errors = (r.diagnostics || []).filter((d) => d.category === ts.DiagnosticCategory.Error);
-    if (errors.length > 0 && !r.outputText) {
+    if (errors.length > 0) {
       return { error: errors.map((d) => ts.flattenDiagnosticMessageText(d.messageText, ' ')).join('; ') };
     }
     return { js: r.outputText };
@@ -103,14 +105,12 @@ impl TypeScript {
         if sources.is_empty() {
             return Ok(Vec::new());
         }
-        let dir = std::env::temp_dir().join(format!("codelsi-tsc-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let script = dir.join("transpile.js");
-        std::fs::write(&script, SCRIPT).map_err(|e| Error::io(&script, e))?;
         let input = serde_json::to_vec(sources)
             .map_err(|e| Error::InvalidArgument(format!("encoding programs: {e}")))?;
+        // The transpiler is ours and trusted: it runs outside the sandbox.
         let mut child = Command::new(&self.node)
-            .arg(&script)
+            .arg("-e")
+            .arg(SCRIPT)
             .arg(&self.package)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -127,7 +127,6 @@ impl TypeScript {
             .wait_with_output()
             .map_err(|e| Error::io(&self.node, e))?;
         let _ = writer.join();
-        let _ = std::fs::remove_dir_all(&dir);
         if !out.status.success() {
             return Err(Error::InvalidArgument(format!(
                 "transpiling with {}: {}",

@@ -58,6 +58,7 @@ impl Default for MeasureSettings {
                 wall: Duration::from_secs(10),
                 memory_bytes: 4 << 30,
                 output_bytes: 64 << 10,
+                ..Limits::default()
             },
         }
     }
