@@ -442,3 +442,86 @@ fn instruction_files_import_in_every_form() {
     .expect_err("bad record");
     assert!(err.to_string().contains("line 2"), "{err}");
 }
+
+/// A corpus of planted secrets (`fixtures/secrets_repo`, each alone in its function: provider
+/// formats, pieces joined by `+`, a base64-encoded client secret, credential names with short
+/// and spaced values, environment defaults, passwords and tokens in comments): none reaches
+/// `train.jsonl`, `val.jsonl` or `report.json`, and the functions beside them, and those with
+/// hashes, test vectors, ids and labels, are kept with no finding of their own.
+#[test]
+fn planted_secrets_never_leak() {
+    let repo = temp("secrets").join("repo");
+    copy_dir(&fixtures().join("secrets_repo"), &repo);
+    let out = repo.parent().unwrap().join("data");
+    let report = run(&repo, &out);
+    let planted = std::fs::read_to_string(fixtures().join("secrets_planted.txt")).unwrap();
+    let planted: Vec<&str> = planted.lines().filter(|l| !l.is_empty()).collect();
+    assert!(planted.len() >= 25);
+    for f in ["train.jsonl", "val.jsonl", "report.json"] {
+        let text = std::fs::read_to_string(out.join(f)).unwrap();
+        for s in &planted {
+            assert!(!text.contains(s), "secret {s} leaked into {f}");
+        }
+    }
+    let train = read_pairs(&out.join("train.jsonl"));
+    let val = read_pairs(&out.join("val.jsonl"));
+    let kept: Vec<&str> = train
+        .iter()
+        .chain(&val)
+        .map(|p| p.source.name.as_str())
+        .collect();
+    for n in [
+        "addNumbers",
+        "mean",
+        "emptySha256",
+        "cacheDigest",
+        "fixtureRequestId",
+        "highlightRules",
+        "loginLabels",
+        "passwordSource",
+        "bundleIntegrity",
+        "wordListName",
+    ] {
+        assert!(kept.contains(&n), "{n} was dropped: {kept:?}");
+    }
+    // Every planted function is dropped, and the findings sit in planted files only.
+    for n in [
+        "uploaderKeyId",
+        "releaseBotToken",
+        "oauthClient",
+        "kioskLogin",
+        "wikiLogin",
+    ] {
+        assert!(!kept.contains(&n), "{n} was kept");
+    }
+    assert!(
+        report
+            .secrets_found
+            .iter()
+            .all(|s| !s.path.ends_with("benign.ts")),
+        "{:?}",
+        report.secrets_found
+    );
+    let found: usize = report.secrets.values().sum();
+    assert!(found >= planted.len() - 4, "{:?}", report.secrets);
+    for kind in [
+        "aws_access_key",
+        "github_token",
+        "slack_webhook",
+        "sendgrid_api_key",
+        "npm_token",
+        "base64_encoded_secret",
+        "credential_assignment",
+        "bearer_token",
+        "huggingface_token",
+        "environment_default",
+        "credential_in_text",
+        "twilio_key",
+    ] {
+        assert!(
+            report.secrets.contains_key(kind),
+            "no {kind}: {:?}",
+            report.secrets
+        );
+    }
+}
