@@ -186,7 +186,7 @@ static ENV_DEFAULT: LazyLock<Regex> = LazyLock::new(|| {
 #[allow(clippy::expect_used)]
 static IN_PROSE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
-        r"(?i)\b(?:password|passwd|passphrase|pwd|secret|token|api[ _\-]?key)\s+(?:is|was|=|:)\s+([^\s'`]{6,})",
+        r"(?i)\b(?:password|passwd|passphrase|pwd|secret|token|api[ _\-]?key)\s*(?:\s(?:is|was)\s|:)\s*([^\s'`]{6,})",
     )
     .expect("valid pattern")
 });
@@ -200,16 +200,17 @@ static STRING_LITERAL: LazyLock<Regex> = LazyLock::new(|| {
     .expect("literal pattern is valid")
 });
 
-/// One string literal on one line (a template literal without substitutions).
-const ONE_LITERAL: &str = r#"(?:"[^"\n]*"|'[^'\n]*'|`[^`\n$]*`)"#;
-
+/// One string literal without whitespace (a template literal without substitutions).
 #[allow(clippy::expect_used)]
-static LITERAL: LazyLock<Regex> = LazyLock::new(|| Regex::new(ONE_LITERAL).expect("valid pattern"));
+static LITERAL: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r#"(?:"[^"\s]*"|'[^'\s]*'|`[^`\s$]*`)"#).expect("valid pattern"));
 
-/// Two or more string literals joined by `+` (across lines).
+/// Two or more literals without whitespace joined by `+` (across lines). Pieces of a secret
+/// hold none; and a "literal" that does may be the code between two real ones, paired wrong.
 #[allow(clippy::expect_used)]
 static CONCATENATION: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(&format!(r"{ONE_LITERAL}(?:\s*\+\s*{ONE_LITERAL})+")).expect("valid pattern")
+    let piece = r#"(?:"[^"\s]*"|'[^'\s]*'|`[^`\s$]*`)"#;
+    Regex::new(&format!(r"{piece}(?:\s*\+\s*{piece})+")).expect("valid pattern")
 });
 
 #[allow(clippy::expect_used)]
@@ -294,11 +295,22 @@ fn credential_value(v: &str) -> bool {
         .chars()
         .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
     let prose = t.split_whitespace().count() >= 4;
+    // A scheme alone (`"Basic " + encoded`), a format string (`'%s:%s'`, `'{0}:{1}'`), an
+    // object id (`'1.3.6.1.5.5.7.3.1'`) holds no secret of its own.
+    let scheme = matches!(
+        t.to_ascii_lowercase().as_str(),
+        "basic" | "bearer" | "digest" | "token" | "negotiate"
+    );
+    let format = t.contains("%s") || t.contains("%d") || t.contains("{0") || t.contains("{}");
+    let no_letters = !t.bytes().any(|b| b.is_ascii_alphabetic());
     let path = t.starts_with('/') || t.starts_with("./") || t.starts_with("http");
     !(lower_words
         || env_name
         || prose
         || path
+        || scheme
+        || format
+        || no_letters
         || CREDENTIAL_WORDS.contains(&t.to_ascii_lowercase().as_str()))
 }
 
@@ -331,6 +343,13 @@ fn looks_random(s: &str) -> bool {
     // Hex (hash digests, test vectors, colours, ids) is left to the rules and the
     // credential names: alone it is far more often a digest than a key.
     if s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        return false;
+    }
+    // An alphabet or a sequence (`ABCDEFGH…0123456789+/`): five characters in a row.
+    if s.as_bytes()
+        .windows(5)
+        .any(|w| w.windows(2).all(|p| p[1] == p[0] + 1))
+    {
         return false;
     }
     let digits = s.bytes().filter(u8::is_ascii_digit).count();
@@ -395,11 +414,11 @@ fn scan_plain(text: &str, out: &mut Vec<Finding>) {
             && in_comment(text, v.start())
         {
             let s = v.as_str().trim_end_matches(['.', ',', ';', ')', '"']);
+            // Letters and digits: `token is LessThanToken` names a thing, `is ZqELAoiVowq4`
+            // gives one.
             let has_digit = s.bytes().any(|b| b.is_ascii_digit());
             let has_alpha = s.bytes().any(|b| b.is_ascii_alphabetic());
-            let mixed_case = s.bytes().any(|b| b.is_ascii_uppercase())
-                && s.bytes().any(|b| b.is_ascii_lowercase());
-            if has_alpha && (has_digit || mixed_case) && !is_placeholder(s) {
+            if has_alpha && has_digit && !is_placeholder(s) {
                 out.push(Finding {
                     kind: "credential_in_text",
                     range: v.start()..v.start() + s.len(),
@@ -667,6 +686,12 @@ mod tests {
             Vec::<&str>::new()
         );
         assert_eq!(kinds(r#"{ key: "name2" }"#), Vec::<&str>::new());
+        assert_eq!(kinds(r#"auth = "Basic " + encoded"#), Vec::<&str>::new());
+        assert_eq!(kinds(r#"user_pass = '%s:%s' % (u, p)"#), Vec::<&str>::new());
+        assert_eq!(
+            kinds(r#"SERVER_AUTH = '1.3.6.1.5.5.7.3.1'"#),
+            Vec::<&str>::new()
+        );
         // Environment defaults, for credential names only.
         assert_eq!(
             kinds(r#"os.getenv("REPORT_DB_PASSWORD", "FallbacknRBBtGaprB")"#),
