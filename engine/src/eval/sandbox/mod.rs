@@ -162,6 +162,15 @@ impl Sandbox {
     /// allows. Where no sandbox can be set up, this is an error unless `allow_unsafe` (then
     /// `status` is told, loudly).
     pub fn detect(allow_unsafe: bool, status: &mut dyn FnMut(&str)) -> Result<Self> {
+        let mut sandbox = Self::unjailed()?;
+        match sandbox.jail() {
+            Ok(()) => Ok(sandbox),
+            Err(why) => sandbox.without_jail(&why, allow_unsafe, status),
+        }
+    }
+
+    /// node and its permission flag, with no jail yet.
+    fn unjailed() -> Result<Self> {
         let node = std::env::var_os("CODELSI_NODE")
             .map(PathBuf::from)
             .or_else(|| which("node"))
@@ -197,18 +206,24 @@ impl Sandbox {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
-        let mut sandbox = Self {
+        Ok(Self {
             node,
             permission_flag,
             isolation: Isolation::Unsafe,
             #[cfg(target_os = "linux")]
             jail: None,
             root,
-        };
-        let why = match sandbox.jail() {
-            Ok(()) => return Ok(sandbox),
-            Err(why) => why,
-        };
+        })
+    }
+
+    /// No jail could be set up (`why`): refuse, or with the user's word (`allow_unsafe`), go
+    /// on unjailed and say so loudly.
+    fn without_jail(
+        self,
+        why: &str,
+        allow_unsafe: bool,
+        status: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
         if !allow_unsafe {
             return Err(Error::NoSandbox {
                 why: format!(
@@ -223,7 +238,7 @@ impl Sandbox {
              model and rlimits only, as you asked (--unsafe-no-sandbox): they can see your file \
              system and your processes."
         ));
-        Ok(sandbox)
+        Ok(self)
     }
 
     /// Set up the jail and check that a program runs in it; why not, when it cannot be.
@@ -501,4 +516,50 @@ fn tail_only(bytes: &[u8], n: usize) -> String {
         _ => s,
     };
     s.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where no jail can be set up (every system but Linux, or Linux without bubblewrap or
+    /// user namespaces): a refusal that names the flag, or with it, a loud warning and programs
+    /// that still run under node's permission model and the limits.
+    #[test]
+    fn without_a_jail_refuses_unless_told() {
+        let unjailed = || Sandbox::unjailed().unwrap_or_else(|e| panic!("{e}"));
+        let refused = unjailed().without_jail("no jail in this test", false, &mut |_| {});
+        assert!(
+            matches!(&refused, Err(Error::NoSandbox { why }) if why.contains("--unsafe-no-sandbox")),
+            "{refused:?}"
+        );
+        let mut warned = String::new();
+        let sandbox = unjailed()
+            .without_jail("no jail in this test", true, &mut |s| warned.push_str(s))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(warned.starts_with("WARNING: NO SANDBOX"), "{warned}");
+        let limits = Limits {
+            cpu_secs: 2,
+            wall: Duration::from_secs(5),
+            ..Limits::default()
+        };
+        let run = |js: &str| {
+            sandbox
+                .run_js(js, &limits, Some("done:"))
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let ok = run(
+            "require('fs').writeFileSync('x', 'y'); console.log('done:' + require('fs').readFileSync('x'))",
+        );
+        assert_eq!(
+            (ok.status, ok.marker_line.as_deref()),
+            (Status::Passed, Some("y")),
+            "{ok:?}"
+        );
+        let spawn = run("require('child_process').spawnSync('true')");
+        assert_eq!(spawn.status, Status::Failed, "{spawn:?}");
+        assert!(spawn.output_tail.contains("ERR_ACCESS_DENIED"), "{spawn:?}");
+        assert_eq!(run("for (;;) {}").status, Status::Timeout);
+        assert_eq!(sandbox.isolation, Isolation::Unsafe);
+    }
 }
