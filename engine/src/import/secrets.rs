@@ -1,17 +1,17 @@
 //! Secret detection. Findings carry a kind and a byte range, never a value a report could
 //! leak; `redact` replaces each range with a marker that pair building refuses, so no pair near
 //! a secret reaches the dataset. What is found:
-//! - gitleaks' default rules (v8.30.1, the 217 that apply to any file: `rules/gitleaks.json`, with its notice and
-//!   the script that made it), as the crate keyspoor ships them translated for Rust's `regex`:
-//!   each rule runs only where one of its keywords occurs (one Aho-Corasick pass for all), and
-//!   keeps its secret group, entropy floor, allowlists and stopwords. keyspoor itself is not a
-//!   dependency: it needs Rust 1.96. Beside them, two formats of ours: credentials in URLs and
-//!   bearer tokens;
+//! - gitleaks' default rules (v8.30.1, the 217 that apply to any file: `rules/gitleaks.json`,
+//!   with its notice and the script that made it), as the crate keyspoor ships them translated
+//!   for Rust's `regex`: each rule runs only where one of its keywords occurs (one Aho-Corasick
+//!   pass for all), and keeps its secret group, entropy floor, allowlists and stopwords.
+//!   keyspoor itself is not a dependency: it needs Rust 1.96. Beside them, two formats of
+//!   ours: credentials in URLs and bearer tokens;
 //! - what rules cannot see in one literal: string concatenations (`"AKIA" + "2IZY…"`), joined
 //!   and scanned whole; base64 literals, decoded and scanned; credential-named variables and
 //!   keys (`DB_PASS`, `password:`, `signingKey`) whatever the length of their value; default
 //!   values of environment lookups for credential-named variables (`os.getenv("DB_PASSWORD",
-//!   "…")`, `process.env.TOKEN || "…"`); "password is …" in comments and prose;
+//!   "…")`, `process.env.TOKEN || "…"`); "password is …" in comment lines;
 //! - high-entropy literals that look like random tokens, with the context that makes them
 //!   something else left out: hex strings (digests, test vectors), UUIDs, and literals on a
 //!   line that names a hash, digest, checksum or test vector.
