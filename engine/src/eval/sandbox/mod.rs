@@ -249,18 +249,19 @@ impl Sandbox {
             seccomp: jail.has_seccomp(),
         };
         self.jail = Some(jail);
-        let probe = self
-            .run_js("process.exit(0)", &Limits::default(), None)
-            .map_err(|e| e.to_string())?;
-        if probe.status == Status::Passed {
-            return Ok(());
-        }
+        let why = match self.run_js("process.exit(0)", &Limits::default(), None) {
+            Ok(probe) if probe.status == Status::Passed => return Ok(()),
+            Ok(probe) => probe.output_tail,
+            Err(e) => match std::error::Error::source(&e) {
+                Some(cause) => format!("{e}: {cause}"),
+                None => e.to_string(),
+            },
+        };
+        // Whatever failed, the sandbox is left without the jail (`--unsafe-no-sandbox` may
+        // still run programs unjailed).
         self.jail = None;
         self.isolation = Isolation::Unsafe;
-        Err(format!(
-            "bubblewrap could not start a program: {}",
-            probe.output_tail
-        ))
+        Err(format!("bubblewrap could not start a program: {why}"))
     }
 
     #[cfg(not(target_os = "linux"))]
@@ -307,7 +308,8 @@ impl Sandbox {
             .env_clear()
             .env("HOME", &dir)
             .env("TMPDIR", &dir)
-            .env("PATH", "/usr/bin:/bin");
+            .env("PATH", "/usr/bin:/bin")
+            .env("NODE_NO_WARNINGS", "1");
         // Windows loads system DLLs from SystemRoot.
         if let Some(root) = std::env::var_os("SystemRoot") {
             cmd.env("SystemRoot", root);
@@ -346,12 +348,12 @@ impl Sandbox {
         marker: Option<&str>,
         jailed: bool,
     ) -> Result<RunResult> {
-        cmd.env("NODE_NO_WARNINGS", "1")
-            .stdin(Stdio::piped())
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let start = Instant::now();
-        let mut child = cmd.spawn().map_err(|e| Error::io(&self.node, e))?;
+        // The program spawned is bubblewrap in the jail, node outside it.
+        let mut child = cmd.spawn().map_err(|e| Error::io(cmd.get_program(), e))?;
         // The program may never read its input: the writer must not hold up the run.
         let feed = child.stdin.take().map(|mut pipe| {
             let bytes = stdin.to_vec();
