@@ -78,6 +78,12 @@ pub fn to_vec<Bk: burn::tensor::backend::Backend, const D: usize>(
         .unwrap_or_else(|e| panic!("{e:?}"))
 }
 
+/// `k` columns for a format: K-quant rows are whole 256-weight super-blocks, so the test shapes
+/// (whole 32-weight blocks) are widened 8 times for them, keeping one to several blocks a row.
+pub fn cols_for(format: codelsi_engine::quant::QFormat, k: usize) -> usize {
+    k * format.block_len() / 32
+}
+
 /// Weights whose scale varies from block (32 values) to block, some blocks all of one sign (for
 /// Q4_1's minimum): quantisation sees every case.
 pub fn varied_weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {

@@ -9,11 +9,11 @@ use codelsi_engine::kernels::lora::{matmul_strided_wgpu, q_matmul_t_wgpu};
 use codelsi_engine::kernels::qmatmul::{QShape, q_matmul_lora_wgpu};
 use codelsi_engine::kernels::{KernelBackend, LoraEpilogue, QTensor, reference};
 use codelsi_engine::quant::{QFormat, QMatrix};
-use codelsi_tests::{B, assert_close, device, random_values, to_vec, varied_weights};
+use codelsi_tests::{B, assert_close, cols_for, device, random_values, to_vec, varied_weights};
 
 type AD = Autodiff<B>;
 
-const FORMATS: [QFormat; 3] = [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0];
+const FORMATS: [QFormat; 8] = QFormat::ALL;
 
 fn tensor<Bk: Backend>(values: Vec<f32>, shape: [usize; 2], dev: &Bk::Device) -> Tensor<Bk, 2> {
     Tensor::from_data(TensorData::new(values, shape), dev)
@@ -49,6 +49,7 @@ fn lora_forward_kernel_matches_reference() {
     let dev = device();
     for format in FORMATS {
         for (i, &(m, n, k, r)) in SHAPES.iter().enumerate() {
+            let k = cols_for(format, k);
             let seed = 10 * i as u64;
             let w = qweight::<B>(format, n, k, seed, &dev);
             let x = rand::<B>([m, k], seed + 1, &dev);
@@ -72,6 +73,7 @@ fn transposed_kernel_matches_reference() {
     let dev = device();
     for format in FORMATS {
         for (i, &(m, n, k, r)) in SHAPES.iter().enumerate() {
+            let k = cols_for(format, k);
             let seed = 100 + 10 * i as u64;
             let w = qweight::<B>(format, n, k, seed, &dev);
             let dy = rand::<B>([m, n], seed + 1, &dev);
@@ -142,6 +144,7 @@ fn lora_backward_matches_autodiff_of_reference() {
     let dev = device();
     for format in FORMATS {
         for (i, &(m, n, k, r)) in SHAPES.iter().enumerate() {
+            let k = cols_for(format, k);
             let seed = 1000 + 10 * i as u64;
             let w = qweight::<AD>(format, n, k, seed, &dev);
             let host = [

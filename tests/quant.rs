@@ -1,4 +1,4 @@
-//! Host dequantisation of every GGUF type we read against gguf-py's (ggml's reference in numpy),
+//! Host dequantisation of every quantised GGUF type we read against gguf-py's (ggml's reference in numpy),
 //! on random blocks with varying scales (fixture made by tests/scripts/make_golden.py).
 
 use codelsi_engine::quant::{GgmlType, dequantize_into};
@@ -25,7 +25,7 @@ fn dequantize_matches_gguf_py() {
     let text =
         std::fs::read_to_string(fixtures().join("kquants.json")).unwrap_or_else(|e| panic!("{e}"));
     let cases: Vec<Case> = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(cases.len(), 6);
+    assert_eq!(cases.len(), 12);
     for c in cases {
         let ty = GgmlType::from_id(c.type_id).unwrap_or_else(|| panic!("{} unsupported", c.name));
         let mut got = Vec::new();

@@ -458,7 +458,8 @@ fn token_ids(files: &[(String, Vec<u8>)]) -> (Option<u32>, Vec<u32>) {
     (bos, eos)
 }
 
-/// Values as bytes of `ty`, or `None` for types codelsi cannot quantise to (the K-quants).
+/// Values as bytes of `ty`, or `None` for types codelsi cannot quantise to (Q2_K, Q3_K and the
+/// IQ4 types: codelsi reads them but does not write them).
 fn encode(ty: GgmlType, values: &[f32]) -> Option<Vec<u8>> {
     Some(match ty {
         GgmlType::F32 => bytemuck::cast_slice(values).to_vec(),
@@ -470,10 +471,8 @@ fn encode(ty: GgmlType, values: &[f32]) -> Option<Vec<u8>> {
             let h: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
             bytemuck::cast_slice(&h).to_vec()
         }
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
-            quantize_blocks(ty.gpu_format()?, values)
-        }
-        GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => return None,
+        GgmlType::Q2K | GgmlType::Q3K | GgmlType::Iq4Nl | GgmlType::Iq4Xs => return None,
+        _ => quantize_blocks(ty.gpu_format()?, values),
     })
 }
 

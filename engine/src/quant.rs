@@ -13,27 +13,41 @@ pub enum GgmlType {
     F16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
+    Q2K,
+    Q3K,
     Q4K,
     Q5K,
     Q6K,
+    Iq4Nl,
+    Iq4Xs,
     Bf16,
 }
 
 impl GgmlType {
+    /// Every type codelsi reads.
+    pub const ALL: [Self; 15] = [
+        Self::F32,
+        Self::F16,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q8_0,
+        Self::Q2K,
+        Self::Q3K,
+        Self::Q4K,
+        Self::Q5K,
+        Self::Q6K,
+        Self::Iq4Nl,
+        Self::Iq4Xs,
+        Self::Bf16,
+    ];
+
     pub fn from_id(id: u32) -> Option<Self> {
-        Some(match id {
-            0 => Self::F32,
-            1 => Self::F16,
-            2 => Self::Q4_0,
-            3 => Self::Q4_1,
-            8 => Self::Q8_0,
-            12 => Self::Q4K,
-            13 => Self::Q5K,
-            14 => Self::Q6K,
-            30 => Self::Bf16,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|t| t.id() == id)
     }
 
     /// ggml's type id, as stored in GGUF.
@@ -43,10 +57,16 @@ impl GgmlType {
             Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
             Self::Q8_0 => 8,
+            Self::Q2K => 10,
+            Self::Q3K => 11,
             Self::Q4K => 12,
             Self::Q5K => 13,
             Self::Q6K => 14,
+            Self::Iq4Nl => 20,
+            Self::Iq4Xs => 23,
             Self::Bf16 => 30,
         }
     }
@@ -70,10 +90,16 @@ impl GgmlType {
             Self::F16 => "F16",
             Self::Q4_0 => "Q4_0",
             Self::Q4_1 => "Q4_1",
+            Self::Q5_0 => "Q5_0",
+            Self::Q5_1 => "Q5_1",
             Self::Q8_0 => "Q8_0",
+            Self::Q2K => "Q2_K",
+            Self::Q3K => "Q3_K",
             Self::Q4K => "Q4_K",
             Self::Q5K => "Q5_K",
             Self::Q6K => "Q6_K",
+            Self::Iq4Nl => "IQ4_NL",
+            Self::Iq4Xs => "IQ4_XS",
             Self::Bf16 => "BF16",
         }
     }
@@ -82,8 +108,8 @@ impl GgmlType {
     pub fn block_len(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::Bf16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => 32,
-            Self::Q4K | Self::Q5K | Self::Q6K => 256,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 | Self::Iq4Nl => 32,
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K | Self::Iq4Xs => 256,
         }
     }
 
@@ -92,12 +118,17 @@ impl GgmlType {
         match self {
             Self::F32 => 4,
             Self::F16 | Self::Bf16 => 2,
-            Self::Q4_0 => 18,
+            Self::Q4_0 | Self::Iq4Nl => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q8_0 => 34,
+            Self::Q2K => 84,
+            Self::Q3K => 110,
             Self::Q4K => 144,
             Self::Q5K => 176,
             Self::Q6K => 210,
+            Self::Iq4Xs => 136,
         }
     }
 
@@ -112,12 +143,7 @@ impl GgmlType {
 
     /// The formats our WGSL kernels compute on natively (weights stay quantised on the GPU).
     pub fn gpu_format(self) -> Option<QFormat> {
-        match self {
-            Self::Q4_0 => Some(QFormat::Q4_0),
-            Self::Q4_1 => Some(QFormat::Q4_1),
-            Self::Q8_0 => Some(QFormat::Q8_0),
-            _ => None,
-        }
+        QFormat::ALL.into_iter().find(|f| f.ggml() == self)
     }
 }
 
@@ -165,6 +191,41 @@ pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
                 out.extend(b[2..34].iter().map(|&q| q as i8 as f32 * d));
             }
         }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            for b in bytes.chunks_exact(bb) {
+                let (d, m, at) = if ty == GgmlType::Q5_0 {
+                    (f16_at(b, 0), -16.0 * f16_at(b, 0), 2)
+                } else {
+                    (f16_at(b, 0), f16_at(b, 2), 4)
+                };
+                // Bit j of qh is the fifth bit of weight j.
+                let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                let qs = &b[at + 4..at + 20];
+                let fifth = |j: usize| if qh >> j & 1 == 1 { 16.0 } else { 0.0 };
+                out.extend((0..16).map(|j| ((qs[j] & 0xF) as f32 + fifth(j)) * d + m));
+                out.extend((0..16).map(|j| ((qs[j] >> 4) as f32 + fifth(j + 16)) * d + m));
+            }
+        }
+        GgmlType::Iq4Nl => {
+            for b in bytes.chunks_exact(bb) {
+                let d = f16_at(b, 0);
+                let qs = &b[2..18];
+                out.extend(
+                    qs.iter()
+                        .map(|&q| d * IQ4_VALUES[(q & 0xF) as usize] as f32),
+                );
+                out.extend(qs.iter().map(|&q| d * IQ4_VALUES[(q >> 4) as usize] as f32));
+            }
+        }
+        GgmlType::Q2K => bytes
+            .chunks_exact(bb)
+            .for_each(|b| dequant_q2k_block(b, out)),
+        GgmlType::Q3K => bytes
+            .chunks_exact(bb)
+            .for_each(|b| dequant_q3k_block(b, out)),
+        GgmlType::Iq4Xs => bytes
+            .chunks_exact(bb)
+            .for_each(|b| dequant_iq4xs_block(b, out)),
         GgmlType::Q4K => bytes
             .chunks_exact(bb)
             .for_each(|b| dequant_q4k_block(b, out)),
@@ -174,6 +235,80 @@ pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
         GgmlType::Q6K => bytes
             .chunks_exact(bb)
             .for_each(|b| dequant_q6k_block(b, out)),
+    }
+}
+
+/// The 16 levels of IQ4_NL and IQ4_XS (ggml's `kvalues_iq4nl`), non-uniform.
+const IQ4_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+// Q2_K: scales[16] (scale low nibble, min high nibble), qs[64] (2 bits), d f16, dmin f16.
+fn dequant_q2k_block(b: &[u8], out: &mut Vec<f32>) {
+    let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+    let scales = &b[..16];
+    let mut is = 0;
+    for half in 0..2 {
+        let q = &b[16 + 32 * half..16 + 32 * half + 32];
+        for shift in [0, 2, 4, 6] {
+            for part in 0..2 {
+                let sc = scales[is];
+                is += 1;
+                let (dl, ml) = (d * (sc & 0xF) as f32, dmin * (sc >> 4) as f32);
+                let q = &q[16 * part..16 * part + 16];
+                out.extend(q.iter().map(|&v| dl * ((v >> shift) & 3) as f32 - ml));
+            }
+        }
+    }
+}
+
+// Q3_K: hmask[32], qs[64] (low 2 bits), scales[12] (16 six-bit scales), d f16.
+fn dequant_q3k_block(b: &[u8], out: &mut Vec<f32>) {
+    let (hmask, d) = (&b[..32], f16_at(b, 108));
+    let s = &b[96..108];
+    // ggml packs scale i's low 4 bits in s[i % 8] (low or high nibble: i / 8) and its high 2
+    // bits in s[8 + i % 4] (bits 2 * (i / 4)).
+    let scale = |i: usize| {
+        let lo = (s[i % 8] >> (4 * (i / 8))) & 0xF;
+        let hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+        (lo | hi << 4) as i32 - 32
+    };
+    let mut is = 0;
+    let mut m = 1u8;
+    for half in 0..2 {
+        let q = &b[32 + 32 * half..32 + 32 * half + 32];
+        for shift in [0, 2, 4, 6] {
+            for part in 0..2 {
+                let dl = d * scale(is) as f32;
+                is += 1;
+                out.extend((16 * part..16 * part + 16).map(|l| {
+                    let low = ((q[l] >> shift) & 3) as i32;
+                    let high = if hmask[l] & m != 0 { 0 } else { 4 };
+                    dl * (low - high) as f32
+                }));
+            }
+            m <<= 1;
+        }
+    }
+}
+
+// IQ4_XS: d f16, scales_h u16, scales_l[4], qs[128]: eight sub-blocks of 32 with 6-bit scales.
+fn dequant_iq4xs_block(b: &[u8], out: &mut Vec<f32>) {
+    let d = f16_at(b, 0);
+    let scales_h = u16::from_le_bytes([b[2], b[3]]);
+    let scales_l = &b[4..8];
+    for (ib, qs) in b[8..136].chunks_exact(16).enumerate() {
+        let lo = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF;
+        let hi = ((scales_h >> (2 * ib)) & 3) as u8;
+        let dl = d * ((lo | hi << 4) as i32 - 32) as f32;
+        out.extend(
+            qs.iter()
+                .map(|&q| dl * IQ4_VALUES[(q & 0xF) as usize] as f32),
+        );
+        out.extend(
+            qs.iter()
+                .map(|&q| dl * IQ4_VALUES[(q >> 4) as usize] as f32),
+        );
     }
 }
 
@@ -257,56 +392,112 @@ fn dequant_q6k_block(b: &[u8], out: &mut Vec<f32>) {
 pub enum QFormat {
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl QFormat {
+    pub const ALL: [Self; 8] = [
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q8_0,
+        Self::Q4K,
+        Self::Q5K,
+        Self::Q6K,
+    ];
+
+    /// Weights per unit the kernels step over (`dequant4` reads a quarter-vec of one): every
+    /// format's blocks split into units of 32 (a K-quant super-block holds 8).
     pub const BLOCK_LEN: usize = 32;
 
     pub fn ggml(self) -> GgmlType {
         match self {
             Self::Q4_0 => GgmlType::Q4_0,
             Self::Q4_1 => GgmlType::Q4_1,
+            Self::Q5_0 => GgmlType::Q5_0,
+            Self::Q5_1 => GgmlType::Q5_1,
             Self::Q8_0 => GgmlType::Q8_0,
+            Self::Q4K => GgmlType::Q4K,
+            Self::Q5K => GgmlType::Q5K,
+            Self::Q6K => GgmlType::Q6K,
         }
     }
 
     pub fn parse(name: &str) -> Option<Self> {
-        match name.to_ascii_lowercase().as_str() {
-            "q4_0" => Some(Self::Q4_0),
-            "q4_1" => Some(Self::Q4_1),
-            "q8_0" => Some(Self::Q8_0),
-            _ => None,
+        Self::ALL
+            .into_iter()
+            .find(|f| f.ggml().name().eq_ignore_ascii_case(name))
+    }
+
+    /// The names `parse` takes, for messages.
+    pub fn names() -> String {
+        Self::ALL
+            .map(|f| f.ggml().name().to_ascii_lowercase())
+            .join(", ")
+    }
+
+    /// Weights per ggml block: 32, or 256 for the K-quants. A row is a whole number of blocks.
+    pub fn block_len(self) -> usize {
+        self.ggml().block_len()
+    }
+
+    /// Whether the plain-tensor reference (`kernels::reference`) dequantises this format on the
+    /// device with tensor ops; the others it dequantises on the host.
+    pub fn has_tensor_reference(self) -> bool {
+        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q8_0)
+    }
+
+    /// Where a ggml block's bytes go in [`QMatrix`]: the byte ranges copied, in order, to the
+    /// scales array (f16 values and packed 6/8-bit scales) and to the quants array.
+    fn split(self) -> (&'static [(usize, usize)], &'static [(usize, usize)]) {
+        match self {
+            Self::Q4_0 => (&[(0, 2)], &[(2, 18)]),
+            Self::Q4_1 => (&[(0, 4)], &[(4, 20)]),
+            Self::Q5_0 => (&[(0, 2)], &[(2, 22)]),
+            Self::Q5_1 => (&[(0, 4)], &[(4, 24)]),
+            Self::Q8_0 => (&[(0, 2)], &[(2, 34)]),
+            Self::Q4K => (&[(0, 16)], &[(16, 144)]),
+            Self::Q5K => (&[(0, 16)], &[(16, 176)]),
+            // The 16 scales first, then d: the scales fill whole words.
+            Self::Q6K => (&[(192, 208), (208, 210)], &[(0, 192)]),
         }
     }
 
-    /// u32 words of packed quants per block.
+    /// u32 words of packed quants per ggml block.
     pub fn qs_words_per_block(self) -> usize {
-        match self {
-            Self::Q4_0 | Self::Q4_1 => 4,
-            Self::Q8_0 => 8,
-        }
+        self.split().1.iter().map(|(a, b)| b - a).sum::<usize>() / 4
     }
 
-    /// f16 scale values per block: `d`, or `d` and `m` for Q4_1.
-    pub fn scales_per_block(self) -> usize {
-        match self {
-            Self::Q4_0 | Self::Q8_0 => 1,
-            Self::Q4_1 => 2,
+    /// 16-bit halves of scales per ggml block: one f16 `d` (two blocks share a word), `d` and
+    /// `m`, or for the K-quants whole words (Q6_K's 18 bytes padded to 20).
+    pub fn scale_halves_per_block(self) -> usize {
+        let bytes: usize = self.split().0.iter().map(|(a, b)| b - a).sum();
+        let halves = bytes / 2;
+        if self.block_len() > 32 {
+            halves.next_multiple_of(2)
+        } else {
+            halves
         }
     }
 }
 
-/// A quantised matrix `[rows, cols]` (row-major: each row is `cols / 32` blocks), repacked from
-/// ggml's array-of-blocks into two arrays so that every GPU load is an aligned u32:
+/// A quantised matrix `[rows, cols]` (row-major: each row is `cols / block_len` ggml blocks),
+/// repacked from ggml's array-of-blocks into two arrays so that every GPU load is an aligned u32:
 /// - `qs`: the packed quants of block `i` at words `i * qs_words_per_block ..`, byte for byte as
 ///   in ggml (Q4: byte `j` holds weight `j` in its low nibble and `j + 16` in its high nibble;
-///   Q8: one signed byte per weight);
-/// - `scales`: the f16 scales, block `i`'s `d` (and `m` for Q4_1) at half-word
-///   `i * scales_per_block ..` (little-endian halves of each u32).
+///   Q5: the 32 fifth bits, then the nibbles; Q8: one signed byte per weight; the K-quants their
+///   `qh` then `qs` arrays, Q6_K `ql` then `qh`);
+/// - `scales`: block `i`'s scale bytes (see [`QFormat::split`]) at half-word
+///   `i * scale_halves_per_block ..` (little-endian halves of each u32).
 ///
-/// This takes exactly the bytes the GGUF file does (rounded up to a u32), so the weights stay
-/// as small on the GPU as on disk.
+/// This takes the bytes the GGUF file does (rounded up to a u32; Q6_K 2 bytes more per 256
+/// weights), so the weights stay as small on the GPU as on disk.
 #[derive(Debug, Clone)]
 pub struct QMatrix {
     pub format: QFormat,
@@ -317,29 +508,34 @@ pub struct QMatrix {
 }
 
 impl QMatrix {
-    /// Repack ggml blocks. `bytes` must hold `rows * cols / 32` blocks of `format`, and
-    /// `cols % 32 == 0` (the caller checks both).
+    /// Repack ggml blocks. `bytes` must hold `rows * cols / block_len` blocks of `format`, and
+    /// `cols` must be a whole number of blocks (the caller checks both).
     pub fn from_ggml_blocks(format: QFormat, rows: usize, cols: usize, bytes: &[u8]) -> Self {
         let bb = format.ggml().block_bytes();
-        let n_blocks = rows * cols / QFormat::BLOCK_LEN;
+        let n_blocks = rows * cols / format.block_len();
         debug_assert_eq!(bytes.len(), n_blocks * bb);
-        let scale_bytes = 2 * format.scales_per_block();
+        let (scale_ranges, quant_ranges) = format.split();
+        let halves_per_block = format.scale_halves_per_block();
         let mut qs = Vec::with_capacity(n_blocks * format.qs_words_per_block());
-        let mut halves: Vec<u16> = Vec::with_capacity(n_blocks * format.scales_per_block() + 1);
+        let mut scale_bytes: Vec<u8> = Vec::with_capacity(2 * n_blocks * halves_per_block + 4);
         for block in bytes.chunks_exact(bb) {
-            for h in block[..scale_bytes].chunks_exact(2) {
-                halves.push(u16::from_le_bytes([h[0], h[1]]));
+            let start = scale_bytes.len();
+            for &(a, b) in scale_ranges {
+                scale_bytes.extend_from_slice(&block[a..b]);
             }
-            for w in block[scale_bytes..].chunks_exact(4) {
-                qs.push(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+            scale_bytes.resize(start + 2 * halves_per_block, 0);
+            for &(a, b) in quant_ranges {
+                qs.extend(
+                    block[a..b]
+                        .chunks_exact(4)
+                        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])),
+                );
             }
         }
-        if halves.len() % 2 == 1 {
-            halves.push(0);
-        }
-        let scales = halves
-            .chunks_exact(2)
-            .map(|p| p[0] as u32 | (p[1] as u32) << 16)
+        scale_bytes.resize(scale_bytes.len().next_multiple_of(4), 0);
+        let scales = scale_bytes
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
             .collect();
         Self {
             format,
@@ -350,7 +546,8 @@ impl QMatrix {
         }
     }
 
-    /// Quantise a row-major f32 matrix (`cols % 32 == 0`), as ggml's reference quantisers do.
+    /// Quantise a row-major f32 matrix (`cols` a whole number of blocks) with
+    /// [`quantize_blocks`].
     pub fn quantize(format: QFormat, rows: usize, cols: usize, values: &[f32]) -> Self {
         let bytes = quantize_blocks(format, values);
         Self::from_ggml_blocks(format, rows, cols, &bytes)
@@ -358,23 +555,27 @@ impl QMatrix {
 
     /// Back to ggml's block bytes (for GGUF export and tests).
     pub fn to_ggml_blocks(&self) -> Vec<u8> {
-        let n_blocks = self.rows * self.cols / QFormat::BLOCK_LEN;
-        let spb = self.format.scales_per_block();
-        let wpb = self.format.qs_words_per_block();
-        let mut out = Vec::with_capacity(n_blocks * self.format.ggml().block_bytes());
-        for i in 0..n_blocks {
-            for s in 0..spb {
-                let half = i * spb + s;
-                let word = self.scales[half / 2];
-                let h = if half.is_multiple_of(2) {
-                    word as u16
-                } else {
-                    (word >> 16) as u16
-                };
-                out.extend_from_slice(&h.to_le_bytes());
+        let format = self.format;
+        let n_blocks = self.rows * self.cols / format.block_len();
+        let (scale_ranges, quant_ranges) = format.split();
+        let scale_block = 2 * format.scale_halves_per_block();
+        let quant_block = 4 * format.qs_words_per_block();
+        let scale_bytes: Vec<u8> = self.scales.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let quant_bytes: Vec<u8> = self.qs.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let mut out = vec![0u8; n_blocks * format.ggml().block_bytes()];
+        for (i, block) in out
+            .chunks_exact_mut(format.ggml().block_bytes())
+            .enumerate()
+        {
+            let mut from = i * scale_block;
+            for &(a, b) in scale_ranges {
+                block[a..b].copy_from_slice(&scale_bytes[from..from + b - a]);
+                from += b - a;
             }
-            for w in &self.qs[i * wpb..(i + 1) * wpb] {
-                out.extend_from_slice(&w.to_le_bytes());
+            let mut from = i * quant_block;
+            for &(a, b) in quant_ranges {
+                block[a..b].copy_from_slice(&quant_bytes[from..from + b - a]);
+                from += b - a;
             }
         }
         out
@@ -391,12 +592,37 @@ impl QMatrix {
     pub fn gpu_bytes(&self) -> usize {
         4 * (self.qs.len() + self.scales.len())
     }
+
+    /// Rows `start..end` as a matrix of their own (rows are whole blocks).
+    pub fn rows(&self, start: usize, end: usize) -> Self {
+        let blocks_per_row = self.cols / self.format.block_len();
+        let (b0, b1) = (start * blocks_per_row, end * blocks_per_row);
+        let wpb = self.format.qs_words_per_block();
+        let spb = self.format.scale_halves_per_block();
+        let scale_bytes: Vec<u8> = self.scales.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let mut part = scale_bytes[2 * spb * b0..2 * spb * b1].to_vec();
+        part.resize(part.len().next_multiple_of(4), 0);
+        Self {
+            format: self.format,
+            rows: end - start,
+            cols: self.cols,
+            qs: self.qs[wpb * b0..wpb * b1].to_vec(),
+            scales: part
+                .chunks_exact(4)
+                .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+                .collect(),
+        }
+    }
 }
 
-/// ggml's reference quantisation (`quantize_row_*_ref`) of values whose length is a multiple of 32.
+/// Quantise values (a whole number of blocks of `format`) to ggml's block bytes. The 32-weight
+/// formats follow ggml's reference quantisers (`quantize_row_*_ref`); the K-quants use a simpler
+/// search than ggml's (sub-block scales and minimums from each sub-block's range, then quantised
+/// to 6 or 8 bits against the super-block's scale), which is as exact to within a few percent.
 pub fn quantize_blocks(format: QFormat, values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() / 32 * format.ggml().block_bytes());
-    for x in values.chunks_exact(32) {
+    let block_len = format.block_len();
+    let mut out = Vec::with_capacity(values.len() / block_len * format.ggml().block_bytes());
+    for x in values.chunks_exact(block_len) {
         match format {
             QFormat::Q8_0 => {
                 let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -405,30 +631,167 @@ pub fn quantize_blocks(format: QFormat, values: &[f32]) -> Vec<u8> {
                 out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
                 out.extend(x.iter().map(|v| (v * id).round() as i8 as u8));
             }
-            QFormat::Q4_0 => {
-                // The value of largest magnitude, with its sign, maps to -8.
+            QFormat::Q4_0 | QFormat::Q5_0 => {
+                // The value of largest magnitude, with its sign, maps to the lowest level.
+                let levels = if format == QFormat::Q4_0 { 16.0 } else { 32.0 };
                 let max = x
                     .iter()
                     .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-                let d = max / -8.0;
+                let d = max / -(levels / 2.0);
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-                let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
-                out.extend((0..16).map(|j| q(x[j]) | q(x[j + 16]) << 4));
+                let q = |v: f32| {
+                    ((v * id + levels / 2.0 + 0.5) as i32).clamp(0, levels as i32 - 1) as u8
+                };
+                push_nibbles(
+                    format == QFormat::Q5_0,
+                    &x.iter().map(|&v| q(v)).collect::<Vec<_>>(),
+                    &mut out,
+                );
             }
-            QFormat::Q4_1 => {
+            QFormat::Q4_1 | QFormat::Q5_1 => {
+                let levels = if format == QFormat::Q4_1 { 15.0 } else { 31.0 };
                 let min = x.iter().copied().fold(f32::INFINITY, f32::min);
                 let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let d = (max - min) / 15.0;
+                let d = (max - min) / levels;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
                 out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
-                let q = |v: f32| (((v - min) * id + 0.5) as i32).clamp(0, 15) as u8;
-                out.extend((0..16).map(|j| q(x[j]) | q(x[j + 16]) << 4));
+                let q = |v: f32| (((v - min) * id + 0.5) as i32).clamp(0, levels as i32) as u8;
+                push_nibbles(
+                    format == QFormat::Q5_1,
+                    &x.iter().map(|&v| q(v)).collect::<Vec<_>>(),
+                    &mut out,
+                );
             }
+            QFormat::Q4K | QFormat::Q5K => quantize_k_block(format == QFormat::Q5K, x, &mut out),
+            QFormat::Q6K => quantize_q6k_block(x, &mut out),
         }
     }
     out
+}
+
+/// 32 codes of 4 or 5 bits as ggml packs them: for 5 bits the fifth bits first (bit j of a
+/// u32 for weight j), then byte j holding weight j's low nibble and weight j + 16's high one.
+fn push_nibbles(five_bits: bool, q: &[u8], out: &mut Vec<u8>) {
+    if five_bits {
+        let qh = (0..32).fold(0u32, |h, j| h | (((q[j] >> 4) & 1) as u32) << j);
+        out.extend_from_slice(&qh.to_le_bytes());
+    }
+    out.extend((0..16).map(|j| (q[j] & 0xF) | (q[j + 16] & 0xF) << 4));
+}
+
+/// A Q4_K or Q5_K super-block: per 32-weight sub-block a scale and a minimum (as a non-negative
+/// offset), both quantised to 6 bits against the super-block's f16 `d` and `dmin`.
+fn quantize_k_block(five_bits: bool, x: &[f32], out: &mut Vec<u8>) {
+    let top = if five_bits { 31.0 } else { 15.0 };
+    let mut scale = [0f32; 8];
+    let mut offset = [0f32; 8];
+    for (j, sub) in x.chunks_exact(32).enumerate() {
+        let lo = sub.iter().copied().fold(0f32, f32::min);
+        let hi = sub.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        scale[j] = (hi - lo) / top;
+        offset[j] = -lo;
+    }
+    let max_scale = scale.iter().copied().fold(0f32, f32::max);
+    let max_offset = offset.iter().copied().fold(0f32, f32::max);
+    let d = f16::from_f32(max_scale / 63.0);
+    let dmin = f16::from_f32(max_offset / 63.0);
+    let (df, dminf) = (d.to_f32(), dmin.to_f32());
+    let six = |v: f32, unit: f32| {
+        if unit > 0.0 {
+            ((v / unit).round() as i32).clamp(0, 63) as u8
+        } else {
+            0
+        }
+    };
+    // The scale rounds up, so the sub-block's range still fits in its levels.
+    let ls: [u8; 8] = std::array::from_fn(|j| {
+        if df > 0.0 {
+            ((scale[j] / df).ceil() as i32).clamp(0, 63) as u8
+        } else {
+            0
+        }
+    });
+    let lm: [u8; 8] = std::array::from_fn(|j| six(offset[j], dminf));
+    let mut packed = [0u8; 12];
+    for j in 0..8 {
+        if j < 4 {
+            packed[j] = ls[j];
+            packed[j + 4] = lm[j];
+        } else {
+            packed[j + 4] = (ls[j] & 0xF) | (lm[j] & 0xF) << 4;
+            packed[j - 4] |= (ls[j] >> 4) << 6;
+            packed[j] |= (lm[j] >> 4) << 6;
+        }
+    }
+    let mut q = [0u8; 256];
+    for (j, sub) in x.chunks_exact(32).enumerate() {
+        let step = df * ls[j] as f32;
+        let min = dminf * lm[j] as f32;
+        for (l, &v) in sub.iter().enumerate() {
+            q[32 * j + l] = if step > 0.0 {
+                (((v + min) / step).round() as i32).clamp(0, top as i32) as u8
+            } else {
+                0
+            };
+        }
+    }
+    out.extend_from_slice(&d.to_le_bytes());
+    out.extend_from_slice(&dmin.to_le_bytes());
+    out.extend_from_slice(&packed);
+    if five_bits {
+        // qh[l]: bit j is the fifth bit of weight l of sub-block j.
+        out.extend((0..32).map(|l| (0..8).fold(0u8, |h, j| h | ((q[32 * j + l] >> 4) & 1) << j)));
+    }
+    // Chunk c of 32 bytes: sub-block 2c in the low nibbles, 2c + 1 in the high ones.
+    for c in 0..4 {
+        out.extend((0..32).map(|l| (q[64 * c + l] & 0xF) | (q[64 * c + 32 + l] & 0xF) << 4));
+    }
+}
+
+/// A Q6_K super-block: per 16 weights a signed 8-bit scale against the f16 `d`, codes -32..31.
+fn quantize_q6k_block(x: &[f32], out: &mut Vec<u8>) {
+    let scale: [f32; 16] = std::array::from_fn(|i| {
+        x[16 * i..16 * i + 16]
+            .iter()
+            .fold(0f32, |a, v| a.max(v.abs()))
+            / 31.0
+    });
+    let max_scale = scale.iter().copied().fold(0f32, f32::max);
+    let d = f16::from_f32(max_scale / 127.0);
+    let df = d.to_f32();
+    let ls: [i8; 16] = std::array::from_fn(|i| {
+        if df > 0.0 {
+            ((scale[i] / df).ceil() as i32).clamp(0, 127) as i8
+        } else {
+            0
+        }
+    });
+    let q: [u8; 256] = std::array::from_fn(|i| {
+        let step = df * ls[i / 16] as f32;
+        let code = if step > 0.0 {
+            (x[i] / step).round() as i32
+        } else {
+            0
+        };
+        (code.clamp(-32, 31) + 32) as u8
+    });
+    let mut ql = [0u8; 128];
+    let mut qh = [0u8; 64];
+    for half in 0..2 {
+        let q = &q[128 * half..128 * half + 128];
+        for l in 0..32 {
+            let (q1, q2, q3, q4) = (q[l], q[l + 32], q[l + 64], q[l + 96]);
+            ql[64 * half + l] = (q1 & 0xF) | (q3 & 0xF) << 4;
+            ql[64 * half + l + 32] = (q2 & 0xF) | (q4 & 0xF) << 4;
+            qh[32 * half + l] = (q1 >> 4) | (q2 >> 4) << 2 | (q3 >> 4) << 4 | (q4 >> 4) << 6;
+        }
+    }
+    out.extend_from_slice(&ql);
+    out.extend_from_slice(&qh);
+    out.extend(ls.iter().map(|&s| s as u8));
+    out.extend_from_slice(&d.to_le_bytes());
 }
 
 #[cfg(test)]
@@ -454,13 +817,15 @@ mod tests {
 
     #[test]
     fn round_trip_error_is_bounded() {
-        let (rows, cols) = (7, 96);
+        let (rows, cols) = (7, 512);
         let v = values(rows * cols);
-        for (format, bound) in [
-            (QFormat::Q4_0, Q4_RMSE_BOUND),
-            (QFormat::Q4_1, Q4_RMSE_BOUND),
-            (QFormat::Q8_0, Q8_RMSE_BOUND),
-        ] {
+        for format in QFormat::ALL {
+            let bound = match format {
+                QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q4K => Q4_RMSE_BOUND,
+                QFormat::Q5_0 | QFormat::Q5_1 | QFormat::Q5K => Q4_RMSE_BOUND / 2.0,
+                QFormat::Q6K => Q4_RMSE_BOUND / 4.0,
+                QFormat::Q8_0 => Q8_RMSE_BOUND,
+            };
             let q = QMatrix::quantize(format, rows, cols, &v);
             let back = q.dequantize();
             let rms_x = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
@@ -481,6 +846,24 @@ mod tests {
                 quantize_blocks(format, &v),
                 "{format:?} repack"
             );
+            let part = q.rows(2, 5);
+            assert_eq!(
+                part.dequantize(),
+                back[2 * cols..5 * cols],
+                "{format:?} rows"
+            );
+        }
+    }
+
+    #[test]
+    fn every_type_id_round_trips() {
+        for ty in GgmlType::ALL {
+            assert_eq!(GgmlType::from_id(ty.id()), Some(ty));
+            assert_eq!(GgmlType::name_of_id(ty.id()), ty.name());
+        }
+        for f in QFormat::ALL {
+            assert_eq!(QFormat::parse(f.ggml().name()), Some(f));
+            assert_eq!(f.ggml().gpu_format(), Some(f));
         }
     }
 }

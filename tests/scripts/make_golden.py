@@ -8,7 +8,8 @@ Writes, under tests/fixtures/:
   smollm2_golden.json   prompt ids, 32 greedy tokens and top-5 logits per step (default model)
   smollm2_tokenizer.json code strings and their token ids
   tiny_llama/, tiny_qwen2/  random-weight HF-format models (safetensors) and their golden outputs
-  kquants.json          random Q4_K/Q5_K/Q6_K/Q4_0/Q4_1/Q8_0 blocks and gguf-py's dequantisation
+  kquants.json          random blocks of every GGUF type we read (Q4_0 … Q6_K, Q2_K, Q3_K, IQ4_NL,
+                        IQ4_XS) and gguf-py's dequantisation
 
 transformers loads the GGUF by dequantising every weight to float32, so its logits are those of
 the quantised model computed in f32: the same numbers our kernels compute in registers.
@@ -165,6 +166,8 @@ def kquants():
     layout = {  # type: (block bytes, byte offsets of f16 scales)
         T.Q4_0: (18, [0]), T.Q4_1: (20, [0, 2]), T.Q8_0: (34, [0]),
         T.Q4_K: (144, [0, 2]), T.Q5_K: (176, [0, 2]), T.Q6_K: (210, [208]),
+        T.Q5_0: (22, [0]), T.Q5_1: (24, [0, 2]), T.Q2_K: (84, [80, 82]), T.Q3_K: (110, [108]),
+        T.IQ4_NL: (18, [0]), T.IQ4_XS: (136, [0]),
     }
     for ty, (bb, scale_offsets) in layout.items():
         n_blocks = 3

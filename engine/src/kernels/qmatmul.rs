@@ -195,7 +195,12 @@ pub(crate) fn format_source(format: QFormat) -> &'static str {
     match format {
         QFormat::Q4_0 => include_str!("../../../shaders/common/q4_0.wgsl"),
         QFormat::Q4_1 => include_str!("../../../shaders/common/q4_1.wgsl"),
+        QFormat::Q5_0 => include_str!("../../../shaders/common/q5_0.wgsl"),
+        QFormat::Q5_1 => include_str!("../../../shaders/common/q5_1.wgsl"),
         QFormat::Q8_0 => include_str!("../../../shaders/common/q8_0.wgsl"),
+        QFormat::Q4K => include_str!("../../../shaders/common/q4_k.wgsl"),
+        QFormat::Q5K => include_str!("../../../shaders/common/q5_k.wgsl"),
+        QFormat::Q6K => include_str!("../../../shaders/common/q6_k.wgsl"),
     }
 }
 

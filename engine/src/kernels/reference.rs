@@ -61,13 +61,36 @@ fn scales<B: Backend>(w: &QTensor<B>, n_blocks: usize) -> Tensor<B, 2> {
         1,
     )
     .reshape([2 * n_words]);
-    let per = w.format.scales_per_block();
+    let per = w.format.scale_halves_per_block();
     f16_bits_to_f32(halves.slice(0..n_blocks * per)).reshape([n_blocks, per])
 }
 
-/// Dequantise `w` to `[rows, cols]` with tensor ops.
+/// Dequantise `w` to `[rows, cols]`: with tensor ops on the device for the formats that have
+/// them ([`QFormat::has_tensor_reference`]), else on the host by `quant.rs` and uploaded (the
+/// 5-bit and K-quant layouts would take dozens of tensor ops; only tests and merging call this
+/// for them, since backends without kernels for a format hold it dense).
 pub fn dequantize<B: Backend>(w: &QTensor<B>) -> Tensor<B, 2> {
     let device = w.qs.device();
+    if !w.format.has_tensor_reference() {
+        let words = |t: &Tensor<B, 1, Int>| -> Vec<u32> {
+            t.clone()
+                .into_data()
+                .convert::<i32>()
+                .into_vec::<i32>()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| v as u32)
+                .collect()
+        };
+        let q = crate::quant::QMatrix {
+            format: w.format,
+            rows: w.rows,
+            cols: w.cols,
+            qs: words(&w.qs),
+            scales: words(&w.scales),
+        };
+        return Tensor::from_data(TensorData::new(q.dequantize(), [w.rows, w.cols]), &device);
+    }
     let n_blocks = w.rows * w.cols / QFormat::BLOCK_LEN;
     let s = scales(w, n_blocks);
     let values = match w.format {
@@ -86,7 +109,8 @@ pub fn dequantize<B: Backend>(w: &QTensor<B>) -> Tensor<B, 2> {
                 q * d + s.slice([0..n_blocks, 1..2])
             }
         }
-        QFormat::Q8_0 => {
+        // Q8_0, the last format with a tensor reference.
+        _ => {
             let words = w.qs.clone().reshape([n_blocks, 8, 1]);
             let bytes =
                 extract(words, shifts::<B>([0, 8, 16, 24], &device), 0xFF).reshape([n_blocks, 32]);
