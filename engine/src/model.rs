@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::fetch::{FetchStep, ensure_default_model};
+use crate::fetch::{FetchStep, ensure_model, is_catalogue_name};
 use crate::io::GgufWeights;
 use crate::io::gguf::GgufFile;
 use crate::io::safetensors::SafetensorsWeights;
@@ -58,12 +58,13 @@ pub enum LoadEvent {
     },
 }
 
-/// Turn a `--model` argument into a path: `default` fetches the default model if needed.
+/// Turn a `--model` argument into a path: a catalogue name (or `default`) fetches that model
+/// on first use; anything else is a path.
 pub fn resolve_model(spec: &str, progress: &mut dyn FnMut(LoadEvent)) -> Result<PathBuf> {
-    if spec == "default" {
-        return ensure_default_model(&mut |s| progress(LoadEvent::Fetch(s)));
-    }
     let p = PathBuf::from(spec);
+    if is_catalogue_name(spec) && !p.exists() {
+        return ensure_model(spec, &mut |s| progress(LoadEvent::Fetch(s)));
+    }
     if !p.exists() {
         return Err(Error::io(
             &p,

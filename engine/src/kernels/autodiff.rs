@@ -249,6 +249,14 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
         B::dense_weights()
     }
 
+    fn computes(format: crate::quant::QFormat) -> bool {
+        B::computes(format)
+    }
+
+    fn max_tensor_bytes(device: &Self::Device) -> Option<u64> {
+        B::max_tensor_bytes(device)
+    }
+
     fn kernels_impl() -> &'static str {
         B::kernels_impl()
     }

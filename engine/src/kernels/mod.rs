@@ -216,6 +216,19 @@ pub trait KernelBackend: Backend {
         reference::attention(q, keys, values, mask, scale)
     }
 
+    /// Whether the backend multiplies by `format` without widening it: the WGSL kernels read
+    /// every [`QFormat`]; the plain-tensor reference only those it can dequantise with tensor
+    /// ops on the device. Weights of other formats load dense.
+    fn computes(format: QFormat) -> bool {
+        format.has_tensor_reference()
+    }
+
+    /// The largest buffer one tensor may take on `device` (wgpu: the adapter's largest storage
+    /// binding, 128 MiB on lavapipe), or `None` without a limit. Larger weights are split.
+    fn max_tensor_bytes(_device: &Self::Device) -> Option<u64> {
+        None
+    }
+
     /// Whether linear weights are better held dequantised (f32, multiplied by the backend's own
     /// matmul) than as quantised blocks. True where no quantised kernel exists and the reference
     /// would dequantise the whole matrix on every product (the CPU backend).

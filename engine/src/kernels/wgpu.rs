@@ -90,6 +90,14 @@ impl<I: IntElement, BT: BoolElement> KernelBackend for WgpuCube<I, BT> {
             .supports_type(ElemType::Float(FloatKind::F16))
     }
 
+    fn computes(_format: crate::quant::QFormat) -> bool {
+        true
+    }
+
+    fn max_tensor_bytes(_device: &Self::Device) -> Option<u64> {
+        crate::device::max_binding_bytes()
+    }
+
     fn kernels_impl() -> &'static str {
         "WGSL (qmatvec, qmatmul, qmatmul_rows, qmatmul_t, matmul_strided, rms_norm, rope)"
     }

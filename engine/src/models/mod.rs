@@ -20,6 +20,107 @@ pub enum LinearWeight<B: KernelBackend> {
     Dense(Tensor<B, 2>),
     /// `[out, in]` blocks, dequantised in registers by the kernels.
     Quantized(QTensor<B>),
+    /// Consecutive ranges of output features, each a weight of its own: a tensor larger than
+    /// the device's largest buffer ([`KernelBackend::max_tensor_bytes`]), such as a big
+    /// vocabulary's LM head. The product concatenates the parts' products.
+    Split(Vec<LinearWeight<B>>),
+}
+
+impl<B: KernelBackend> LinearWeight<B> {
+    fn autodiff(&self) -> LinearWeight<Autodiff<B>> {
+        match self {
+            Self::Dense(w) => LinearWeight::Dense(Tensor::from_inner(w.clone())),
+            Self::Quantized(q) => LinearWeight::Quantized(QTensor {
+                format: q.format,
+                rows: q.rows,
+                cols: q.cols,
+                qs: Tensor::from_inner(q.qs.clone()),
+                scales: Tensor::from_inner(q.scales.clone()),
+            }),
+            Self::Split(parts) => LinearWeight::Split(parts.iter().map(Self::autodiff).collect()),
+        }
+    }
+
+    /// `x · Wᵀ`. `x: [m, in]` → `[m, out]`.
+    fn product(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self {
+            Self::Dense(w) => B::dense_matmul(x, w),
+            Self::Quantized(q) => <B as KernelBackend>::q_matmul(x, q),
+            Self::Split(parts) => {
+                Tensor::cat(parts.iter().map(|p| p.product(x.clone())).collect(), 1)
+            }
+        }
+    }
+
+    /// The weight dequantised to f32 (split where it was).
+    fn dense(&self) -> Self {
+        match self {
+            Self::Dense(w) => Self::Dense(w.clone()),
+            Self::Quantized(q) => Self::Dense(crate::kernels::reference::dequantize(q).transpose()),
+            Self::Split(parts) => Self::Split(parts.iter().map(Self::dense).collect()),
+        }
+    }
+
+    fn device_bytes(&self) -> usize {
+        match self {
+            Self::Dense(w) => w.shape().num_elements() * 4,
+            Self::Quantized(q) => q.device_bytes(),
+            Self::Split(parts) => parts.iter().map(Self::device_bytes).sum(),
+        }
+    }
+
+    /// `[out, in]` f32 values (row-major) on the device, split by rows where they exceed
+    /// `limit` bytes.
+    fn upload_dense(
+        values: Vec<f32>,
+        out: usize,
+        inp: usize,
+        limit: u64,
+        device: &B::Device,
+    ) -> Self {
+        let parts = split_rows(out, (4 * inp) as u64, limit);
+        let upload = |v: Vec<f32>, rows: usize| {
+            Self::Dense(
+                Tensor::<B, 2>::from_data(TensorData::new(v, [rows, inp]), device).transpose(),
+            )
+        };
+        if parts.len() == 1 {
+            return upload(values, out);
+        }
+        Self::Split(
+            parts
+                .iter()
+                .map(|&(a, b)| upload(values[a * inp..b * inp].to_vec(), b - a))
+                .collect(),
+        )
+    }
+
+    /// A quantised matrix on the device, split by rows where it exceeds `limit` bytes.
+    fn upload_quantized(q: &QMatrix, limit: u64, device: &B::Device) -> Self {
+        let row_bytes = (q.gpu_bytes() / q.rows.max(1)) as u64 + 4;
+        let parts = split_rows(q.rows, row_bytes, limit);
+        if parts.len() == 1 {
+            return Self::Quantized(QTensor::from_qmatrix(q, device));
+        }
+        Self::Split(
+            parts
+                .iter()
+                .map(|&(a, b)| Self::Quantized(QTensor::from_qmatrix(&q.rows(a, b), device)))
+                .collect(),
+        )
+    }
+}
+
+/// Row ranges of a `rows`-row tensor of `row_bytes` bytes a row, each at most `limit` bytes
+/// (one range when the whole fits).
+fn split_rows(rows: usize, row_bytes: u64, limit: u64) -> Vec<(usize, usize)> {
+    let per = (limit / row_bytes.max(1)).max(1) as usize;
+    let n = rows.div_ceil(per).max(1);
+    // Equal parts, so no part is a sliver.
+    let per = rows.div_ceil(n);
+    (0..n)
+        .map(|i| (i * per, ((i + 1) * per).min(rows)))
+        .collect()
 }
 
 /// `y = x·Wᵀ + b`.
@@ -37,25 +138,17 @@ impl<B: KernelBackend> Linear<B> {
     /// [`Llama::autodiff`]: llama::Llama::autodiff
     pub fn autodiff(&self) -> Linear<Autodiff<B>> {
         Linear {
-            weight: match &self.weight {
-                LinearWeight::Dense(w) => LinearWeight::Dense(Tensor::from_inner(w.clone())),
-                LinearWeight::Quantized(q) => LinearWeight::Quantized(QTensor {
-                    format: q.format,
-                    rows: q.rows,
-                    cols: q.cols,
-                    qs: Tensor::from_inner(q.qs.clone()),
-                    scales: Tensor::from_inner(q.scales.clone()),
-                }),
-            },
+            weight: self.weight.autodiff(),
             bias: self.bias.clone().map(Tensor::from_inner),
             in_features: self.in_features,
             out_features: self.out_features,
         }
     }
 
-    /// Upload `[out, in]` weights: ggml blocks of a kernel format stay quantised (on backends with
-    /// quantised kernels, see [`KernelBackend::dense_weights`]); anything else
-    /// becomes f32, or is quantised to `quantize` when given.
+    /// Upload `[out, in]` weights: ggml blocks of a format the backend computes on stay
+    /// quantised ([`KernelBackend::computes`], never on backends that hold weights dense, see
+    /// [`KernelBackend::dense_weights`]); anything else becomes f32, or is quantised to
+    /// `quantize` when given. A weight larger than the device's largest buffer is split by rows.
     pub fn load(
         weight: HostTensor,
         bias: Option<HostTensor>,
@@ -85,17 +178,17 @@ impl<B: KernelBackend> Linear<B> {
         // Backends without quantised kernels take every weight as f32 (and `quantize` is moot).
         let dense = B::dense_weights();
         let native = match &weight.data {
-            HostData::Blocks { ty, .. } if !dense => ty.gpu_format(),
+            HostData::Blocks { ty, .. } if !dense => ty.gpu_format().filter(|f| B::computes(*f)),
             _ => None,
         };
-        let quantize = quantize.filter(|_| !dense);
+        let quantize = quantize.filter(|f| !dense && B::computes(*f));
+        let limit = B::max_tensor_bytes(device).unwrap_or(u64::MAX);
         let weight = match (native, weight.data, quantize) {
-            (Some(format), HostData::Blocks { bytes, .. }, _) => {
-                LinearWeight::Quantized(QTensor::from_qmatrix(
-                    &QMatrix::from_ggml_blocks(format, out_features, in_features, &bytes),
-                    device,
-                ))
-            }
+            (Some(format), HostData::Blocks { bytes, .. }, _) => LinearWeight::upload_quantized(
+                &QMatrix::from_ggml_blocks(format, out_features, in_features, &bytes),
+                limit,
+                device,
+            ),
             (_, data, q) => {
                 let values = HostTensor {
                     name: weight.name,
@@ -104,19 +197,16 @@ impl<B: KernelBackend> Linear<B> {
                 }
                 .into_f32();
                 match q {
-                    Some(format) if in_features % QFormat::BLOCK_LEN == 0 => {
-                        LinearWeight::Quantized(QTensor::from_qmatrix(
+                    Some(format) if in_features % format.block_len() == 0 => {
+                        LinearWeight::upload_quantized(
                             &QMatrix::quantize(format, out_features, in_features, &values),
-                            device,
-                        ))
-                    }
-                    _ => LinearWeight::Dense(
-                        Tensor::<B, 2>::from_data(
-                            TensorData::new(values, [out_features, in_features]),
+                            limit,
                             device,
                         )
-                        .transpose(),
-                    ),
+                    }
+                    _ => {
+                        LinearWeight::upload_dense(values, out_features, in_features, limit, device)
+                    }
                 }
             }
         };
@@ -133,10 +223,7 @@ impl<B: KernelBackend> Linear<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let x = x.reshape([batch * seq, self.in_features]);
-        let y = match &self.weight {
-            LinearWeight::Dense(w) => B::dense_matmul(x, w),
-            LinearWeight::Quantized(q) => <B as KernelBackend>::q_matmul(x, q),
-        };
+        let y = self.weight.product(x);
         let y = match &self.bias {
             Some(b) => y.clone() + to_dtype(b.clone(), y.dtype()).unsqueeze(),
             None => y,
@@ -164,7 +251,7 @@ impl<B: KernelBackend> Linear<B> {
                 first.pair.b.clone(),
                 first.scale,
             ),
-            LinearWeight::Dense(w) => B::dense_matmul(x.clone(), w) + first.term(&x),
+            w => w.product(x.clone()) + first.term(&x),
         };
         for l in rest {
             y = y + l.term(&x);
@@ -179,23 +266,14 @@ impl<B: KernelBackend> Linear<B> {
     /// The same layer with its weight dequantised to f32: the plain-tensor reference path (tests
     /// compare the kernels against it; merging adapters starts from it).
     pub fn to_dense(&self) -> Self {
-        let weight = match &self.weight {
-            LinearWeight::Quantized(q) => {
-                LinearWeight::Dense(crate::kernels::reference::dequantize(q).transpose())
-            }
-            dense => dense.clone(),
-        };
         Self {
-            weight,
+            weight: self.weight.dense(),
             ..self.clone()
         }
     }
 
     pub fn device_bytes(&self) -> usize {
-        match &self.weight {
-            LinearWeight::Dense(w) => w.shape().num_elements() * 4,
-            LinearWeight::Quantized(q) => q.device_bytes(),
-        }
+        self.weight.device_bytes()
     }
 }
 
