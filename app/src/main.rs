@@ -617,9 +617,17 @@ fn model_info<B: OpenDevice>(model: &str, quantize: Option<QFormat>) -> Result<(
     );
     println!("context:       {} tokens", i.context_length);
     println!(
-        "device memory: {:.1} MB of weights",
-        i.device_bytes as f64 / 1e6
+        "device memory: {:.1} MB of weights, and {:.1} MB of token embeddings on the host",
+        i.device_bytes as f64 / 1e6,
+        i.host_bytes as f64 / 1e6
     );
+    if i.file_tensor_bytes > 0 {
+        println!(
+            "file tensors:  {:.1} MB; loaded, device + host: {:.1} %",
+            i.file_tensor_bytes as f64 / 1e6,
+            100.0 * (i.device_bytes + i.host_bytes) as f64 / i.file_tensor_bytes as f64
+        );
+    }
     println!("runs on:       {gpu}");
     println!("kernels:       {}", <B as KernelBackend>::kernels_impl());
     if loaded.tokenizer.vocab_size() == 0 {

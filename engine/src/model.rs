@@ -29,6 +29,11 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     /// Bytes of weights in device memory.
     pub device_bytes: usize,
+    /// Bytes of the token embedding table, which stays on the host in its file format.
+    pub host_bytes: usize,
+    /// Bytes of tensor data in the file (GGUF; 0 for safetensors, which hold f32/f16 the
+    /// device does not keep).
+    pub file_tensor_bytes: usize,
 }
 
 impl ModelInfo {
@@ -104,7 +109,7 @@ pub fn load_model<B: KernelBackend>(
             None => "f32 (from safetensors)".into(),
         };
         let model = Llama::load(config.clone(), &weights, quantize, device, &mut upload)?;
-        let info = info(path, "HF safetensors", &config, quantization, &model);
+        let info = info(path, "HF safetensors", &config, quantization, &model, 0);
         return Ok(LoadedModel {
             model,
             tokenizer,
@@ -116,7 +121,15 @@ pub fn load_model<B: KernelBackend>(
     let tokenizer = Tokenizer::from_gguf(&gguf)?;
     let weights = GgufWeights::new(&gguf, &config);
     let model = Llama::load(config.clone(), &weights, quantize, device, &mut upload)?;
-    let info = info(path, "GGUF", &config, type_census(&gguf), &model);
+    let file_bytes = gguf.tensors.iter().map(|t| t.len).sum();
+    let info = info(
+        path,
+        "GGUF",
+        &config,
+        type_census(&gguf),
+        &model,
+        file_bytes,
+    );
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -130,6 +143,7 @@ fn info<B: KernelBackend>(
     c: &Config,
     quantization: String,
     m: &Llama<B>,
+    file_tensor_bytes: usize,
 ) -> ModelInfo {
     ModelInfo {
         path: path.into(),
@@ -142,5 +156,7 @@ fn info<B: KernelBackend>(
         hidden_size: c.hidden_size,
         vocab_size: c.vocab_size,
         device_bytes: m.device_bytes(),
+        host_bytes: m.embed_tokens.host_bytes(),
+        file_tensor_bytes,
     }
 }

@@ -7,6 +7,8 @@ Run from the repository root (needs: pip install torch transformers gguf safeten
 Writes, under tests/fixtures/:
   smollm2_golden.json   prompt ids, 32 greedy tokens and top-5 logits per step (default model)
   smollm2_tokenizer.json code strings and their token ids
+  qwen_coder_golden.json the same for Qwen2.5-Coder-0.5B-Instruct Q4_K_M (with --qwen PATH;
+                        its tokenizer cases inside)
   tiny_llama/, tiny_qwen2/  random-weight HF-format models (safetensors) and their golden outputs
   kquants.json          random blocks of every GGUF type we read (Q4_0 … Q6_K, Q2_K, Q3_K, IQ4_NL,
                         IQ4_XS) and gguf-py's dequantisation
@@ -105,6 +107,31 @@ def smollm2(gguf_path):
         json.dump(toks, fh, indent=1)
 
 
+def qwen_coder(gguf_path):
+    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M (Q5_0, Q8_0, Q4_K, Q6_K): the default model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, f = os.path.split(os.path.abspath(gguf_path))
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    model.eval()
+    cases = []
+    for p in CODE_PROMPTS:
+        ids = tok.encode(p, add_special_tokens=False)
+        cases.append({"prompt": p, "chat": False, "prompt_ids": ids, **greedy_with_top5(model, ids, N_GREEDY)})
+    chat_text = tok.apply_chat_template(
+        [{"role": "user", "content": CHAT_PROMPT}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tok.encode(chat_text, add_special_tokens=False)
+    cases.append(
+        {"prompt": CHAT_PROMPT, "chat": True, "rendered": chat_text, "prompt_ids": ids,
+         **greedy_with_top5(model, ids, N_GREEDY)}
+    )
+    toks = [{"text": s, "ids": tok.encode(s, add_special_tokens=False)} for s in TOKENIZER_STRINGS]
+    with open(os.path.join(FIX, "qwen_coder_golden.json"), "w") as fh:
+        json.dump({"model": f, "cases": cases, "tokenizer": toks}, fh, indent=1)
+
+
 def byte_tokenizer(path, vocab_size):
     """A byte-level BPE with no merges: 256 byte tokens plus <s>, </s>; small enough to commit."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -184,10 +211,14 @@ def kquants():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gguf", required=True)
+    ap.add_argument("--gguf")
     ap.add_argument("--skip-smollm", action="store_true")
+    ap.add_argument("--qwen", help="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf: writes only its fixture")
     args = ap.parse_args()
     os.makedirs(FIX, exist_ok=True)
+    if args.qwen:
+        qwen_coder(args.qwen)
+        return
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     kquants()

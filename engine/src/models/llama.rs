@@ -337,15 +337,16 @@ impl<B: KernelBackend> Llama<B> {
         }
     }
 
-    /// Bytes of weights in device memory.
+    /// Bytes of weights in device memory (projections with their biases, norms, the head).
     pub fn device_bytes(&self) -> usize {
+        let norm = |n: &RmsNorm<B>| 4 * n.weight.shape().num_elements();
         let per_layer: usize = self
             .layers
             .iter()
             .map(|l| {
                 let a = &l.self_attn;
                 let m = &l.mlp;
-                [
+                let linears: usize = [
                     &a.q_proj,
                     &a.k_proj,
                     &a.v_proj,
@@ -356,10 +357,11 @@ impl<B: KernelBackend> Llama<B> {
                 ]
                 .iter()
                 .map(|x| x.device_bytes())
-                .sum::<usize>()
+                .sum();
+                linears + norm(&l.input_layernorm) + norm(&l.post_attention_layernorm)
             })
             .sum();
-        per_layer + self.lm_head.device_bytes()
+        per_layer + self.lm_head.device_bytes() + norm(&self.norm)
     }
 
     /// Run `token_ids` (one sequence) through the model after the `cache.len` positions already

@@ -273,7 +273,11 @@ impl<B: KernelBackend> Linear<B> {
     }
 
     pub fn device_bytes(&self) -> usize {
-        self.weight.device_bytes()
+        let bias = self
+            .bias
+            .as_ref()
+            .map_or(0, |b| 4 * b.shape().num_elements());
+        self.weight.device_bytes() + bias
     }
 }
 
