@@ -536,3 +536,76 @@ fn merge_hf_base_and_bad_requests() {
     assert_eq!(leftovers(), Vec::<String>::new());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A GGUF merge into the default model (Qwen2.5-Coder-0.5B Q4_K_M) keeps every merged weight's
+/// type and re-quantises it with codelsi's quantiser for that type, byte for byte: Q5_0 and
+/// Q8_0 (q, v) and the K-quants Q4_K and Q6_K (down).
+#[test]
+fn merged_qwen_gguf_requantises_every_type() {
+    use codelsi_engine::fetch::{DEFAULT_MODEL, ensure_model};
+    let dev = device();
+    let base_path = ensure_model(DEFAULT_MODEL, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    let base = GgufFile::open(&base_path).unwrap_or_else(|e| panic!("{e}"));
+    let c = Config::from_gguf(&base).unwrap_or_else(|e| panic!("{e}"));
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Target::parse_list("q,v,down").unwrap_or_else(|e| panic!("{e}")),
+        rslora: false,
+    };
+    let fresh = Adapter::<B>::init(lora, &c, 3, &dev).unwrap_or_else(|e| panic!("{e}"));
+    let adapter = randomized(&fresh, 0.05, 20);
+    let dir = scratch("merge-qwen");
+    let peft = dir.join("adapter");
+    adapter
+        .save_peft(&peft, "qwen", &[])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = dir.join("merged.gguf");
+    let report = merge_into(
+        &base_path,
+        std::slice::from_ref(&peft),
+        &out,
+        MergeFormat::Gguf { merged_type: None },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(report.retyped.is_empty(), "{report:?}");
+    assert_eq!(report.merged_tensors, 3 * c.num_hidden_layers);
+    let merged = GgufFile::open(&out).unwrap_or_else(|e| panic!("{e}"));
+    let host = HostAdapter::load_peft(&peft, &c).unwrap_or_else(|e| panic!("{e}"));
+    let mut seen = Vec::new();
+    for layer in 0..c.num_hidden_layers {
+        for (t, g) in [
+            (Target::Q, "attn_q"),
+            (Target::V, "attn_v"),
+            (Target::Down, "ffn_down"),
+        ] {
+            let name = format!("blk.{layer}.{g}.weight");
+            let b = base.tensor(&name).unwrap_or_else(|| panic!("no {name}"));
+            if seen.contains(&b.ty) {
+                continue;
+            }
+            seen.push(b.ty);
+            // Qwen2 GGUFs keep HF's q/k row order.
+            let mut w = Vec::new();
+            dequantize_into(b.ty, base.tensor_bytes(b), &mut w);
+            let delta = host.delta(layer, t).unwrap_or_else(|| panic!("no delta"));
+            w.iter_mut().zip(&delta).for_each(|(w, d)| *w += d);
+            let format = b.ty.gpu_format().unwrap_or_else(|| panic!("{:?}", b.ty));
+            let want = quantize_blocks(format, &w);
+            let m = merged.tensor(&name).unwrap_or_else(|| panic!("no {name}"));
+            assert_eq!(m.ty, b.ty, "{name} keeps its type");
+            assert!(
+                merged.tensor_bytes(m) == want.as_slice(),
+                "{name}: not the {} re-quantisation of W + s·B·A",
+                b.ty.name()
+            );
+        }
+    }
+    seen.sort_by_key(|t| t.id());
+    assert_eq!(
+        seen,
+        [GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

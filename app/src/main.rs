@@ -140,14 +140,15 @@ enum Format {
 }
 
 fn parse_quant(s: &str) -> Result<QFormat, String> {
-    QFormat::parse(s).ok_or_else(|| format!("`{s}` is not one of q8_0, q4_0, q4_1"))
+    QFormat::parse(s).ok_or_else(|| format!("`{s}` is not one of {}", QFormat::names()))
 }
 
 #[derive(clap::Args)]
 struct GenerateArgs {
     /// The prompt.
     prompt: String,
-    /// A GGUF file, an HF model directory, or `default` (SmolLM2-135M-Instruct, fetched on first use).
+    /// A catalogue name (`codelsi models list`; `default` is qwen2.5-coder-0.5b-instruct, fetched
+    /// on first use), a GGUF file, or an HF model directory.
     #[arg(long, default_value = "default")]
     model: String,
     /// Wrap the prompt as a user message in the model's chat template.
@@ -171,7 +172,8 @@ struct GenerateArgs {
     /// Stop when the output contains this string (repeatable).
     #[arg(long = "stop")]
     stop: Vec<String>,
-    /// Quantise f16/f32 weights at load (q8_0, q4_0, q4_1); GGUF Q4_0/Q4_1/Q8_0 weights stay as they are.
+    /// Quantise f16/f32 weights at load (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k); quantised
+    /// GGUF weights stay as they are.
     #[arg(long, value_parser = parse_quant)]
     quantize: Option<QFormat>,
     /// A LoRA adapter directory (PEFT format, as `codelsi train` writes); repeat to stack.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use codelsi_engine::merge::{MergeFormat, merge};
 use codelsi_engine::model::resolve_model;
-use codelsi_engine::quant::GgmlType;
+use codelsi_engine::quant::{GgmlType, QFormat};
 
 use crate::Format;
 
@@ -42,13 +42,16 @@ pub fn cmd_merge(args: MergeArgs) -> Result<()> {
     };
     if let Some(t) = &args.gguf_type {
         let ty = match t.to_ascii_lowercase().as_str() {
-            "q8_0" => GgmlType::Q8_0,
-            "q4_1" => GgmlType::Q4_1,
-            "q4_0" => GgmlType::Q4_0,
             "f16" => GgmlType::F16,
             "bf16" => GgmlType::Bf16,
             "f32" => GgmlType::F32,
-            _ => bail!("--gguf-type `{t}` is not one of q8_0, q4_1, q4_0, f16, bf16, f32"),
+            q => match QFormat::parse(q) {
+                Some(f) => f.ggml(),
+                None => bail!(
+                    "--gguf-type `{t}` is not one of {}, f16, bf16, f32",
+                    QFormat::names()
+                ),
+            },
         };
         match &mut format {
             MergeFormat::Gguf { merged_type } => *merged_type = Some(ty),

@@ -163,7 +163,7 @@ fn measure_kernels(args: &MeasureArgs) -> Result<()> {
         .iter()
         .map(|f| {
             QFormat::parse(f)
-                .with_context(|| format!("--formats: {f} is not one of q4_0, q4_1, q8_0"))
+                .with_context(|| format!("--formats: {f} is not one of {}", QFormat::names()))
         })
         .collect::<Result<Vec<_>>>()?;
     let shapes = args

