@@ -57,6 +57,7 @@ pub fn init_wgpu() -> Result<(WgpuDevice, GpuInfo)> {
         std::panic::set_hook(hook);
         match setup {
             Ok(setup) => {
+                watch_faults();
                 let i = setup.adapter.get_info();
                 let _ = SETUP.set(setup.clone());
                 Ok(GpuInfo {
@@ -82,6 +83,60 @@ pub fn init_wgpu() -> Result<(WgpuDevice, GpuInfo)> {
     match info {
         Ok(i) => Ok((device, i.clone())),
         Err(e) => Err(Error::NoAdapter(e.clone())),
+    }
+}
+
+/// The first failure of a device thread since the process started (see [`watch_faults`]).
+static FAULT: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Catch failures of burn's device threads. cubecl runs each wgpu device on a thread of its own
+/// (named `DSD-…`) and an allocation that does not fit panics there: the caller's thread goes
+/// on reading zeros. The panic hook records such a panic (without printing it) for
+/// [`check_device`] to turn into [`Error::DeviceFault`]; panics of other threads print as before.
+fn watch_faults() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let device_thread = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("DSD-"));
+            if !device_thread {
+                return previous(info);
+            }
+            let msg = info
+                .payload()
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a device thread panicked".into());
+            // cubecl's messages end with a backtrace note; the first line says what failed.
+            let first = msg.lines().next().unwrap_or_default();
+            let first = first
+                .strip_prefix("called `Result::unwrap()` on an `Err` value: ")
+                .unwrap_or(first)
+                .to_string();
+            let mut fault = FAULT
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            fault.get_or_insert(first);
+        }));
+    });
+}
+
+/// `Err(DeviceFault)` when a device thread failed since the process started: results read
+/// from the device since then are not to be trusted. `context` says what was being done.
+pub fn check_device(context: impl FnOnce() -> String) -> Result<()> {
+    let fault = FAULT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    match fault {
+        Some(fault) => Err(Error::DeviceFault {
+            fault,
+            context: context(),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -164,6 +219,37 @@ impl GpuInfo {
             self.backend.clone()
         } else {
             format!("wgpu/{}", self.backend)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Tensor, TensorData};
+
+    /// A buffer one element over the device's largest binding (128 MiB on lavapipe) fails in burn's device thread; `check_device` turns
+    /// that into a typed error instead of the zeros the caller reads. The fault is sticky for the
+    /// process, so this is the engine's only unit test on the wgpu device.
+    #[test]
+    fn a_failed_allocation_is_a_device_fault() {
+        let Ok((device, _)) = init_wgpu() else {
+            return; // no adapter at all: `NoAdapter` is tested elsewhere
+        };
+        check_device(String::new).unwrap();
+        let limit = max_binding_bytes().unwrap_or(u64::MAX);
+        if limit > 1 << 30 {
+            return; // the tensor would take as much host memory: lavapipe's case is the test
+        }
+        let n = (limit / 4 + 1) as usize;
+        let t = Tensor::<Wgpu, 1>::from_data(TensorData::new(vec![1f32; n], [n]), &device);
+        let _ = (t * 2.0).slice(0..4).into_data();
+        match check_device(|| "doubling a big tensor".into()) {
+            Err(Error::DeviceFault { fault, context }) => {
+                assert!(fault.contains("allocate"), "{fault}");
+                assert_eq!(context, "doubling a big tensor");
+            }
+            other => panic!("expected a device fault, got {other:?}"),
         }
     }
 }

@@ -86,6 +86,14 @@ pub enum Error {
     #[error("no GPU adapter could be opened: {0}")]
     NoAdapter(String),
 
+    /// The GPU device failed (an allocation that did not fit, a lost device): what the device
+    /// computed since is void.
+    #[error(
+        "the GPU device failed: {fault}. {context}. Try a smaller model, fewer rows at once \
+         (--batch), or `--device cpu`"
+    )]
+    DeviceFault { fault: String, context: String },
+
     #[error("fetching the default model: {0}")]
     Fetch(String),
 

@@ -83,10 +83,13 @@ impl GenerateOutput {
 }
 
 fn logits_to_vec<B: KernelBackend>(logits: Tensor<B, 2>) -> Result<Vec<f32>> {
-    logits
+    let [rows, vocab] = logits.dims();
+    let v = logits
         .into_data()
         .into_vec::<f32>()
-        .map_err(|e| Error::InvalidArgument(format!("reading logits: {e:?}")))
+        .map_err(|e| Error::InvalidArgument(format!("reading logits: {e:?}")))?;
+    crate::device::check_device(|| format!("computing the logits of {rows} rows of {vocab}"))?;
+    Ok(v)
 }
 
 /// Length of the longest suffix of `text` that is a proper prefix of some stop string: that

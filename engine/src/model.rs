@@ -110,6 +110,7 @@ pub fn load_model<B: KernelBackend>(
         };
         let model = Llama::load(config.clone(), &weights, quantize, device, &mut upload)?;
         let info = info(path, "HF safetensors", &config, quantization, &model, 0);
+        uploaded::<B>(device, &info)?;
         return Ok(LoadedModel {
             model,
             tokenizer,
@@ -130,10 +131,31 @@ pub fn load_model<B: KernelBackend>(
         &model,
         file_bytes,
     );
+    uploaded::<B>(device, &info)?;
     Ok(LoadedModel {
         model,
         tokenizer,
         info,
+    })
+}
+
+/// Wait for the uploads to finish, and fail if the device could not hold them.
+fn uploaded<B: KernelBackend>(device: &B::Device, info: &ModelInfo) -> Result<()> {
+    // An error of the sync itself surfaces as a device fault too.
+    let synced = B::sync(device);
+    crate::device::check_device(|| {
+        let limit = crate::device::max_binding_bytes()
+            .map(|b| format!(", largest buffer {:.0} MiB", b as f64 / (1u64 << 20) as f64))
+            .unwrap_or_default();
+        format!(
+            "Loading {} ({:.1} MB of weights for the device{limit})",
+            info.file_name(),
+            info.device_bytes as f64 / 1e6
+        )
+    })?;
+    synced.map_err(|e| Error::DeviceFault {
+        fault: format!("{e:?}"),
+        context: format!("Loading {}", info.file_name()),
     })
 }
 

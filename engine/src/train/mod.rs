@@ -682,6 +682,7 @@ fn row_grads_full<B: KernelBackend>(
     }
     let loss = row_loss(model, tracked, widen(x), row)? / pass.targets as f64;
     let value: f64 = loss.clone().inner().into_scalar().elem();
+    crate::device::check_device(|| format!("training on a row of {} tokens", row.tokens.len()))?;
     let grads = (loss * pass.loss_scale()).backward();
     let g = tracked
         .named_tensors()
@@ -724,6 +725,7 @@ fn row_grads_checkpointed<B: KernelBackend>(
     let last = Tensor::<Ad<B>, 3>::from_inner(x.inner()).require_grad();
     let loss = nll_of_logits(model.head(widen(last.clone())), row) / pass.targets as f64;
     let value: f64 = loss.clone().inner().into_scalar().elem();
+    crate::device::check_device(|| format!("training on a row of {} tokens", row.tokens.len()))?;
     let grads = (loss * pass.loss_scale()).backward();
     let mut upstream = last
         .grad(&grads)
