@@ -67,7 +67,7 @@ fn kernels(device: &burn::backend::wgpu::WgpuDevice) {
     let w: Vec<f32> = (0..n * k)
         .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
         .collect();
-    for format in [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0] {
+    for format in QFormat::ALL {
         let q = QMatrix::quantize(format, n, k, &w);
         let qt = QTensor::<B>::from_qmatrix(&q, device);
         let bytes = q.gpu_bytes() as f64;

