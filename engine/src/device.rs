@@ -145,7 +145,7 @@ pub fn check_device(context: impl FnOnce() -> String) -> Result<()> {
 pub fn max_binding_bytes() -> Option<u64> {
     SETUP
         .get()
-        .map(|s| s.device.limits().max_storage_buffer_binding_size as u64)
+        .map(|s| s.device.limits().max_storage_buffer_binding_size)
 }
 
 /// Whether the opened adapter is a CPU implementation (lavapipe, SwiftShader, WARP): kernels pick

@@ -387,6 +387,9 @@ fn dequant_q6k_block(b: &[u8], out: &mut Vec<f32>) {
     }
 }
 
+/// Bytes `start..end` of a ggml block.
+type ByteRange = (usize, usize);
+
 /// The quantised formats our WGSL kernels read. See [`QMatrix`] for their GPU layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QFormat {
@@ -455,7 +458,7 @@ impl QFormat {
 
     /// Where a ggml block's bytes go in [`QMatrix`]: the byte ranges copied, in order, to the
     /// scales array (f16 values and packed 6/8-bit scales) and to the quants array.
-    fn split(self) -> (&'static [(usize, usize)], &'static [(usize, usize)]) {
+    fn split(self) -> (&'static [ByteRange], &'static [ByteRange]) {
         match self {
             Self::Q4_0 => (&[(0, 2)], &[(2, 18)]),
             Self::Q4_1 => (&[(0, 4)], &[(4, 20)]),
