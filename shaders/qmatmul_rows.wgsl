@@ -1,6 +1,6 @@
 //! Quantised matrix-matrix product of a few rows (batched decode) for CPU adapters (lavapipe),
-//! launched by `q_matmul` in engine/src/kernels/qmatmul.rs; the format's `dequant4` is appended
-//! from shaders/common/.
+//! launched by `q_matmul` in engine/src/kernels/qmatmul.rs; the format's `unit_scales` and
+//! `dequant4s` are appended from shaders/common/.
 //!
 //! y[m, n] = sum_k x[m, k] * W[n, k]. One thread per row n of W and block of ROWS rows of x:
 //! it dequantises each 32-weight block of W once, into registers, and applies it to all ROWS
@@ -39,8 +39,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var b = 0u; b < params.blocks_per_row; b++) {
         let block = n * params.blocks_per_row + b;
         var w: array<vec4<f32>, 8>;
+        let s = unit_scales(block);
         for (var g = 0u; g < 8u; g++) {
-            w[g] = dequant4(block, g);
+            w[g] = dequant4s(block, g, s);
         }
         for (var r = 0u; r < ROWS; r++) {
             let xb = x_row[r] + b * 8u;

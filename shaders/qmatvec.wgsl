@@ -1,8 +1,10 @@
 //! Quantised matrix-vector product for decode, launched by `q_matmul` in
-//! engine/src/kernels/qmatmul.rs; the format's `dequant4` is appended from shaders/common/.
+//! engine/src/kernels/qmatmul.rs; the format's `unit_scales` and `dequant4s` are appended from
+//! shaders/common/.
 //!
 //! y[m, n] = sum_k x[m, k] * W[n, k] for a few rows m of x. Each row of W is reduced by
-//! LANES threads striding over its 32-weight blocks, dequantised in registers: W stays
+//! LANES threads striding over its 32-weight units, dequantised in registers (what a unit's
+//! weights share, such as a K-quant's 6-bit scale, decoded once per unit): W stays
 //! quantised in GPU memory and is read once per row of x. LANES is 16 on GPUs (neighbouring
 //! threads read neighbouring blocks) and 1 on CPU adapters such as lavapipe, where a thread per
 //! row needs no reduction and every SIMD lane reads the same x.
@@ -29,8 +31,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         for (var b = lane; b < params.blocks_per_row; b += LANES) {
             let block = n * params.blocks_per_row + b;
             let xb = x_row + b * 8u;
+            let s = unit_scales(block);
             for (var g = 0u; g < 8u; g++) {
-                acc += dot(dequant4(block, g), x[xb + g]);
+                acc += dot(dequant4s(block, g, s), x[xb + g]);
             }
         }
     }

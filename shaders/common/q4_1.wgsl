@@ -1,13 +1,23 @@
-//! Q4_1 blocks for `qmatvec.wgsl` / `qmatmul.wgsl`, appended by `engine/src/kernels/qmatmul.rs`.
+//! Q4_1 blocks for the quantised products, appended by `engine/src/kernels/qmatmul.rs`.
 //! Layout (`QMatrix` in engine/src/quant.rs): 4 words of nibbles per block (byte j of the block
-//! holds weight j in its low and weight j + 16 in its high nibble); the f16 pair (d, m) of a
-//! block in one scales word. Weight = q * d + m.
+//! holds weight j in its low nibble and weight j + 16 in its high nibble); the f16 pair (d, m)
+//! of a block in one scales word. Weight = q * d + m. (The three functions: see q4_0.wgsl.)
 
-/// Weights 4g .. 4g + 3 (g in 0..8) of block `block`.
-fn dequant4(block: u32, g: u32) -> vec4<f32> {
+/// (d, m, -, -) of block `block`.
+fn unit_scales(block: u32) -> vec4<f32> {
     let dm = unpack2x16float(scales[block]);
+    return vec4<f32>(dm.x, dm.y, 0.0, 0.0);
+}
+
+/// Weights 4g .. 4g + 3 (g in 0..8) of block `block`, whose `unit_scales` are `s`.
+fn dequant4s(block: u32, g: u32, s: vec4<f32>) -> vec4<f32> {
     let word = qs[block * 4u + (g & 3u)];
     let shift = select(vec4<u32>(0u, 8u, 16u, 24u), vec4<u32>(4u, 12u, 20u, 28u), g >= 4u);
     let q = vec4<f32>((vec4<u32>(word) >> shift) & vec4<u32>(0xFu));
-    return q * dm.x + dm.y;
+    return q * s.x + s.y;
+}
+
+/// Weights 4g .. 4g + 3 (g in 0..8) of block `block`.
+fn dequant4(block: u32, g: u32) -> vec4<f32> {
+    return dequant4s(block, g, unit_scales(block));
 }

@@ -4,15 +4,18 @@
 //! 4 scales words (the f16 pair d, dmin, then ggml's 12 bytes of 6-bit scales and minimums) and
 //! 40 quant words: `qh` (byte l, bit j: the fifth bit of weight l of unit j), then the nibbles
 //! (32-byte chunk c holds unit 2c in its low and unit 2c + 1 in its high nibbles).
-//! Weight = d * scale * q - dmin * min.
+//! Weight = d * scale * q - dmin * min. (The three functions: see q4_0.wgsl.)
 
 /// Byte `i` (0..12) of super-block `sb`'s packed scales.
 fn k_scale_byte(sb: u32, i: u32) -> u32 {
     return (scales[sb * 4u + 1u + i / 4u] >> ((i % 4u) * 8u)) & 0xFFu;
 }
 
-/// (d * scale, dmin * min) of unit `j` (0..8) of super-block `sb` (ggml's `get_scale_min_k4`).
-fn k_scale_min(sb: u32, j: u32) -> vec2<f32> {
+/// (d * scale, dmin * min, -, -) of 32-weight unit `block`: unit `block % 8` of super-block
+/// `block / 8` (ggml's `get_scale_min_k4`).
+fn unit_scales(block: u32) -> vec4<f32> {
+    let sb = block / 8u;
+    let j = block % 8u;
     let dm = unpack2x16float(scales[sb * 4u]);
     var sc: u32;
     var m: u32;
@@ -24,17 +27,21 @@ fn k_scale_min(sb: u32, j: u32) -> vec2<f32> {
         sc = (both & 0xFu) | ((k_scale_byte(sb, j - 4u) >> 6u) << 4u);
         m = (both >> 4u) | ((k_scale_byte(sb, j) >> 6u) << 4u);
     }
-    return vec2<f32>(dm.x * f32(sc), dm.y * f32(m));
+    return vec4<f32>(dm.x * f32(sc), dm.y * f32(m), 0.0, 0.0);
 }
 
-/// Weights 4g .. 4g + 3 (g in 0..8) of 32-weight unit `block`.
-fn dequant4(block: u32, g: u32) -> vec4<f32> {
+/// Weights 4g .. 4g + 3 (g in 0..8) of 32-weight unit `block`, whose `unit_scales` are `s`.
+fn dequant4s(block: u32, g: u32, s: vec4<f32>) -> vec4<f32> {
     let sb = block / 8u;
     let j = block % 8u;
-    let sm = k_scale_min(sb, j);
     let bytes = vec4<u32>(0u, 8u, 16u, 24u);
     let low = (vec4<u32>(qs[sb * 40u + 8u + (j / 2u) * 8u + g]) >> (bytes + 4u * (j & 1u))) & vec4<u32>(0xFu);
     let high = (vec4<u32>(qs[sb * 40u + g]) >> (bytes + j)) & vec4<u32>(1u);
     let q = vec4<f32>(low | (high << vec4<u32>(4u)));
-    return q * sm.x - sm.y;
+    return q * s.x - s.y;
+}
+
+/// Weights 4g .. 4g + 3 (g in 0..8) of 32-weight unit `block`.
+fn dequant4(block: u32, g: u32) -> vec4<f32> {
+    return dequant4s(block, g, unit_scales(block));
 }
