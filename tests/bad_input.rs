@@ -153,12 +153,17 @@ fn absurd_dims_and_unknown_types_are_rejected() {
         .map(|_| ())
         .expect_err("absurd dims");
     assert!(matches!(e, Error::BadTensor { .. }), "{e}");
-    let e = parse(gguf_with_tensor(&[4, 32], 6, vec![0; 88]))
+    // IQ2_XXS (ggml type 16) is still not read: the tensor and the type are named.
+    let e = parse(gguf_with_tensor(&[4, 256], 16, vec![0; 264]))
         .map(|_| ())
-        .expect_err("Q5_0");
+        .expect_err("IQ2_XXS");
     assert!(
-        matches!(&e, Error::UnsupportedDtype { dtype, .. } if dtype == "Q5_0"),
+        matches!(&e, Error::UnsupportedDtype { tensor, dtype, .. } if dtype == "IQ2_XXS" && tensor == "x"),
         "{e}"
+    );
+    assert!(
+        e.to_string().contains("Q5_0"),
+        "the message lists what is read: {e}"
     );
     let e = parse(gguf_with_tensor(&[4, 33], 8, vec![0; 200]))
         .map(|_| ())

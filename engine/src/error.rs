@@ -94,7 +94,7 @@ pub enum Error {
     )]
     DeviceFault { fault: String, context: String },
 
-    #[error("fetching the default model: {0}")]
+    #[error("fetching a model: {0}")]
     Fetch(String),
 
     #[error("checksum mismatch for {path}: expected {expected}, got {got}")]
