@@ -322,7 +322,8 @@ fn fetch_into(
     std::fs::rename(&tmp, dest).map_err(|e| Error::io(dest, e))
 }
 
-#[cfg(test)]
+// The stand-in pip is a shell script.
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
 
