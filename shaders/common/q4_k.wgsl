@@ -5,29 +5,7 @@
 //! 32 words of nibbles (32-byte chunk c holds unit 2c in its low and unit 2c + 1 in its high
 //! nibbles). Weight = d * scale * q - dmin * min. (The three functions: see q4_0.wgsl.)
 
-/// Byte `i` (0..12) of super-block `sb`'s packed scales.
-fn k_scale_byte(sb: u32, i: u32) -> u32 {
-    return (scales[sb * 4u + 1u + i / 4u] >> ((i % 4u) * 8u)) & 0xFFu;
-}
-
-/// (d * scale, dmin * min, -, -) of 32-weight unit `block`: unit `block % 8` of super-block
-/// `block / 8` (ggml's `get_scale_min_k4`).
-fn unit_scales(block: u32) -> vec4<f32> {
-    let sb = block / 8u;
-    let j = block % 8u;
-    let dm = unpack2x16float(scales[sb * 4u]);
-    var sc: u32;
-    var m: u32;
-    if (j < 4u) {
-        sc = k_scale_byte(sb, j) & 63u;
-        m = k_scale_byte(sb, j + 4u) & 63u;
-    } else {
-        let both = k_scale_byte(sb, j + 4u);
-        sc = (both & 0xFu) | ((k_scale_byte(sb, j - 4u) >> 6u) << 4u);
-        m = (both >> 4u) | ((k_scale_byte(sb, j) >> 6u) << 4u);
-    }
-    return vec4<f32>(dm.x * f32(sc), dm.y * f32(m), 0.0, 0.0);
-}
+// `unit_scales` comes from k_scales.wgsl.
 
 /// Weights 4g .. 4g + 3 (g in 0..8) of 32-weight unit `block`, whose `unit_scales` are `s`.
 fn dequant4s(block: u32, g: u32, s: vec4<f32>) -> vec4<f32> {

@@ -2,7 +2,7 @@
 //! Layout (`QMatrix` in engine/src/quant.rs): 5 words per block, the 32 fifth bits (bit j for
 //! weight j) then 4 words of nibbles (byte j holds weight j in its low and weight j + 16 in its
 //! high nibble); one f16 `d` per block, two blocks per scales word. Weight = (q - 16) * d.
-//! (The three functions: see q4_0.wgsl.)
+//! (The three functions: see q4_0.wgsl; `q5_codes` comes from q5_codes.wgsl.)
 
 /// (d, -, -, -) of block `block`.
 fn unit_scales(block: u32) -> vec4<f32> {
@@ -12,12 +12,7 @@ fn unit_scales(block: u32) -> vec4<f32> {
 
 /// Weights 4g .. 4g + 3 (g in 0..8) of block `block`, whose `unit_scales` are `s`.
 fn dequant4s(block: u32, g: u32, s: vec4<f32>) -> vec4<f32> {
-    let base = block * 5u;
-    let word = qs[base + 1u + (g & 3u)];
-    let shift = select(vec4<u32>(0u, 8u, 16u, 24u), vec4<u32>(4u, 12u, 20u, 28u), g >= 4u);
-    let low = (vec4<u32>(word) >> shift) & vec4<u32>(0xFu);
-    let high = (vec4<u32>(qs[base]) >> (vec4<u32>(0u, 1u, 2u, 3u) + 4u * g)) & vec4<u32>(1u);
-    return (vec4<f32>(low | (high << vec4<u32>(4u))) - 16.0) * s.x;
+    return (vec4<f32>(q5_codes(block, g)) - 16.0) * s.x;
 }
 
 /// Weights 4g .. 4g + 3 (g in 0..8) of block `block`.

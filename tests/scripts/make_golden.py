@@ -78,15 +78,9 @@ def greedy_with_top5(model, ids, steps, k=5):
     return out
 
 
-def smollm2(gguf_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d, f = os.path.split(os.path.abspath(gguf_path))
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    fix_smollm_pretokenizer(tok)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-    model.eval()
-
+def golden_cases(tok, model):
+    """The code prompts as text and the chat prompt through the chat template, each with its
+    prompt ids and greedy continuation."""
     cases = []
     for p in CODE_PROMPTS:
         ids = tok.encode(p, add_special_tokens=False)
@@ -99,6 +93,19 @@ def smollm2(gguf_path):
         {"prompt": CHAT_PROMPT, "chat": True, "rendered": chat_text, "prompt_ids": ids,
          **greedy_with_top5(model, ids, N_GREEDY)}
     )
+    return cases
+
+
+def smollm2(gguf_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, f = os.path.split(os.path.abspath(gguf_path))
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    fix_smollm_pretokenizer(tok)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    model.eval()
+
+    cases = golden_cases(tok, model)
     with open(os.path.join(FIX, "smollm2_golden.json"), "w") as fh:
         json.dump({"model": "SmolLM2-135M-Instruct.Q4_1.gguf", "cases": cases}, fh, indent=1)
 
@@ -115,18 +122,7 @@ def qwen_coder(gguf_path):
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     model.eval()
-    cases = []
-    for p in CODE_PROMPTS:
-        ids = tok.encode(p, add_special_tokens=False)
-        cases.append({"prompt": p, "chat": False, "prompt_ids": ids, **greedy_with_top5(model, ids, N_GREEDY)})
-    chat_text = tok.apply_chat_template(
-        [{"role": "user", "content": CHAT_PROMPT}], tokenize=False, add_generation_prompt=True
-    )
-    ids = tok.encode(chat_text, add_special_tokens=False)
-    cases.append(
-        {"prompt": CHAT_PROMPT, "chat": True, "rendered": chat_text, "prompt_ids": ids,
-         **greedy_with_top5(model, ids, N_GREEDY)}
-    )
+    cases = golden_cases(tok, model)
     toks = [{"text": s, "ids": tok.encode(s, add_special_tokens=False)} for s in TOKENIZER_STRINGS]
     with open(os.path.join(FIX, "qwen_coder_golden.json"), "w") as fh:
         json.dump({"model": f, "cases": cases, "tokenizer": toks}, fh, indent=1)

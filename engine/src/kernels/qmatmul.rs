@@ -189,17 +189,30 @@ impl KernelSource for QKernel {
     }
 }
 
-/// The `dequant4` helper of a format, appended to the kernels that read quantised blocks (WGSL
-/// has no includes).
+/// The helpers of a format (`unit_scales`, `dequant4s`, `dequant4`, with the pieces Q5_0/Q5_1
+/// and Q4_K/Q5_K share), appended to the kernels that read quantised blocks (WGSL has no
+/// includes).
 pub(crate) fn format_source(format: QFormat) -> &'static str {
     match format {
         QFormat::Q4_0 => include_str!("../../../shaders/common/q4_0.wgsl"),
         QFormat::Q4_1 => include_str!("../../../shaders/common/q4_1.wgsl"),
-        QFormat::Q5_0 => include_str!("../../../shaders/common/q5_0.wgsl"),
-        QFormat::Q5_1 => include_str!("../../../shaders/common/q5_1.wgsl"),
+        QFormat::Q5_0 => concat!(
+            include_str!("../../../shaders/common/q5_0.wgsl"),
+            include_str!("../../../shaders/common/q5_codes.wgsl")
+        ),
+        QFormat::Q5_1 => concat!(
+            include_str!("../../../shaders/common/q5_1.wgsl"),
+            include_str!("../../../shaders/common/q5_codes.wgsl")
+        ),
         QFormat::Q8_0 => include_str!("../../../shaders/common/q8_0.wgsl"),
-        QFormat::Q4K => include_str!("../../../shaders/common/q4_k.wgsl"),
-        QFormat::Q5K => include_str!("../../../shaders/common/q5_k.wgsl"),
+        QFormat::Q4K => concat!(
+            include_str!("../../../shaders/common/q4_k.wgsl"),
+            include_str!("../../../shaders/common/k_scales.wgsl")
+        ),
+        QFormat::Q5K => concat!(
+            include_str!("../../../shaders/common/q5_k.wgsl"),
+            include_str!("../../../shaders/common/k_scales.wgsl")
+        ),
         QFormat::Q6K => include_str!("../../../shaders/common/q6_k.wgsl"),
     }
 }
