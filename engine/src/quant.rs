@@ -528,18 +528,10 @@ impl QMatrix {
             }
             scale_bytes.resize(start + 2 * halves_per_block, 0);
             for &(a, b) in quant_ranges {
-                qs.extend(
-                    block[a..b]
-                        .chunks_exact(4)
-                        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])),
-                );
+                qs.extend(le_words(&block[a..b]));
             }
         }
-        scale_bytes.resize(scale_bytes.len().next_multiple_of(4), 0);
-        let scales = scale_bytes
-            .chunks_exact(4)
-            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
-            .collect();
+        let scales = le_words(&scale_bytes);
         Self {
             format,
             rows,
@@ -563,8 +555,7 @@ impl QMatrix {
         let (scale_ranges, quant_ranges) = format.split();
         let scale_block = 2 * format.scale_halves_per_block();
         let quant_block = 4 * format.qs_words_per_block();
-        let scale_bytes: Vec<u8> = self.scales.iter().flat_map(|w| w.to_le_bytes()).collect();
-        let quant_bytes: Vec<u8> = self.qs.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let (scale_bytes, quant_bytes) = (le_bytes(&self.scales), le_bytes(&self.qs));
         let mut out = vec![0u8; n_blocks * format.ggml().block_bytes()];
         for (i, block) in out
             .chunks_exact_mut(format.ggml().block_bytes())
@@ -602,20 +593,32 @@ impl QMatrix {
         let (b0, b1) = (start * blocks_per_row, end * blocks_per_row);
         let wpb = self.format.qs_words_per_block();
         let spb = self.format.scale_halves_per_block();
-        let scale_bytes: Vec<u8> = self.scales.iter().flat_map(|w| w.to_le_bytes()).collect();
-        let mut part = scale_bytes[2 * spb * b0..2 * spb * b1].to_vec();
-        part.resize(part.len().next_multiple_of(4), 0);
+        let scale_bytes = le_bytes(&self.scales);
         Self {
             format: self.format,
             rows: end - start,
             cols: self.cols,
             qs: self.qs[wpb * b0..wpb * b1].to_vec(),
-            scales: part
-                .chunks_exact(4)
-                .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
-                .collect(),
+            scales: le_words(&scale_bytes[2 * spb * b0..2 * spb * b1]),
         }
     }
+}
+
+/// Little-endian u32 words of `bytes`, the last one zero-padded.
+fn le_words(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks(4)
+        .map(|w| {
+            let mut word = [0u8; 4];
+            word[..w.len()].copy_from_slice(w);
+            u32::from_le_bytes(word)
+        })
+        .collect()
+}
+
+/// The bytes of little-endian u32 `words`.
+fn le_bytes(words: &[u32]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
 /// Quantise values (a whole number of blocks of `format`) to ggml's block bytes. The 32-weight
