@@ -20,6 +20,13 @@
 //!   code from the npm registry (rxjs 7.8.1's `src/`, typescript 5.6.3's `lib/`), fetched with
 //!   `npm pack` into the cache on first use; `--src` names other folders. No GPU needed.
 //!
+//! - cpu-vs-llama: the CPU path beside llama.cpp in one run, same GGUF, same prompt tokens, same
+//!   threads (`--threads`, default: what the CPU path uses): prefill of `--prompt` tokens
+//!   (default 512) and greedy decode of `--decode` tokens (default 128), as tokens/s and the ratio
+//!   ours / llama.cpp, one model after another (`--models a,b`, default the three catalogue
+//!   models). llama.cpp runs through `benches/llama_cpp_baseline.py` with `--python` (default
+//!   `python3`; a venv with `llama-cpp-python`).
+//!
 //! Every timed region ends with a device sync.
 
 use std::time::Instant;
@@ -445,6 +452,83 @@ fn predict_bench<B: KernelBackend>(
     Ok(())
 }
 
+/// Prefill and greedy-decode tokens/s of the CPU path and of llama.cpp on the same file, prompt
+/// and threads, model by model.
+fn cpu_vs_llama(args: &[String]) -> Result<()> {
+    use burn::backend::Flex;
+    let models = flag_value(args, "--models").unwrap_or(
+        "smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct,qwen2.5-coder-1.5b-instruct",
+    );
+    let python = flag_value(args, "--python").unwrap_or("python3");
+    let prompt_len: usize = flag_value(args, "--prompt").unwrap_or("512").parse()?;
+    let steps: usize = flag_value(args, "--decode").unwrap_or("128").parse()?;
+    let threads = rayon::current_num_threads();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("llama_cpp_baseline.py");
+    println!("device: {}", codelsi_engine::device::cpu_info());
+    println!(
+        "| model | codelsi prefill | llama.cpp prefill | ratio | codelsi decode | llama.cpp decode | ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for name in models.split(',') {
+        let path = resolve_model(name, &mut |_| {})?;
+        let loaded = load_model::<Flex>(&path, None, &Default::default(), &mut |_| {})?;
+        let m = &loaded.model;
+        // Code, repeated to the length asked for: the same ids go to llama.cpp.
+        let text = "export function parse(input: string): Token[] { const out = []; for (const c of input) { out.push(c); } return out; }\n";
+        let mut prompt = loaded.tokenizer.encode(&text.repeat(prompt_len), false)?;
+        prompt.truncate(prompt_len);
+        // Warm-up, then the timed prefill and greedy decode.
+        let mut cache = m.new_cache(1, 32);
+        let _ = m.forward(&prompt[..16], &mut cache, false)?.into_data();
+        let mut cache = m.new_cache(1, prompt.len() + steps + 1);
+        let t = Instant::now();
+        let mut logits = m.forward(&prompt, &mut cache, false)?.into_data().to_vec::<f32>()?;
+        let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for _ in 0..steps {
+            let next = argmax(&logits);
+            logits = m.forward(&[next], &mut cache, false)?.into_data().to_vec::<f32>()?;
+        }
+        let decode = steps as f64 / t.elapsed().as_secs_f64();
+        drop(loaded);
+        let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+        let out = std::process::Command::new(python)
+            .arg(&script)
+            .args(["--gguf", &path.to_string_lossy(), "--threads", &threads.to_string()])
+            .args(["--tokens", &ids.join(","), "--decode", &steps.to_string()])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let anchor: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let number = |key: &str| anchor[key].as_f64().unwrap_or(f64::NAN);
+        let (lp, ld) = (number("prefill_tok_s"), number("decode_tok_s"));
+        println!(
+            "| {name} | {prefill:.1} tok/s | {lp:.1} tok/s | {:.2}× | {decode:.1} tok/s | {ld:.1} tok/s | {:.2}× |",
+            prefill / lp,
+            decode / ld
+        );
+    }
+    println!(
+        "(prompt {prompt_len} tokens, decode {steps} greedy tokens, {threads} threads both; llama.cpp through llama-cpp-python)"
+    );
+    Ok(())
+}
+
+/// The index of the largest logit.
+fn argmax(logits: &[f32]) -> u32 {
+    logits
+        .iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv { (i, v) } else { (bi, bv) }
+        })
+        .0 as u32
+}
+
 /// The comma-separated numbers after `flag` (`--batches 1,8,32`), or `default`'s.
 fn list_arg(args: &[String], flag: &str, default: &str) -> Result<Vec<usize>> {
     Ok(flag_value(args, flag)
@@ -465,10 +549,15 @@ fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
 fn main() -> Result<()> {
     codelsi_engine::device::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let threads = flag_value(&args, "--threads").map(str::parse).transpose()?;
+    codelsi_engine::device::set_cpu_threads(threads);
     let what = args.first().map(String::as_str).unwrap_or("all");
     let spec = flag_value(&args, "--model").unwrap_or("default");
     if what == "import" {
         return import_bench(&args, spec);
+    }
+    if what == "cpu-vs-llama" {
+        return cpu_vs_llama(&args);
     }
     if flag_value(&args, "--device") == Some("cpu") {
         if what == "kernels" {

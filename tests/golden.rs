@@ -54,8 +54,9 @@ fn last_logits<Bk: KernelBackend>(model: &Llama<Bk>, prompt: &[u32]) -> Vec<f32>
     )
 }
 
-/// Greedy decode with the KV cache, checking at every step that our top-1 is the reference's
-/// and that our logits at the reference's top-5 ids are within `abs + rel·|x|`.
+/// Greedy decode with the KV cache along the reference's tokens, checking at every step that our
+/// top-1 is the reference's (or within `abs` of it there: a near tie) and that our logits at the
+/// reference's top-5 ids are within `abs + rel·|x|`.
 fn check_greedy<Bk: KernelBackend>(
     what: &str,
     model: &Llama<Bk>,
@@ -85,13 +86,22 @@ fn check_greedy<Bk: KernelBackend>(
             rel,
         );
         let got = argmax(&logits);
-        assert_eq!(
-            got, want,
-            "{what}: greedy token {step}: got {got}, reference {want}"
-        );
+        if got != want {
+            // A near tie in the reference may go either way: the token we chose must be within
+            // `abs` of the reference's best there.
+            let behind = top_ids[step]
+                .iter()
+                .position(|&i| i == got)
+                .map(|p| top_logits[step][0] - top_logits[step][p]);
+            assert!(
+                behind.is_some_and(|b| b <= abs),
+                "{what}: greedy token {step}: got {got}, reference {want} ({behind:?} behind it)"
+            );
+        }
+        // The reference's token goes on, so a tie taken the other way does not fork the rest.
         logits = to_vec(
             model
-                .forward(&[got], &mut cache, false)
+                .forward(&[want], &mut cache, false)
                 .unwrap_or_else(|e| panic!("{e}")),
         );
     }
@@ -189,17 +199,25 @@ fn default_model_matches_transformers() {
     default_model_matches::<B>(&device());
 }
 
-/// The same on the CPU path: the Q4_1/Q8_0 blocks dequantised at load, the same model in f32.
+/// The same on the CPU path: the Q4_1/Q8_0 blocks kept as they are, x quantised to 8 bits per
+/// 32 values for the integer products (as llama.cpp's CPU backend does), so logits move by
+/// more than summation order: see `CPU_TOL`.
 #[test]
 fn default_model_matches_transformers_on_cpu() {
-    let loaded = default_model_matches::<Flex>(&Default::default());
-    // Every weight was taken as f32: about 4 bytes a parameter (the embedding table stays on the
-    // host, the tied head is a dense copy of it); Q4_1 blocks would be about 0.6.
+    let loaded = model_matches::<Flex>(
+        &default_model(),
+        "smollm2_golden.json",
+        &Default::default(),
+        CPU_TOL,
+    );
+    // The weights stay in the file's blocks: about 0.6 bytes a parameter for Q4_1 (f32 would be
+    // 4). The tied embedding is also held on the host for lookups, a second copy of its rows.
+    let i = &loaded.info;
     assert!(
-        loaded.info.device_bytes * 10 >= loaded.info.parameters * 35,
-        "{} bytes for {} parameters",
-        loaded.info.device_bytes,
-        loaded.info.parameters
+        i.device_bytes as f64 <= 1.1 * i.file_tensor_bytes as f64,
+        "{} bytes on the device for {} bytes of tensors in the file",
+        i.device_bytes,
+        i.file_tensor_bytes
     );
 }
 
@@ -208,6 +226,23 @@ fn default_model_matches<Bk: KernelBackend>(dev: &Bk::Device) -> LoadedModel<Bk>
     /// 6e-5 (printed below), so this leaves a margin of ~30x while still catching any real bug.
     const TOL: (f32, f32) = (2e-3, 1e-4);
     model_matches(&default_model(), "smollm2_golden.json", dev, TOL)
+}
+
+/// The CPU path's tolerance, 8-bit activations against transformers' f32: the worst differences
+/// measured over the cases' steps were 0.88 (SmolLM2, logits up to ~35) and 0.26 (Qwen2.5-Coder).
+const CPU_TOL: (f32, f32) = (0.5, 0.02);
+
+/// The weights take what the file's tensors do, within 10 % (the embedding table on the host,
+/// the rest in the blocks of the file).
+fn blocks_take_the_file_bytes(i: &codelsi_engine::model::ModelInfo) {
+    let loaded_bytes = (i.device_bytes + i.host_bytes) as f64;
+    assert!(
+        (loaded_bytes / i.file_tensor_bytes as f64 - 1.0).abs() < 0.10,
+        "{} bytes on the device and {} on the host for {} bytes of tensors in the file",
+        i.device_bytes,
+        i.host_bytes,
+        i.file_tensor_bytes
+    );
 }
 
 /// The model at `path` against the golden cases of `fixture`: prompt ids (chat template
@@ -274,26 +309,19 @@ fn model_matches<Bk: KernelBackend>(
 #[test]
 fn qwen_coder_matches_transformers() {
     let loaded = model_matches::<B>(&qwen_coder(), "qwen_coder_golden.json", &device(), QWEN_TOL);
-    let i = &loaded.info;
-    let loaded_bytes = (i.device_bytes + i.host_bytes) as f64;
-    assert!(
-        (loaded_bytes / i.file_tensor_bytes as f64 - 1.0).abs() < 0.10,
-        "{} bytes on the device and {} on the host for {} bytes of tensors in the file",
-        i.device_bytes,
-        i.host_bytes,
-        i.file_tensor_bytes
-    );
+    blocks_take_the_file_bytes(&loaded.info);
 }
 
-/// The same on the CPU path (every type dequantised at load).
+/// The same on the CPU path: every type computed in its blocks by the integer kernels.
 #[test]
 fn qwen_coder_matches_transformers_on_cpu() {
-    model_matches::<Flex>(
+    let loaded = model_matches::<Flex>(
         &qwen_coder(),
         "qwen_coder_golden.json",
         &Default::default(),
-        QWEN_TOL,
+        CPU_TOL,
     );
+    blocks_take_the_file_bytes(&loaded.info);
 }
 
 /// Logits of magnitude ~10-30, 24 layers.

@@ -42,6 +42,10 @@ struct Cli {
     /// Vulkan such as lavapipe runs the model several times slower than the CPU path).
     #[arg(long, global = true, value_enum, default_value = "auto")]
     device: DeviceChoice,
+    /// Threads the CPU path computes on (the import and the sandbox runs too); default: one per
+    /// physical core.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     /// With no subcommand: the model the desktop app loads at start (`default`, a GGUF file or
     /// an HF folder; `none` to pick one in the app).
     #[arg(long, default_value = "default")]
@@ -200,6 +204,7 @@ fn main() {
     codelsi_engine::device::keep_freed_memory();
     let cli = Cli::parse();
     let _ = DEVICE.set(cli.device);
+    codelsi_engine::device::set_cpu_threads(cli.threads);
     if cli.command.is_none() && cli.device != DeviceChoice::Auto {
         eprintln!("note: the desktop app runs on wgpu; --device applies to the headless commands");
     }

@@ -202,7 +202,7 @@ pub fn keep_freed_memory() {
 
 /// The CPU as [`GpuInfo`] describes a device: burn-flex runs on every core (rayon).
 pub fn cpu_info() -> GpuInfo {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = rayon::current_num_threads();
     GpuInfo {
         name: format!("CPU, {threads} threads"),
         backend: CPU_BACKEND.into(),
@@ -252,4 +252,16 @@ mod tests {
             other => panic!("expected a device fault, got {other:?}"),
         }
     }
+}
+
+/// Sizes the thread pool the CPU path computes on (rayon's global pool, which burn-flex's gemm
+/// and our kernels share): `threads`, or one per physical core (a second hardware thread of a
+/// core adds little to memory-bound products and slows the compute-bound ones). Takes effect
+/// before the pool's first use; returns the pool's size.
+pub fn set_cpu_threads(threads: Option<usize>) -> usize {
+    let n = threads.unwrap_or_else(num_cpus::get_physical).max(1);
+    // An error means the pool already started (a test harness, an earlier call): it keeps its
+    // size.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    rayon::current_num_threads()
 }

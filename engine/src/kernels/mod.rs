@@ -10,6 +10,7 @@
 
 pub mod autodiff;
 pub mod cpu;
+pub mod cpu_quant;
 pub mod lora;
 pub mod qmatmul;
 pub mod reference;
@@ -242,13 +243,41 @@ pub trait KernelBackend: Backend {
     }
 }
 
-/// burn-flex, the CPU backend for machines without a usable GPU: weights are dequantised once at
-/// load and multiplied by burn-flex's gemm (multi-threaded, SIMD), or by `cpu.rs` for few rows of
-/// x, which on a CPU beats both the per-call reference and lavapipe running our WGSL (see the
-/// README's CPU figures).
+/// burn-flex, the CPU backend for machines without a usable GPU: quantised weights stay in their
+/// blocks and are multiplied with x quantised to 8 bits by integer dot products (`cpu_quant.rs`);
+/// other weights are f32, multiplied by burn-flex's gemm (multi-threaded, SIMD) or by `cpu.rs`
+/// for few rows of x.
 impl KernelBackend for burn::backend::Flex {
-    fn dense_weights() -> bool {
+    fn computes(_format: QFormat) -> bool {
         true
+    }
+
+    fn q_matmul(x: Tensor<Self, 2>, w: &QTensor<Self>) -> Tensor<Self, 2> {
+        cpu_quant::try_q_matmul(&x, w).unwrap_or_else(|| reference::q_matmul(x, w))
+    }
+
+    fn q_matmul_lora(
+        x: Tensor<Self, 2>,
+        w: &QTensor<Self>,
+        lora: &LoraEpilogue<Self>,
+    ) -> Tensor<Self, 2> {
+        let dtype = x.dtype();
+        let up = widen(lora.u.clone()).matmul(widen(lora.b.clone()).transpose()) * lora.scale;
+        to_dtype(widen(Self::q_matmul(x, w)) + up, dtype)
+    }
+
+    fn q_matmul_t(
+        dy: Tensor<Self, 2>,
+        w: &QTensor<Self>,
+        lora: Option<AdapterShare<Self>>,
+    ) -> Tensor<Self, 2> {
+        let Some(dx) = cpu_quant::try_q_matmul_t(&dy, w) else {
+            return reference::q_matmul_t(dy, w, lora);
+        };
+        match lora {
+            Some((du, a)) => dx + widen(du).matmul(widen(a)),
+            None => dx,
+        }
     }
 
     /// Few rows of x (decode) skip gemm's packing of the weight (`cpu.rs`).
@@ -270,7 +299,7 @@ impl KernelBackend for burn::backend::Flex {
     }
 
     fn kernels_impl() -> &'static str {
-        "burn-flex (CPU): f32 weights dequantised at load; gemm, and a rows product up to 32 rows"
+        "burn-flex (CPU): quantised weights with 8-bit x (integer dot products); f32 weights by gemm, or a rows product up to 32 rows"
     }
 }
 

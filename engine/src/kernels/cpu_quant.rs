@@ -1,0 +1,1193 @@
+//! The CPU path's quantised products: weights stay in their ggml blocks (as [`QMatrix`] lays
+//! them out) and the inner loop is an integer dot product of bytes, as in llama.cpp's CPU
+//! backend.
+//!
+//! - x is quantised per 32-value unit to 8 bits ([`QActs`]: `x ≈ d · code`, `d = max|x| / 127`).
+//! - Every format's 32-weight unit is `a · code + c` with unsigned codes (Q8_0: signed), `a` and
+//!   `c` per 16-weight half (Q6_K has a scale per 16 weights; every other format one per unit).
+//!   A task unpacks [`TILE_ROWS`] weight rows into a [`Tile`] of codes and per-unit scales once,
+//!   then runs every row of x against it, so prefill decodes each weight once per task.
+//! - `x · w = Σ_units d · Σ_halves a · (code_x · code_w) + Σ_halves c · d · Σ code_x`: the byte
+//!   products go through `vpmaddubsw`/`vpmaddwd` (AVX2) or `vpdpbusd` (AVX-512 VNNI), four
+//!   rows of x against two weight rows in registers; a portable loop serves other processors.
+//! - The backward's `dy · W` ([`q_matmul_t`]) dequantises one 32-column unit of every weight
+//!   row at a time and multiplies in f32: gradients are not quantised.
+//!
+//! [`QMatrix`]: crate::quant::QMatrix
+
+use burn::backend::Flex;
+use burn::backend::flex::FlexTensor;
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use rayon::prelude::*;
+
+use crate::kernels::QTensor;
+use crate::quant::QFormat;
+
+/// Values per unit: every format's blocks are whole units (a K-quant super-block holds 8).
+const UNIT: usize = 32;
+
+/// Weight rows one task unpacks and multiplies: the tile of the widest projection of the 1.5B
+/// model (8,960 columns) takes 420 KB of codes and scales, inside a core's L2.
+pub const TILE_ROWS: usize = 16;
+
+/// A quantised weight `[rows, cols]` as [`QMatrix`](crate::quant::QMatrix) lays it out, borrowed
+/// as bytes (the words are little-endian; so are the processors this runs on).
+#[derive(Clone, Copy)]
+pub struct QWeights<'a> {
+    pub format: QFormat,
+    pub rows: usize,
+    pub cols: usize,
+    /// Block `i`'s quant bytes at `i * 4 * qs_words_per_block`.
+    pub qs: &'a [u8],
+    /// Block `i`'s scale bytes at `i * 2 * scale_halves_per_block`.
+    pub scales: &'a [u8],
+}
+
+impl QWeights<'_> {
+    /// Whether the byte arrays hold what the shape needs (the caller's tensors could be short).
+    fn is_whole(&self) -> bool {
+        let f = self.format;
+        let blocks = self.rows * self.cols / f.block_len();
+        self.cols % f.block_len() == 0
+            && self.qs.len() >= blocks * 4 * f.qs_words_per_block()
+            && self.scales.len() >= blocks * 2 * f.scale_halves_per_block()
+    }
+}
+
+/// Rows of x quantised per 32-value unit.
+pub struct QActs {
+    pub rows: usize,
+    pub cols: usize,
+    /// `[rows * cols]`
+    codes: Vec<i8>,
+    /// `[rows * units]`: the unit's scale `d`.
+    d: Vec<f32>,
+    /// `[rows * units * 2]`: `d · Σ code` over each 16-value half (what a weight's `c` meets).
+    half_sums: Vec<f32>,
+}
+
+impl QActs {
+    /// Quantise `[rows, cols]` row-major values (`cols` a multiple of 32).
+    pub fn quantize(x: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(x.len(), rows * cols, "x is not [rows, cols]");
+        assert_eq!(cols % UNIT, 0, "cols is not a whole number of units");
+        let units = rows * cols / UNIT;
+        let mut codes = vec![0i8; rows * cols];
+        let mut d = vec![0f32; units];
+        let mut half_sums = vec![0f32; 2 * units];
+        codes
+            .chunks_exact_mut(UNIT)
+            .zip(x.chunks_exact(UNIT))
+            .zip(d.iter_mut().zip(half_sums.chunks_exact_mut(2)))
+            .for_each(|((codes, x), (d, sums))| {
+                let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+                *d = amax / 127.0;
+                let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                for (c, v) in codes.iter_mut().zip(x) {
+                    *c = (v * inv).round() as i8;
+                }
+                for (s, half) in sums.iter_mut().zip(codes.chunks_exact(UNIT / 2)) {
+                    *s = *d * half.iter().map(|&c| c as i32).sum::<i32>() as f32;
+                }
+            });
+        Self {
+            rows,
+            cols,
+            codes,
+            d,
+            half_sums,
+        }
+    }
+
+    /// The values the codes stand for: what the products multiply exactly (tests).
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.codes
+            .chunks_exact(UNIT)
+            .zip(&self.d)
+            .flat_map(|(c, d)| c.iter().map(move |&c| c as f32 * d))
+            .collect()
+    }
+}
+
+/// Weight rows unpacked for the integer products.
+#[derive(Default)]
+struct Tile {
+    rows: usize,
+    /// `[rows * cols]`: unsigned codes (Q8_0: signed bytes).
+    codes: Vec<u8>,
+    /// `[rows * units * 2]`: `a` of each half.
+    scales: Vec<f32>,
+    /// `[rows * units * 2]`: `c` of each half.
+    mins: Vec<f32>,
+}
+
+impl Tile {
+    #[inline(always)]
+    fn unpack(&mut self, isa: Isa, w: &QWeights<'_>, first: usize, rows: usize) {
+        // One copy of the loop per format, so that every `match` on it below folds away.
+        match w.format {
+            QFormat::Q4_0 => self.unpack_as::<0>(isa, w, first, rows),
+            QFormat::Q4_1 => self.unpack_as::<1>(isa, w, first, rows),
+            QFormat::Q5_0 => self.unpack_as::<2>(isa, w, first, rows),
+            QFormat::Q5_1 => self.unpack_as::<3>(isa, w, first, rows),
+            QFormat::Q8_0 => self.unpack_as::<4>(isa, w, first, rows),
+            QFormat::Q4K => self.unpack_as::<5>(isa, w, first, rows),
+            QFormat::Q5K => self.unpack_as::<6>(isa, w, first, rows),
+            QFormat::Q6K => self.unpack_as::<7>(isa, w, first, rows),
+        }
+    }
+
+    /// [`unpack`](Self::unpack) for `QFormat::ALL[F]`.
+    #[inline(always)]
+    fn unpack_as<const F: usize>(&mut self, isa: Isa, w: &QWeights<'_>, first: usize, rows: usize) {
+        let f = QFormat::ALL[F];
+        debug_assert_eq!(f, w.format);
+        let units = w.cols / UNIT;
+        let per_block = f.block_len() / UNIT;
+        self.rows = rows;
+        self.codes.resize(rows * w.cols, 0);
+        self.scales.resize(rows * units * 2, 0.0);
+        self.mins.resize(rows * units * 2, 0.0);
+        let blocks = first * units / per_block..(first + rows) * units / per_block;
+        let (qb, sb) = (4 * f.qs_words_per_block(), 2 * f.scale_halves_per_block());
+        let q = &w.qs[qb * blocks.start..qb * blocks.end];
+        let s = &w.scales[sb * blocks.start..sb * blocks.end];
+        let bl = f.block_len();
+        let codes = self.codes.chunks_exact_mut(bl);
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Vnni => {
+                for (q, codes) in q.chunks_exact(qb).zip(codes) {
+                    // SAFETY: `Isa::detect` chose these only where the processor has AVX2.
+                    unsafe { block_codes_avx2(f, q, codes) };
+                }
+            }
+            _ => {
+                for (q, codes) in q.chunks_exact(qb).zip(codes) {
+                    for (u, codes) in codes.chunks_exact_mut(UNIT).enumerate() {
+                        let codes = codes.try_into().unwrap_or_else(|_| unreachable!());
+                        unit_codes(f, q, u, codes);
+                    }
+                }
+            }
+        }
+        let scales = self.scales.chunks_exact_mut(2 * per_block);
+        let mins = self.mins.chunks_exact_mut(2 * per_block);
+        for ((s, scales), mins) in s.chunks_exact(sb).zip(scales).zip(mins) {
+            block_scales(f, s, scales, mins);
+        }
+    }
+}
+
+/// The f16 at bytes `at..at + 2`, converted without a call or a branch on its class (half's
+/// conversion is a call through a run-time feature check, once per unit here): the magnitude's
+/// bits moved into an f32 and scaled by 2¹¹² (exact for normal and subnormal values), infinity
+/// and NaN kept, the sign copied.
+#[inline(always)]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    let h = u16::from_le_bytes([b[at], b[at + 1]]) as u32;
+    let mag = f32::from_bits((h & 0x7fff) << 13) * f32::from_bits(0x7780_0000);
+    let bits = if h & 0x7c00 == 0x7c00 {
+        0x7f80_0000 | ((h & 0x3ff) << 13)
+    } else {
+        mag.to_bits()
+    };
+    f32::from_bits(bits | ((h & 0x8000) << 16))
+}
+
+/// Scale and minimum of unit `j` of a Q4_K/Q5_K super-block (6 bits each in 12 bytes).
+#[inline(always)]
+fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+    let (s, m) = if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    };
+    (s as f32, m as f32)
+}
+
+/// Unit `unit` (counted over the whole matrix) of `w`: its 32 codes into `codes`, and `(a, c)`
+/// of its two halves (value = `a · code + c`).
+fn unpack_unit(w: &QWeights<'_>, unit: usize, codes: &mut [u8; UNIT]) -> ([f32; 2], [f32; 2]) {
+    let per_block = w.format.block_len() / UNIT;
+    let (q, s) = block_bytes(w, unit / per_block);
+    unit_codes(w.format, q, unit % per_block, codes);
+    unit_scales(w.format, s, unit % per_block)
+}
+
+/// The quant bytes and the scale bytes of block `block` of `w`.
+#[inline(always)]
+fn block_bytes<'a>(w: &QWeights<'a>, block: usize) -> (&'a [u8], &'a [u8]) {
+    let qb = 4 * w.format.qs_words_per_block();
+    let sb = 2 * w.format.scale_halves_per_block();
+    (
+        &w.qs[block * qb..(block + 1) * qb],
+        &w.scales[block * sb..(block + 1) * sb],
+    )
+}
+
+/// The first `N` bytes of `b` as an array (fixed sizes let the loops below vectorise).
+#[inline(always)]
+fn bytes<const N: usize>(b: &[u8]) -> &[u8; N] {
+    b[..N].try_into().unwrap_or_else(|_| unreachable!())
+}
+
+/// The 32 codes of unit `u` of a ggml block of `f` whose quant bytes are `q`: unsigned (Q8_0:
+/// signed bytes), in weight order.
+#[inline(always)]
+fn unit_codes(f: QFormat, q: &[u8], u: usize, codes: &mut [u8; UNIT]) {
+    let nibbles = |q: &[u8; 16], codes: &mut [u8; UNIT]| {
+        for j in 0..16 {
+            codes[j] = q[j] & 0xF;
+            codes[j + 16] = q[j] >> 4;
+        }
+    };
+    match f {
+        QFormat::Q4_0 | QFormat::Q4_1 => nibbles(bytes(q), codes),
+        QFormat::Q5_0 | QFormat::Q5_1 => {
+            nibbles(bytes(&q[4..]), codes);
+            let qh = u32::from_le_bytes(*bytes(q));
+            for (j, c) in codes.iter_mut().enumerate() {
+                *c |= (((qh >> j) & 1) << 4) as u8;
+            }
+        }
+        QFormat::Q8_0 => codes.copy_from_slice(bytes::<UNIT>(q)),
+        QFormat::Q4K | QFormat::Q5K => {
+            // Q5_K: qh[32] first. Unit u is chunk u / 2's low or high nibbles.
+            let at = if f == QFormat::Q4K { 0 } else { 32 } + 32 * (u / 2);
+            let (ql, shift): (&[u8; 32], usize) = (bytes(&q[at..]), 4 * (u % 2));
+            for (c, &b) in codes.iter_mut().zip(ql) {
+                *c = (b >> shift) & 0xF;
+            }
+            if f == QFormat::Q5K {
+                let qh: &[u8; 32] = bytes(q);
+                for (c, &h) in codes.iter_mut().zip(qh) {
+                    *c |= ((h >> u) & 1) << 4;
+                }
+            }
+        }
+        QFormat::Q6K => {
+            // ql[128], qh[64]: unit 4h + t takes ql's nibbles and two bits of qh of half h.
+            let (h, t) = (u / 4, u % 4);
+            let ql: &[u8; 32] = bytes(&q[64 * h + 32 * (t & 1)..]);
+            let qh: &[u8; 32] = bytes(&q[128 + 32 * h..]);
+            let (shift, hshift) = (4 * (t / 2), 2 * t);
+            for ((c, &l), &hb) in codes.iter_mut().zip(ql).zip(qh) {
+                *c = ((l >> shift) & 0xF) | (((hb >> hshift) & 3) << 4);
+            }
+        }
+    }
+}
+
+/// [`unit_codes`] in one AVX2 register: nibbles split with shifts and masks, Q5's fifth bits
+/// spread from their u32 to bytes with a shuffle and a compare.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn unit_codes_avx2(f: QFormat, q: &[u8], u: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let low4 = _mm256_set1_epi8(0xF);
+    // SAFETY: each load reads 16 or 32 bytes inside `q` (checked by the slicing `bytes`).
+    let load32 = |b: &[u8]| unsafe { _mm256_loadu_si256(bytes::<32>(b).as_ptr().cast()) };
+    let nibbles = |b: &[u8]| {
+        // SAFETY: as above.
+        let v = unsafe { _mm_loadu_si128(bytes::<16>(b).as_ptr().cast()) };
+        let both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
+        _mm256_and_si256(both, low4)
+    };
+    match f {
+        QFormat::Q4_0 | QFormat::Q4_1 => nibbles(q),
+        QFormat::Q5_0 | QFormat::Q5_1 => {
+            let qh = u32::from_le_bytes(*bytes(q));
+            // Byte j takes byte j / 8 of qh, then its bit j % 8.
+            let spread = _mm256_shuffle_epi8(
+                _mm256_set1_epi32(qh as i32),
+                _mm256_setr_epi8(
+                    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
+                    3, 3, 3, 3, 3, 3,
+                ),
+            );
+            let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+            let fifth = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+            _mm256_or_si256(nibbles(&q[4..]), fifth)
+        }
+        QFormat::Q8_0 => load32(q),
+        QFormat::Q4K | QFormat::Q5K => {
+            let at = if f == QFormat::Q4K { 0 } else { 32 } + 32 * (u / 2);
+            let shift = _mm_cvtsi32_si128(4 * (u % 2) as i32);
+            let codes = _mm256_and_si256(_mm256_srl_epi16(load32(&q[at..]), shift), low4);
+            if f == QFormat::Q4K {
+                return codes;
+            }
+            let hshift = _mm_cvtsi32_si128(u as i32);
+            let high = _mm256_and_si256(_mm256_srl_epi16(load32(q), hshift), _mm256_set1_epi8(1));
+            _mm256_or_si256(codes, _mm256_slli_epi16(high, 4))
+        }
+        QFormat::Q6K => {
+            let (h, t) = (u / 4, u % 4);
+            let shift = _mm_cvtsi32_si128(4 * (t / 2) as i32);
+            let hshift = _mm_cvtsi32_si128(2 * t as i32);
+            let low = _mm256_and_si256(
+                _mm256_srl_epi16(load32(&q[64 * h + 32 * (t & 1)..]), shift),
+                low4,
+            );
+            let high = _mm256_and_si256(
+                _mm256_srl_epi16(load32(&q[128 + 32 * h..]), hshift),
+                _mm256_set1_epi8(3),
+            );
+            _mm256_or_si256(low, _mm256_slli_epi16(high, 4))
+        }
+    }
+}
+
+/// The codes of a whole block (see [`unit_codes_avx2`]): a K-quant's eight units with every
+/// shift a constant and each 32 bytes of quants loaded once for the two or four units they
+/// hold.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn block_codes_avx2(f: QFormat, q: &[u8], codes: &mut [u8]) {
+    use std::arch::x86_64::*;
+    // SAFETY (both closures): each reads or writes 32 bytes inside the slice (the slicing
+    // `bytes` checks).
+    let load = |b: &[u8]| unsafe { _mm256_loadu_si256(bytes::<32>(b).as_ptr().cast()) };
+    let mut store = |u: usize, v: __m256i| {
+        let out: &mut [u8; UNIT] = (&mut codes[UNIT * u..UNIT * u + UNIT])
+            .try_into()
+            .unwrap_or_else(|_| unreachable!());
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), v) }
+    };
+    let (low4, low2) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3));
+    let (lo, hi) = (
+        |v: __m256i| _mm256_and_si256(v, low4),
+        |v: __m256i| _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4),
+    );
+    match f {
+        QFormat::Q4K | QFormat::Q5K => {
+            let (ql, qh) = if f == QFormat::Q4K {
+                (q, None)
+            } else {
+                (&q[32..], Some(load(q)))
+            };
+            let one = _mm256_set1_epi8(1);
+            // Unit u's fifth bits are bit u of each qh byte, moved to bit 4.
+            let fifth = |qh: __m256i, u: i32| {
+                let bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(u)), one);
+                _mm256_slli_epi16::<4>(bit)
+            };
+            for c in 0..4 {
+                let v = load(&ql[32 * c..]);
+                let (a, b) = match qh {
+                    Some(qh) => (
+                        _mm256_or_si256(lo(v), fifth(qh, 2 * c as i32)),
+                        _mm256_or_si256(hi(v), fifth(qh, 2 * c as i32 + 1)),
+                    ),
+                    None => (lo(v), hi(v)),
+                };
+                store(2 * c, a);
+                store(2 * c + 1, b);
+            }
+        }
+        QFormat::Q6K => {
+            for h in 0..2 {
+                let (l0, l1) = (load(&q[64 * h..]), load(&q[64 * h + 32..]));
+                let qh = load(&q[128 + 32 * h..]);
+                let high = |v: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(v, low2));
+                store(4 * h, _mm256_or_si256(lo(l0), high(qh)));
+                store(4 * h + 1, _mm256_or_si256(lo(l1), high(_mm256_srli_epi16::<2>(qh))));
+                store(4 * h + 2, _mm256_or_si256(hi(l0), high(_mm256_srli_epi16::<4>(qh))));
+                store(4 * h + 3, _mm256_or_si256(hi(l1), high(_mm256_srli_epi16::<6>(qh))));
+            }
+        }
+        _ => store(0, unit_codes_avx2(f, q, 0)),
+    }
+}
+
+/// `(a, c)` of the two halves of unit `u` of a ggml block of `f` whose scale bytes are `s`:
+/// value = `a · code + c`.
+#[inline(always)]
+fn unit_scales(f: QFormat, s: &[u8], u: usize) -> ([f32; 2], [f32; 2]) {
+    match f {
+        QFormat::Q4_0 | QFormat::Q5_0 | QFormat::Q8_0 => {
+            let d = f16_at(s, 0);
+            let c = match f {
+                QFormat::Q4_0 => -8.0 * d,
+                QFormat::Q5_0 => -16.0 * d,
+                _ => 0.0,
+            };
+            ([d, d], [c, c])
+        }
+        QFormat::Q4_1 | QFormat::Q5_1 => {
+            let (d, m) = (f16_at(s, 0), f16_at(s, 2));
+            ([d, d], [m, m])
+        }
+        QFormat::Q4K | QFormat::Q5K => {
+            let (d, dmin) = (f16_at(s, 0), f16_at(s, 2));
+            let (scale, min) = scale_min_k4(u, bytes::<12>(&s[4..]));
+            let (a, c) = (d * scale, -dmin * min);
+            ([a, a], [c, c])
+        }
+        QFormat::Q6K => {
+            // 16 signed scales, then d.
+            let d = f16_at(s, 16);
+            let (h, t) = (u / 4, u % 4);
+            let a0 = d * s[8 * h + 2 * t] as i8 as f32;
+            let a1 = d * s[8 * h + 2 * t + 1] as i8 as f32;
+            ([a0, a1], [-32.0 * a0, -32.0 * a1])
+        }
+    }
+}
+
+/// `a` and `c` of each half of each unit of a block whose scale bytes are `s`, the block's own
+/// scales decoded once.
+#[inline(always)]
+fn block_scales(f: QFormat, s: &[u8], scales: &mut [f32], mins: &mut [f32]) {
+    match f {
+        QFormat::Q4K | QFormat::Q5K => {
+            let (d, dmin) = (f16_at(s, 0), f16_at(s, 2));
+            let q = bytes::<12>(&s[4..]);
+            // `scale_min_k4` for all eight units at once, in straight lines that vectorise.
+            let mut sc = [0u8; 8];
+            let mut mn = [0u8; 8];
+            for j in 0..4 {
+                sc[j] = q[j] & 63;
+                mn[j] = q[j + 4] & 63;
+                sc[j + 4] = (q[j + 8] & 0xF) | ((q[j] >> 6) << 4);
+                mn[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
+            }
+            let (a, c) = (sc.map(|v| d * v as f32), mn.map(|v| -dmin * v as f32));
+            let scales: &mut [f32; 16] = scales.try_into().unwrap_or_else(|_| unreachable!());
+            let mins: &mut [f32; 16] = mins.try_into().unwrap_or_else(|_| unreachable!());
+            for u in 0..8 {
+                scales[2 * u] = a[u];
+                scales[2 * u + 1] = a[u];
+                mins[2 * u] = c[u];
+                mins[2 * u + 1] = c[u];
+            }
+        }
+        QFormat::Q6K => {
+            let (d, sc) = (f16_at(s, 16), bytes::<16>(s));
+            let scales: &mut [f32; 16] = scales.try_into().unwrap_or_else(|_| unreachable!());
+            let mins: &mut [f32; 16] = mins.try_into().unwrap_or_else(|_| unreachable!());
+            // Half i of the block's 16 is unit i / 2's: scale 8h + 2t + i % 2 (see
+            // `unit_scales`), which is i itself.
+            for i in 0..16 {
+                scales[i] = d * sc[i] as i8 as f32;
+                mins[i] = -32.0 * scales[i];
+            }
+        }
+        _ => {
+            let ([a0, a1], [c0, c1]) = unit_scales(f, s, 0);
+            scales[..2].copy_from_slice(&[a0, a1]);
+            mins[..2].copy_from_slice(&[c0, c1]);
+        }
+    }
+}
+
+/// The instruction set the products run on, detected once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+}
+
+impl Isa {
+    pub fn detect() -> Self {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                if has!("avx2") && has!("fma") {
+                    if has!("avx512vnni") && has!("avx512vl") {
+                        return Isa::Vnni;
+                    }
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Portable
+        })
+    }
+
+    /// Every instruction set this processor can run (tests compare them).
+    pub fn available() -> Vec<Self> {
+        let mut all = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if matches!(Self::detect(), Isa::Avx2 | Isa::Vnni) {
+                all.push(Isa::Avx2);
+            }
+            if Self::detect() == Isa::Vnni {
+                all.push(Isa::Vnni);
+            }
+        }
+        all
+    }
+}
+
+/// `x · Wᵀ` with `x: [m, k]` row-major f32 and `W: [n, k]` quantised; returns `[m, n]`.
+pub fn q_matmul(x: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
+    q_matmul_on(Isa::detect(), &QActs::quantize(x, m, w.cols), w)
+}
+
+/// [`q_matmul`] of quantised rows of x on a chosen instruction set.
+pub fn q_matmul_on(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
+    assert_eq!(x.cols, w.cols, "x and W differ in k");
+    assert!(w.is_whole(), "W's arrays are shorter than its shape");
+    let (m, n) = (x.rows, w.rows);
+    if m == 0 || n == 0 {
+        return vec![0.0; m * n];
+    }
+    // Each task writes its weight rows as `[rows, m]` (contiguous per task); transposed after.
+    let mut out_t = vec![0f32; n * m];
+    out_t
+        .par_chunks_mut(TILE_ROWS * m)
+        .enumerate()
+        .for_each_init(Tile::default, |tile, (task, out)| {
+            let rows = (task * TILE_ROWS, out.len() / m);
+            match isa {
+                Isa::Portable => unpack_and_multiply(isa, w, rows, x, tile, out),
+                // SAFETY: `Isa::detect` chose these only where the processor has their
+                // features (`available` lists no more than `detect` found).
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { unpack_and_multiply_avx2(isa, w, rows, x, tile, out) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Vnni => unsafe { unpack_and_multiply_vnni(isa, w, rows, x, tile, out) },
+            }
+        });
+    if m == 1 {
+        return out_t;
+    }
+    let mut out = vec![0f32; m * n];
+    for (j, col) in out_t.chunks_exact(m).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            out[i * n + j] = *v;
+        }
+    }
+    out
+}
+
+/// Rows of x and weight rows in one register block.
+const XROWS: usize = 4;
+const WROWS: usize = 2;
+
+/// Where a register block starts and what it reads.
+struct Block<'a> {
+    x: &'a QActs,
+    tile: &'a Tile,
+    /// First row of x, first row of the tile.
+    i: usize,
+    r: usize,
+}
+
+/// One task of [`q_matmul_on`]: weight rows `first..first + rows` unpacked into `tile`, then
+/// multiplied with every row of x into `out` (`[rows, m]`).
+#[inline(always)]
+fn unpack_and_multiply(
+    isa: Isa,
+    w: &QWeights<'_>,
+    (first, rows): (usize, usize),
+    x: &QActs,
+    tile: &mut Tile,
+    out: &mut [f32],
+) {
+    tile.unpack(isa, w, first, rows);
+    tile_product(isa, w.format == QFormat::Q8_0, x, tile, out);
+}
+
+/// [`unpack_and_multiply`] compiled for AVX2 (the unpacking and the minimums vectorised, the
+/// register-block kernels inlined).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn unpack_and_multiply_avx2(
+    isa: Isa,
+    w: &QWeights<'_>,
+    rows: (usize, usize),
+    x: &QActs,
+    tile: &mut Tile,
+    out: &mut [f32],
+) {
+    unpack_and_multiply(isa, w, rows, x, tile, out);
+}
+
+/// The same with AVX-512 VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+fn unpack_and_multiply_vnni(
+    isa: Isa,
+    w: &QWeights<'_>,
+    rows: (usize, usize),
+    x: &QActs,
+    tile: &mut Tile,
+    out: &mut [f32],
+) {
+    unpack_and_multiply(isa, w, rows, x, tile, out);
+}
+
+/// `out[r * m + i] = x_i · w_r` for every row of the tile.
+#[inline(always)]
+fn tile_product(isa: Isa, signed: bool, x: &QActs, tile: &Tile, out: &mut [f32]) {
+    let m = x.rows;
+    let mut r = 0;
+    while r < tile.rows {
+        let wr = WROWS.min(tile.rows - r);
+        let mut i = 0;
+        while i < m {
+            let xr = XROWS.min(m - i);
+            let at = Block { x, tile, i, r };
+            let mut acc = [[0f32; WROWS]; XROWS];
+            block(isa, signed, xr, wr, &at, &mut acc);
+            for (q, row) in out[r * m..].chunks_mut(m).take(wr).enumerate() {
+                for (p, acc) in acc.iter().take(xr).enumerate() {
+                    row[i + p] = acc[q] + min_term(&at, p, q);
+                }
+            }
+            i += xr;
+        }
+        r += wr;
+    }
+}
+
+/// `Σ c · d · Σ code_x` over the halves of a row of x and a weight row.
+#[inline(always)]
+fn min_term(at: &Block<'_>, p: usize, q: usize) -> f32 {
+    let halves = 2 * at.x.cols / UNIT;
+    let sums = &at.x.half_sums[(at.i + p) * halves..(at.i + p + 1) * halves];
+    let mins = &at.tile.mins[(at.r + q) * halves..(at.r + q + 1) * halves];
+    let mut acc = [0f32; 8];
+    let (s8, m8) = (sums.chunks_exact(8), mins.chunks_exact(8));
+    let tail: f32 = s8
+        .remainder()
+        .iter()
+        .zip(m8.remainder())
+        .map(|(s, m)| s * m)
+        .sum();
+    for (s, m) in s8.zip(m8) {
+        for ((a, s), m) in acc.iter_mut().zip(s).zip(m) {
+            *a += s * m;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// One register block of up to [`XROWS`] × [`WROWS`] scaled byte products, on `isa`.
+#[inline(always)]
+fn block(
+    isa: Isa,
+    signed: bool,
+    xr: usize,
+    wr: usize,
+    at: &Block<'_>,
+    acc: &mut [[f32; WROWS]; XROWS],
+) {
+    macro_rules! shapes {
+        ($kernel:ident) => {
+            match (xr, wr, signed) {
+                (4, 2, false) => $kernel::<4, 2, false>(at, acc),
+                (3, 2, false) => $kernel::<3, 2, false>(at, acc),
+                (2, 2, false) => $kernel::<2, 2, false>(at, acc),
+                (1, 2, false) => $kernel::<1, 2, false>(at, acc),
+                (4, _, false) => $kernel::<4, 1, false>(at, acc),
+                (3, _, false) => $kernel::<3, 1, false>(at, acc),
+                (2, _, false) => $kernel::<2, 1, false>(at, acc),
+                (_, _, false) => $kernel::<1, 1, false>(at, acc),
+                (4, 2, true) => $kernel::<4, 2, true>(at, acc),
+                (3, 2, true) => $kernel::<3, 2, true>(at, acc),
+                (2, 2, true) => $kernel::<2, 2, true>(at, acc),
+                (1, 2, true) => $kernel::<1, 2, true>(at, acc),
+                (4, _, true) => $kernel::<4, 1, true>(at, acc),
+                (3, _, true) => $kernel::<3, 1, true>(at, acc),
+                (2, _, true) => $kernel::<2, 1, true>(at, acc),
+                (_, _, true) => $kernel::<1, 1, true>(at, acc),
+            }
+        };
+    }
+    match isa {
+        Isa::Portable => shapes!(block_portable),
+        // SAFETY: `Isa::detect` chose these only where the processor has their features
+        // (`available` lists no more than `detect` found).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { shapes!(block_avx2) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Vnni => unsafe { shapes!(block_vnni) },
+    }
+}
+
+/// Any processor: integer sums per half in plain loops.
+fn block_portable<const XR: usize, const WR: usize, const SIGNED: bool>(
+    at: &Block<'_>,
+    acc: &mut [[f32; WROWS]; XROWS],
+) {
+    let k = at.x.cols;
+    let units = k / UNIT;
+    for (p, acc) in acc.iter_mut().enumerate().take(XR) {
+        let row = at.i + p;
+        let xc = &at.x.codes[row * k..(row + 1) * k];
+        let xd = &at.x.d[row * units..(row + 1) * units];
+        for (q, acc) in acc.iter_mut().enumerate().take(WR) {
+            let wrow = at.r + q;
+            let wc = &at.tile.codes[wrow * k..(wrow + 1) * k];
+            let ws = &at.tile.scales[2 * wrow * units..2 * (wrow + 1) * units];
+            let mut sum = 0f32;
+            for (((xc, wc), d), s) in xc
+                .chunks_exact(UNIT)
+                .zip(wc.chunks_exact(UNIT))
+                .zip(xd)
+                .zip(ws.chunks_exact(2))
+            {
+                let half = |h: usize| -> i32 {
+                    (16 * h..16 * h + 16)
+                        .map(|l| {
+                            let w = if SIGNED {
+                                wc[l] as i8 as i32
+                            } else {
+                                wc[l] as i32
+                            };
+                            w * xc[l] as i32
+                        })
+                        .sum()
+                };
+                sum += d * (s[0] * half(0) as f32 + s[1] * half(1) as f32);
+            }
+            *acc = sum;
+        }
+    }
+}
+
+/// Stamps out the x86 register-block kernel for one byte-product instruction sequence.
+#[cfg(target_arch = "x86_64")]
+macro_rules! x86_block {
+    ($name:ident, $features:literal, $dot:ident) => {
+        /// The scaled byte products of one register block: per unit, the codes of `WR` weight
+        /// rows are loaded once and multiplied with each of `XR` rows of x, each product's
+        /// eight i32 lanes converted and accumulated with its unit's scales times x's `d`.
+        #[target_feature(enable = $features)]
+        fn $name<const XR: usize, const WR: usize, const SIGNED: bool>(
+            at: &Block<'_>,
+            out: &mut [[f32; WROWS]; XROWS],
+        ) {
+            use std::arch::x86_64::*;
+            let k = at.x.cols;
+            let units = k / UNIT;
+            assert!(
+                (at.i + XR) * k <= at.x.codes.len()
+                    && (at.r + WR) * k <= at.tile.codes.len()
+                    && (at.i + XR) * units <= at.x.d.len()
+                    && 2 * (at.r + WR) * units <= at.tile.scales.len(),
+                "block outside x or the tile"
+            );
+            let xp = at.x.codes[at.i * k..].as_ptr();
+            let wp = at.tile.codes[at.r * k..].as_ptr();
+            let xd = &at.x.d[at.i * units..];
+            let ws = &at.tile.scales[2 * at.r * units..];
+            let mut acc = [[_mm256_setzero_ps(); WR]; XR];
+            for u in 0..units {
+                let mut w = [_mm256_setzero_si256(); WR];
+                let mut s = [_mm256_setzero_ps(); WR];
+                for q in 0..WR {
+                    // SAFETY: row r + q of the tile has k codes (asserted above), and
+                    // 32 u + 32 <= k.
+                    w[q] = unsafe { _mm256_loadu_si256(wp.add(q * k + UNIT * u).cast()) };
+                    // Lanes 0-3 of a byte product sum the unit's first half, 4-7 its second.
+                    let (a0, a1) = (ws[2 * (q * units + u)], ws[2 * (q * units + u) + 1]);
+                    s[q] = _mm256_set_m128(_mm_set1_ps(a1), _mm_set1_ps(a0));
+                }
+                for p in 0..XR {
+                    // SAFETY: as above, for row i + p of x.
+                    let xv = unsafe { _mm256_loadu_si256(xp.add(p * k + UNIT * u).cast()) };
+                    let d = _mm256_set1_ps(xd[p * units + u]);
+                    for q in 0..WR {
+                        let dot = if SIGNED {
+                            $dot(_mm256_sign_epi8(w[q], w[q]), _mm256_sign_epi8(xv, w[q]))
+                        } else {
+                            $dot(w[q], xv)
+                        };
+                        let scale = _mm256_mul_ps(s[q], d);
+                        acc[p][q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[p][q]);
+                    }
+                }
+            }
+            for (out, acc) in out.iter_mut().zip(&acc) {
+                for (o, a) in out.iter_mut().zip(acc) {
+                    let v = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
+                    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+                    let v = _mm_add_ss(v, _mm_movehdup_ps(v));
+                    *o = _mm_cvtss_f32(v);
+                }
+            }
+        }
+    };
+}
+
+/// Unsigned bytes times signed bytes, summed in fours into eight i32 lanes: `vpmaddubsw` then
+/// `vpmaddwd` with ones. No pair saturates: codes are at most 63 (Q8_0's absolute values 128
+/// meet x's at most 127, 2 · 128 · 127 < 2¹⁵).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn dot_avx2(
+    w: std::arch::x86_64::__m256i,
+    x: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+}
+
+/// The same in one `vpdpbusd`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+fn dot_vnni(
+    w: std::arch::x86_64::__m256i,
+    x: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+x86_block!(block_avx2, "avx2,fma", dot_avx2);
+#[cfg(target_arch = "x86_64")]
+x86_block!(block_vnni, "avx2,fma,avx512vnni,avx512vl", dot_vnni);
+
+/// `dy · W` with `dy: [m, n]` row-major f32 and `W: [n, k]` quantised; returns `[m, k]`. One task
+/// per 32-column unit: every weight row's unit dequantised to f32, then `m × n` products of
+/// eight lanes.
+pub fn q_matmul_t(dy: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
+    assert!(w.is_whole(), "W's arrays are shorter than its shape");
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(dy.len(), m * n, "dy is not [m, n]");
+    let units = k / UNIT;
+    // Task u writes columns 32u.. of every row as `[m, 32]`.
+    let mut strips = vec![0f32; units * m * UNIT];
+    strips
+        .par_chunks_mut(m * UNIT)
+        .enumerate()
+        .for_each_init(
+            || (vec![0f32; n * UNIT], [0u8; UNIT]),
+            |(wu, codes), (u, strip)| {
+                for (j, values) in wu.chunks_exact_mut(UNIT).enumerate() {
+                    let ([a0, a1], [c0, c1]) = unpack_unit(w, j * units + u, codes);
+                    for (l, (v, &c)) in values.iter_mut().zip(codes.iter()).enumerate() {
+                        let code = if w.format == QFormat::Q8_0 {
+                            c as i8 as f32
+                        } else {
+                            c as f32
+                        };
+                        *v = if l < 16 {
+                            a0 * code + c0
+                        } else {
+                            a1 * code + c1
+                        };
+                    }
+                }
+                for (dy, out) in dy.chunks_exact(n).zip(strip.chunks_exact_mut(UNIT)) {
+                    axpy_rows(dy, wu, out);
+                }
+            },
+        );
+    let mut out = vec![0f32; m * k];
+    for (u, strip) in strips.chunks_exact(m * UNIT).enumerate() {
+        for (i, cols) in strip.chunks_exact(UNIT).enumerate() {
+            out[i * k + u * UNIT..i * k + u * UNIT + UNIT].copy_from_slice(cols);
+        }
+    }
+    out
+}
+
+/// `out = Σ_j dy_j · wu_j` over 32-wide rows `wu_j`.
+fn axpy_rows(dy: &[f32], wu: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(Isa::detect(), Isa::Avx2 | Isa::Vnni) {
+        // SAFETY: the processor has AVX2 and FMA (`Isa::detect`).
+        unsafe { axpy_rows_avx2(dy, wu, out) };
+        return;
+    }
+    axpy_rows_portable(dy, wu, out);
+}
+
+/// [`axpy_rows_portable`] compiled for AVX2/FMA (its 32-wide rows become four FMAs).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn axpy_rows_avx2(dy: &[f32], wu: &[f32], out: &mut [f32]) {
+    axpy_rows_portable(dy, wu, out);
+}
+
+#[inline(always)]
+fn axpy_rows_portable(dy: &[f32], wu: &[f32], out: &mut [f32]) {
+    let mut acc = [0f32; UNIT];
+    for (g, w) in dy.iter().zip(wu.chunks_exact(UNIT)) {
+        for (a, w) in acc.iter_mut().zip(w) {
+            *a = g.mul_add(*w, *a);
+        }
+    }
+    out.copy_from_slice(&acc);
+}
+
+/// The words of `w` on burn-flex as bytes (held by the returned tensors): `None` unless both
+/// arrays are contiguous i32 tensors as `QTensor::from_qmatrix` makes them.
+fn flex_words(w: &QTensor<Flex>) -> Option<(FlexTensor, FlexTensor)> {
+    let qs: FlexTensor = w.qs.clone().into_primitive();
+    let scales: FlexTensor = w.scales.clone().into_primitive();
+    (qs.as_slice::<i32>().is_some() && scales.as_slice::<i32>().is_some()).then_some((qs, scales))
+}
+
+/// Runs `f` on the weights of `w` as the kernels read them.
+fn with_weights<T>(w: &QTensor<Flex>, f: impl FnOnce(&QWeights<'_>) -> T) -> Option<T> {
+    let (qs, scales) = flex_words(w)?;
+    let weights = QWeights {
+        format: w.format,
+        rows: w.rows,
+        cols: w.cols,
+        qs: bytemuck::cast_slice(qs.as_slice::<i32>()?),
+        scales: bytemuck::cast_slice(scales.as_slice::<i32>()?),
+    };
+    weights.is_whole().then(|| f(&weights))
+}
+
+/// A contiguous f32 `[rows, cols]` burn-flex tensor's values, or `None`.
+fn f32_rows(t: &Tensor<Flex, 2>) -> Option<FlexTensor> {
+    let p: FlexTensor = t.clone().into_primitive().tensor().to_contiguous();
+    (p.dtype() == DType::F32).then_some(p)
+}
+
+fn flex<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
+        TensorData::new(data, shape),
+    )))
+}
+
+/// `x · Wᵀ` on burn-flex with the integer kernels; `None` where x is not f32 or the words are
+/// not laid out as `QTensor::from_qmatrix` makes them (the caller uses the reference).
+pub fn try_q_matmul(x: &Tensor<Flex, 2>, w: &QTensor<Flex>) -> Option<Tensor<Flex, 2>> {
+    let [m, k] = x.dims();
+    if k != w.cols {
+        return None;
+    }
+    let xp = f32_rows(x)?;
+    let xs = xp.as_slice::<f32>()?;
+    let out = with_weights(w, |w| q_matmul(xs, m, w))?;
+    Some(flex(out, [m, w.rows]))
+}
+
+/// `dy · W` on burn-flex ([`q_matmul_t`]); `None` as for [`try_q_matmul`].
+pub fn try_q_matmul_t(dy: &Tensor<Flex, 2>, w: &QTensor<Flex>) -> Option<Tensor<Flex, 2>> {
+    let [m, n] = dy.dims();
+    if n != w.rows {
+        return None;
+    }
+    let dp = f32_rows(dy)?;
+    let ds = dp.as_slice::<f32>()?;
+    let out = with_weights(w, |w| q_matmul_t(ds, m, w))?;
+    Some(flex(out, [m, w.cols]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::QMatrix;
+
+    /// Every f16 bit pattern converts as `half` does (NaNs stay NaN).
+    #[test]
+    fn f16_conversion_is_exact() {
+        for h in 0..=u16::MAX {
+            let want = half::f16::from_bits(h).to_f32();
+            let got = f16_at(&h.to_le_bytes(), 0);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{h:#06x}: {got} vs {want}"
+            );
+        }
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    fn weights(q: &QMatrix) -> (Vec<u8>, Vec<u8>) {
+        (
+            q.qs.iter().flat_map(|w| w.to_le_bytes()).collect(),
+            q.scales.iter().flat_map(|w| w.to_le_bytes()).collect(),
+        )
+    }
+
+    /// Every format on every instruction set against the f64 product of the dequantised weight
+    /// and the values x's codes stand for, on row counts that fill and miss the register blocks
+    /// and tiles; and against the f32 x within what 8-bit activations lose.
+    #[test]
+    fn products_match_the_dequantised_weight() {
+        for format in QFormat::ALL {
+            let k = 2 * format.block_len() + if format.block_len() == 32 { 32 } else { 0 };
+            for (m, n) in [(1, 3), (5, 37), (9, 16)] {
+                let wv = values(n * k, 7);
+                let q = QMatrix::quantize(format, n, k, &wv);
+                let dense = q.dequantize();
+                let (qs, scales) = weights(&q);
+                let w = QWeights {
+                    format,
+                    rows: n,
+                    cols: k,
+                    qs: &qs,
+                    scales: &scales,
+                };
+                let x = values(m * k, 8);
+                let acts = QActs::quantize(&x, m, k);
+                let xq = acts.dequantize();
+                for isa in Isa::available() {
+                    let got = q_matmul_on(isa, &acts, &w);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let dot = |x: &[f32]| -> f64 {
+                                (0..k)
+                                    .map(|c| x[i * k + c] as f64 * dense[j * k + c] as f64)
+                                    .sum()
+                            };
+                            let (want, exact) = (dot(&xq), dot(&x));
+                            let g = got[i * n + j] as f64;
+                            assert!(
+                                (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "{format:?} {isa:?} m {m} n {n}: [{i}, {j}] {g} vs {want}"
+                            );
+                            assert!(
+                                (g - exact).abs() <= 0.02 * (k as f64).sqrt(),
+                                "{format:?}: 8-bit x lost too much: {g} vs {exact}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The transposed product against the f64 product with the dequantised weight.
+    #[test]
+    fn transposed_product_matches_the_dequantised_weight() {
+        for format in QFormat::ALL {
+            let (m, n, k) = (3, 5, 2 * format.block_len());
+            let q = QMatrix::quantize(format, n, k, &values(n * k, 9));
+            let dense = q.dequantize();
+            let (qs, scales) = weights(&q);
+            let w = QWeights {
+                format,
+                rows: n,
+                cols: k,
+                qs: &qs,
+                scales: &scales,
+            };
+            let dy = values(m * n, 10);
+            let got = q_matmul_t(&dy, m, &w);
+            for i in 0..m {
+                for c in 0..k {
+                    let want: f64 = (0..n)
+                        .map(|j| dy[i * n + j] as f64 * dense[j * k + c] as f64)
+                        .sum();
+                    let g = got[i * k + c] as f64;
+                    assert!(
+                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{format:?} [{i}, {c}] {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    fn tile_unpack_vnni(isa: Isa, w: &QWeights<'_>, first: usize, tile: &mut Tile) {
+        tile.unpack(isa, w, first, TILE_ROWS);
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    fn tile_product_vnni(isa: Isa, x: &QActs, tile: &Tile, out: &mut [f32]) {
+        tile_product(isa, false, x, tile, out);
+    }
+    use crate::quant::QMatrix;
+
+    /// Not a check: prints the time per product of each format (`--ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn print_speeds() {
+        let (n, k) = (4864, 1024);
+        let v: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        for format in QFormat::ALL {
+            let q = QMatrix::quantize(format, n, k, &v);
+            let qs: Vec<u8> = q.qs.iter().flat_map(|w| w.to_le_bytes()).collect();
+            let sc: Vec<u8> = q.scales.iter().flat_map(|w| w.to_le_bytes()).collect();
+            let w = QWeights { format, rows: n, cols: k, qs: &qs, scales: &sc };
+            for m in [1usize] {
+                let x = &v[..m * k];
+                let _ = q_matmul(x, m, &w);
+                let t = std::time::Instant::now();
+                let reps = 400;
+                for _ in 0..reps {
+                    std::hint::black_box(q_matmul(x, m, &w));
+                }
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                let isa = Isa::detect();
+                let mut tile = Tile::default();
+                let acts = QActs::quantize(x, m, k);
+                let t = std::time::Instant::now();
+                for _ in 0..20 {
+                    for first in (0..n).step_by(TILE_ROWS) {
+                        // SAFETY: test on this machine.
+                        unsafe { tile_unpack_vnni(isa, &w, first, &mut tile) };
+                    }
+                }
+                let unpack = t.elapsed().as_secs_f64() / 20.0;
+                let mut out = vec![0f32; TILE_ROWS * m];
+                let t = std::time::Instant::now();
+                for _ in 0..20 {
+                    for _ in (0..n).step_by(TILE_ROWS) {
+                        // SAFETY: as above.
+                        unsafe { tile_product_vnni(isa, &acts, &tile, &mut out) };
+                    }
+                }
+                let product = t.elapsed().as_secs_f64() / 20.0;
+                let (qb, sb) = (4 * format.qs_words_per_block(), 2 * format.scale_halves_per_block());
+                let mut codes = vec![0u8; format.block_len()];
+                let per = format.block_len() / UNIT;
+                let (mut sc, mut mn) = (vec![0f32; 2 * per], vec![0f32; 2 * per]);
+                let t = std::time::Instant::now();
+                for _ in 0..20 {
+                    for q in w.qs.chunks_exact(qb) {
+                        // SAFETY: test on this machine.
+                        unsafe { block_codes_avx2(format, q, &mut codes) };
+                        std::hint::black_box(&codes);
+                    }
+                }
+                let c_only = t.elapsed().as_secs_f64() / 20.0;
+                let t = std::time::Instant::now();
+                for _ in 0..20 {
+                    for s in w.scales.chunks_exact(sb) {
+                        block_scales(format, s, &mut sc, &mut mn);
+                        std::hint::black_box((&sc, &mn));
+                    }
+                }
+                let s_only = t.elapsed().as_secs_f64() / 20.0;
+                println!("codes {:.3} ms, scales {:.3} ms", c_only * 1e3, s_only * 1e3);
+                println!("one thread: unpack {:.3} ms, products {:.3} ms", unpack * 1e3, product * 1e3);
+                println!(
+                    "{format:?} m {m}: {:.3} ms, {:.1} GB/s of weights, {:.1} GMAC/s",
+                    s * 1e3,
+                    (qs.len() + sc.len()) as f64 / s / 1e9,
+                    (m * n * k) as f64 / s / 1e9
+                );
+            }
+        }
+    }
+}
