@@ -456,9 +456,8 @@ fn predict_bench<B: KernelBackend>(
 /// and threads, model by model.
 fn cpu_vs_llama(args: &[String]) -> Result<()> {
     use burn::backend::Flex;
-    let models = flag_value(args, "--models").unwrap_or(
-        "smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct,qwen2.5-coder-1.5b-instruct",
-    );
+    let models = flag_value(args, "--models")
+        .unwrap_or("smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct,qwen2.5-coder-1.5b-instruct");
     let python = flag_value(args, "--python").unwrap_or("python3");
     let prompt_len: usize = flag_value(args, "--prompt").unwrap_or("512").parse()?;
     let steps: usize = flag_value(args, "--decode").unwrap_or("128").parse()?;
@@ -482,19 +481,30 @@ fn cpu_vs_llama(args: &[String]) -> Result<()> {
         let _ = m.forward(&prompt[..16], &mut cache, false)?.into_data();
         let mut cache = m.new_cache(1, prompt.len() + steps + 1);
         let t = Instant::now();
-        let mut logits = m.forward(&prompt, &mut cache, false)?.into_data().to_vec::<f32>()?;
+        let mut logits = m
+            .forward(&prompt, &mut cache, false)?
+            .into_data()
+            .to_vec::<f32>()?;
         let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
         let t = Instant::now();
         for _ in 0..steps {
             let next = argmax(&logits);
-            logits = m.forward(&[next], &mut cache, false)?.into_data().to_vec::<f32>()?;
+            logits = m
+                .forward(&[next], &mut cache, false)?
+                .into_data()
+                .to_vec::<f32>()?;
         }
         let decode = steps as f64 / t.elapsed().as_secs_f64();
         drop(loaded);
         let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
         let out = std::process::Command::new(python)
             .arg(&script)
-            .args(["--gguf", &path.to_string_lossy(), "--threads", &threads.to_string()])
+            .args([
+                "--gguf",
+                &path.to_string_lossy(),
+                "--threads",
+                &threads.to_string(),
+            ])
             .args(["--tokens", &ids.join(","), "--decode", &steps.to_string()])
             .output()?;
         anyhow::ensure!(

@@ -262,6 +262,8 @@ pub fn set_cpu_threads(threads: Option<usize>) -> usize {
     let n = threads.unwrap_or_else(num_cpus::get_physical).max(1);
     // An error means the pool already started (a test harness, an earlier call): it keeps its
     // size.
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
     rayon::current_num_threads()
 }

@@ -64,6 +64,8 @@ pub struct QActs {
     d: Vec<f32>,
     /// `[rows * units * 2]`: `d · Σ code` over each 16-value half (what a weight's `c` meets).
     half_sums: Vec<f32>,
+    /// `[rows * units]`: the same over the whole unit.
+    unit_sums: Vec<f32>,
 }
 
 impl QActs {
@@ -90,12 +92,14 @@ impl QActs {
                     *s = *d * half.iter().map(|&c| c as i32).sum::<i32>() as f32;
                 }
             });
+        let unit_sums = half_sums.chunks_exact(2).map(|h| h[0] + h[1]).collect();
         Self {
             rows,
             cols,
             codes,
             d,
             half_sums,
+            unit_sums,
         }
     }
 
@@ -115,9 +119,10 @@ struct Tile {
     rows: usize,
     /// `[rows * cols]`: unsigned codes (Q8_0: signed bytes).
     codes: Vec<u8>,
-    /// `[rows * units * 2]`: `a` of each half.
+    /// `[rows * units * per]`: `a` of each unit, or of each half where the format has a scale
+    /// per 16 weights (`per` = [`scales_per_unit`]).
     scales: Vec<f32>,
-    /// `[rows * units * 2]`: `c` of each half.
+    /// `[rows * units * per]`: `c`, likewise.
     mins: Vec<f32>,
 }
 
@@ -146,8 +151,9 @@ impl Tile {
         let per_block = f.block_len() / UNIT;
         self.rows = rows;
         self.codes.resize(rows * w.cols, 0);
-        self.scales.resize(rows * units * 2, 0.0);
-        self.mins.resize(rows * units * 2, 0.0);
+        let per = scales_per_unit(f);
+        self.scales.resize(rows * units * per, 0.0);
+        self.mins.resize(rows * units * per, 0.0);
         let blocks = first * units / per_block..(first + rows) * units / per_block;
         let (qb, sb) = (4 * f.qs_words_per_block(), 2 * f.scale_halves_per_block());
         let q = &w.qs[qb * blocks.start..qb * blocks.end];
@@ -171,8 +177,8 @@ impl Tile {
                 }
             }
         }
-        let scales = self.scales.chunks_exact_mut(2 * per_block);
-        let mins = self.mins.chunks_exact_mut(2 * per_block);
+        let scales = self.scales.chunks_exact_mut(per * per_block);
+        let mins = self.mins.chunks_exact_mut(per * per_block);
         for ((s, scales), mins) in s.chunks_exact(sb).zip(scales).zip(mins) {
             block_scales(f, s, scales, mins);
         }
@@ -398,9 +404,18 @@ fn block_codes_avx2(f: QFormat, q: &[u8], codes: &mut [u8]) {
                 let qh = load(&q[128 + 32 * h..]);
                 let high = |v: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(v, low2));
                 store(4 * h, _mm256_or_si256(lo(l0), high(qh)));
-                store(4 * h + 1, _mm256_or_si256(lo(l1), high(_mm256_srli_epi16::<2>(qh))));
-                store(4 * h + 2, _mm256_or_si256(hi(l0), high(_mm256_srli_epi16::<4>(qh))));
-                store(4 * h + 3, _mm256_or_si256(hi(l1), high(_mm256_srli_epi16::<6>(qh))));
+                store(
+                    4 * h + 1,
+                    _mm256_or_si256(lo(l1), high(_mm256_srli_epi16::<2>(qh))),
+                );
+                store(
+                    4 * h + 2,
+                    _mm256_or_si256(hi(l0), high(_mm256_srli_epi16::<4>(qh))),
+                );
+                store(
+                    4 * h + 3,
+                    _mm256_or_si256(hi(l1), high(_mm256_srli_epi16::<6>(qh))),
+                );
             }
         }
         _ => store(0, unit_codes_avx2(f, q, 0)),
@@ -442,15 +457,21 @@ fn unit_scales(f: QFormat, s: &[u8], u: usize) -> ([f32; 2], [f32; 2]) {
     }
 }
 
-/// `a` and `c` of each half of each unit of a block whose scale bytes are `s`, the block's own
-/// scales decoded once.
+/// Scale values per 32-weight unit: Q6_K has a scale per 16 weights, every other format one.
+#[inline(always)]
+fn scales_per_unit(f: QFormat) -> usize {
+    if f == QFormat::Q6K { 2 } else { 1 }
+}
+
+/// `a` and `c` of each unit (Q6_K: each half) of a block whose scale bytes are `s`, the block's
+/// own scales decoded once, in straight lines that vectorise.
 #[inline(always)]
 fn block_scales(f: QFormat, s: &[u8], scales: &mut [f32], mins: &mut [f32]) {
     match f {
         QFormat::Q4K | QFormat::Q5K => {
             let (d, dmin) = (f16_at(s, 0), f16_at(s, 2));
             let q = bytes::<12>(&s[4..]);
-            // `scale_min_k4` for all eight units at once, in straight lines that vectorise.
+            // `scale_min_k4` for all eight units at once.
             let mut sc = [0u8; 8];
             let mut mn = [0u8; 8];
             for j in 0..4 {
@@ -459,31 +480,21 @@ fn block_scales(f: QFormat, s: &[u8], scales: &mut [f32], mins: &mut [f32]) {
                 sc[j + 4] = (q[j + 8] & 0xF) | ((q[j] >> 6) << 4);
                 mn[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
             }
-            let (a, c) = (sc.map(|v| d * v as f32), mn.map(|v| -dmin * v as f32));
-            let scales: &mut [f32; 16] = scales.try_into().unwrap_or_else(|_| unreachable!());
-            let mins: &mut [f32; 16] = mins.try_into().unwrap_or_else(|_| unreachable!());
-            for u in 0..8 {
-                scales[2 * u] = a[u];
-                scales[2 * u + 1] = a[u];
-                mins[2 * u] = c[u];
-                mins[2 * u + 1] = c[u];
-            }
+            scales[..8].copy_from_slice(&sc.map(|v| d * v as f32));
+            mins[..8].copy_from_slice(&mn.map(|v| -dmin * v as f32));
         }
         QFormat::Q6K => {
-            let (d, sc) = (f16_at(s, 16), bytes::<16>(s));
-            let scales: &mut [f32; 16] = scales.try_into().unwrap_or_else(|_| unreachable!());
-            let mins: &mut [f32; 16] = mins.try_into().unwrap_or_else(|_| unreachable!());
             // Half i of the block's 16 is unit i / 2's: scale 8h + 2t + i % 2 (see
             // `unit_scales`), which is i itself.
-            for i in 0..16 {
-                scales[i] = d * sc[i] as i8 as f32;
-                mins[i] = -32.0 * scales[i];
-            }
+            let (d, sc) = (f16_at(s, 16), bytes::<16>(s));
+            let a = sc.map(|v| d * v as i8 as f32);
+            scales[..16].copy_from_slice(&a);
+            mins[..16].copy_from_slice(&a.map(|a| -32.0 * a));
         }
         _ => {
-            let ([a0, a1], [c0, c1]) = unit_scales(f, s, 0);
-            scales[..2].copy_from_slice(&[a0, a1]);
-            mins[..2].copy_from_slice(&[c0, c1]);
+            let ([a, _], [c, _]) = unit_scales(f, s, 0);
+            scales[0] = a;
+            mins[0] = c;
         }
     }
 }
@@ -550,9 +561,11 @@ pub fn q_matmul_on(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
     out_t
         .par_chunks_mut(TILE_ROWS * m)
         .enumerate()
-        .for_each_init(Tile::default, |tile, (task, out)| {
+        .for_each(|(task, out)| {
             let rows = (task * TILE_ROWS, out.len() / m);
-            match isa {
+            // Each thread keeps its tile's buffers from call to call (a decode step makes
+            // about 170 products, each of dozens of tasks).
+            TILE.with_borrow_mut(|tile| match isa {
                 Isa::Portable => unpack_and_multiply(isa, w, rows, x, tile, out),
                 // SAFETY: `Isa::detect` chose these only where the processor has their
                 // features (`available` lists no more than `detect` found).
@@ -561,7 +574,7 @@ pub fn q_matmul_on(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
                 // SAFETY: as above.
                 #[cfg(target_arch = "x86_64")]
                 Isa::Vnni => unsafe { unpack_and_multiply_vnni(isa, w, rows, x, tile, out) },
-            }
+            });
         });
     if m == 1 {
         return out_t;
@@ -573,6 +586,10 @@ pub fn q_matmul_on(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
         }
     }
     out
+}
+
+thread_local! {
+    static TILE: std::cell::RefCell<Tile> = std::cell::RefCell::new(Tile::default());
 }
 
 /// Rows of x and weight rows in one register block.
@@ -600,7 +617,7 @@ fn unpack_and_multiply(
     out: &mut [f32],
 ) {
     tile.unpack(isa, w, first, rows);
-    tile_product(isa, w.format == QFormat::Q8_0, x, tile, out);
+    tile_product(isa, Kind::of(w.format), x, tile, out);
 }
 
 /// [`unpack_and_multiply`] compiled for AVX2 (the unpacking and the minimums vectorised, the
@@ -618,23 +635,57 @@ fn unpack_and_multiply_avx2(
     unpack_and_multiply(isa, w, rows, x, tile, out);
 }
 
-/// The same with AVX-512 VNNI.
+/// The same with AVX-512 VNNI for the products; the unpacking is AVX2's (with AVX-512 on, LLVM
+/// turns the per-unit scale stores into scatters, many times slower on the processors that have
+/// it).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
 fn unpack_and_multiply_vnni(
     isa: Isa,
     w: &QWeights<'_>,
-    rows: (usize, usize),
+    (first, rows): (usize, usize),
     x: &QActs,
     tile: &mut Tile,
     out: &mut [f32],
 ) {
-    unpack_and_multiply(isa, w, rows, x, tile, out);
+    unpack_avx2(isa, w, (first, rows), tile);
+    tile_product(isa, Kind::of(w.format), x, tile, out);
 }
+
+/// [`Tile::unpack`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn unpack_avx2(isa: Isa, w: &QWeights<'_>, (first, rows): (usize, usize), tile: &mut Tile) {
+    tile.unpack(isa, w, first, rows);
+}
+
+/// What the kernels need to know of a format: whether its codes are signed bytes (Q8_0) and
+/// whether it has a scale per half unit (Q6_K). The kernels take it as a const parameter.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Unsigned,
+    Signed,
+    UnsignedHalves,
+}
+
+impl Kind {
+    fn of(f: QFormat) -> Self {
+        match f {
+            QFormat::Q8_0 => Self::Signed,
+            QFormat::Q6K => Self::UnsignedHalves,
+            _ => Self::Unsigned,
+        }
+    }
+}
+
+/// [`Kind`]s as const parameters.
+const UNSIGNED: u8 = 0;
+const SIGNED: u8 = 1;
+const HALVES: u8 = 2;
 
 /// `out[r * m + i] = x_i · w_r` for every row of the tile.
 #[inline(always)]
-fn tile_product(isa: Isa, signed: bool, x: &QActs, tile: &Tile, out: &mut [f32]) {
+fn tile_product(isa: Isa, kind: Kind, x: &QActs, tile: &Tile, out: &mut [f32]) {
     let m = x.rows;
     let mut r = 0;
     while r < tile.rows {
@@ -644,7 +695,7 @@ fn tile_product(isa: Isa, signed: bool, x: &QActs, tile: &Tile, out: &mut [f32])
             let xr = XROWS.min(m - i);
             let at = Block { x, tile, i, r };
             let mut acc = [[0f32; WROWS]; XROWS];
-            block(isa, signed, xr, wr, &at, &mut acc);
+            block(isa, kind, xr, wr, &at, &mut acc);
             for (q, row) in out[r * m..].chunks_mut(m).take(wr).enumerate() {
                 for (p, acc) in acc.iter().take(xr).enumerate() {
                     row[i + p] = acc[q] + min_term(&at, p, q);
@@ -656,12 +707,17 @@ fn tile_product(isa: Isa, signed: bool, x: &QActs, tile: &Tile, out: &mut [f32])
     }
 }
 
-/// `Σ c · d · Σ code_x` over the halves of a row of x and a weight row.
+/// `Σ c · d · Σ code_x` over the units (or halves) of a row of x and a weight row.
 #[inline(always)]
 fn min_term(at: &Block<'_>, p: usize, q: usize) -> f32 {
-    let halves = 2 * at.x.cols / UNIT;
-    let sums = &at.x.half_sums[(at.i + p) * halves..(at.i + p + 1) * halves];
-    let mins = &at.tile.mins[(at.r + q) * halves..(at.r + q + 1) * halves];
+    let units = at.x.cols / UNIT;
+    let (n, sums) = if at.tile.mins.len() == 2 * at.tile.rows * units {
+        (2 * units, &at.x.half_sums)
+    } else {
+        (units, &at.x.unit_sums)
+    };
+    let sums = &sums[(at.i + p) * n..(at.i + p + 1) * n];
+    let mins = &at.tile.mins[(at.r + q) * n..(at.r + q + 1) * n];
     let mut acc = [0f32; 8];
     let (s8, m8) = (sums.chunks_exact(8), mins.chunks_exact(8));
     let tail: f32 = s8
@@ -682,48 +738,49 @@ fn min_term(at: &Block<'_>, p: usize, q: usize) -> f32 {
 #[inline(always)]
 fn block(
     isa: Isa,
-    signed: bool,
+    kind: Kind,
     xr: usize,
     wr: usize,
     at: &Block<'_>,
     acc: &mut [[f32; WROWS]; XROWS],
 ) {
     macro_rules! shapes {
+        ($kernel:ident, $kind:expr) => {
+            match (xr, wr) {
+                (4, 2) => $kernel::<4, 2, { $kind }>(at, acc),
+                (3, 2) => $kernel::<3, 2, { $kind }>(at, acc),
+                (2, 2) => $kernel::<2, 2, { $kind }>(at, acc),
+                (1, 2) => $kernel::<1, 2, { $kind }>(at, acc),
+                (4, _) => $kernel::<4, 1, { $kind }>(at, acc),
+                (3, _) => $kernel::<3, 1, { $kind }>(at, acc),
+                (2, _) => $kernel::<2, 1, { $kind }>(at, acc),
+                _ => $kernel::<1, 1, { $kind }>(at, acc),
+            }
+        };
+    }
+    macro_rules! kinds {
         ($kernel:ident) => {
-            match (xr, wr, signed) {
-                (4, 2, false) => $kernel::<4, 2, false>(at, acc),
-                (3, 2, false) => $kernel::<3, 2, false>(at, acc),
-                (2, 2, false) => $kernel::<2, 2, false>(at, acc),
-                (1, 2, false) => $kernel::<1, 2, false>(at, acc),
-                (4, _, false) => $kernel::<4, 1, false>(at, acc),
-                (3, _, false) => $kernel::<3, 1, false>(at, acc),
-                (2, _, false) => $kernel::<2, 1, false>(at, acc),
-                (_, _, false) => $kernel::<1, 1, false>(at, acc),
-                (4, 2, true) => $kernel::<4, 2, true>(at, acc),
-                (3, 2, true) => $kernel::<3, 2, true>(at, acc),
-                (2, 2, true) => $kernel::<2, 2, true>(at, acc),
-                (1, 2, true) => $kernel::<1, 2, true>(at, acc),
-                (4, _, true) => $kernel::<4, 1, true>(at, acc),
-                (3, _, true) => $kernel::<3, 1, true>(at, acc),
-                (2, _, true) => $kernel::<2, 1, true>(at, acc),
-                (_, _, true) => $kernel::<1, 1, true>(at, acc),
+            match kind {
+                Kind::Unsigned => shapes!($kernel, UNSIGNED),
+                Kind::Signed => shapes!($kernel, SIGNED),
+                Kind::UnsignedHalves => shapes!($kernel, HALVES),
             }
         };
     }
     match isa {
-        Isa::Portable => shapes!(block_portable),
+        Isa::Portable => kinds!(block_portable),
         // SAFETY: `Isa::detect` chose these only where the processor has their features
         // (`available` lists no more than `detect` found).
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { shapes!(block_avx2) },
+        Isa::Avx2 => unsafe { kinds!(block_avx2) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Vnni => unsafe { shapes!(block_vnni) },
+        Isa::Vnni => unsafe { kinds!(block_vnni) },
     }
 }
 
 /// Any processor: integer sums per half in plain loops.
-fn block_portable<const XR: usize, const WR: usize, const SIGNED: bool>(
+fn block_portable<const XR: usize, const WR: usize, const KIND: u8>(
     at: &Block<'_>,
     acc: &mut [[f32; WROWS]; XROWS],
 ) {
@@ -736,18 +793,19 @@ fn block_portable<const XR: usize, const WR: usize, const SIGNED: bool>(
         for (q, acc) in acc.iter_mut().enumerate().take(WR) {
             let wrow = at.r + q;
             let wc = &at.tile.codes[wrow * k..(wrow + 1) * k];
-            let ws = &at.tile.scales[2 * wrow * units..2 * (wrow + 1) * units];
+            let per = if KIND == HALVES { 2 } else { 1 };
+            let ws = &at.tile.scales[per * wrow * units..per * (wrow + 1) * units];
             let mut sum = 0f32;
             for (((xc, wc), d), s) in xc
                 .chunks_exact(UNIT)
                 .zip(wc.chunks_exact(UNIT))
                 .zip(xd)
-                .zip(ws.chunks_exact(2))
+                .zip(ws.chunks_exact(per))
             {
                 let half = |h: usize| -> i32 {
                     (16 * h..16 * h + 16)
                         .map(|l| {
-                            let w = if SIGNED {
+                            let w = if KIND == SIGNED {
                                 wc[l] as i8 as i32
                             } else {
                                 wc[l] as i32
@@ -756,7 +814,11 @@ fn block_portable<const XR: usize, const WR: usize, const SIGNED: bool>(
                         })
                         .sum()
                 };
-                sum += d * (s[0] * half(0) as f32 + s[1] * half(1) as f32);
+                sum += d * if KIND == HALVES {
+                    s[0] * half(0) as f32 + s[1] * half(1) as f32
+                } else {
+                    s[0] * (half(0) + half(1)) as f32
+                };
             }
             *acc = sum;
         }
@@ -771,24 +833,25 @@ macro_rules! x86_block {
         /// rows are loaded once and multiplied with each of `XR` rows of x, each product's
         /// eight i32 lanes converted and accumulated with its unit's scales times x's `d`.
         #[target_feature(enable = $features)]
-        fn $name<const XR: usize, const WR: usize, const SIGNED: bool>(
+        fn $name<const XR: usize, const WR: usize, const KIND: u8>(
             at: &Block<'_>,
             out: &mut [[f32; WROWS]; XROWS],
         ) {
             use std::arch::x86_64::*;
             let k = at.x.cols;
             let units = k / UNIT;
+            let per = if KIND == HALVES { 2 } else { 1 };
             assert!(
                 (at.i + XR) * k <= at.x.codes.len()
                     && (at.r + WR) * k <= at.tile.codes.len()
                     && (at.i + XR) * units <= at.x.d.len()
-                    && 2 * (at.r + WR) * units <= at.tile.scales.len(),
+                    && per * (at.r + WR) * units <= at.tile.scales.len(),
                 "block outside x or the tile"
             );
             let xp = at.x.codes[at.i * k..].as_ptr();
             let wp = at.tile.codes[at.r * k..].as_ptr();
             let xd = &at.x.d[at.i * units..];
-            let ws = &at.tile.scales[2 * at.r * units..];
+            let ws = &at.tile.scales[per * at.r * units..];
             let mut acc = [[_mm256_setzero_ps(); WR]; XR];
             for u in 0..units {
                 let mut w = [_mm256_setzero_si256(); WR];
@@ -797,16 +860,20 @@ macro_rules! x86_block {
                     // SAFETY: row r + q of the tile has k codes (asserted above), and
                     // 32 u + 32 <= k.
                     w[q] = unsafe { _mm256_loadu_si256(wp.add(q * k + UNIT * u).cast()) };
-                    // Lanes 0-3 of a byte product sum the unit's first half, 4-7 its second.
-                    let (a0, a1) = (ws[2 * (q * units + u)], ws[2 * (q * units + u) + 1]);
-                    s[q] = _mm256_set_m128(_mm_set1_ps(a1), _mm_set1_ps(a0));
+                    s[q] = if KIND == HALVES {
+                        // Lanes 0-3 of a byte product sum the unit's first half, 4-7 its second.
+                        let (a0, a1) = (ws[2 * (q * units + u)], ws[2 * (q * units + u) + 1]);
+                        _mm256_set_m128(_mm_set1_ps(a1), _mm_set1_ps(a0))
+                    } else {
+                        _mm256_set1_ps(ws[q * units + u])
+                    };
                 }
                 for p in 0..XR {
                     // SAFETY: as above, for row i + p of x.
                     let xv = unsafe { _mm256_loadu_si256(xp.add(p * k + UNIT * u).cast()) };
                     let d = _mm256_set1_ps(xd[p * units + u]);
                     for q in 0..WR {
-                        let dot = if SIGNED {
+                        let dot = if KIND == SIGNED {
                             $dot(_mm256_sign_epi8(w[q], w[q]), _mm256_sign_epi8(xv, w[q]))
                         } else {
                             $dot(w[q], xv)
@@ -869,32 +936,29 @@ pub fn q_matmul_t(dy: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
     let units = k / UNIT;
     // Task u writes columns 32u.. of every row as `[m, 32]`.
     let mut strips = vec![0f32; units * m * UNIT];
-    strips
-        .par_chunks_mut(m * UNIT)
-        .enumerate()
-        .for_each_init(
-            || (vec![0f32; n * UNIT], [0u8; UNIT]),
-            |(wu, codes), (u, strip)| {
-                for (j, values) in wu.chunks_exact_mut(UNIT).enumerate() {
-                    let ([a0, a1], [c0, c1]) = unpack_unit(w, j * units + u, codes);
-                    for (l, (v, &c)) in values.iter_mut().zip(codes.iter()).enumerate() {
-                        let code = if w.format == QFormat::Q8_0 {
-                            c as i8 as f32
-                        } else {
-                            c as f32
-                        };
-                        *v = if l < 16 {
-                            a0 * code + c0
-                        } else {
-                            a1 * code + c1
-                        };
-                    }
+    strips.par_chunks_mut(m * UNIT).enumerate().for_each_init(
+        || (vec![0f32; n * UNIT], [0u8; UNIT]),
+        |(wu, codes), (u, strip)| {
+            for (j, values) in wu.chunks_exact_mut(UNIT).enumerate() {
+                let ([a0, a1], [c0, c1]) = unpack_unit(w, j * units + u, codes);
+                for (l, (v, &c)) in values.iter_mut().zip(codes.iter()).enumerate() {
+                    let code = if w.format == QFormat::Q8_0 {
+                        c as i8 as f32
+                    } else {
+                        c as f32
+                    };
+                    *v = if l < 16 {
+                        a0 * code + c0
+                    } else {
+                        a1 * code + c1
+                    };
                 }
-                for (dy, out) in dy.chunks_exact(n).zip(strip.chunks_exact_mut(UNIT)) {
-                    axpy_rows(dy, wu, out);
-                }
-            },
-        );
+            }
+            for (dy, out) in dy.chunks_exact(n).zip(strip.chunks_exact_mut(UNIT)) {
+                axpy_rows(dy, wu, out);
+            }
+        },
+    );
     let mut out = vec![0f32; m * k];
     for (u, strip) in strips.chunks_exact(m * UNIT).enumerate() {
         for (i, cols) in strip.chunks_exact(UNIT).enumerate() {
@@ -1106,29 +1170,77 @@ mod tests {
 #[cfg(test)]
 mod speed {
     use super::*;
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    fn tile_unpack_vnni(isa: Isa, w: &QWeights<'_>, first: usize, tile: &mut Tile) {
-        tile.unpack(isa, w, first, TILE_ROWS);
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    fn tile_product_vnni(isa: Isa, x: &QActs, tile: &Tile, out: &mut [f32]) {
-        tile_product(isa, false, x, tile, out);
-    }
     use crate::quant::QMatrix;
+
+    /// Not a check: the projections of Qwen2.5-Coder-0.5B at m = 1 (`--ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn print_model_shapes() {
+        let mut total = 0.0;
+        for (format, n, k, count) in [
+            (QFormat::Q5_0, 896, 896, 48),
+            (QFormat::Q5_0, 128, 896, 48),
+            (QFormat::Q5_0, 4864, 896, 36),
+            (QFormat::Q4K, 4864, 896 * 8 / 7, 12),
+            (QFormat::Q6K, 896, 4864 * 256 / 256, 12),
+            (QFormat::Q5_0, 896, 4864, 12),
+            (QFormat::Q8_0, 151936, 896, 1),
+        ] {
+            let k = k / format.block_len() * format.block_len();
+            let v: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let q = QMatrix::quantize(format, n, k, &v);
+            let qs: Vec<u8> = q.qs.iter().flat_map(|w| w.to_le_bytes()).collect();
+            let sc: Vec<u8> = q.scales.iter().flat_map(|w| w.to_le_bytes()).collect();
+            let w = QWeights {
+                format,
+                rows: n,
+                cols: k,
+                qs: &qs,
+                scales: &sc,
+            };
+            let x = &v[..k];
+            let _ = q_matmul(x, 1, &w);
+            let reps = 50;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(q_matmul(x, 1, &w));
+            }
+            let s = t.elapsed().as_secs_f64() / reps as f64;
+            total += s * count as f64;
+            println!(
+                "{format:?} {n}x{k} x{count}: {:.3} ms each, {:.1} GB/s",
+                s * 1e3,
+                (qs.len() + sc.len()) as f64 / s / 1e9
+            );
+        }
+        println!("per token: {:.1} ms", total * 1e3);
+    }
 
     /// Not a check: prints the time per product of each format (`--ignored --nocapture`).
     #[test]
     #[ignore]
     fn print_speeds() {
         let (n, k) = (4864, 1024);
-        let v: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        let v: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let only = std::env::var("FORMAT").ok();
         for format in QFormat::ALL {
+            if only.as_ref().is_some_and(|o| format!("{format:?}") != *o) {
+                continue;
+            }
             let q = QMatrix::quantize(format, n, k, &v);
             let qs: Vec<u8> = q.qs.iter().flat_map(|w| w.to_le_bytes()).collect();
             let sc: Vec<u8> = q.scales.iter().flat_map(|w| w.to_le_bytes()).collect();
-            let w = QWeights { format, rows: n, cols: k, qs: &qs, scales: &sc };
+            let w = QWeights {
+                format,
+                rows: n,
+                cols: k,
+                qs: &qs,
+                scales: &sc,
+            };
             for m in [1usize] {
                 let x = &v[..m * k];
                 let _ = q_matmul(x, m, &w);
@@ -1138,49 +1250,7 @@ mod speed {
                     std::hint::black_box(q_matmul(x, m, &w));
                 }
                 let s = t.elapsed().as_secs_f64() / reps as f64;
-                let isa = Isa::detect();
-                let mut tile = Tile::default();
-                let acts = QActs::quantize(x, m, k);
-                let t = std::time::Instant::now();
-                for _ in 0..20 {
-                    for first in (0..n).step_by(TILE_ROWS) {
-                        // SAFETY: test on this machine.
-                        unsafe { tile_unpack_vnni(isa, &w, first, &mut tile) };
-                    }
-                }
-                let unpack = t.elapsed().as_secs_f64() / 20.0;
-                let mut out = vec![0f32; TILE_ROWS * m];
-                let t = std::time::Instant::now();
-                for _ in 0..20 {
-                    for _ in (0..n).step_by(TILE_ROWS) {
-                        // SAFETY: as above.
-                        unsafe { tile_product_vnni(isa, &acts, &tile, &mut out) };
-                    }
-                }
-                let product = t.elapsed().as_secs_f64() / 20.0;
-                let (qb, sb) = (4 * format.qs_words_per_block(), 2 * format.scale_halves_per_block());
-                let mut codes = vec![0u8; format.block_len()];
-                let per = format.block_len() / UNIT;
-                let (mut sc, mut mn) = (vec![0f32; 2 * per], vec![0f32; 2 * per]);
-                let t = std::time::Instant::now();
-                for _ in 0..20 {
-                    for q in w.qs.chunks_exact(qb) {
-                        // SAFETY: test on this machine.
-                        unsafe { block_codes_avx2(format, q, &mut codes) };
-                        std::hint::black_box(&codes);
-                    }
-                }
-                let c_only = t.elapsed().as_secs_f64() / 20.0;
-                let t = std::time::Instant::now();
-                for _ in 0..20 {
-                    for s in w.scales.chunks_exact(sb) {
-                        block_scales(format, s, &mut sc, &mut mn);
-                        std::hint::black_box((&sc, &mn));
-                    }
-                }
-                let s_only = t.elapsed().as_secs_f64() / 20.0;
-                println!("codes {:.3} ms, scales {:.3} ms", c_only * 1e3, s_only * 1e3);
-                println!("one thread: unpack {:.3} ms, products {:.3} ms", unpack * 1e3, product * 1e3);
+
                 println!(
                     "{format:?} m {m}: {:.3} ms, {:.1} GB/s of weights, {:.1} GMAC/s",
                     s * 1e3,
