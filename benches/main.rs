@@ -20,6 +20,10 @@
 //!   code from the npm registry (rxjs 7.8.1's `src/`, typescript 5.6.3's `lib/`), fetched with
 //!   `npm pack` into the cache on first use; `--src` names other folders. No GPU needed.
 //!
+//! - cpu-kernels: the CPU path's quantised products (`cpu_quant.rs`): memory read bandwidth (the
+//!   roofline of decode), then GB/s of weights and GMAC/s per format at 4096×4096 for 1, 16 and
+//!   128 rows of x, then the projections of Qwen2.5-Coder-0.5B at one row (a decode step's
+//!   products).
 //! - cpu-vs-llama: the CPU path beside llama.cpp in one run, same GGUF, same prompt tokens, same
 //!   threads (`--threads`, default: what the CPU path uses): prefill of `--prompt` tokens
 //!   (default 512) and greedy decode of `--decode` tokens (default 128), as tokens/s and the ratio
@@ -452,6 +456,101 @@ fn predict_bench<B: KernelBackend>(
     Ok(())
 }
 
+/// Seconds per call of `f`, the best of `reps` after a warm-up.
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// The CPU path's quantised products, format by format, and a decode step's products.
+fn cpu_kernels() {
+    use codelsi_engine::kernels::cpu_quant::{QWeights, q_matmul};
+    use rayon::prelude::*;
+    println!(
+        "device: {}, {}",
+        codelsi_engine::device::cpu_info(),
+        codelsi_engine::kernels::cpu_quant::Isa::detect().name()
+    );
+    let big = vec![1u64; 64 << 20]; // 512 MiB
+    let s = best_of(5, || {
+        let sum: u64 = big.par_chunks(1 << 16).map(|c| c.iter().sum::<u64>()).sum();
+        std::hint::black_box(sum);
+    });
+    println!(
+        "memory read (512 MiB, every thread): {:.1} GB/s  <- roofline of a decode step",
+        (big.len() * 8) as f64 / s / 1e9
+    );
+    drop(big);
+    let values = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect()
+    };
+    let run = |format: QFormat, n: usize, k: usize, rows: &[usize]| -> Vec<(usize, f64, f64)> {
+        let q = QMatrix::quantize(format, n, k, &values(n * k));
+        let qs: Vec<u8> = q.qs.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let scales: Vec<u8> = q.scales.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let w = QWeights {
+            format,
+            rows: n,
+            cols: k,
+            qs: &qs,
+            scales: &scales,
+        };
+        let x = values(rows.iter().max().copied().unwrap_or(1) * k);
+        rows.iter()
+            .map(|&m| {
+                let s = best_of(10, || {
+                    std::hint::black_box(q_matmul(&x[..m * k], m, &w));
+                });
+                (m, s, (qs.len() + scales.len()) as f64)
+            })
+            .collect()
+    };
+    for format in QFormat::ALL {
+        let line: Vec<String> = run(format, 4096, 4096, &[1, 16, 128])
+            .into_iter()
+            .map(|(m, s, bytes)| {
+                format!(
+                    "m {m}: {:.2} ms, {:.1} GB/s, {:.0} GMAC/s",
+                    s * 1e3,
+                    bytes / s / 1e9,
+                    (m * 4096 * 4096) as f64 / s / 1e9
+                )
+            })
+            .collect();
+        println!("{format:?} 4096×4096: {}", line.join("; "));
+    }
+    // Qwen2.5-Coder-0.5B-Instruct Q4_K_M: 24 layers; per layer q and o 896², k and v 128×896,
+    // gate and up 4864×896, down 896×4864; the tied head 151,936×896 (Q8_0). Most tensors are
+    // Q5_0; the file's K-quant tensors are shown as Q5_0's shapes in Q4_K and Q6_K.
+    let mut total = 0.0;
+    for (format, n, k, count) in [
+        (QFormat::Q5_0, 896, 896, 48),
+        (QFormat::Q5_0, 128, 896, 48),
+        (QFormat::Q5_0, 4864, 896, 36),
+        (QFormat::Q4K, 4864, 1024, 12),
+        (QFormat::Q6K, 896, 4864, 12),
+        (QFormat::Q5_0, 896, 4864, 12),
+        (QFormat::Q8_0, 151936, 896, 1),
+    ] {
+        let (_, s, bytes) = run(format, n, k, &[1])[0];
+        total += s * count as f64;
+        println!(
+            "decode shape {format:?} {n}×{k} (×{count}): {:.3} ms, {:.1} GB/s",
+            s * 1e3,
+            bytes / s / 1e9
+        );
+    }
+    println!("a decode step's products, about: {:.1} ms", total * 1e3);
+}
+
 /// Prefill and greedy-decode tokens/s of the CPU path and of llama.cpp on the same file, prompt
 /// and threads, model by model.
 fn cpu_vs_llama(args: &[String]) -> Result<()> {
@@ -568,6 +667,10 @@ fn main() -> Result<()> {
     }
     if what == "cpu-vs-llama" {
         return cpu_vs_llama(&args);
+    }
+    if what == "cpu-kernels" {
+        cpu_kernels();
+        return Ok(());
     }
     if flag_value(&args, "--device") == Some("cpu") {
         if what == "kernels" {

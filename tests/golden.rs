@@ -229,8 +229,10 @@ fn default_model_matches<Bk: KernelBackend>(dev: &Bk::Device) -> LoadedModel<Bk>
 }
 
 /// The CPU path's tolerance, 8-bit activations against transformers' f32: the worst differences
-/// measured over the cases' steps were 0.88 (SmolLM2, logits up to ~35) and 0.26 (Qwen2.5-Coder).
-const CPU_TOL: (f32, f32) = (0.5, 0.02);
+/// measured over the cases' steps were 0.88 (SmolLM2, logits up to ~35) and 0.26 (Qwen2.5-Coder);
+/// llama.cpp's CPU backend, which quantises activations the same way, is 0.97 and 0.30 from the
+/// same fixtures (`scripts/llama_cpp_logit_diff.py`), with its top-1 off at near ties.
+const CPU_TOL: (f32, f32) = (1.0, 0.01);
 
 /// The weights take what the file's tensors do, within 10 % (the embedding table on the host,
 /// the rest in the blocks of the file).

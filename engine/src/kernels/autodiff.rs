@@ -245,10 +245,6 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
         B::supports_f16(device)
     }
 
-    fn dense_weights() -> bool {
-        B::dense_weights()
-    }
-
     fn computes(format: crate::quant::QFormat) -> bool {
         B::computes(format)
     }

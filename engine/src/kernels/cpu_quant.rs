@@ -527,6 +527,17 @@ impl Isa {
         })
     }
 
+    /// For reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable integer products",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => "AVX2 integer products (vpmaddubsw)",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Vnni => "AVX-512 VNNI integer products (vpdpbusd)",
+        }
+    }
+
     /// Every instruction set this processor can run (tests compare them).
     pub fn available() -> Vec<Self> {
         let mut all = vec![Isa::Portable];
@@ -1162,101 +1173,6 @@ mod tests {
                         "{format:?} [{i}, {c}] {g} vs {want}"
                     );
                 }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod speed {
-    use super::*;
-    use crate::quant::QMatrix;
-
-    /// Not a check: the projections of Qwen2.5-Coder-0.5B at m = 1 (`--ignored --nocapture`).
-    #[test]
-    #[ignore]
-    fn print_model_shapes() {
-        let mut total = 0.0;
-        for (format, n, k, count) in [
-            (QFormat::Q5_0, 896, 896, 48),
-            (QFormat::Q5_0, 128, 896, 48),
-            (QFormat::Q5_0, 4864, 896, 36),
-            (QFormat::Q4K, 4864, 896 * 8 / 7, 12),
-            (QFormat::Q6K, 896, 4864 * 256 / 256, 12),
-            (QFormat::Q5_0, 896, 4864, 12),
-            (QFormat::Q8_0, 151936, 896, 1),
-        ] {
-            let k = k / format.block_len() * format.block_len();
-            let v: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-                .collect();
-            let q = QMatrix::quantize(format, n, k, &v);
-            let qs: Vec<u8> = q.qs.iter().flat_map(|w| w.to_le_bytes()).collect();
-            let sc: Vec<u8> = q.scales.iter().flat_map(|w| w.to_le_bytes()).collect();
-            let w = QWeights {
-                format,
-                rows: n,
-                cols: k,
-                qs: &qs,
-                scales: &sc,
-            };
-            let x = &v[..k];
-            let _ = q_matmul(x, 1, &w);
-            let reps = 50;
-            let t = std::time::Instant::now();
-            for _ in 0..reps {
-                std::hint::black_box(q_matmul(x, 1, &w));
-            }
-            let s = t.elapsed().as_secs_f64() / reps as f64;
-            total += s * count as f64;
-            println!(
-                "{format:?} {n}x{k} x{count}: {:.3} ms each, {:.1} GB/s",
-                s * 1e3,
-                (qs.len() + sc.len()) as f64 / s / 1e9
-            );
-        }
-        println!("per token: {:.1} ms", total * 1e3);
-    }
-
-    /// Not a check: prints the time per product of each format (`--ignored --nocapture`).
-    #[test]
-    #[ignore]
-    fn print_speeds() {
-        let (n, k) = (4864, 1024);
-        let v: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
-        let only = std::env::var("FORMAT").ok();
-        for format in QFormat::ALL {
-            if only.as_ref().is_some_and(|o| format!("{format:?}") != *o) {
-                continue;
-            }
-            let q = QMatrix::quantize(format, n, k, &v);
-            let qs: Vec<u8> = q.qs.iter().flat_map(|w| w.to_le_bytes()).collect();
-            let sc: Vec<u8> = q.scales.iter().flat_map(|w| w.to_le_bytes()).collect();
-            let w = QWeights {
-                format,
-                rows: n,
-                cols: k,
-                qs: &qs,
-                scales: &sc,
-            };
-            for m in [1usize] {
-                let x = &v[..m * k];
-                let _ = q_matmul(x, m, &w);
-                let t = std::time::Instant::now();
-                let reps = 400;
-                for _ in 0..reps {
-                    std::hint::black_box(q_matmul(x, m, &w));
-                }
-                let s = t.elapsed().as_secs_f64() / reps as f64;
-
-                println!(
-                    "{format:?} m {m}: {:.3} ms, {:.1} GB/s of weights, {:.1} GMAC/s",
-                    s * 1e3,
-                    (qs.len() + sc.len()) as f64 / s / 1e9,
-                    (m * n * k) as f64 / s / 1e9
-                );
             }
         }
     }

@@ -230,13 +230,6 @@ pub trait KernelBackend: Backend {
         None
     }
 
-    /// Whether linear weights are better held dequantised (f32, multiplied by the backend's own
-    /// matmul) than as quantised blocks. True where no quantised kernel exists and the reference
-    /// would dequantise the whole matrix on every product (the CPU backend).
-    fn dense_weights() -> bool {
-        false
-    }
-
     /// Short name of the implementation, for reports.
     fn kernels_impl() -> &'static str {
         "reference (plain tensor ops)"

@@ -146,8 +146,7 @@ impl<B: KernelBackend> Linear<B> {
     }
 
     /// Upload `[out, in]` weights: ggml blocks of a format the backend computes on stay
-    /// quantised ([`KernelBackend::computes`], never on backends that hold weights dense, see
-    /// [`KernelBackend::dense_weights`]); anything else becomes f32, or is quantised to
+    /// quantised ([`KernelBackend::computes`]); anything else becomes f32, or is quantised to
     /// `quantize` when given. A weight larger than the device's largest buffer is split by rows.
     pub fn load(
         weight: HostTensor,
@@ -175,13 +174,11 @@ impl<B: KernelBackend> Linear<B> {
             }
             None => None,
         };
-        // Backends without quantised kernels take every weight as f32 (and `quantize` is moot).
-        let dense = B::dense_weights();
         let native = match &weight.data {
-            HostData::Blocks { ty, .. } if !dense => ty.gpu_format().filter(|f| B::computes(*f)),
+            HostData::Blocks { ty, .. } => ty.gpu_format().filter(|f| B::computes(*f)),
             _ => None,
         };
-        let quantize = quantize.filter(|f| !dense && B::computes(*f));
+        let quantize = quantize.filter(|f| B::computes(*f));
         let limit = B::max_tensor_bytes(device).unwrap_or(u64::MAX);
         let weight = match (native, weight.data, quantize) {
             (Some(format), HostData::Blocks { bytes, .. }, _) => LinearWeight::upload_quantized(
