@@ -610,6 +610,14 @@ fn cmd_models(command: ModelsCommand) -> Result<()> {
 }
 
 /// `codelsi models info`: what a model is and what it takes on `B`'s device.
+/// This process's resident memory (`VmRSS`), where the platform tells (Linux).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 fn model_info<B: OpenDevice>(model: &str, quantize: Option<QFormat>) -> Result<()> {
     let (loaded, gpu) = load::<B>(model, quantize, false)?;
     let i = &loaded.info;
@@ -633,6 +641,15 @@ fn model_info<B: OpenDevice>(model: &str, quantize: Option<QFormat>) -> Result<(
             "file tensors:  {:.1} MB; loaded, device + host: {:.1} %",
             i.file_tensor_bytes as f64 / 1e6,
             100.0 * (i.device_bytes + i.host_bytes) as f64 / i.file_tensor_bytes as f64
+        );
+    }
+    if let Some(rss) = resident_bytes() {
+        let file = std::fs::metadata(&i.path).map_or(0, |m| m.len());
+        println!(
+            "process RSS:   {:.1} MB after loading ({:.2} × the file's {:.1} MB)",
+            rss as f64 / 1e6,
+            rss as f64 / file.max(1) as f64,
+            file as f64 / 1e6
         );
     }
     println!("runs on:       {gpu}");

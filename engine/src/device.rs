@@ -223,6 +223,20 @@ impl GpuInfo {
     }
 }
 
+/// Sizes the thread pool the CPU path computes on (rayon's global pool, which burn-flex's gemm
+/// and our kernels share): `threads`, or one per physical core (a second hardware thread of a
+/// core adds little to memory-bound products and slows the compute-bound ones). Takes effect
+/// before the pool's first use; returns the pool's size.
+pub fn set_cpu_threads(threads: Option<usize>) -> usize {
+    let n = threads.unwrap_or_else(num_cpus::get_physical).max(1);
+    // An error means the pool already started (a test harness, an earlier call): it keeps its
+    // size.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+    rayon::current_num_threads()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,18 +266,4 @@ mod tests {
             other => panic!("expected a device fault, got {other:?}"),
         }
     }
-}
-
-/// Sizes the thread pool the CPU path computes on (rayon's global pool, which burn-flex's gemm
-/// and our kernels share): `threads`, or one per physical core (a second hardware thread of a
-/// core adds little to memory-bound products and slows the compute-bound ones). Takes effect
-/// before the pool's first use; returns the pool's size.
-pub fn set_cpu_threads(threads: Option<usize>) -> usize {
-    let n = threads.unwrap_or_else(num_cpus::get_physical).max(1);
-    // An error means the pool already started (a test harness, an earlier call): it keeps its
-    // size.
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
-    rayon::current_num_threads()
 }

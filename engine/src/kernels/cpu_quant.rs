@@ -48,7 +48,7 @@ impl QWeights<'_> {
     fn is_whole(&self) -> bool {
         let f = self.format;
         let blocks = self.rows * self.cols / f.block_len();
-        self.cols % f.block_len() == 0
+        self.cols.is_multiple_of(f.block_len())
             && self.qs.len() >= blocks * 4 * f.qs_words_per_block()
             && self.scales.len() >= blocks * 2 * f.scale_halves_per_block()
     }
@@ -358,13 +358,15 @@ fn unit_codes_avx2(f: QFormat, q: &[u8], u: usize) -> std::arch::x86_64::__m256i
 #[target_feature(enable = "avx2")]
 fn block_codes_avx2(f: QFormat, q: &[u8], codes: &mut [u8]) {
     use std::arch::x86_64::*;
-    // SAFETY (both closures): each reads or writes 32 bytes inside the slice (the slicing
-    // `bytes` checks).
-    let load = |b: &[u8]| unsafe { _mm256_loadu_si256(bytes::<32>(b).as_ptr().cast()) };
+    let load = |b: &[u8]| {
+        // SAFETY: reads the 32 bytes `bytes` checked are inside the slice.
+        unsafe { _mm256_loadu_si256(bytes::<32>(b).as_ptr().cast()) }
+    };
     let mut store = |u: usize, v: __m256i| {
         let out: &mut [u8; UNIT] = (&mut codes[UNIT * u..UNIT * u + UNIT])
             .try_into()
             .unwrap_or_else(|_| unreachable!());
+        // SAFETY: writes the 32 bytes of `out`.
         unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), v) }
     };
     let (low4, low2) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3));
