@@ -542,17 +542,16 @@ impl Isa {
 
     /// Every instruction set this processor can run (tests compare them).
     pub fn available() -> Vec<Self> {
-        let mut all = vec![Isa::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if matches!(Self::detect(), Isa::Avx2 | Isa::Vnni) {
-                all.push(Isa::Avx2);
-            }
-            if Self::detect() == Isa::Vnni {
-                all.push(Isa::Vnni);
-            }
-        }
-        all
+        let all = [
+            Isa::Portable,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Vnni,
+        ];
+        // The list is ordered by what each adds: a processor runs a prefix of it.
+        let best = all.iter().position(|&i| i == Self::detect()).unwrap_or(0);
+        all[..=best].to_vec()
     }
 }
 
