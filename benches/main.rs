@@ -494,22 +494,14 @@ fn cpu_kernels() {
     };
     let run = |format: QFormat, n: usize, k: usize, rows: &[usize]| -> Vec<(usize, f64, f64)> {
         let q = QMatrix::quantize(format, n, k, &values(n * k));
-        let qs: Vec<u8> = q.qs.iter().flat_map(|w| w.to_le_bytes()).collect();
-        let scales: Vec<u8> = q.scales.iter().flat_map(|w| w.to_le_bytes()).collect();
-        let w = QWeights {
-            format,
-            rows: n,
-            cols: k,
-            qs: &qs,
-            scales: &scales,
-        };
+        let w = QWeights::from(&q);
         let x = values(rows.iter().max().copied().unwrap_or(1) * k);
         rows.iter()
             .map(|&m| {
                 let s = best_of(10, || {
                     std::hint::black_box(q_matmul(&x[..m * k], m, &w));
                 });
-                (m, s, (qs.len() + scales.len()) as f64)
+                (m, s, q.gpu_bytes() as f64)
             })
             .collect()
     };

@@ -21,7 +21,7 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
 use crate::kernels::QTensor;
-use crate::quant::QFormat;
+use crate::quant::{QFormat, QMatrix};
 
 /// Values per unit: every format's blocks are whole units (a K-quant super-block holds 8).
 const UNIT: usize = 32;
@@ -41,6 +41,19 @@ pub struct QWeights<'a> {
     pub qs: &'a [u8],
     /// Block `i`'s scale bytes at `i * 2 * scale_halves_per_block`.
     pub scales: &'a [u8],
+}
+
+impl<'a> From<&'a QMatrix> for QWeights<'a> {
+    /// The matrix's words as bytes, in place.
+    fn from(q: &'a QMatrix) -> Self {
+        Self {
+            format: q.format,
+            rows: q.rows,
+            cols: q.cols,
+            qs: bytemuck::cast_slice(&q.qs),
+            scales: bytemuck::cast_slice(&q.scales),
+        }
+    }
 }
 
 impl QWeights<'_> {
@@ -1042,35 +1055,38 @@ fn flex<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
     )))
 }
 
-/// `x · Wᵀ` on burn-flex with the integer kernels; `None` where x is not f32 or the words are
-/// not laid out as `QTensor::from_qmatrix` makes them (the caller uses the reference).
+/// `x · Wᵀ` on burn-flex with the integer kernels; `None` where the words are not laid out as
+/// `QTensor::from_qmatrix` makes them or x is not f32 (the caller uses the reference).
 pub fn try_q_matmul(x: &Tensor<Flex, 2>, w: &QTensor<Flex>) -> Option<Tensor<Flex, 2>> {
-    let [m, k] = x.dims();
-    if k != w.cols {
-        return None;
-    }
-    let xp = f32_rows(x)?;
-    let xs = xp.as_slice::<f32>()?;
-    let out = with_weights(w, |w| q_matmul(xs, m, w))?;
-    Some(flex(out, [m, w.rows]))
+    on_flex(x, (w.cols, w.rows), w, q_matmul)
 }
 
 /// `dy · W` on burn-flex ([`q_matmul_t`]); `None` as for [`try_q_matmul`].
 pub fn try_q_matmul_t(dy: &Tensor<Flex, 2>, w: &QTensor<Flex>) -> Option<Tensor<Flex, 2>> {
-    let [m, n] = dy.dims();
-    if n != w.rows {
+    on_flex(dy, (w.rows, w.cols), w, q_matmul_t)
+}
+
+/// `product(a, rows, W)` on burn-flex tensors, `a` being `[rows, inner]` and the result
+/// `[rows, out]`; `None` where `a`'s width is not `inner` or as for [`try_q_matmul`].
+fn on_flex(
+    a: &Tensor<Flex, 2>,
+    (inner, out): (usize, usize),
+    w: &QTensor<Flex>,
+    product: fn(&[f32], usize, &QWeights<'_>) -> Vec<f32>,
+) -> Option<Tensor<Flex, 2>> {
+    let [rows, k] = a.dims();
+    if k != inner {
         return None;
     }
-    let dp = f32_rows(dy)?;
-    let ds = dp.as_slice::<f32>()?;
-    let out = with_weights(w, |w| q_matmul_t(ds, m, w))?;
-    Some(flex(out, [m, w.cols]))
+    let ap = f32_rows(a)?;
+    let values = ap.as_slice::<f32>()?;
+    let result = with_weights(w, |w| product(values, rows, w))?;
+    Some(flex(result, [rows, out]))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::QMatrix;
 
     /// Every f16 bit pattern converts as `half` does (NaNs stay NaN).
     #[test]
@@ -1091,13 +1107,6 @@ mod tests {
         (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
     }
 
-    fn weights(q: &QMatrix) -> (Vec<u8>, Vec<u8>) {
-        (
-            q.qs.iter().flat_map(|w| w.to_le_bytes()).collect(),
-            q.scales.iter().flat_map(|w| w.to_le_bytes()).collect(),
-        )
-    }
-
     /// Every format on every instruction set against the f64 product of the dequantised weight
     /// and the values x's codes stand for, on row counts that fill and miss the register blocks
     /// and tiles; and against the f32 x within what 8-bit activations lose.
@@ -1109,14 +1118,7 @@ mod tests {
                 let wv = values(n * k, 7);
                 let q = QMatrix::quantize(format, n, k, &wv);
                 let dense = q.dequantize();
-                let (qs, scales) = weights(&q);
-                let w = QWeights {
-                    format,
-                    rows: n,
-                    cols: k,
-                    qs: &qs,
-                    scales: &scales,
-                };
+                let w = QWeights::from(&q);
                 let x = values(m * k, 8);
                 let acts = QActs::quantize(&x, m, k);
                 let xq = acts.dequantize();
@@ -1153,14 +1155,7 @@ mod tests {
             let (m, n, k) = (3, 5, 2 * format.block_len());
             let q = QMatrix::quantize(format, n, k, &values(n * k, 9));
             let dense = q.dequantize();
-            let (qs, scales) = weights(&q);
-            let w = QWeights {
-                format,
-                rows: n,
-                cols: k,
-                qs: &qs,
-                scales: &scales,
-            };
+            let w = QWeights::from(&q);
             let dy = values(m * n, 10);
             let got = q_matmul_t(&dy, m, &w);
             for i in 0..m {

@@ -130,13 +130,15 @@ pub trait KernelBackend: Backend {
         Self::q_matmul_lora(x, w, &LoraEpilogue { u, b, scale })
     }
 
-    /// `x · Wᵀ + scale · u · Bᵀ` (the adapter's up-projection fused with the base product).
+    /// `x · Wᵀ + scale · u · Bᵀ` (the adapter's up-projection fused with the base product). The
+    /// default adds it after [`q_matmul`](Self::q_matmul).
     fn q_matmul_lora(
         x: Tensor<Self, 2>,
         w: &QTensor<Self>,
         lora: &LoraEpilogue<Self>,
     ) -> Tensor<Self, 2> {
-        reference::q_matmul_lora(x, w, lora)
+        let dtype = x.dtype();
+        reference::plus_lora_up(<Self as KernelBackend>::q_matmul(x, w), lora, dtype)
     }
 
     /// `dy · W (+ du · A)`: the gradient at the input of [`q_matmul`](Self::q_matmul) or
@@ -247,16 +249,6 @@ impl KernelBackend for burn::backend::Flex {
 
     fn q_matmul(x: Tensor<Self, 2>, w: &QTensor<Self>) -> Tensor<Self, 2> {
         cpu_quant::try_q_matmul(&x, w).unwrap_or_else(|| reference::q_matmul(x, w))
-    }
-
-    fn q_matmul_lora(
-        x: Tensor<Self, 2>,
-        w: &QTensor<Self>,
-        lora: &LoraEpilogue<Self>,
-    ) -> Tensor<Self, 2> {
-        let dtype = x.dtype();
-        let up = widen(lora.u.clone()).matmul(widen(lora.b.clone()).transpose()) * lora.scale;
-        to_dtype(widen(Self::q_matmul(x, w)) + up, dtype)
     }
 
     fn q_matmul_t(

@@ -160,8 +160,18 @@ pub fn q_matmul_lora<B: Backend>(
     lora: &LoraEpilogue<B>,
 ) -> Tensor<B, 2> {
     let dtype = x.dtype();
+    plus_lora_up(q_matmul(x, w), lora, dtype)
+}
+
+/// `y + scale · u · Bᵀ` in f32, returned as `dtype`: the epilogue of [`q_matmul_lora`] after
+/// any backend's base product.
+pub fn plus_lora_up<B: Backend>(
+    y: Tensor<B, 2>,
+    lora: &LoraEpilogue<B>,
+    dtype: burn::tensor::DType,
+) -> Tensor<B, 2> {
     let up = widen(lora.u.clone()).matmul(widen(lora.b.clone()).transpose()) * lora.scale;
-    to_dtype(widen(q_matmul(x, w)) + up, dtype)
+    to_dtype(widen(y) + up, dtype)
 }
 
 /// `dy · W (+ du · A)`.
