@@ -410,9 +410,10 @@ fn attend_portable(task: &Task<'_>, out: &mut [f32]) {
     }
 }
 
-/// `a · b` in 8 lanes (vectorised by the compiler; head dims are multiples of 8).
+/// `a · b` in 8 lanes (vectorised by the compiler where the caller is compiled for AVX2/FMA;
+/// head dims are multiples of 8).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = ca
@@ -430,7 +431,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// A contiguous burn-flex tensor of `data`.
-fn flex<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
+pub(crate) fn flex<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
     Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
         TensorData::new(data, shape),
     )))

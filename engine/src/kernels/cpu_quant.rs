@@ -17,10 +17,11 @@
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
-use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::kernels::QTensor;
+use crate::kernels::cpu::{dot, flex};
 use crate::quant::{QFormat, QMatrix};
 
 /// Values per unit: every format's blocks are whole units (a K-quant super-block holds 8).
@@ -743,20 +744,7 @@ fn min_term(at: &Block<'_>, p: usize, q: usize) -> f32 {
     };
     let sums = &sums[(at.i + p) * n..(at.i + p + 1) * n];
     let mins = &at.tile.mins[(at.r + q) * n..(at.r + q + 1) * n];
-    let mut acc = [0f32; 8];
-    let (s8, m8) = (sums.chunks_exact(8), mins.chunks_exact(8));
-    let tail: f32 = s8
-        .remainder()
-        .iter()
-        .zip(m8.remainder())
-        .map(|(s, m)| s * m)
-        .sum();
-    for (s, m) in s8.zip(m8) {
-        for ((a, s), m) in acc.iter_mut().zip(s).zip(m) {
-            *a += s * m;
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+    dot(sums, mins)
 }
 
 /// One register block of up to [`XROWS`] × [`WROWS`] scaled byte products, on `isa`.
@@ -1022,17 +1010,11 @@ fn axpy_rows_portable(dy: &[f32], wu: &[f32], out: &mut [f32]) {
     out.copy_from_slice(&acc);
 }
 
-/// The words of `w` on burn-flex as bytes (held by the returned tensors): `None` unless both
-/// arrays are contiguous i32 tensors as `QTensor::from_qmatrix` makes them.
-fn flex_words(w: &QTensor<Flex>) -> Option<(FlexTensor, FlexTensor)> {
+/// Runs `f` on the weights of `w` as the kernels read them; `None` unless both word arrays are
+/// contiguous i32 tensors as `QTensor::from_qmatrix` makes them, as long as the shape needs.
+fn with_weights<T>(w: &QTensor<Flex>, f: impl FnOnce(&QWeights<'_>) -> T) -> Option<T> {
     let qs: FlexTensor = w.qs.clone().into_primitive();
     let scales: FlexTensor = w.scales.clone().into_primitive();
-    (qs.as_slice::<i32>().is_some() && scales.as_slice::<i32>().is_some()).then_some((qs, scales))
-}
-
-/// Runs `f` on the weights of `w` as the kernels read them.
-fn with_weights<T>(w: &QTensor<Flex>, f: impl FnOnce(&QWeights<'_>) -> T) -> Option<T> {
-    let (qs, scales) = flex_words(w)?;
     let weights = QWeights {
         format: w.format,
         rows: w.rows,
@@ -1047,12 +1029,6 @@ fn with_weights<T>(w: &QTensor<Flex>, f: impl FnOnce(&QWeights<'_>) -> T) -> Opt
 fn f32_rows(t: &Tensor<Flex, 2>) -> Option<FlexTensor> {
     let p: FlexTensor = t.clone().into_primitive().tensor().to_contiguous();
     (p.dtype() == DType::F32).then_some(p)
-}
-
-fn flex<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
-        TensorData::new(data, shape),
-    )))
 }
 
 /// `x · Wᵀ` on burn-flex with the integer kernels; `None` where the words are not laid out as
