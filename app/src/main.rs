@@ -102,9 +102,10 @@ enum DeviceChoice {
     Cpu,
 }
 
-/// The engine a command runs on, once `--device auto` is resolved.
-#[derive(Clone, Copy, PartialEq, Debug)]
+/// The engine a command (or the app) runs on, once `--device auto` is resolved.
+#[derive(Clone, Copy, PartialEq, Debug, Default)]
 enum Engine {
+    #[default]
     Gpu,
     Cpu,
 }
@@ -205,9 +206,6 @@ fn main() {
     let cli = Cli::parse();
     let _ = DEVICE.set(cli.device);
     codelsi_engine::device::set_cpu_threads(cli.threads);
-    if cli.command.is_none() && cli.device != DeviceChoice::Auto {
-        eprintln!("note: the desktop app runs on wgpu; --device applies to the headless commands");
-    }
     let result = match cli.command {
         None => gui::run((cli.model != "none").then_some(cli.model)),
         Some(Command::Generate(args)) => on_engine!(cmd_generate(args)),

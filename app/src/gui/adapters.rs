@@ -188,7 +188,7 @@ impl AdaptersPanel {
             self.error = Some("Load the adapter's base model first (Model tab).".into());
             return;
         };
-        let base = model.info.path.clone();
+        let base = model.info().path.clone();
         self.progress = Some(("Merging…".into(), 0.0));
         self.job = Some(Job::spawn(ctx, Msg::Failed, move |tx, cancel| {
             let format = MergeFormat::for_output(&out);

@@ -252,7 +252,7 @@ impl DataPanel {
                 Some("Load a model first (Model tab): its tokenizer measures the pairs.".into());
             return;
         };
-        let tokenizer: Tokenizer = model.tokenizer.clone();
+        let tokenizer: Tokenizer = model.tokenizer().clone();
         let out = if self.out.trim().is_empty() {
             let name = source
                 .file_stem()

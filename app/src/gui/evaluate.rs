@@ -5,15 +5,17 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use codelsi_engine::adapter::Adapter;
-use codelsi_engine::device::Wgpu;
 use codelsi_engine::eval::{
     self, EvalEvent, GenerateSettings, Harness, Limits, SampleResult, Status, Summary,
 };
+use codelsi_engine::generate::CancelToken;
+use codelsi_engine::kernels::KernelBackend;
+use codelsi_engine::model::LoadedModel;
 use codelsi_engine::models::llama::Adapters;
 use eframe::egui;
 
-use super::jobs::{Job, drain};
-use super::{Shared, highlight};
+use super::jobs::{Job, Tx, drain};
+use super::{Shared, highlight, on_model};
 
 /// The suites shipped with the app: (name for people, `load_suite` spec).
 const SUITES: [(&str, &str); 2] = [
@@ -129,94 +131,20 @@ impl EvaluatePanel {
         }
         let choice = &shared.settings.eval;
         let (suite_label, suite) = SUITES[choice.suite.min(SUITES.len() - 1)];
-        let limit = choice.limit;
-        let settings = GenerateSettings {
-            max_tokens: choice.max_tokens.max(1),
-            ..GenerateSettings::default()
+        let request = Request {
+            who,
+            suite,
+            limit: choice.limit,
+            settings: GenerateSettings {
+                max_tokens: choice.max_tokens.max(1),
+                ..GenerateSettings::default()
+            },
         };
         self.runs.clear();
         self.selected = None;
         self.progress = Some(("Preparing the sandbox…".into(), 0.0));
         self.job = Some(Job::spawn(ctx, Msg::Failed, move |tx, cancel| {
-            let result = (|| {
-                let mut problems = eval::load_suite(suite)?;
-                if limit > 0 {
-                    problems.truncate(limit);
-                }
-                // The app never runs programs unsandboxed: where no sandbox can be set up, the
-                // error says how to get one (or to use the CLI's --unsafe-no-sandbox).
-                let harness = Harness::new(Limits::default(), 0, false, &mut |s| {
-                    tx.send(Msg::Progress(s.to_string(), 0.0));
-                })?;
-                let runs = who.len() as f32;
-                for (k, (name, dir)) in who.into_iter().enumerate() {
-                    let adapter = match &dir {
-                        Some(d) => Some(Adapter::<Wgpu>::load_peft(
-                            d,
-                            &model.model.config,
-                            model.model.device(),
-                        )?),
-                        None => None,
-                    };
-                    let list: Vec<&Adapter<Wgpu>> = adapter.iter().collect();
-                    let total = problems.len();
-                    let mut done = 0;
-                    // The first completions end after the first batch's prefill: say what runs.
-                    tx.send(Msg::Progress(
-                        format!("{name}: writing code 0/{total}"),
-                        k as f32 / runs,
-                    ));
-                    let start = Instant::now();
-                    let completions = eval::generate_completions(
-                        &model.model,
-                        Adapters {
-                            list: &list,
-                            train: false,
-                        },
-                        &model.tokenizer,
-                        &problems,
-                        &settings,
-                        cancel,
-                        &mut || {
-                            done += 1;
-                            tx.send(Msg::Progress(
-                                format!("{name}: writing code {done}/{total}"),
-                                (k as f32 + 0.8 * done as f32 / total as f32) / runs,
-                            ));
-                        },
-                    )?;
-                    let generate_seconds = start.elapsed().as_secs_f64();
-                    let start = Instant::now();
-                    let results =
-                        eval::score(&problems, &completions, &harness, cancel, &mut |e| {
-                            if let EvalEvent::Ran {
-                                done,
-                                total,
-                                passed,
-                            } = e
-                            {
-                                tx.send(Msg::Progress(
-                                    format!(
-                                        "{name}: running tests {done}/{total}, {passed} passed"
-                                    ),
-                                    (k as f32 + 0.8 + 0.2 * done as f32 / total as f32) / runs,
-                                ));
-                            }
-                        })?;
-                    let summary = eval::summarize(&results);
-                    if let Some(d) = &dir {
-                        record_score(d, suite, &summary, total);
-                    }
-                    tx.send(Msg::Done(Box::new(RunResult {
-                        name,
-                        summary,
-                        results,
-                        generate_seconds,
-                        run_seconds: start.elapsed().as_secs_f64(),
-                    })));
-                }
-                Ok::<_, codelsi_engine::Error>(())
-            })();
+            let result = on_model!(&model, m => run(m, &request, tx, cancel));
             match result {
                 Ok(()) => {}
                 Err(codelsi_engine::Error::Cancelled) => {
@@ -413,4 +341,103 @@ fn record_score(dir: &std::path::Path, suite: &str, s: &Summary, problems: usize
     if let Ok(b) = serde_json::to_vec_pretty(&all) {
         let _ = std::fs::write(path, b);
     }
+}
+
+/// What one click of "Run" asks for, taken from the panel when it starts.
+struct Request {
+    /// (name for people, adapter folder; `None` is the base model), in the order they run.
+    who: Vec<(String, Option<PathBuf>)>,
+    suite: &'static str,
+    /// Only the first this many problems (0: all).
+    limit: usize,
+    settings: GenerateSettings,
+}
+
+/// Score each of `r.who` on the suite, one after the other, reporting to the panel.
+fn run<B: KernelBackend>(
+    model: &LoadedModel<B>,
+    r: &Request,
+    tx: &Tx<Msg>,
+    cancel: &CancelToken,
+) -> codelsi_engine::Result<()> {
+    let Request {
+        who,
+        suite,
+        limit,
+        settings,
+    } = r;
+    let mut problems = eval::load_suite(suite)?;
+    if *limit > 0 {
+        problems.truncate(*limit);
+    }
+    // The app never runs programs unsandboxed: where no sandbox can be set up, the
+    // error says how to get one (or to use the CLI's --unsafe-no-sandbox).
+    let harness = Harness::new(Limits::default(), 0, false, &mut |s| {
+        tx.send(Msg::Progress(s.to_string(), 0.0));
+    })?;
+    let runs = who.len() as f32;
+    for (k, (name, dir)) in who.iter().enumerate() {
+        let adapter = match dir {
+            Some(d) => Some(Adapter::<B>::load_peft(
+                d,
+                &model.model.config,
+                model.model.device(),
+            )?),
+            None => None,
+        };
+        let list: Vec<&Adapter<B>> = adapter.iter().collect();
+        let total = problems.len();
+        let mut done = 0;
+        // The first completions end after the first batch's prefill: say what runs.
+        tx.send(Msg::Progress(
+            format!("{name}: writing code 0/{total}"),
+            k as f32 / runs,
+        ));
+        let start = Instant::now();
+        let completions = eval::generate_completions(
+            &model.model,
+            Adapters {
+                list: &list,
+                train: false,
+            },
+            &model.tokenizer,
+            &problems,
+            settings,
+            cancel,
+            &mut || {
+                done += 1;
+                tx.send(Msg::Progress(
+                    format!("{name}: writing code {done}/{total}"),
+                    (k as f32 + 0.8 * done as f32 / total as f32) / runs,
+                ));
+            },
+        )?;
+        let generate_seconds = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let results = eval::score(&problems, &completions, &harness, cancel, &mut |e| {
+            if let EvalEvent::Ran {
+                done,
+                total,
+                passed,
+            } = e
+            {
+                tx.send(Msg::Progress(
+                    format!("{name}: running tests {done}/{total}, {passed} passed"),
+                    (k as f32 + 0.8 + 0.2 * done as f32 / total as f32) / runs,
+                ));
+            }
+        })?;
+        let summary = eval::summarize(&results);
+        if let Some(d) = dir {
+            record_score(d, suite, &summary, total);
+        }
+        tx.send(Msg::Done(Box::new(RunResult {
+            name: name.clone(),
+            summary,
+            results,
+            generate_seconds,
+            run_seconds: start.elapsed().as_secs_f64(),
+        })));
+    }
+    Ok(())
 }

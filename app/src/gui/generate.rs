@@ -5,15 +5,16 @@
 use std::path::PathBuf;
 
 use codelsi_engine::adapter::Adapter;
-use codelsi_engine::device::Wgpu;
-use codelsi_engine::generate::{GenerateOptions, generate_with};
+use codelsi_engine::generate::{CancelToken, GenerateOptions, generate_with};
+use codelsi_engine::kernels::KernelBackend;
+use codelsi_engine::model::LoadedModel;
 use codelsi_engine::models::llama::Adapters;
 use codelsi_engine::regress::{PredictSettings, RegressionSpec, Regressor};
 use codelsi_engine::sampling::SamplingParams;
 use eframe::egui;
 
-use super::jobs::{Job, drain};
-use super::{Shared, highlight};
+use super::jobs::{Job, Tx, drain};
+use super::{Shared, highlight, on_model};
 
 enum Msg {
     /// Text streamed into column 0 (base) or 1 (adapter).
@@ -121,7 +122,6 @@ impl GeneratePanel {
             samples: self.regressor_samples.max(1),
             ..PredictSettings::default()
         };
-        let prompt = self.prompt.clone();
         let options = GenerateOptions {
             max_tokens: shared.settings.max_tokens.max(1),
             sampling: SamplingParams {
@@ -130,77 +130,16 @@ impl GeneratePanel {
             },
             ..Default::default()
         };
+        let request = Request {
+            prompt: self.prompt.clone(),
+            adapter_dir,
+            regressor,
+            predict,
+            options,
+            runs,
+        };
         self.job = Some(Job::spawn(ctx, Msg::Failed, move |tx, cancel| {
-            let result = (|| {
-                let ids = model.tokenizer.encode(&prompt, true)?;
-                let adapter = match &adapter_dir {
-                    Some(dir) => Some(Adapter::<Wgpu>::load_peft(
-                        dir,
-                        &model.model.config,
-                        model.model.device(),
-                    )?),
-                    None => None,
-                };
-                let regressor = match &regressor {
-                    Some(dir) => Some(Regressor::<Wgpu>::load(dir, &model.model)?),
-                    None => None,
-                };
-                for (col, with) in runs {
-                    // Stopped before this column began (Stop can land while the prompt is
-                    // tokenised or the adapter loads): say so, as a stopped generation does.
-                    if cancel.is_cancelled() {
-                        tx.send(Msg::Done(col, "0 tokens, stop: Cancelled".into()));
-                        continue;
-                    }
-                    let list: Vec<&Adapter<Wgpu>> = if with {
-                        adapter.iter().collect()
-                    } else {
-                        Vec::new()
-                    };
-                    let out = generate_with(
-                        &model.model,
-                        Adapters {
-                            list: &list,
-                            train: false,
-                        },
-                        &model.tokenizer,
-                        &ids,
-                        &options,
-                        cancel,
-                        &mut |t| {
-                            tx.send(Msg::Text(col, t.to_string()));
-                        },
-                    )?;
-                    tx.send(Msg::Done(
-                        col,
-                        format!(
-                            "{} tokens, {:.1} tok/s, stop: {:?}",
-                            out.token_ids.len(),
-                            out.decode_tokens_per_second(),
-                            out.stop_reason
-                        ),
-                    ));
-                    if let Some(r) = &regressor
-                        && !cancel.is_cancelled()
-                    {
-                        tx.send(Msg::Predicted(col, "predicting the cost…".into()));
-                        let code = format!("{prompt}{}", out.text);
-                        let p = r.predict(
-                            &model.model,
-                            &model.tokenizer,
-                            &[code],
-                            predict,
-                            cancel,
-                            &mut |_| {},
-                        )?;
-                        if let Some(p) = p.and_then(|mut p| p.pop()) {
-                            let text = crate::regress::describe(&p, " · ");
-                            tx.send(Msg::Predicted(col, format!("Predicted: {text}")));
-                        }
-                    }
-                }
-                Ok::<_, codelsi_engine::Error>(())
-            })();
+            let result = on_model!(&model, m => run(m, &request, tx, cancel));
             if let Err(e) = result {
                 tx.send(Msg::Failed(e.to_string()));
             }
@@ -371,4 +310,100 @@ fn pick_adapter(
             }
         })
         .response
+}
+
+/// What one click of "Generate code" asks for, taken from the panel when it starts.
+struct Request {
+    prompt: String,
+    adapter_dir: Option<PathBuf>,
+    regressor: Option<PathBuf>,
+    predict: PredictSettings,
+    options: GenerateOptions,
+    /// (column, with the adapter?) in the order they run.
+    runs: Vec<(usize, bool)>,
+}
+
+/// Generate `r`'s columns on `model`, streaming into the panel.
+fn run<B: KernelBackend>(
+    model: &LoadedModel<B>,
+    r: &Request,
+    tx: &Tx<Msg>,
+    cancel: &CancelToken,
+) -> codelsi_engine::Result<()> {
+    let Request {
+        prompt,
+        adapter_dir,
+        regressor,
+        predict,
+        options,
+        runs,
+    } = r;
+    let ids = model.tokenizer.encode(prompt, true)?;
+    let adapter = match adapter_dir {
+        Some(dir) => Some(Adapter::<B>::load_peft(
+            dir,
+            &model.model.config,
+            model.model.device(),
+        )?),
+        None => None,
+    };
+    let regressor = match regressor {
+        Some(dir) => Some(Regressor::<B>::load(dir, &model.model)?),
+        None => None,
+    };
+    for &(col, with) in runs {
+        // Stopped before this column began (Stop can land while the prompt is
+        // tokenised or the adapter loads): say so, as a stopped generation does.
+        if cancel.is_cancelled() {
+            tx.send(Msg::Done(col, "0 tokens, stop: Cancelled".into()));
+            continue;
+        }
+        let list: Vec<&Adapter<B>> = if with {
+            adapter.iter().collect()
+        } else {
+            Vec::new()
+        };
+        let out = generate_with(
+            &model.model,
+            Adapters {
+                list: &list,
+                train: false,
+            },
+            &model.tokenizer,
+            &ids,
+            options,
+            cancel,
+            &mut |t| {
+                tx.send(Msg::Text(col, t.to_string()));
+            },
+        )?;
+        tx.send(Msg::Done(
+            col,
+            format!(
+                "{} tokens, {:.1} tok/s, stop: {:?}",
+                out.token_ids.len(),
+                out.decode_tokens_per_second(),
+                out.stop_reason
+            ),
+        ));
+        if let Some(r) = &regressor
+            && !cancel.is_cancelled()
+        {
+            tx.send(Msg::Predicted(col, "predicting the cost…".into()));
+            let code = format!("{prompt}{}", out.text);
+            let p = r.predict(
+                &model.model,
+                &model.tokenizer,
+                &[code],
+                *predict,
+                cancel,
+                &mut |_| {},
+            )?;
+            if let Some(p) = p.and_then(|mut p| p.pop()) {
+                let text = crate::regress::describe(&p, " · ");
+                tx.send(Msg::Predicted(col, format!("Predicted: {text}")));
+            }
+        }
+    }
+    Ok(())
 }

@@ -16,9 +16,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Result;
+use burn::backend::Flex;
 use codelsi_engine::device::{GpuInfo, Wgpu};
 use codelsi_engine::model::LoadedModel;
 use eframe::egui;
+
+use crate::Engine;
 
 pub use adapters::AdaptersPanel;
 pub use data::DataPanel;
@@ -163,10 +166,43 @@ impl Tab {
     }
 }
 
-/// What the panels share: the loaded model and the settings.
+/// The loaded model, on the engine it was loaded for.
+#[derive(Clone)]
+pub enum Model {
+    Gpu(Arc<LoadedModel<Wgpu>>),
+    Cpu(Arc<LoadedModel<Flex>>),
+}
+
+/// `$body` with `$m` bound to the [`Model`]'s `&Arc<LoadedModel<B>>`: code generic over the
+/// backend, compiled once for each engine.
+macro_rules! on_model {
+    ($model:expr, $m:ident => $body:expr) => {
+        match $model {
+            $crate::gui::Model::Gpu($m) => $body,
+            $crate::gui::Model::Cpu($m) => $body,
+        }
+    };
+}
+use on_model;
+
+impl Model {
+    pub fn info(&self) -> &codelsi_engine::model::ModelInfo {
+        on_model!(self, m => &m.info)
+    }
+
+    pub fn tokenizer(&self) -> &codelsi_engine::io::tokenizer::Tokenizer {
+        on_model!(self, m => &m.tokenizer)
+    }
+}
+
+/// What the panels share: the engine, the loaded model and the settings.
 #[derive(Default)]
 pub struct Shared {
-    pub model: Option<Arc<LoadedModel<Wgpu>>>,
+    /// Where models load and compute: `--device`, with `auto` resolved as for the commands (the
+    /// CPU path where wgpu finds only a software adapter; the window still draws with it).
+    pub engine: Engine,
+    pub model: Option<Model>,
+    /// The adapter or CPU the model computes on.
     pub gpu: Option<GpuInfo>,
     pub settings: Settings,
 }
@@ -219,7 +255,7 @@ impl App {
                 match &self.shared.model {
                     Some(m) => ui.label(format!(
                         "{} on {}",
-                        m.info.architecture,
+                        m.info().architecture,
                         gpu_name(&self.shared)
                     )),
                     None => ui.weak("no model loaded"),
@@ -288,12 +324,14 @@ pub fn run(model: Option<String>) -> Result<()> {
             let mut settings = settings;
             settings.discover();
             let mut app = App::new(settings);
-            match engine_device {
-                Ok((_, gpu)) => app.shared.gpu = Some(gpu),
-                Err(e) => app.model.show_error(e.to_string()),
+            app.shared.engine = crate::engine();
+            match (app.shared.engine, engine_device) {
+                (Engine::Cpu, _) => app.shared.gpu = Some(codelsi_engine::device::cpu_info()),
+                (Engine::Gpu, Ok((_, gpu))) => app.shared.gpu = Some(gpu),
+                (Engine::Gpu, Err(e)) => app.model.show_error(e.to_string()),
             }
             if let Some(spec) = model {
-                app.model.load(&cc.egui_ctx, spec);
+                app.model.load(&cc.egui_ctx, spec, app.shared.engine);
                 app.shared.settings.tab = Tab::Generate;
             }
             Ok(Box::new(app))
@@ -360,19 +398,25 @@ mod tests {
         h.run_steps(2);
     }
 
-    fn harness(settings: Settings) -> Harness<'static, App> {
+    /// The app with `settings`, loading models onto `engine`. The window draws with wgpu
+    /// either way.
+    fn harness(settings: Settings, engine: Engine) -> Harness<'static, App> {
         if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
             // SAFETY: set before the harness starts any thread that reads the environment.
             unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
         }
+        // The CPU's name in the images says how many threads it has.
+        codelsi_engine::device::set_cpu_threads(Some(2));
+        let mut app = App::new(settings);
+        app.shared.engine = engine;
         Harness::builder()
             .with_size([1000.0, 640.0])
             .wgpu()
-            .build_ui_state(|ui, app: &mut App| app.ui(ui), App::new(settings))
+            .build_ui_state(|ui, app: &mut App| app.ui(ui), app)
     }
 
     /// The model the app has loaded.
-    fn the_model(h: &Harness<'_, App>) -> std::sync::Arc<LoadedModel<Wgpu>> {
+    fn the_model(h: &Harness<'_, App>) -> Model {
         h.state()
             .shared
             .model
@@ -380,10 +424,19 @@ mod tests {
             .unwrap_or_else(|| panic!("no model"))
     }
 
-    /// Load the tiny model into the app.
+    /// The model the app has loaded on the CPU path.
+    fn cpu_model(h: &Harness<'_, App>) -> Arc<LoadedModel<Flex>> {
+        match the_model(h) {
+            Model::Cpu(m) => m,
+            Model::Gpu(_) => panic!("the model is on the GPU"),
+        }
+    }
+
+    /// Load the tiny model into the app, onto its engine.
     fn load_tiny(h: &mut Harness<'_, App>) {
         let ctx = h.ctx.clone();
-        h.state_mut().model.load(&ctx, tiny_model());
+        let engine = h.state().shared.engine;
+        h.state_mut().model.load(&ctx, tiny_model(), engine);
         step_until(h, "the model", |a| !a.model.busy());
         assert!(
             h.state().shared.model.is_some(),
@@ -393,13 +446,13 @@ mod tests {
 
     #[test]
     fn load_generate_stop_and_errors() {
-        let mut h = harness(Settings::default());
+        let mut h = harness(Settings::default(), Engine::Gpu);
 
         // A path that is not a model: a readable error in the panel, and nothing loaded.
         let ctx = h.ctx.clone();
         h.state_mut()
             .model
-            .load(&ctx, "/nonexistent/model.gguf".into());
+            .load(&ctx, "/nonexistent/model.gguf".into(), Engine::Gpu);
         step_until(&mut h, "the failed load", |a| !a.model.busy());
         assert!(h.state().shared.model.is_none());
         h.get_by_label_contains("Could not load the model");
@@ -422,8 +475,7 @@ mod tests {
         h.step();
         assert!(h.state().generate.busy(), "the click started nothing");
         step_until(&mut h, "generation", |a| !a.generate.busy());
-        let want = {
-            let m = the_model(&h);
+        let want = on_model!(&the_model(&h), m => {
             let ids = m
                 .tokenizer
                 .encode("fn main() {", true)
@@ -441,7 +493,7 @@ mod tests {
                 &mut |_| {},
             )
             .unwrap_or_else(|e| panic!("{e}"))
-        };
+        });
         assert_eq!(h.state().generate.outputs[0], want.text);
         assert!(h.state().generate.stats[0].starts_with("8 tokens"));
         // The speed differs from run to run; the snapshot shows a fixed one.
@@ -470,9 +522,9 @@ mod tests {
         use codelsi_engine::regress::{self, Example, PredictSettings, RegressionSpec, Regressor};
         use codelsi_engine::train::{TrainConfig, TrainJob, train};
 
-        let mut h = harness(Settings::default());
+        let mut h = harness(Settings::default(), Engine::Cpu);
         load_tiny(&mut h);
-        let m = the_model(&h);
+        let m = cpu_model(&h);
         // A few steps of a tiny regression adapter (what it predicts does not matter here).
         let dir = temp_workspace("regressor").join("cost");
         let spec = RegressionSpec::new(vec!["latency_ms".into()], 160, m.model.config.vocab_size);
@@ -534,7 +586,7 @@ mod tests {
         step_until(&mut h, "generation and prediction", |a| !a.generate.busy());
         let shown = h.state().generate.predicted[0].clone();
         let code = format!("fn main() {{{}", h.state().generate.outputs[0]);
-        let regressor = Regressor::<Wgpu>::load(&dir, &m.model).unwrap_or_else(|e| panic!("{e}"));
+        let regressor = Regressor::<Flex>::load(&dir, &m.model).unwrap_or_else(|e| panic!("{e}"));
         let want = regressor
             .predict(
                 &m.model,
@@ -593,10 +645,13 @@ mod tests {
     #[test]
     fn import_train_evaluate_and_adapters() {
         let workspace = temp_workspace("loop");
-        let mut h = harness(Settings {
-            workspace: Some(workspace.clone()),
-            ..Settings::default()
-        });
+        let mut h = harness(
+            Settings {
+                workspace: Some(workspace.clone()),
+                ..Settings::default()
+            },
+            Engine::Cpu,
+        );
         let ctx = h.ctx.clone();
 
         // Import without a model: a readable request for one.

