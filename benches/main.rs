@@ -78,7 +78,7 @@ fn kernels(device: &burn::backend::wgpu::WgpuDevice) {
     let w: Vec<f32> = (0..n * k)
         .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
         .collect();
-    for format in QFormat::ALL {
+    for format in QFormat::EVERY {
         let q = QMatrix::quantize(format, n, k, &w);
         let qt = QTensor::<B>::from_qmatrix(&q, device);
         let bytes = q.gpu_bytes() as f64;
@@ -505,7 +505,7 @@ fn cpu_kernels() {
             })
             .collect()
     };
-    for format in QFormat::ALL {
+    for format in QFormat::EVERY {
         let line: Vec<String> = run(format, 4096, 4096, &[1, 16, 128])
             .into_iter()
             .map(|(m, s, bytes)| {

@@ -130,7 +130,7 @@ fn tiny_hf_models_match_transformers() {
     tiny_hf_models_match::<B>(&device());
 }
 
-/// The same on the CPU path (burn-flex: f32 weights, gemm).
+/// The same on the CPU path (burn-flex: f32 weights by gemm, bf16 ones widened a tile at a time).
 #[test]
 fn tiny_hf_models_match_transformers_on_cpu() {
     tiny_hf_models_match::<Flex>(&Default::default());
@@ -139,6 +139,17 @@ fn tiny_hf_models_match_transformers_on_cpu() {
 fn tiny_hf_models_match<Bk: KernelBackend>(dev: &Bk::Device) {
     for name in ["tiny_llama", "tiny_qwen2"] {
         let (loaded, g) = tiny_on::<Bk>(name, None, dev);
+        if name == "tiny_qwen2" {
+            // The bf16 matrices stay bf16 on the device: 2 bytes a weight.
+            let i = &loaded.info;
+            assert_eq!(i.quantization, "bf16 (from safetensors)");
+            assert!(
+                (i.device_bytes as f64) < 2.2 * i.parameters as f64,
+                "{} bytes for {} parameters",
+                i.device_bytes,
+                i.parameters
+            );
+        }
         let last = last_logits(&loaded.model, &g.prompt_ids);
         // f32 throughout on both sides: only summation order differs.
         assert_close(
@@ -174,20 +185,37 @@ fn tiny_hf_models_match<Bk: KernelBackend>(dev: &Bk::Device) {
     }
 }
 
-/// `--quantize q8_0` on the same tiny model: logits stay close to f32 (Q8_0 keeps ~0.4% of
-/// each weight's block maximum; these random weights give logits of magnitude ~1).
+/// `--quantize` on the same tiny model, on wgpu and on the CPU path: logits stay close to f32
+/// (Q8_0 keeps ~0.4% of each weight's block maximum, f16 and bf16 round each weight to 11 and 8
+/// significant bits; these random weights give logits of magnitude ~1), and the 16-bit formats
+/// take half the bytes of f32 on the device.
 #[test]
 fn tiny_model_quantized_at_load_stays_close() {
-    let (loaded, g) = tiny("tiny_llama", Some(QFormat::Q8_0));
-    let last = last_logits(&loaded.model, &g.prompt_ids);
-    assert_close(
-        "tiny_llama q8_0 last logits",
-        &last,
-        &g.last_logits,
-        0.03,
-        0.03,
-    );
-    assert!(loaded.info.quantization.contains("Q8_0"));
+    let (f32_model, _) = tiny("tiny_llama", None);
+    let f32_bytes = f32_model.info.device_bytes as f64;
+    for (format, tol) in [
+        (QFormat::Q8_0, 0.03),
+        (QFormat::F16, 2e-3),
+        (QFormat::Bf16, 0.02),
+    ] {
+        let (loaded, g) = tiny("tiny_llama", Some(format));
+        let (cpu, _) = tiny_on::<Flex>("tiny_llama", Some(format), &Default::default());
+        for (on, last) in [
+            ("wgpu", last_logits(&loaded.model, &g.prompt_ids)),
+            ("cpu", last_logits(&cpu.model, &g.prompt_ids)),
+        ] {
+            let what = format!("tiny_llama {format:?} on {on}: last logits");
+            assert_close(&what, &last, &g.last_logits, tol, tol);
+        }
+        assert!(loaded.info.quantization.contains(&format!("{format:?}")));
+        if format.is_half() {
+            let ratio = loaded.info.device_bytes as f64 / f32_bytes;
+            assert!(
+                (0.45..0.55).contains(&ratio),
+                "{format:?}: {ratio} of f32's bytes"
+            );
+        }
+    }
 }
 
 /// The default model (SmolLM2-135M-Instruct Q4_1) against transformers on the same GGUF:

@@ -7,7 +7,7 @@ use codelsi_engine::kernels::{KernelBackend, QTensor, reference};
 use codelsi_engine::quant::{QFormat, QMatrix};
 use codelsi_tests::{B, assert_close, cols_for, device, random_values, to_vec, varied_weights};
 
-const FORMATS: [QFormat; 8] = QFormat::ALL;
+const FORMATS: [QFormat; 10] = QFormat::EVERY;
 
 fn cpu_matmul(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     let mut y = vec![0f32; m * n];

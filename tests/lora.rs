@@ -13,7 +13,7 @@ use codelsi_tests::{B, assert_close, cols_for, device, random_values, to_vec, va
 
 type AD = Autodiff<B>;
 
-const FORMATS: [QFormat; 8] = QFormat::ALL;
+const FORMATS: [QFormat; 10] = QFormat::EVERY;
 
 fn tensor<Bk: Backend>(values: Vec<f32>, shape: [usize; 2], dev: &Bk::Device) -> Tensor<Bk, 2> {
     Tensor::from_data(TensorData::new(values, shape), dev)

@@ -177,8 +177,8 @@ struct GenerateArgs {
     /// Stop when the output contains this string (repeatable).
     #[arg(long = "stop")]
     stop: Vec<String>,
-    /// Quantise f16/f32 weights at load (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k); quantised
-    /// GGUF weights stay as they are.
+    /// Quantise f32 (and f16) weights at load (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k,
+    /// or f16/bf16 to keep 16 bits); GGUF weights already in one of these stay as they are.
     #[arg(long, value_parser = parse_quant)]
     quantize: Option<QFormat>,
     /// A LoRA adapter directory (PEFT format, as `codelsi train` writes); repeat to stack.

@@ -47,10 +47,7 @@ pub fn cmd_merge(args: MergeArgs) -> Result<()> {
             "f32" => GgmlType::F32,
             q => match QFormat::parse(q) {
                 Some(f) => f.ggml(),
-                None => bail!(
-                    "--gguf-type `{t}` is not one of {}, f16, bf16, f32",
-                    QFormat::names()
-                ),
+                None => bail!("--gguf-type `{t}` is not one of {}, f32", QFormat::names()),
             },
         };
         match &mut format {

@@ -105,8 +105,8 @@ pub fn load_model<B: KernelBackend>(
         let tokenizer = Tokenizer::from_hf_dir(path)?;
         let weights = SafetensorsWeights::open(path)?;
         let quantization = match quantize {
-            Some(q) => format!("f32/f16/bf16 → {:?} at load", q),
-            None => "f32 (from safetensors)".into(),
+            Some(q) => format!("{} → {q:?} at load", weights.dtypes()),
+            None => format!("{} (from safetensors)", weights.dtypes()),
         };
         let model = Llama::load(config.clone(), &weights, quantize, device, &mut upload)?;
         let info = info(path, "HF safetensors", &config, quantization, &model, 0);

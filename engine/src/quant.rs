@@ -142,8 +142,9 @@ impl GgmlType {
     }
 
     /// The formats our WGSL kernels compute on natively (weights stay quantised on the GPU).
+    /// The format the kernels compute on for this type, if any.
     pub fn gpu_format(self) -> Option<QFormat> {
-        QFormat::ALL.into_iter().find(|f| f.ggml() == self)
+        QFormat::EVERY.into_iter().find(|f| f.ggml() == self)
     }
 }
 
@@ -401,9 +402,13 @@ pub enum QFormat {
     Q4K,
     Q5K,
     Q6K,
+    /// 16-bit floats, kept 16-bit (read in units of 32 as the blocks are).
+    F16,
+    Bf16,
 }
 
 impl QFormat {
+    /// The quantised formats (8-bit codes and scales; the CPU path's integer products).
     pub const ALL: [Self; 8] = [
         Self::Q4_0,
         Self::Q4_1,
@@ -413,6 +418,23 @@ impl QFormat {
         Self::Q4K,
         Self::Q5K,
         Self::Q6K,
+    ];
+
+    /// The 16-bit float formats.
+    pub const HALF: [Self; 2] = [Self::F16, Self::Bf16];
+
+    /// Every format: [`ALL`](Self::ALL), then [`HALF`](Self::HALF).
+    pub const EVERY: [Self; 10] = [
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q8_0,
+        Self::Q4K,
+        Self::Q5K,
+        Self::Q6K,
+        Self::F16,
+        Self::Bf16,
     ];
 
     /// Weights per unit the kernels step over (`dequant4` reads a quarter-vec of one): every
@@ -429,25 +451,41 @@ impl QFormat {
             Self::Q4K => GgmlType::Q4K,
             Self::Q5K => GgmlType::Q5K,
             Self::Q6K => GgmlType::Q6K,
+            Self::F16 => GgmlType::F16,
+            Self::Bf16 => GgmlType::Bf16,
         }
     }
 
     pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL
+        Self::EVERY
             .into_iter()
             .find(|f| f.ggml().name().eq_ignore_ascii_case(name))
     }
 
     /// The names `parse` takes, for messages.
     pub fn names() -> String {
-        Self::ALL
+        Self::EVERY
             .map(|f| f.ggml().name().to_ascii_lowercase())
             .join(", ")
     }
 
-    /// Weights per ggml block: 32, or 256 for the K-quants. A row is a whole number of blocks.
+    pub fn is_half(self) -> bool {
+        matches!(self, Self::F16 | Self::Bf16)
+    }
+
+    /// Weights per block: 32, or 256 for the K-quants (the 16-bit formats, one weight per ggml
+    /// element, are laid out in blocks of 32). A row is a whole number of blocks.
     pub fn block_len(self) -> usize {
-        self.ggml().block_len()
+        if self.is_half() {
+            Self::BLOCK_LEN
+        } else {
+            self.ggml().block_len()
+        }
+    }
+
+    /// Bytes per block in ggml's layout.
+    pub fn block_bytes(self) -> usize {
+        self.ggml().block_bytes() * self.block_len() / self.ggml().block_len()
     }
 
     /// Whether the plain-tensor reference (`kernels::reference`) dequantises this format on the
@@ -469,6 +507,7 @@ impl QFormat {
             Self::Q5K => (&[(0, 16)], &[(16, 176)]),
             // The 16 scales first, then d: the scales fill whole words.
             Self::Q6K => (&[(192, 208), (208, 210)], &[(0, 192)]),
+            Self::F16 | Self::Bf16 => (&[], &[(0, 64)]),
         }
     }
 
@@ -514,7 +553,7 @@ impl QMatrix {
     /// Repack ggml blocks. `bytes` must hold `rows * cols / block_len` blocks of `format`, and
     /// `cols` must be a whole number of blocks (the caller checks both).
     pub fn from_ggml_blocks(format: QFormat, rows: usize, cols: usize, bytes: &[u8]) -> Self {
-        let bb = format.ggml().block_bytes();
+        let bb = format.block_bytes();
         let n_blocks = rows * cols / format.block_len();
         debug_assert_eq!(bytes.len(), n_blocks * bb);
         let (scale_ranges, quant_ranges) = format.split();
@@ -556,11 +595,8 @@ impl QMatrix {
         let scale_block = 2 * format.scale_halves_per_block();
         let quant_block = 4 * format.qs_words_per_block();
         let (scale_bytes, quant_bytes) = (le_bytes(&self.scales), le_bytes(&self.qs));
-        let mut out = vec![0u8; n_blocks * format.ggml().block_bytes()];
-        for (i, block) in out
-            .chunks_exact_mut(format.ggml().block_bytes())
-            .enumerate()
-        {
+        let mut out = vec![0u8; n_blocks * format.block_bytes()];
+        for (i, block) in out.chunks_exact_mut(format.block_bytes()).enumerate() {
             let mut from = i * scale_block;
             for &(a, b) in scale_ranges {
                 block[a..b].copy_from_slice(&scale_bytes[from..from + b - a]);
@@ -625,11 +661,14 @@ fn le_bytes(words: &[u32]) -> Vec<u8> {
 /// formats follow ggml's reference quantisers (`quantize_row_*_ref`); the K-quants use a simpler
 /// search than ggml's (sub-block scales and minimums from each sub-block's range, then quantised
 /// to 6 or 8 bits against the super-block's scale), which is as exact to within a few percent.
+/// The 16-bit formats round each value to nearest.
 pub fn quantize_blocks(format: QFormat, values: &[f32]) -> Vec<u8> {
     let block_len = format.block_len();
-    let mut out = Vec::with_capacity(values.len() / block_len * format.ggml().block_bytes());
+    let mut out = Vec::with_capacity(values.len() / block_len * format.block_bytes());
     for x in values.chunks_exact(block_len) {
         match format {
+            QFormat::F16 => out.extend(x.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes())),
+            QFormat::Bf16 => out.extend(x.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes())),
             QFormat::Q8_0 => {
                 let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
                 let d = amax / 127.0;
@@ -825,12 +864,16 @@ mod tests {
     fn round_trip_error_is_bounded() {
         let (rows, cols) = (7, 512);
         let v = values(rows * cols);
-        for format in QFormat::ALL {
+        for format in QFormat::EVERY {
             let bound = match format {
                 QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q4K => Q4_RMSE_BOUND,
                 QFormat::Q5_0 | QFormat::Q5_1 | QFormat::Q5K => Q4_RMSE_BOUND / 2.0,
                 QFormat::Q6K => Q4_RMSE_BOUND / 4.0,
                 QFormat::Q8_0 => Q8_RMSE_BOUND,
+                // Rounding to 11 and 8 significant bits: relative errors of 2^-12 and 2^-9 at
+                // most, less in RMS.
+                QFormat::F16 => 2f32.powi(-12),
+                QFormat::Bf16 => 2f32.powi(-9),
             };
             let q = QMatrix::quantize(format, rows, cols, &v);
             let back = q.dequantize();
@@ -867,7 +910,7 @@ mod tests {
             assert_eq!(GgmlType::from_id(ty.id()), Some(ty));
             assert_eq!(GgmlType::name_of_id(ty.id()), ty.name());
         }
-        for f in QFormat::ALL {
+        for f in QFormat::EVERY {
             assert_eq!(QFormat::parse(f.ggml().name()), Some(f));
             assert_eq!(f.ggml().gpu_format(), Some(f));
         }

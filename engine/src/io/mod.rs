@@ -38,11 +38,7 @@ impl HostTensor {
     pub fn into_f32(self) -> Vec<f32> {
         match self.data {
             HostData::F32(v) => v,
-            HostData::Blocks { ty, bytes } => {
-                let mut out = Vec::new();
-                dequantize_into(ty, &bytes, &mut out);
-                out
-            }
+            HostData::Blocks { ty, bytes } => dequantize(ty, &bytes),
         }
     }
 
@@ -81,6 +77,13 @@ impl HostTensor {
         };
         Self { data, ..self }
     }
+}
+
+/// `bytes` of `ty` as f32 values.
+fn dequantize(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
+    let mut out = Vec::new();
+    dequantize_into(ty, bytes, &mut out);
+    out
 }
 
 /// Where a model's weights come from.
@@ -186,18 +189,19 @@ impl WeightSource for GgufWeights<'_> {
             return Ok(None);
         };
         let bytes = self.file.tensor_bytes(info);
+        let mut shape = info.shape();
+        // 16-bit matrices stay 16-bit, as quantised ones stay in their blocks; vectors (norms,
+        // biases) are small and become f32.
         let data = match info.ty {
-            GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 => {
-                let mut v = Vec::new();
-                dequantize_into(info.ty, bytes, &mut v);
-                HostData::F32(v)
+            GgmlType::F32 => HostData::F32(dequantize(info.ty, bytes)),
+            GgmlType::F16 | GgmlType::Bf16 if shape.len() == 1 => {
+                HostData::F32(dequantize(info.ty, bytes))
             }
             ty => HostData::Blocks {
                 ty,
                 bytes: bytes.to_vec(),
             },
         };
-        let mut shape = info.shape();
         if shape.len() == 1 && matches!(data, HostData::Blocks { .. }) {
             shape.insert(0, 1);
         }
@@ -239,5 +243,52 @@ impl WeightSource for GgufWeights<'_> {
 
     fn path(&self) -> &std::path::Path {
         &self.file.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::gguf::{GgufWriter, Value};
+
+    /// A GGUF's 16-bit matrices come out as blocks (they stay 16-bit on the device), its
+    /// 16-bit vectors as f32.
+    #[test]
+    fn sixteen_bit_matrices_stay_sixteen_bit() {
+        let values: Vec<f32> = (0..64 * 32).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
+        let halves = |v: &[f32]| -> Vec<u8> {
+            v.iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect()
+        };
+        let mut w = GgufWriter::new();
+        w.meta("general.architecture", Value::String("qwen2".into()))
+            .tensor("blk.0.attn_q.weight", &[64, 32], 1, halves(&values))
+            .tensor(
+                "blk.0.attn_norm.weight",
+                &[32],
+                30,
+                vec![0x80, 0x3f].repeat(32),
+            );
+        let file =
+            GgufFile::from_bytes("test.gguf", w.to_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let weights = GgufWeights {
+            file: &file,
+            n_heads: 1,
+            n_kv_heads: 1,
+            unpermute_qk: false,
+        };
+        let q = weights
+            .require("model.layers.0.self_attn.q_proj.weight")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(q.shape, vec![64, 32]);
+        assert!(
+            matches!(&q.data, HostData::Blocks { ty: GgmlType::F16, bytes } if bytes.len() == 64 * 32 * 2)
+        );
+        assert_eq!(q.into_f32(), values);
+        let norm = weights
+            .require("model.layers.0.input_layernorm.weight")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(&norm.data, HostData::F32(v) if v == &vec![1.0; 32]));
     }
 }

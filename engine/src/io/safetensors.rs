@@ -1,5 +1,6 @@
 //! HF safetensors weights: `model.safetensors` or sharded `model.safetensors.index.json`,
-//! memory-mapped, f32/f16/bf16 converted to f32.
+//! memory-mapped; f16/bf16 matrices handed out as they are (16-bit on the device too), every
+//! other tensor as f32.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::{HostData, HostTensor, WeightSource};
 use crate::error::{Error, Result};
+use crate::quant::GgmlType;
 
 struct Shard {
     path: PathBuf,
@@ -80,6 +82,19 @@ impl SafetensorsWeights {
         names
     }
 
+    /// The element types of the tensors, lower case, sorted (`bf16, f32`), for reports.
+    pub fn dtypes(&self) -> String {
+        let mut types = std::collections::BTreeSet::new();
+        for shard in &self.shards {
+            if let Ok(st) = SafeTensors::deserialize(&shard.map) {
+                for (_, view) in st.tensors() {
+                    types.insert(format!("{:?}", view.dtype()).to_lowercase());
+                }
+            }
+        }
+        types.into_iter().collect::<Vec<_>>().join(", ")
+    }
+
     fn from_files(dir: &Path, files: Vec<PathBuf>) -> Result<Self> {
         let mut shards = Vec::new();
         let mut index = HashMap::new();
@@ -122,19 +137,36 @@ impl WeightSource for SafetensorsWeights {
             what: e.to_string(),
         })?;
         let bytes = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+        let shape = view.shape().to_vec();
+        // 16-bit matrices stay 16-bit (the kernels widen them as they multiply); vectors
+        // (norms, biases) and f32 tensors are f32.
+        let data = match view.dtype() {
+            Dtype::F32 => HostData::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            Dtype::F16 if shape.len() == 2 => HostData::Blocks {
+                ty: GgmlType::F16,
+                bytes: bytes.to_vec(),
+            },
+            Dtype::BF16 if shape.len() == 2 => HostData::Blocks {
+                ty: GgmlType::Bf16,
+                bytes: bytes.to_vec(),
+            },
+            Dtype::F16 => HostData::F32(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
+            Dtype::BF16 => HostData::F32(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
             other => {
                 return Err(Error::UnsupportedDtype {
                     tensor: hf_name.into(),
@@ -145,8 +177,8 @@ impl WeightSource for SafetensorsWeights {
         };
         Ok(Some(HostTensor {
             name: hf_name.into(),
-            shape: view.shape().to_vec(),
-            data: HostData::F32(values),
+            shape,
+            data,
         }))
     }
 

@@ -12,6 +12,8 @@
 //!   rows of x against two weight rows in registers; a portable loop serves other processors.
 //! - The backward's `dy · W` ([`q_matmul_t`]) dequantises one 32-column unit of every weight
 //!   row at a time and multiplies in f32: gradients are not quantised.
+//! - 16-bit float weights (F16, BF16) are widened to f32 a tile at a time and multiplied with
+//!   f32 x (`half_matmul`).
 //!
 //! [`QMatrix`]: crate::quant::QMatrix
 
@@ -153,6 +155,7 @@ impl Tile {
             QFormat::Q4K => self.unpack_as::<5>(isa, w, first, rows),
             QFormat::Q5K => self.unpack_as::<6>(isa, w, first, rows),
             QFormat::Q6K => self.unpack_as::<7>(isa, w, first, rows),
+            QFormat::F16 | QFormat::Bf16 => unreachable!("16-bit weights take half_matmul"),
         }
     }
 
@@ -299,6 +302,7 @@ fn unit_codes(f: QFormat, q: &[u8], u: usize, codes: &mut [u8; UNIT]) {
                 *c = ((l >> shift) & 0xF) | (((hb >> hshift) & 3) << 4);
             }
         }
+        QFormat::F16 | QFormat::Bf16 => unreachable!("16-bit weights have no codes"),
     }
 }
 
@@ -361,6 +365,7 @@ fn unit_codes_avx2(f: QFormat, q: &[u8], u: usize) -> std::arch::x86_64::__m256i
             );
             _mm256_or_si256(low, _mm256_slli_epi16(high, 4))
         }
+        QFormat::F16 | QFormat::Bf16 => unreachable!("16-bit weights have no codes"),
     }
 }
 
@@ -470,6 +475,7 @@ fn unit_scales(f: QFormat, s: &[u8], u: usize) -> ([f32; 2], [f32; 2]) {
             let a1 = d * s[8 * h + 2 * t + 1] as i8 as f32;
             ([a0, a1], [-32.0 * a0, -32.0 * a1])
         }
+        QFormat::F16 | QFormat::Bf16 => unreachable!("16-bit weights have no codes"),
     }
 }
 
@@ -569,9 +575,78 @@ impl Isa {
     }
 }
 
-/// `x · Wᵀ` with `x: [m, k]` row-major f32 and `W: [n, k]` quantised; returns `[m, n]`.
+/// `x · Wᵀ` with `x: [m, k]` row-major f32 and `W: [n, k]` quantised or 16-bit; returns
+/// `[m, n]`.
 pub fn q_matmul(x: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
+    if w.format.is_half() {
+        return half_matmul(x, m, w);
+    }
     q_matmul_on(Isa::detect(), &QActs::quantize(x, m, w.cols), w)
+}
+
+/// [`q_matmul`] for 16-bit float weights: each task widens [`TILE_ROWS`] weight rows to f32 and
+/// takes f32 dot products with every row of x (x stays f32: the weights keep 11 or 8 bits,
+/// which 8-bit activations would throw away).
+fn half_matmul(x: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
+    assert!(w.is_whole(), "W's arrays are shorter than its shape");
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(x.len(), m * k, "x is not [m, k]");
+    if m == 0 || n == 0 {
+        return vec![0.0; m * n];
+    }
+    let mut out_t = vec![0f32; n * m];
+    out_t
+        .par_chunks_mut(TILE_ROWS * m)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let (first, rows) = (task * TILE_ROWS, out.len() / m);
+            WIDE.with_borrow_mut(|wide| {
+                wide.resize(rows * k, 0.0);
+                widen(w.format, &w.qs[2 * first * k..2 * (first + rows) * k], wide);
+                for (i, xr) in x.chunks_exact(k).enumerate() {
+                    for (r, wr) in wide.chunks_exact(k).enumerate() {
+                        out[r * m + i] = dot(xr, wr);
+                    }
+                }
+            });
+        });
+    transpose(out_t, m, n)
+}
+
+thread_local! {
+    /// A task's weight rows widened to f32 by [`half_matmul`], kept from call to call.
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// 16-bit floats (little-endian bytes) of `format` to f32, branch-free so the loop vectorises.
+fn widen(format: QFormat, bytes: &[u8], out: &mut [f32]) {
+    debug_assert_eq!(bytes.len(), 2 * out.len());
+    match format {
+        QFormat::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16_at(b, 0);
+            }
+        }
+        _ => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }
+        }
+    }
+}
+
+/// `[n, m]` row-major values as `[m, n]`.
+fn transpose(values: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
+    if m == 1 {
+        return values;
+    }
+    let mut out = vec![0f32; m * n];
+    for (j, col) in values.chunks_exact(m).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            out[i * n + j] = *v;
+        }
+    }
+    out
 }
 
 /// [`q_matmul`] of quantised rows of x on a chosen instruction set.
@@ -602,16 +677,7 @@ pub fn q_matmul_on(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
                 Isa::Vnni => unsafe { unpack_and_multiply_vnni(isa, w, rows, x, tile, out) },
             });
         });
-    if m == 1 {
-        return out_t;
-    }
-    let mut out = vec![0f32; m * n];
-    for (j, col) in out_t.chunks_exact(m).enumerate() {
-        for (i, v) in col.iter().enumerate() {
-            out[i * n + j] = *v;
-        }
-    }
-    out
+    transpose(out_t, m, n)
 }
 
 thread_local! {
@@ -939,9 +1005,9 @@ x86_block!(block_avx2, "avx2,fma", dot_avx2);
 #[cfg(target_arch = "x86_64")]
 x86_block!(block_vnni, "avx2,fma,avx512vnni,avx512vl", dot_vnni);
 
-/// `dy · W` with `dy: [m, n]` row-major f32 and `W: [n, k]` quantised; returns `[m, k]`. One task
-/// per 32-column unit: every weight row's unit dequantised to f32, then `m × n` products of
-/// eight lanes.
+/// `dy · W` with `dy: [m, n]` row-major f32 and `W: [n, k]` quantised or 16-bit; returns
+/// `[m, k]`. One task per 32-column unit: every weight row's unit dequantised to f32, then
+/// `m × n` products of eight lanes.
 pub fn q_matmul_t(dy: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
     assert!(w.is_whole(), "W's arrays are shorter than its shape");
     let (n, k) = (w.rows, w.cols);
@@ -953,7 +1019,16 @@ pub fn q_matmul_t(dy: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
         || (vec![0f32; n * UNIT], [0u8; UNIT]),
         |(wu, codes), (u, strip)| {
             for (j, values) in wu.chunks_exact_mut(UNIT).enumerate() {
-                let ([a0, a1], [c0, c1]) = unpack_unit(w, j * units + u, codes);
+                let unit = j * units + u;
+                if w.format.is_half() {
+                    widen(
+                        w.format,
+                        &w.qs[2 * UNIT * unit..2 * UNIT * (unit + 1)],
+                        values,
+                    );
+                    continue;
+                }
+                let ([a0, a1], [c0, c1]) = unpack_unit(w, unit, codes);
                 for (l, (v, &c)) in values.iter_mut().zip(codes.iter()).enumerate() {
                     let code = if w.format == QFormat::Q8_0 {
                         c as i8 as f32
@@ -1124,10 +1199,37 @@ mod tests {
         }
     }
 
+    /// 16-bit weights: the product with f32 x against the f64 product with the widened weight,
+    /// on row counts that fill and miss the tiles.
+    #[test]
+    fn half_products_match_the_widened_weight() {
+        for format in QFormat::HALF {
+            let k = 96;
+            for (m, n) in [(1, 3), (5, 37)] {
+                let q = QMatrix::quantize(format, n, k, &values(n * k, 11));
+                let dense = q.dequantize();
+                let x = values(m * k, 12);
+                let got = q_matmul(&x, m, &QWeights::from(&q));
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|c| x[i * k + c] as f64 * dense[j * k + c] as f64)
+                            .sum();
+                        let g = got[i * n + j] as f64;
+                        assert!(
+                            (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{format:?} m {m} n {n}: [{i}, {j}] {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// The transposed product against the f64 product with the dequantised weight.
     #[test]
     fn transposed_product_matches_the_dequantised_weight() {
-        for format in QFormat::ALL {
+        for format in QFormat::EVERY {
             let (m, n, k) = (3, 5, 2 * format.block_len());
             let q = QMatrix::quantize(format, n, k, &values(n * k, 9));
             let dense = q.dequantize();

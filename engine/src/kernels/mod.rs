@@ -64,7 +64,9 @@ impl<B: Backend> QTensor<B> {
             rows: q.rows,
             cols: q.cols,
             qs: words(&q.qs),
-            scales: words(&q.scales),
+            // The 16-bit formats have no scales; the kernels bind the array all the same, and
+            // a device buffer cannot be empty.
+            scales: words(if q.scales.is_empty() { &[0] } else { &q.scales }),
         }
     }
 

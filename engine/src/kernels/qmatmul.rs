@@ -214,6 +214,8 @@ pub(crate) fn format_source(format: QFormat) -> &'static str {
             include_str!("../../../shaders/common/k_scales.wgsl")
         ),
         QFormat::Q6K => include_str!("../../../shaders/common/q6_k.wgsl"),
+        QFormat::F16 => include_str!("../../../shaders/common/f16.wgsl"),
+        QFormat::Bf16 => include_str!("../../../shaders/common/bf16.wgsl"),
     }
 }
 

@@ -145,9 +145,9 @@ impl<B: KernelBackend> Linear<B> {
         }
     }
 
-    /// Upload `[out, in]` weights: ggml blocks of a format the backend computes on stay
-    /// quantised ([`KernelBackend::computes`]); anything else becomes f32, or is quantised to
-    /// `quantize` when given. A weight larger than the device's largest buffer is split by rows.
+    /// Upload `[out, in]` weights: ggml blocks of a format the backend computes on stay as they
+    /// are ([`KernelBackend::computes`]; 16-bit ones unless `quantize` is given); anything else
+    /// becomes f32, or is quantised to `quantize` when given. A weight larger than the device's largest buffer is split by rows.
     pub fn load(
         weight: HostTensor,
         bias: Option<HostTensor>,
@@ -174,11 +174,16 @@ impl<B: KernelBackend> Linear<B> {
             }
             None => None,
         };
+        let quantize = quantize.filter(|f| B::computes(*f));
+        // Blocks stay as they are, except 16-bit ones when `quantize` asks for a format.
         let native = match &weight.data {
-            HostData::Blocks { ty, .. } => ty.gpu_format().filter(|f| B::computes(*f)),
+            HostData::Blocks { ty, .. } => ty.gpu_format().filter(|f| {
+                B::computes(*f)
+                    && in_features.is_multiple_of(f.block_len())
+                    && !(f.is_half() && quantize.is_some())
+            }),
             _ => None,
         };
-        let quantize = quantize.filter(|f| B::computes(*f));
         let limit = B::max_tensor_bytes(device).unwrap_or(u64::MAX);
         let weight = match (native, weight.data, quantize) {
             (Some(format), HostData::Blocks { bytes, .. }, _) => LinearWeight::upload_quantized(
