@@ -600,17 +600,51 @@ fn half_matmul(x: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
         .enumerate()
         .for_each(|(task, out)| {
             let (first, rows) = (task * TILE_ROWS, out.len() / m);
+            let bytes = &w.qs[2 * first * k..2 * (first + rows) * k];
             WIDE.with_borrow_mut(|wide| {
                 wide.resize(rows * k, 0.0);
-                widen(w.format, &w.qs[2 * first * k..2 * (first + rows) * k], wide);
-                for (i, xr) in x.chunks_exact(k).enumerate() {
-                    for (r, wr) in wide.chunks_exact(k).enumerate() {
-                        out[r * m + i] = dot(xr, wr);
-                    }
+                #[cfg(target_arch = "x86_64")]
+                if matches!(Isa::detect(), Isa::Avx2 | Isa::Vnni) {
+                    // SAFETY: the processor has AVX2 and FMA (`Isa::detect`).
+                    unsafe { half_task_avx2(w.format, bytes, (x, k), wide, out) };
+                    return;
                 }
+                half_task(w.format, bytes, (x, k), wide, out);
             });
         });
     transpose(out_t, m, n)
+}
+
+/// One task of [`half_matmul`]: the weight rows in `bytes` widened into `wide`, then
+/// `out[r * m + i] = x_i · w_r`.
+#[inline(always)]
+fn half_task(
+    format: QFormat,
+    bytes: &[u8],
+    (x, k): (&[f32], usize),
+    wide: &mut [f32],
+    out: &mut [f32],
+) {
+    widen(format, bytes, wide);
+    let m = x.len() / k;
+    for (i, xr) in x.chunks_exact(k).enumerate() {
+        for (r, wr) in wide.chunks_exact(k).enumerate() {
+            out[r * m + i] = dot(xr, wr);
+        }
+    }
+}
+
+/// [`half_task`] compiled for AVX2/FMA (the conversion and the dot products vectorise).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn half_task_avx2(
+    format: QFormat,
+    bytes: &[u8],
+    x: (&[f32], usize),
+    wide: &mut [f32],
+    out: &mut [f32],
+) {
+    half_task(format, bytes, x, wide, out);
 }
 
 thread_local! {
@@ -619,6 +653,7 @@ thread_local! {
 }
 
 /// 16-bit floats (little-endian bytes) of `format` to f32, branch-free so the loop vectorises.
+#[inline(always)]
 fn widen(format: QFormat, bytes: &[u8], out: &mut [f32]) {
     debug_assert_eq!(bytes.len(), 2 * out.len());
     match format {

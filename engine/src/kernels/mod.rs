@@ -286,7 +286,7 @@ impl KernelBackend for burn::backend::Flex {
     }
 
     fn kernels_impl() -> &'static str {
-        "burn-flex (CPU): quantised weights with 8-bit x (integer dot products); f32 weights by gemm, or a rows product up to 32 rows"
+        "burn-flex (CPU): quantised weights with 8-bit x (integer dot products); 16-bit weights widened per tile; f32 weights by gemm, or a rows product up to 32 rows"
     }
 }
 
