@@ -297,8 +297,9 @@ pub fn generate_completions<B: KernelBackend>(
     }
     pending.sort_by_key(|(_, r)| r.prompt_ids.len());
     let (slots, requests): (Vec<usize>, Vec<BatchRequest>) = pending.into_iter().unzip();
-    let batch = settings.batch.max(1);
-    for (chunk, chunk_slots) in requests.chunks(batch).zip(slots.chunks(batch)) {
+    let lens: Vec<usize> = requests.iter().map(|r| r.prompt_ids.len()).collect();
+    for group in batches(&lens, settings.batch.max(1)) {
+        let (chunk, chunk_slots) = (&requests[group.clone()], &slots[group]);
         let outs = generate_batch(model, adapters, tokenizer, chunk, cancel, &mut |_, _| {
             on_done()
         })?;
@@ -322,6 +323,25 @@ pub fn generate_completions<B: KernelBackend>(
             completion,
         })
         .collect())
+}
+
+/// Prompt lengths in ascending order cut into batches of at most `batch` rows whose longest
+/// prompt is at most 1.5 times their shortest, plus 32 tokens: a row is padded to the longest
+/// prompt of its batch, which costs compute and memory (MBPP-TS's longest prompt, 3,758
+/// tokens, would pad six prompts of a few hundred to its length).
+fn batches(lens: &[usize], batch: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, &len) in lens.iter().enumerate() {
+        if i > start && (i - start == batch || len > lens[start] * 3 / 2 + 32) {
+            out.push(start..i);
+            start = i;
+        }
+    }
+    if start < lens.len() {
+        out.push(start..lens.len());
+    }
+    out
 }
 
 /// `node -e` this to grade a program: it reads a [`GradeJob`] on stdin and prints the job's
@@ -678,6 +698,19 @@ pub fn summarize(results: &[SampleResult]) -> Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Batches keep their size while prompts are alike, and split where a long one would pad
+    /// the rest.
+    #[test]
+    fn batches_split_where_padding_would_grow() {
+        assert!(batches(&[], 4).is_empty());
+        assert_eq!(batches(&[10, 11, 12, 13, 14], 2), vec![0..2, 2..4, 4..5]);
+        // 100 → 182 is within 1.5 × 100 + 32; 183 is not; 3,758 pads nothing else.
+        assert_eq!(
+            batches(&[100, 150, 182, 183, 300, 3758], 16),
+            vec![0..3, 3..5, 5..6]
+        );
+    }
 
     #[test]
     fn pass_at_k_matches_the_closed_form() {

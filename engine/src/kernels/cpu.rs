@@ -225,9 +225,9 @@ pub fn try_matmul(x: &Tensor<Flex, 2>, w: &Tensor<Flex, 2>) -> Option<Tensor<Fle
     )))
 }
 
-/// Query rows per (batch row, KV head) up to which [`try_attention`] runs: a decode step has
-/// `heads / kv_heads` of them; prefill and training go to gemm.
-pub const MAX_QUERY_ROWS: usize = 16;
+/// Query rows one task of [`try_attention`] takes: a decode step's few rows are one task per
+/// (batch row, KV head); a prefill's are split so that every core has work.
+const ROWS_PER_TASK: usize = 32;
 
 /// A `[batch, heads, positions, head_dim]` view of f32 storage with unit stride along
 /// `head_dim` (the KV cache's slice of filled positions is one).
@@ -276,11 +276,12 @@ impl<'a> View<'a> {
     }
 }
 
-/// `softmax(q·kᵀ·scale + mask)·v` for few query rows (decode), reading keys and values where
-/// they lie in the KV cache; one task per (batch row, KV head), on every core. `None` where
-/// the shapes or layouts are not these (the caller uses the reference):
-/// `q`: `[b, h, rows ≤ MAX_QUERY_ROWS, d]`, `keys`/`values`: `[b, h, total, d]`, `mask`:
-/// `[b or 1, 1, rows, total]`.
+/// `softmax(q·kᵀ·scale + mask)·v`, reading keys and values where they lie in the KV cache and
+/// holding one row of scores per task (the reference materialises `[b, h, rows, total]` of
+/// them, gigabytes for a batch of long prompts); positions the mask hides are skipped. Tasks of
+/// up to [`ROWS_PER_TASK`] query rows of one (batch row, KV head), on every core. `None` where
+/// the shapes or layouts are not these (the caller uses the reference): `q`: `[b, h, rows, d]`,
+/// `keys`/`values`: `[b, h, total, d]`, `mask`: `[b or 1, 1, rows, total]`.
 pub fn try_attention(
     q: &Tensor<Flex, 4>,
     keys: &Tensor<Flex, 4>,
@@ -290,7 +291,7 @@ pub fn try_attention(
 ) -> Option<Tensor<Flex, 4>> {
     let [b, h, rows, d] = q.dims();
     let [kb, kh, total, kd] = keys.dims();
-    if rows > MAX_QUERY_ROWS || [kb, kh, kd] != [b, h, d] || values.dims() != keys.dims() {
+    if [kb, kh, kd] != [b, h, d] || values.dims() != keys.dims() {
         return None;
     }
     let qp: FlexTensor = q.clone().into_primitive().tensor().to_contiguous();
@@ -308,31 +309,48 @@ pub fn try_attention(
         _ => return None,
     };
     let mut out = vec![0f32; b * h * rows * d];
-    if out.is_empty() {
+    let out_len = out.len();
+    if out_len == 0 {
         return Some(flex(out, [b, h, rows, d]));
     }
+    // Task i takes rows `first..first + n` of (batch row, head) `i / blocks`.
+    let blocks = rows.div_ceil(ROWS_PER_TASK);
     let task = |(i, out): (usize, &mut [f32])| {
-        let (bi, hi) = (i / h, i % h);
+        let (bh, first) = (i / blocks, i % blocks * ROWS_PER_TASK);
+        let (bi, hi) = (bh / h, bh % h);
+        let n = out.len() / d;
         let mask = mask.map(|(m, mb)| {
-            let at = if mb == 1 { 0 } else { bi * rows * total };
-            &m[at..at + rows * total]
+            let at = if mb == 1 { 0 } else { bi * rows * total } + first * total;
+            &m[at..at + n * total]
         });
         let task = Task {
             q: &q,
             k: &k,
             v: &v,
-            at: (bi, hi),
-            shape: (rows, total, d),
+            at: (bi, hi, first),
+            shape: (n, total, d),
             mask,
             scale,
         };
         attend(&task, out);
     };
+    // Chunks of whole rows that never straddle two (batch row, head) pairs.
+    let per = ROWS_PER_TASK * d;
     // A batch-1 step is a few microseconds of work per task, less than waking the pool.
-    if out.len() * total < 1 << 18 {
-        out.chunks_mut(rows * d).enumerate().for_each(task);
+    if out_len * total < 1 << 18 {
+        out.chunks_mut(rows * d)
+            .flat_map(|o| o.chunks_mut(per))
+            .enumerate()
+            .for_each(task);
     } else {
-        out.par_chunks_mut(rows * d).enumerate().for_each(task);
+        out.par_chunks_mut(rows * d)
+            .enumerate()
+            .flat_map(|(bh, o)| {
+                o.par_chunks_mut(per)
+                    .enumerate()
+                    .map(move |(block, o)| (bh * blocks + block, o))
+            })
+            .for_each(task);
     }
     Some(flex(out, [b, h, rows, d]))
 }
@@ -342,8 +360,8 @@ struct Task<'a> {
     q: &'a View<'a>,
     k: &'a View<'a>,
     v: &'a View<'a>,
-    /// Batch row and KV head.
-    at: (usize, usize),
+    /// Batch row, KV head, and the first query row.
+    at: (usize, usize, usize),
     /// Query rows, positions, head dim.
     shape: (usize, usize, usize),
     /// `[rows, total]`, added to the scores.
@@ -376,7 +394,7 @@ fn attend_portable(task: &Task<'_>, out: &mut [f32]) {
         q,
         k,
         v,
-        at: (bi, hi),
+        at: (bi, hi, first),
         shape: (rows, total, d),
         mask,
         scale,
@@ -384,10 +402,15 @@ fn attend_portable(task: &Task<'_>, out: &mut [f32]) {
     debug_assert_eq!(out.len(), rows * d);
     let mut p = vec![0f32; total];
     for (r, out) in out.chunks_exact_mut(d).enumerate() {
-        let qr = q.row(bi, hi, r, d);
+        let qr = q.row(bi, hi, first + r, d);
+        let mask = mask.map(|m| &m[r * total..(r + 1) * total]);
         for (j, pj) in p.iter_mut().enumerate() {
-            let m = mask.map_or(0.0, |m| m[r * total + j]);
-            *pj = dot(qr, k.row(bi, hi, j, d)) * scale + m;
+            let m = mask.map_or(0.0, |m| m[j]);
+            *pj = if m == f32::NEG_INFINITY {
+                m
+            } else {
+                dot(qr, k.row(bi, hi, j, d)) * scale + m
+            };
         }
         let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if max == f32::NEG_INFINITY {
@@ -402,6 +425,9 @@ fn attend_portable(task: &Task<'_>, out: &mut [f32]) {
         }
         out.fill(0.0);
         for (j, pj) in p.iter().enumerate() {
+            if *pj == 0.0 {
+                continue;
+            }
             let w = pj / sum;
             for (o, x) in out.iter_mut().zip(v.row(bi, hi, j, d)) {
                 *o = w.mul_add(*x, *o);
@@ -478,13 +504,15 @@ mod tests {
     }
 
     /// Against the reference on a view of a larger cache (as `LayerCache::append` returns
-    /// it), with a per-row mask, a broadcast mask and none; prefill-sized queries are left to
-    /// the reference.
+    /// it), with a per-row mask, a broadcast mask, a causal one and none, for decode-sized and
+    /// prefill-sized queries.
     #[test]
     fn attention_on_a_cache_view_matches_the_reference() {
         // Small enough to run on one thread, and large enough to go to the pool.
         attention_case(3, 2, 3, 16, 40, 29);
         attention_case(4, 3, 3, 64, 600, 520);
+        // Rows split into tasks of 32 with a short last one.
+        attention_case(2, 3, 70, 16, 100, 90);
     }
 
     fn attention_case(b: usize, h: usize, rows: usize, d: usize, cap: usize, total: usize) {
@@ -509,20 +537,26 @@ mod tests {
         let per_row =
             Tensor::<Flex, 4>::from_data(TensorData::new(per_row, [b, 1, rows, total]), &dev);
         let broadcast = t(rows * total, 8, [1, 1, rows, total]);
-        for mask in [Some(&per_row), Some(&broadcast), None] {
+        // Query row r at position total - rows + r sees the positions up to its own.
+        let causal: Vec<f32> = (0..rows * total)
+            .map(|i| {
+                if i % total > total - rows + i / total {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let causal =
+            Tensor::<Flex, 4>::from_data(TensorData::new(causal, [1, 1, rows, total]), &dev);
+        for mask in [Some(&per_row), Some(&broadcast), Some(&causal), None] {
             let Some(got) = try_attention(&q, &keys, &vals, mask, 0.25) else {
-                panic!("a decode-sized query on a cache view should take the CPU kernel");
+                panic!("a query on a cache view should take the CPU kernel");
             };
             let want = reference::attention(q.clone(), keys.clone(), vals.clone(), mask, 0.25);
             let diff = (got - want).abs().max().into_scalar();
             assert!(diff < 1e-5, "max |diff| {diff}");
         }
-        let tall = t(
-            b * h * (MAX_QUERY_ROWS + 1) * d,
-            9,
-            [b, h, MAX_QUERY_ROWS + 1, d],
-        );
-        assert!(try_attention(&tall, &keys, &vals, None, 0.25).is_none());
     }
 
     /// The tensor entry point takes a dense weight as `Linear::load` stores it and agrees with
