@@ -264,12 +264,7 @@ mod tests {
         let mut w = GgufWriter::new();
         w.meta("general.architecture", Value::String("qwen2".into()))
             .tensor("blk.0.attn_q.weight", &[64, 32], 1, halves(&values))
-            .tensor(
-                "blk.0.attn_norm.weight",
-                &[32],
-                30,
-                vec![0x80, 0x3f].repeat(32),
-            );
+            .tensor("blk.0.attn_norm.weight", &[32], 30, [0x80, 0x3f].repeat(32));
         let file =
             GgufFile::from_bytes("test.gguf", w.to_bytes()).unwrap_or_else(|e| panic!("{e}"));
         let weights = GgufWeights {
