@@ -19,9 +19,11 @@ $bin train --data "$ws/datasets/my-repo" --out "$ws/adapters/my-repo-cli" \
     --max-steps 2 --max-len 128 --batch 1 --rank 8 --alpha 16 >/dev/null 2>&1
 # Settings small enough for a CPU: training rows of 128 tokens, 3 problems of 64 tokens.
 mkdir -p "$XDG_DATA_HOME/codelsi"
-cat > "$XDG_DATA_HOME/codelsi/app.ron" <<'RON'
+# The Train tab's data is the imported dataset (a click on "Train on it" lands wherever the
+# dataset's path ends).
+cat > "$XDG_DATA_HOME/codelsi/app.ron" <<RON
 {
-    "app": "(train:(rank:8,alpha:16.0,dropout:0.05,targets:\"attn\",lr:0.0003,epochs:1,max_len:128,batch:1,eval_every:2,grad_checkpoint:false,seed:42),eval:(suite:0,limit:3,max_tokens:64))",
+    "app": "(train_data:Some(\"$ws/datasets/my-repo\"),train:(rank:8,alpha:16.0,dropout:0.05,targets:\"attn\",lr:0.0003,epochs:1,max_len:128,batch:1,eval_every:2,grad_checkpoint:false,seed:42),eval:(suite:0,limit:3,max_tokens:64))",
 }
 RON
 
@@ -43,7 +45,7 @@ click 156 12
 click 90 155                           # the dataset under "Recent datasets"
 click 200 584                          # a pair (word_counts)
 shot data
-click 230 142                          # "Train on it"
+click 200 12                           # the Train tab
 click 49 216 "${TRAIN_SECONDS:-240}"   # "Start training"
 shot train
 click 123 216 20                       # "Cancel"
