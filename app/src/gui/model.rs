@@ -1,9 +1,8 @@
 //! The Model panel: fetch a catalogue model (the default one preselected) with one click, open a
 //! GGUF file or an HF folder, reopen a recent one; what the loaded model is and what it takes.
 
-use std::sync::Arc;
-
 use std::path::Path;
+use std::sync::Arc;
 
 use burn::backend::Flex;
 use codelsi_engine::device::{GpuInfo, OpenDevice, Wgpu};
