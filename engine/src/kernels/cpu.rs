@@ -40,8 +40,16 @@ pub fn matmul_rows(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f3
             let rows = &w[first * k..(first + cols) * k];
             dot_rows(x, m, k, rows, out);
         });
+    transpose(out_t, m, n)
+}
+
+/// `[n, m]` row-major values as `[m, n]`.
+pub(crate) fn transpose(values: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
+    if m == 1 {
+        return values;
+    }
     let mut out = vec![0f32; m * n];
-    for (j, col) in out_t.chunks_exact(m).enumerate() {
+    for (j, col) in values.chunks_exact(m).enumerate() {
         for (i, v) in col.iter().enumerate() {
             out[i * n + j] = *v;
         }
@@ -59,7 +67,7 @@ const XROWS: usize = 6;
 const WROWS: usize = 2;
 
 /// `out[j * m + i] = x_i · w_j` for every row `w_j` of `rows`.
-fn dot_rows(x: &[f32], m: usize, k: usize, rows: &[f32], out: &mut [f32]) {
+pub(crate) fn dot_rows(x: &[f32], m: usize, k: usize, rows: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if let Some(avx2) = Avx2::detect() {
         blocks(&avx2, x, m, k, rows, out);

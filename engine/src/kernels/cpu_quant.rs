@@ -23,7 +23,7 @@ use burn::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::kernels::QTensor;
-use crate::kernels::cpu::{dot, flex};
+use crate::kernels::cpu::{dot, dot_rows, flex, transpose};
 use crate::quant::{QFormat, QMatrix};
 
 /// Values per unit: every format's blocks are whole units (a K-quant super-block holds 8).
@@ -603,48 +603,11 @@ fn half_matmul(x: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
             let bytes = &w.qs[2 * first * k..2 * (first + rows) * k];
             WIDE.with_borrow_mut(|wide| {
                 wide.resize(rows * k, 0.0);
-                #[cfg(target_arch = "x86_64")]
-                if matches!(Isa::detect(), Isa::Avx2 | Isa::Vnni) {
-                    // SAFETY: the processor has AVX2 and FMA (`Isa::detect`).
-                    unsafe { half_task_avx2(w.format, bytes, (x, k), wide, out) };
-                    return;
-                }
-                half_task(w.format, bytes, (x, k), wide, out);
+                widen(w.format, bytes, wide);
+                dot_rows(x, m, k, wide, out);
             });
         });
     transpose(out_t, m, n)
-}
-
-/// One task of [`half_matmul`]: the weight rows in `bytes` widened into `wide`, then
-/// `out[r * m + i] = x_i · w_r`.
-#[inline(always)]
-fn half_task(
-    format: QFormat,
-    bytes: &[u8],
-    (x, k): (&[f32], usize),
-    wide: &mut [f32],
-    out: &mut [f32],
-) {
-    widen(format, bytes, wide);
-    let m = x.len() / k;
-    for (i, xr) in x.chunks_exact(k).enumerate() {
-        for (r, wr) in wide.chunks_exact(k).enumerate() {
-            out[r * m + i] = dot(xr, wr);
-        }
-    }
-}
-
-/// [`half_task`] compiled for AVX2/FMA (the conversion and the dot products vectorise).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn half_task_avx2(
-    format: QFormat,
-    bytes: &[u8],
-    x: (&[f32], usize),
-    wide: &mut [f32],
-    out: &mut [f32],
-) {
-    half_task(format, bytes, x, wide, out);
 }
 
 thread_local! {
@@ -652,9 +615,26 @@ thread_local! {
     static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// 16-bit floats (little-endian bytes) of `format` to f32, branch-free so the loop vectorises.
-#[inline(always)]
+/// 16-bit floats (little-endian bytes) of `format` to f32.
 fn widen(format: QFormat, bytes: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(Isa::detect(), Isa::Avx2 | Isa::Vnni) {
+        // SAFETY: the processor has AVX2 (`Isa::detect`).
+        unsafe { widen_avx2(format, bytes, out) };
+        return;
+    }
+    widen_portable(format, bytes, out);
+}
+
+/// [`widen_portable`] compiled for AVX2 (its branch-free loops vectorise).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn widen_avx2(format: QFormat, bytes: &[u8], out: &mut [f32]) {
+    widen_portable(format, bytes, out);
+}
+
+#[inline(always)]
+fn widen_portable(format: QFormat, bytes: &[u8], out: &mut [f32]) {
     debug_assert_eq!(bytes.len(), 2 * out.len());
     match format {
         QFormat::F16 => {
@@ -668,20 +648,6 @@ fn widen(format: QFormat, bytes: &[u8], out: &mut [f32]) {
             }
         }
     }
-}
-
-/// `[n, m]` row-major values as `[m, n]`.
-fn transpose(values: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
-    if m == 1 {
-        return values;
-    }
-    let mut out = vec![0f32; m * n];
-    for (j, col) in values.chunks_exact(m).enumerate() {
-        for (i, v) in col.iter().enumerate() {
-            out[i * n + j] = *v;
-        }
-    }
-    out
 }
 
 /// [`q_matmul`] of quantised rows of x on a chosen instruction set.
