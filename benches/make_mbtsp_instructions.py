@@ -1,4 +1,4 @@
-"""TypeScript instruction data from MBXP's MBTSP (CC BY 4.0, ../shared/data/mbtsp) for the
+"""TypeScript instruction data from MBXP's MBTSP (CC BY 4.0, shipped as engine/suites/mbpp-ts.jsonl) for the
 training run and the training benchmark. HumanEval-TS is never used here (it is the held-out
 benchmark of the evaluation issue).
 
@@ -15,9 +15,9 @@ and some of those are nonsense. The script also writes them as completions
 (`mbtsp-canonical.jsonl`) for `codelsi eval --completions`; run again with `--passing` and that
 run's `results.jsonl`, only the solutions that passed are kept:
 
-    python3 benches/make_mbtsp_instructions.py ../shared/data/mbtsp/mbtsp_release_v1.2.jsonl data
+    python3 benches/make_mbtsp_instructions.py engine/suites/mbpp-ts.jsonl data
     codelsi eval --suite mbpp-ts --completions data/mbtsp-canonical.jsonl --out data/canonical
-    python3 benches/make_mbtsp_instructions.py ../shared/data/mbtsp/mbtsp_release_v1.2.jsonl data \
+    python3 benches/make_mbtsp_instructions.py engine/suites/mbpp-ts.jsonl data \
         --passing data/canonical/results.jsonl
 """
 

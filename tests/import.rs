@@ -407,22 +407,20 @@ fn instruction_files_import_in_every_form() {
             .any(|p| p.messages.as_ref().is_some_and(|m| m.len() == 3))
     );
 
-    // MBXP problems from ../shared, or the HumanEval-TS copy shipped in the project.
-    let mbtsp = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/data/mbtsp/mbtsp_release_v1.2.jsonl"),
+    // MBXP problems: the MBPP-TS suite the engine ships (an unchanged copy of MBTSP's release).
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../engine/suites/mbpp-ts.jsonl"),
+    )
+    .unwrap();
+    let first: Vec<&str> = text.lines().take(20).collect();
+    let (report, train, val) = import_file("mbtsp.jsonl", &first.join("\n"));
+    assert_eq!(report.pairs.extracted, 20);
+    let all: Vec<Pair> = train.into_iter().chain(val).collect();
+    assert!(
+        all.iter()
+            .all(|p| p.lang == "ts" && p.source.name.starts_with("MBTSP/"))
     );
-    if let Ok(text) = mbtsp {
-        let first: Vec<&str> = text.lines().take(20).collect();
-        let (report, train, val) = import_file("mbtsp.jsonl", &first.join("\n"));
-        assert_eq!(report.pairs.extracted, 20);
-        let all: Vec<Pair> = train.into_iter().chain(val).collect();
-        assert!(
-            all.iter()
-                .all(|p| p.lang == "ts" && p.source.name.starts_with("MBTSP/"))
-        );
-        assert!(all.len() >= 18, "{:?}", report.pairs.dropped);
-    }
+    assert!(all.len() >= 18, "{:?}", report.pairs.dropped);
 
     // A record of none of the forms names its line.
     let dir = temp("bad");
