@@ -204,7 +204,7 @@ fn train_bench<B: KernelBackend>(
     activations: codelsi_engine::train::Activations,
 ) -> Result<()> {
     use burn::backend::Autodiff;
-    use codelsi_engine::generate::CancelToken;
+    use codelsi_engine::cancel::CancelToken;
     use codelsi_engine::train::data::Row;
     use codelsi_engine::train::{TrainConfig, TrainEvent, TrainJob, train};
 
@@ -248,7 +248,7 @@ fn train_bench<B: KernelBackend>(
             base_model: "bench",
             metadata: serde_json::Value::Null,
             resume: false,
-            new_tokens: None,
+            objective: None,
             init: None,
         },
         &CancelToken::new(),
@@ -326,7 +326,7 @@ fn npm_package(spec: &str, sub: &str) -> Result<std::path::PathBuf> {
 }
 
 fn import_bench(args: &[String], model: &str) -> Result<()> {
-    use codelsi_engine::generate::CancelToken;
+    use codelsi_engine::cancel::CancelToken;
     use codelsi_engine::import::{ImportOptions, import_repo};
     let value = |flag: &str| flag_value(args, flag);
     let mut sources: Vec<std::path::PathBuf> = args
@@ -429,7 +429,7 @@ fn predict_bench<B: KernelBackend>(
         .spec
         .prompt_tokens(&loaded.tokenizer, &code)?
         .len();
-    let cancel = codelsi_engine::generate::CancelToken::new();
+    let cancel = codelsi_engine::cancel::CancelToken::new();
     let run = |n: usize| -> Result<f64> {
         let t = Instant::now();
         regressor.predict(

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use codelsi_engine::adapter::{Adapter, HostAdapter, LoraConfig, Target};
-use codelsi_engine::generate::CancelToken;
+use codelsi_engine::cancel::CancelToken;
 use codelsi_engine::io::gguf::GgufFile;
 use codelsi_engine::io::safetensors::SafetensorsWeights;
 use codelsi_engine::io::{GgufWeights, WeightSource, gguf_qk_rows};
@@ -294,7 +294,7 @@ fn merged_hf_model_gives_peft_outputs() {
     assert!(report.delta_loss < 0.01, "f16 keeps the change: {report:?}");
 
     let host = HostAdapter::load_peft(&peft, &config).unwrap_or_else(|e| panic!("{e}"));
-    let base = GgufWeights::new(&gguf, &config);
+    let base = config.gguf_weights(&gguf);
     let merged = SafetensorsWeights::open(&out).unwrap_or_else(|e| panic!("{e}"));
     for (t, layer) in [(Target::Q, 3), (Target::K, 7), (Target::Down, 29)] {
         let name = format!("model.layers.{layer}.{}.{}.weight", t.parent(), t.name());

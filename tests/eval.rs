@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use codelsi_engine::cancel::CancelToken;
 use codelsi_engine::eval::sandbox::Isolation;
 use codelsi_engine::eval::{self, Completion, Harness, Limits, Problem, SampleResult, Status};
-use codelsi_engine::generate::CancelToken;
 
 /// The tests that run programs take turns, so that a process one leaves behind is its own.
 static SANDBOX: Mutex<()> = Mutex::new(());

@@ -1,8 +1,9 @@
 //! The generation loop end to end on the tiny model (whose greedy tokens transformers gave):
 //! streaming, max tokens, stop strings, cancellation, and batches of prompts.
 
+use codelsi_engine::cancel::CancelToken;
 use codelsi_engine::generate::{
-    BatchRequest, CancelToken, GenerateOptions, StopReason, generate, generate_batch, generate_with,
+    BatchRequest, GenerateOptions, StopReason, generate, generate_batch, generate_with,
 };
 use codelsi_engine::model::{LoadedModel, load_model};
 use codelsi_engine::models::llama::Adapters;

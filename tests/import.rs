@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use codelsi_engine::generate::CancelToken;
+use codelsi_engine::cancel::CancelToken;
 use codelsi_engine::import::{
     ImportEvent, ImportOptions, ImportReport, Pair, PairKind, import_records, import_repo,
 };

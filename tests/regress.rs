@@ -4,8 +4,8 @@
 //! `measure` runs MBTSP solutions on scaled inputs and times every layout of the kernels.
 
 use burn::backend::Autodiff;
+use codelsi_engine::cancel::CancelToken;
 use codelsi_engine::eval::{Completion, Harness, Limits, load_suite};
-use codelsi_engine::generate::CancelToken;
 use codelsi_engine::regress::measure::{
     self, LATENCY, MEMORY_FLOOR_KB, MeasureSettings, PEAK_MEMORY,
 };
@@ -97,8 +97,8 @@ fn learns_and_predicts_numbers() {
     }
 
     let out = temp("train");
-    let init =
-        regress::init_number_rows(model, &loaded.tokenizer).unwrap_or_else(|e| panic!("{e}"));
+    let objective =
+        regress::NumberObjective::new(model, &loaded.tokenizer).unwrap_or_else(|e| panic!("{e}"));
     let mut losses = vec![];
     let summary = train(
         TrainJob {
@@ -111,7 +111,7 @@ fn learns_and_predicts_numbers() {
             base_model: "tiny_llama",
             metadata: serde_json::json!({ "regression": spec }),
             resume: false,
-            new_tokens: Some(init),
+            objective: Some(&objective),
             init: None,
         },
         &CancelToken::new(),

@@ -6,7 +6,7 @@
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::Tensor;
 use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
-use codelsi_engine::generate::CancelToken;
+use codelsi_engine::cancel::CancelToken;
 use codelsi_engine::io::{HostData, HostTensor, WeightSource};
 use codelsi_engine::kernels::KernelBackend;
 use codelsi_engine::model::LoadedModel;
@@ -240,7 +240,7 @@ fn run<Bk: KernelBackend>(
             base_model: "tiny_llama",
             metadata: serde_json::Value::Null,
             resume,
-            new_tokens: None,
+            objective: None,
             init: None,
         },
         &cancel,
@@ -363,7 +363,7 @@ fn resume_continues_the_same_loss_curve() {
             base_model: "tiny_llama",
             metadata: serde_json::Value::Null,
             resume: false,
-            new_tokens: None,
+            objective: None,
             init: None,
         },
         &cancel,
@@ -392,7 +392,7 @@ fn init_starts_from_an_earlier_adapter() {
     run(&model, &rows, &config(8, 1e-2, 0.0), &first, false, None);
     let trained = Adapter::<Flex>::load_peft(&first, &model.config, &Default::default()).unwrap();
     let cancel = CancelToken::new();
-    let want = evaluate(&model, &[], &trained, &rows[..1], &cancel)
+    let want = evaluate(&model, &[], &trained, None, &rows[..1], &cancel)
         .unwrap()
         .unwrap();
     let next = |c: &TrainConfig, init: Option<&std::path::Path>, out: &std::path::Path| {
@@ -407,7 +407,7 @@ fn init_starts_from_an_earlier_adapter() {
                 base_model: "tiny_llama",
                 metadata: serde_json::Value::Null,
                 resume: false,
-                new_tokens: None,
+                objective: None,
                 init,
             },
             &cancel,

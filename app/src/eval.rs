@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use codelsi_engine::adapter::Adapter;
-use codelsi_engine::device::OpenDevice;
+use codelsi_engine::cancel::CancelToken;
 use codelsi_engine::eval::{
     self, Completion, EvalEvent, GenerateSettings, Harness, Limits, Problem, Status,
 };
-use codelsi_engine::generate::CancelToken;
+use codelsi_engine::model::OpenDevice;
 use codelsi_engine::models::llama::Adapters;
 
 use crate::Format;
@@ -149,7 +149,7 @@ fn cmd_fit<B: OpenDevice>(args: &EvalArgs, data: &std::path::Path) -> Result<()>
     use codelsi_engine::train::data::{PromptTemplate, read_jsonl};
     let json = args.format == Format::Json;
     let file = if data.is_dir() {
-        data.join("val.jsonl")
+        codelsi_engine::dataset::DatasetDir::new(data).split(codelsi_engine::dataset::Split::Val)
     } else {
         data.to_path_buf()
     };

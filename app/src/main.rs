@@ -15,13 +15,15 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use codelsi_engine::adapter::Adapter;
-use codelsi_engine::device::{GpuInfo, OpenDevice, init_wgpu};
+use codelsi_engine::cancel::CancelToken;
+use codelsi_engine::device::{GpuInfo, init_wgpu};
 use codelsi_engine::fetch::{DEFAULT_MODEL, FetchStep, cache_dir, catalogue, ensure_model};
 use codelsi_engine::generate::{
-    BatchRequest, CancelToken, GenerateOptions, GenerateOutput, generate_batch, generate_with,
+    BatchRequest, GenerateOptions, GenerateOutput, generate_batch, generate_with,
 };
 use codelsi_engine::io::tokenizer::Message;
 use codelsi_engine::kernels::KernelBackend;
+use codelsi_engine::model::OpenDevice;
 use codelsi_engine::model::{LoadEvent, LoadedModel, load_model, resolve_model};
 use codelsi_engine::models::llama::Adapters;
 use codelsi_engine::quant::QFormat;

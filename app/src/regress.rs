@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use codelsi_engine::device::{OpenDevice, init_wgpu};
+use codelsi_engine::device::init_wgpu;
 use codelsi_engine::eval::{self, Harness};
 use codelsi_engine::io::tokenizer::Tokenizer;
 use codelsi_engine::kernels::qmatmul::{QPlan, QShape};
 use codelsi_engine::kernels::sweep::{self, Best, SweepSettings};
+use codelsi_engine::model::OpenDevice;
 use codelsi_engine::quant::QFormat;
 use codelsi_engine::regress::measure::{self, MeasureEvent, MeasureSettings};
 use codelsi_engine::regress::{

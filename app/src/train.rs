@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use burn::backend::Autodiff;
 use burn::tensor::Tensor;
 use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
-use codelsi_engine::device::OpenDevice;
+use codelsi_engine::model::OpenDevice;
 use codelsi_engine::quant::QFormat;
 use codelsi_engine::train::data::{self, DataSpec, PromptTemplate};
 use codelsi_engine::train::{Activations, Decay, TrainConfig, TrainEvent, TrainJob, train};
@@ -212,7 +212,7 @@ fn train_on<B: OpenDevice>(args: &TrainArgs, config: &TrainConfig) -> Result<()>
             "device": gpu.to_string(),
         }),
         resume: args.resume,
-        new_tokens: None,
+        objective: None,
         init: args.init_adapter.as_deref(),
     };
     run(args, config, job)
@@ -372,7 +372,8 @@ fn train_regression<B: OpenDevice>(
             );
         }
     }
-    let rows = codelsi_engine::regress::init_number_rows(&loaded.model, &loaded.tokenizer)?;
+    let objective =
+        codelsi_engine::regress::NumberObjective::new(&loaded.model, &loaded.tokenizer)?;
     let model_name = loaded.info.file_name();
     let job = TrainJob {
         model: &loaded.model,
@@ -395,7 +396,7 @@ fn train_regression<B: OpenDevice>(
             "device": gpu.to_string(),
         }),
         resume: args.resume,
-        new_tokens: Some(rows),
+        objective: Some(&objective),
         init: args.init_adapter.as_deref(),
     };
     run(args, config, job)

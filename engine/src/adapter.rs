@@ -4,7 +4,7 @@
 //! freely between codelsi and PEFT.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::files::{replace_dir, temp_beside, write_atomic};
 use crate::io::WeightSource;
 use crate::io::safetensors::SafetensorsWeights;
 use crate::models::config::Config;
@@ -589,53 +590,6 @@ pub fn safetensors_bytes<B: Backend>(tensors: &[(String, &Tensor<B, 2>)]) -> Res
     meta.insert("format".to_string(), "pt".to_string());
     safetensors::serialize(views, Some(meta))
         .map_err(|e| Error::InvalidArgument(format!("writing safetensors: {e}")))
-}
-
-/// Write `bytes` to `path` through a temporary file and a rename.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
-/// A temporary name beside `path` (`.NAME.tmp-PID`, `fallback` when `path` has no file name)
-/// for writing an output before renaming it into place; creates the parent directory.
-pub(crate) fn temp_beside(path: &Path, fallback: &str) -> Result<PathBuf> {
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = path.file_name().map_or_else(
-        || fallback.to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    );
-    Ok(parent.join(format!(".{name}.tmp-{}", std::process::id())))
-}
-
-/// Move `tmp` to `dir`, replacing an older `dir` (kept aside until the new one is in place).
-pub(crate) fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
-    let old: PathBuf = {
-        let mut s = dir.as_os_str().to_owned();
-        s.push(format!(".old-{}", std::process::id()));
-        s.into()
-    };
-    let had_old = dir.exists();
-    if had_old {
-        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
-    }
-    if let Err(e) = std::fs::rename(tmp, dir) {
-        if had_old {
-            let _ = std::fs::rename(&old, dir);
-        }
-        return Err(Error::io(dir, e));
-    }
-    if had_old {
-        let _ = std::fs::remove_dir_all(&old);
-    }
-    Ok(())
 }
 
 /// The fields of PEFT's `adapter_config.json` codelsi reads and writes. Unknown fields are

@@ -154,31 +154,6 @@ pub fn adapter_is_cpu() -> bool {
     matches!(GPU.get(), Some(Ok(info)) if info.device_type == "Cpu")
 }
 
-/// A backend the engine can open a device of: the GPU path (wgpu), the CPU path (burn-flex), and
-/// either under autodiff for training. Commands are generic over it and pick one at run time.
-pub trait OpenDevice: crate::kernels::KernelBackend {
-    /// The device to load onto, and what it is (for reports).
-    fn open() -> Result<(Self::Device, GpuInfo)>;
-}
-
-impl OpenDevice for Wgpu {
-    fn open() -> Result<(Self::Device, GpuInfo)> {
-        init_wgpu()
-    }
-}
-
-impl OpenDevice for burn::backend::Flex {
-    fn open() -> Result<(Self::Device, GpuInfo)> {
-        Ok((Default::default(), cpu_info()))
-    }
-}
-
-impl<B: OpenDevice> OpenDevice for burn::backend::Autodiff<B> {
-    fn open() -> Result<(Self::Device, GpuInfo)> {
-        B::open()
-    }
-}
-
 /// [`GpuInfo::backend`] of the CPU path.
 const CPU_BACKEND: &str = "burn-flex";
 

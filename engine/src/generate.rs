@@ -1,33 +1,16 @@
 //! The generation loop: prefill, then decode token by token with streaming, stop strings, EOS,
 //! a cancel token, and the figures a user wants (tokens, tokens/s).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::tensor::Tensor;
 
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use crate::io::tokenizer::Tokenizer;
 use crate::kernels::KernelBackend;
 use crate::models::llama::{Adapters, Llama};
 use crate::sampling::{Sampler, SamplingParams, top_logprobs};
-
-/// Shared flag that stops long work at the next step. Clone it into another thread to cancel.
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
-
-impl CancelToken {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {

@@ -17,13 +17,14 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use serde::Serialize;
 
-use crate::adapter::{HostAdapter, Target, replace_dir, temp_beside};
+use crate::adapter::{HostAdapter, Target};
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
-use crate::generate::CancelToken;
+use crate::files::{replace_dir, temp_beside};
 use crate::io::gguf::{GgufFile, GgufTensorDecl, Value, write_gguf_stream};
 use crate::io::safetensors::SafetensorsWeights;
 use crate::io::tokenizer::Tokenizer;
-use crate::io::{GgufWeights, WeightSource, gguf_name, gguf_qk_rows};
+use crate::io::{WeightSource, gguf_name, gguf_qk_rows};
 use crate::models::config::Config;
 use crate::quant::{GgmlType, dequantize_into, quantize_blocks};
 
@@ -216,7 +217,7 @@ pub fn merge(
             let tokenizer = Tokenizer::from_gguf(file)?;
             let files = tokenizer.hf_files(config.max_position_embeddings)?;
             let files = files.into_iter().map(|(n, b)| (n.to_string(), b)).collect();
-            let weights = GgufWeights::new(file, &config);
+            let weights = config.gguf_weights(file);
             write_hf(&weights, files, &tmp.0, &mut ctx)?;
         }
         (MergeFormat::HfF16, Base::Hf(dir)) => {
@@ -497,7 +498,7 @@ fn write_gguf(
             }
         }
     }
-    let permuted = GgufWeights::new(file, config).unpermute_qk;
+    let permuted = config.gguf_weights(file).unpermute_qk;
     // Each merged weight keeps its type when codelsi can quantise to it; K-quants become Q8_0
     // (F16 when rows are not whole 32-blocks).
     let mut decls = Vec::with_capacity(file.tensors.len());

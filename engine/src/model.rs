@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::device;
 use crate::error::{Error, Result};
 use crate::fetch::{FetchStep, ensure_model, is_catalogue_name};
-use crate::io::GgufWeights;
 use crate::io::gguf::GgufFile;
 use crate::io::safetensors::SafetensorsWeights;
 use crate::io::tokenizer::Tokenizer;
@@ -13,6 +13,31 @@ use crate::kernels::KernelBackend;
 use crate::models::config::Config;
 use crate::models::llama::Llama;
 use crate::quant::QFormat;
+
+/// A backend the engine can open a device of: the GPU path (wgpu), the CPU path (burn-flex), and
+/// either under autodiff for training. Commands are generic over it and pick one at run time.
+pub trait OpenDevice: KernelBackend {
+    /// The device to load onto, and what it is (for reports).
+    fn open() -> Result<(Self::Device, device::GpuInfo)>;
+}
+
+impl OpenDevice for device::Wgpu {
+    fn open() -> Result<(Self::Device, device::GpuInfo)> {
+        device::init_wgpu()
+    }
+}
+
+impl OpenDevice for burn::backend::Flex {
+    fn open() -> Result<(Self::Device, device::GpuInfo)> {
+        Ok((Default::default(), device::cpu_info()))
+    }
+}
+
+impl<B: OpenDevice> OpenDevice for burn::backend::Autodiff<B> {
+    fn open() -> Result<(Self::Device, device::GpuInfo)> {
+        B::open()
+    }
+}
 
 /// What a loaded model is, for reports and the app.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -120,7 +145,7 @@ pub fn load_model<B: KernelBackend>(
     let gguf = GgufFile::open(path)?;
     let config = Config::from_gguf(&gguf)?;
     let tokenizer = Tokenizer::from_gguf(&gguf)?;
-    let weights = GgufWeights::new(&gguf, &config);
+    let weights = config.gguf_weights(&gguf);
     let model = Llama::load(config.clone(), &weights, quantize, device, &mut upload)?;
     let file_bytes = gguf.tensors.iter().map(|t| t.len).sum();
     let info = info(

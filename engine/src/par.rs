@@ -4,8 +4,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
-use crate::generate::CancelToken;
 
 /// `n` when it is set, else one per core.
 pub fn threads(n: usize) -> usize {

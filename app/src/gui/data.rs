@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use codelsi_engine::dataset::{DatasetDir, Excluded, Split};
 use codelsi_engine::import::{
     ImportEvent, ImportOptions, ImportReport, import_records, import_repo,
 };
@@ -13,35 +14,10 @@ use serde_json::Value;
 use super::Shared;
 use super::jobs::{Job, drain};
 
-/// Excluded pairs are moved here (with their split), never deleted.
-const EXCLUDED_FILE: &str = "excluded.jsonl";
-
 enum Msg {
     Progress(String, f32),
     Done(Box<Dataset>),
     Failed(String),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Split {
-    Train,
-    Val,
-}
-
-impl Split {
-    fn file(self) -> &'static str {
-        match self {
-            Split::Train => "train.jsonl",
-            Split::Val => "val.jsonl",
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Split::Train => "train",
-            Split::Val => "val",
-        }
-    }
 }
 
 /// One training pair as the panel shows it; `record` is the line as written.
@@ -123,46 +99,20 @@ pub struct Dataset {
     pub dirty: bool,
 }
 
-fn read_lines(path: &Path) -> Result<Vec<Value>, String> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| format!("{} line {}: not JSON: {e}", path.display(), i + 1))
-        })
-        .collect()
-}
-
 impl Dataset {
     /// Read the dataset in `dir`: its pairs, earlier exclusions and report.
     pub fn open(dir: &Path) -> Result<Self, String> {
-        if !dir.join("train.jsonl").is_file() {
-            return Err(format!(
-                "{} has no train.jsonl: not a dataset folder",
-                dir.display()
-            ));
-        }
+        let folder = DatasetDir::open(dir).map_err(|e| e.to_string())?;
         let mut pairs = Vec::new();
         for split in [Split::Train, Split::Val] {
-            for v in read_lines(&dir.join(split.file()))? {
+            for v in folder.records(split).map_err(|e| e.to_string())? {
                 pairs.push(PairView::new(split, v, false));
             }
         }
-        for v in read_lines(&dir.join(EXCLUDED_FILE))? {
-            let split = match v.get("split").and_then(Value::as_str) {
-                Some("val") => Split::Val,
-                _ => Split::Train,
-            };
-            let record = v.get("record").cloned().unwrap_or(Value::Null);
-            pairs.push(PairView::new(split, record, true));
+        for e in folder.excluded().map_err(|e| e.to_string())? {
+            pairs.push(PairView::new(e.split, e.record, true));
         }
-        let report = std::fs::read(dir.join("report.json"))
+        let report = std::fs::read(folder.report())
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         Ok(Self {
@@ -174,32 +124,22 @@ impl Dataset {
     }
 
     /// Write the kept pairs back to their split files and the excluded ones to
-    /// `excluded.jsonl`; each file is replaced whole, through a temporary file.
+    /// `excluded.jsonl` (with their split, so they can be restored).
     pub fn save(&mut self) -> Result<(), String> {
-        let mut files: [(String, &str); 3] = [
-            (String::new(), Split::Train.file()),
-            (String::new(), Split::Val.file()),
-            (String::new(), EXCLUDED_FILE),
-        ];
+        let (mut train, mut val, mut excluded) = (vec![], vec![], vec![]);
         for p in &self.pairs {
-            let (i, line) = match (p.excluded, p.split) {
-                (false, Split::Train) => (0, p.record.to_string()),
-                (false, Split::Val) => (1, p.record.to_string()),
-                (true, s) => (
-                    2,
-                    serde_json::json!({"split": s.name(), "record": p.record}).to_string(),
-                ),
-            };
-            files[i].0.push_str(&line);
-            files[i].0.push('\n');
+            match (p.excluded, p.split) {
+                (false, Split::Train) => train.push(p.record.clone()),
+                (false, Split::Val) => val.push(p.record.clone()),
+                (true, split) => excluded.push(Excluded {
+                    split,
+                    record: p.record.clone(),
+                }),
+            }
         }
-        for (text, name) in &files {
-            let path = self.dir.join(name);
-            let tmp = self.dir.join(format!(".{name}.tmp"));
-            std::fs::write(&tmp, text)
-                .and_then(|_| std::fs::rename(&tmp, &path))
-                .map_err(|e| format!("could not save {}: {e}", path.display()))?;
-        }
+        DatasetDir::new(&self.dir)
+            .save(&train, &val, &excluded)
+            .map_err(|e| format!("could not save: {e}"))?;
         self.dirty = false;
         Ok(())
     }

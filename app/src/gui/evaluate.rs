@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use codelsi_engine::adapter::Adapter;
+use codelsi_engine::cancel::CancelToken;
 use codelsi_engine::eval::{
     self, EvalEvent, GenerateSettings, Harness, Limits, SampleResult, Status, Summary,
 };
-use codelsi_engine::generate::CancelToken;
 use codelsi_engine::kernels::KernelBackend;
 use codelsi_engine::model::LoadedModel;
 use codelsi_engine::models::llama::Adapters;

@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 
 use codelsi_engine::adapter::Adapter;
-use codelsi_engine::generate::{CancelToken, GenerateOptions, generate_with};
+use codelsi_engine::cancel::CancelToken;
+use codelsi_engine::generate::{GenerateOptions, generate_with};
 use codelsi_engine::kernels::KernelBackend;
 use codelsi_engine::model::LoadedModel;
 use codelsi_engine::models::llama::Adapters;

@@ -4,7 +4,7 @@
 
 use std::sync::mpsc::{Receiver, Sender, channel};
 
-use codelsi_engine::generate::CancelToken;
+use codelsi_engine::cancel::CancelToken;
 use eframe::egui;
 
 /// What a job sends to the UI thread.

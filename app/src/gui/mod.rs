@@ -105,7 +105,7 @@ impl Settings {
             dirs.sort();
             dirs
         };
-        for d in subdirs("datasets", "train.jsonl") {
+        for d in subdirs("datasets", codelsi_engine::dataset::DatasetDir::TRAIN) {
             if !self.datasets.contains(&d) {
                 self.datasets.push(d);
             }
@@ -370,7 +370,8 @@ fn mb(bytes: usize) -> String {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use codelsi_engine::generate::{CancelToken, GenerateOptions, generate};
+    use codelsi_engine::cancel::CancelToken;
+    use codelsi_engine::generate::{GenerateOptions, generate};
     use egui_kittest::Harness;
     use egui_kittest::kittest::Queryable;
 
@@ -558,8 +559,8 @@ mod tests {
                 base_model: "tiny_llama",
                 metadata: serde_json::json!({ "regression": spec }),
                 resume: false,
-                new_tokens: Some(
-                    regress::init_number_rows(&m.model, &m.tokenizer)
+                objective: Some(
+                    &regress::NumberObjective::new(&m.model, &m.tokenizer)
                         .unwrap_or_else(|e| panic!("{e}")),
                 ),
                 init: None,

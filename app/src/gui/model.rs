@@ -5,8 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use burn::backend::Flex;
-use codelsi_engine::device::{GpuInfo, OpenDevice, Wgpu};
+use codelsi_engine::device::{GpuInfo, Wgpu};
 use codelsi_engine::fetch::{DEFAULT_MODEL, FetchStep, catalogue};
+use codelsi_engine::model::OpenDevice;
 use codelsi_engine::model::{LoadEvent, LoadedModel, load_model, resolve_model};
 use eframe::egui;
 

@@ -767,7 +767,7 @@ fn duration(secs: f64) -> String {
 fn run(
     inputs: &RunInputs,
     tx: &Tx<Msg>,
-    cancel: &codelsi_engine::generate::CancelToken,
+    cancel: &codelsi_engine::cancel::CancelToken,
     estimate: bool,
 ) -> codelsi_engine::Result<()> {
     on_model!(&inputs.model, m => run_on(m, inputs, tx, cancel, estimate))
@@ -778,7 +778,7 @@ fn run_on<B: KernelBackend>(
     loaded: &LoadedModel<B>,
     inputs: &RunInputs,
     tx: &Tx<Msg>,
-    cancel: &codelsi_engine::generate::CancelToken,
+    cancel: &codelsi_engine::cancel::CancelToken,
     estimate: bool,
 ) -> codelsi_engine::Result<()> {
     let s = &inputs.settings;
@@ -849,7 +849,7 @@ fn run_on<B: KernelBackend>(
                 "app": true,
             }),
             resume: inputs.resume,
-            new_tokens: None,
+            objective: None,
             init: None,
         },
         cancel,

@@ -4,8 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::cancel::CancelToken;
 use crate::error::Result;
-use crate::generate::{CancelToken, GenerateOptions, generate_with};
+use crate::generate::{GenerateOptions, generate_with};
 use crate::io::tokenizer::Tokenizer;
 use crate::kernels::KernelBackend;
 use crate::models::llama::{Adapters, Llama};

@@ -14,8 +14,9 @@ use std::sync::LazyLock;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
-use crate::generate::{BatchRequest, CancelToken, GenerateOptions, generate_batch};
+use crate::generate::{BatchRequest, GenerateOptions, generate_batch};
 use crate::io::tokenizer::{Message, Tokenizer};
 use crate::kernels::KernelBackend;
 use crate::models::llama::{Adapters, Llama};

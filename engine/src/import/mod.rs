@@ -16,7 +16,7 @@ pub mod secrets;
 pub mod walk;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -24,9 +24,10 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use crate::adapter::write_atomic;
+use crate::cancel::CancelToken;
+use crate::dataset::{DatasetDir, Split};
 use crate::error::{Error, Result};
-use crate::generate::CancelToken;
+use crate::files::write_atomic;
 use crate::io::tokenizer::{Message, Tokenizer};
 use crate::par::par_map;
 pub use pairs::{Pair, PairKind, Source};
@@ -195,9 +196,6 @@ impl ImportReport {
     }
 }
 
-/// Files an import writes into its output folder.
-pub const OUTPUT_FILES: [&str; 3] = ["train.jsonl", "val.jsonl", "report.json"];
-
 fn check_out(out: &Path, force: bool) -> Result<()> {
     if out.is_file() {
         return Err(Error::InvalidArgument(format!(
@@ -206,7 +204,7 @@ fn check_out(out: &Path, force: bool) -> Result<()> {
         )));
     }
     if !force
-        && let Some(f) = OUTPUT_FILES
+        && let Some(f) = DatasetDir::IMPORT_FILES
             .iter()
             .map(|f| out.join(f))
             .find(|p| p.exists())
@@ -524,13 +522,14 @@ fn finish(
     }
 
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    write_atomic(&out.join("train.jsonl"), &jsonl(&train)?)?;
-    write_atomic(&out.join("val.jsonl"), &jsonl(&val)?)?;
+    let dataset = DatasetDir::new(out);
+    write_atomic(&dataset.split(Split::Train), &jsonl(&train)?)?;
+    write_atomic(&dataset.split(Split::Val), &jsonl(&val)?)?;
     let json = serde_json::to_vec_pretty(&report).map_err(|e| Error::Json {
         path: out.join("report.json"),
         source: e,
     })?;
-    write_atomic(&out.join("report.json"), &json)?;
+    write_atomic(&dataset.report(), &json)?;
     Ok(report)
 }
 
@@ -780,15 +779,4 @@ fn record_pair(v: &Json, file: &str, line: usize) -> std::result::Result<Pair, S
         });
     }
     Err("not an Alpaca (instruction, output), chat (messages) or problem (prompt, canonical_solution) record".into())
-}
-
-/// The dataset folder's training file, for commands that take a folder or a file.
-pub fn dataset_files(data: &Path) -> (PathBuf, Option<PathBuf>) {
-    if data.is_dir() {
-        let val = data.join("val.jsonl");
-        let has_val = std::fs::metadata(&val).is_ok_and(|m| m.len() > 0);
-        (data.join("train.jsonl"), has_val.then_some(val))
-    } else {
-        (data.to_path_buf(), None)
-    }
 }

@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
-use crate::generate::CancelToken;
 
 use super::secrets;
 

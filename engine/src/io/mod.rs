@@ -164,22 +164,6 @@ pub struct GgufWeights<'a> {
     pub unpermute_qk: bool,
 }
 
-impl<'a> GgufWeights<'a> {
-    /// The weights of `file`, a model of shape `config`.
-    pub fn new(file: &'a GgufFile, config: &crate::models::config::Config) -> Self {
-        use crate::models::config::Architecture;
-        Self {
-            file,
-            n_heads: config.num_attention_heads,
-            n_kv_heads: config.num_key_value_heads,
-            unpermute_qk: matches!(
-                config.architecture,
-                Architecture::Llama | Architecture::Mistral
-            ),
-        }
-    }
-}
-
 impl WeightSource for GgufWeights<'_> {
     fn get(&self, hf_name: &str) -> Result<Option<HostTensor>> {
         let Some(name) = gguf_name(hf_name) else {

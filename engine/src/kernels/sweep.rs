@@ -19,9 +19,9 @@ use rand::{Rng, SeedableRng};
 use super::QTensor;
 use super::qmatmul::{MAX_WORKGROUP, QPlan, QShape, q_matmul_planned};
 use super::reference;
+use crate::cancel::CancelToken;
 use crate::device::Wgpu;
 use crate::error::{Error, Result};
-use crate::generate::CancelToken;
 use crate::quant::{QFormat, QMatrix};
 
 /// What to time.

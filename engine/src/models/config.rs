@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::io::GgufWeights;
 use crate::io::gguf::GgufFile;
 
 /// Model families that share the Llama block (RMSNorm, RoPE, GQA attention, SwiGLU MLP).
@@ -79,6 +80,20 @@ const MAX_VOCAB: usize = 1 << 22;
 const MAX_HEADS: usize = 1024;
 
 impl Config {
+    /// The weights of `file`, a GGUF of a model of this shape: the loader needs the head counts
+    /// and whether the converter permuted q/k rows (Llama-arch GGUFs; Qwen2 GGUFs are not).
+    pub fn gguf_weights<'a>(&self, file: &'a GgufFile) -> GgufWeights<'a> {
+        GgufWeights {
+            file,
+            n_heads: self.num_attention_heads,
+            n_kv_heads: self.num_key_value_heads,
+            unpermute_qk: matches!(
+                self.architecture,
+                Architecture::Llama | Architecture::Mistral
+            ),
+        }
+    }
+
     /// A tiny model for tests.
     pub fn tiny() -> Self {
         Self {

@@ -9,9 +9,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::Example;
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use crate::eval::{Completion, Harness, Limits, Problem, Status};
-use crate::generate::CancelToken;
 use crate::par::par_map;
 
 /// The metrics `measure` records.

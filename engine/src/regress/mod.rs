@@ -24,12 +24,13 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::{Adapter, NewTokens};
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
-use crate::generate::CancelToken;
 use crate::io::tokenizer::Tokenizer;
 use crate::kernels::KernelBackend;
 use crate::models::llama::{Adapters, KvCache, Llama};
 use crate::train::data::{Example as TokenExample, Row, pack_shared};
+use crate::train::objective::Objective;
 use number::{Class, NUM_TOKENS, TOKENS_PER_NUMBER, class_at};
 
 /// One piece of code and what was measured of it.
@@ -359,6 +360,42 @@ impl RegressionSpec {
 pub struct Regressor<B: KernelBackend> {
     pub spec: RegressionSpec,
     pub adapter: Adapter<B>,
+}
+
+/// The regression task's training objective: the adapter adds the number tokens (starting from
+/// [`init_number_rows`]), their rows embed them ([`embed_with_new`]), and the loss is over the
+/// tokens the number grammar allows at each answer position ([`number_nll`]).
+pub struct NumberObjective {
+    embed: Vec<f32>,
+    head: Vec<f32>,
+}
+
+impl NumberObjective {
+    /// The objective for `model`, its number tokens starting from `tok`'s texts of them.
+    pub fn new<B: KernelBackend>(model: &Llama<B>, tok: &Tokenizer) -> Result<Self> {
+        let (embed, head) = init_number_rows(model, tok)?;
+        Ok(Self { embed, head })
+    }
+}
+
+impl<B: KernelBackend> Objective<B> for NumberObjective {
+    fn new_token_rows(&self) -> (&[f32], &[f32]) {
+        (&self.embed, &self.head)
+    }
+
+    fn embed(&self, model: &Llama<B>, new: &NewTokens<B>, tokens: &[u32]) -> Result<Tensor<B, 3>> {
+        embed_with_new(model, new, tokens)
+    }
+
+    fn loss(
+        &self,
+        model: &Llama<B>,
+        new: &NewTokens<B>,
+        x: Tensor<B, 3>,
+        row: &Row,
+    ) -> Result<Tensor<B, 1>> {
+        number_nll(model, new, x, row)
+    }
 }
 
 /// The number-token rows a regression adapter starts from: each token's input embedding is the
@@ -862,5 +899,5 @@ pub fn write_examples(path: &Path, examples: &[Example]) -> Result<()> {
         text.push_str(&line);
         text.push('\n');
     }
-    crate::adapter::write_atomic(path, text.as_bytes())
+    crate::files::write_atomic(path, text.as_bytes())
 }

@@ -402,7 +402,7 @@ pub fn prepare(spec: &DataSpec<'_>, tokenizer: &Tokenizer) -> Result<Prepared> {
             "the row length (max_len) must be at least 8 tokens".into(),
         ));
     }
-    let (train_file, dataset_val) = crate::import::dataset_files(spec.data);
+    let (train_file, dataset_val) = crate::dataset::DatasetDir::files(spec.data);
     let records = read_jsonl(&train_file)?;
     let (train_records, val_records) = match spec.val.map(Path::to_path_buf).or(dataset_val) {
         Some(v) => (records, read_jsonl(&v)?),

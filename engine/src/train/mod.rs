@@ -12,6 +12,7 @@
 //! optimiser's moments and the step.
 
 pub mod data;
+pub mod objective;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -27,13 +28,14 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::{Adapter, LoraConfig, NewTokens, safetensors_bytes};
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
-use crate::generate::CancelToken;
 use crate::io::WeightSource;
 use crate::io::safetensors::SafetensorsWeights;
 use crate::kernels::{KernelBackend, to_dtype, widen};
 use crate::models::llama::{Adapters, Llama, Packed};
 use data::Row;
+use objective::Objective;
 
 /// How the learning rate decays after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,13 +274,12 @@ pub struct TrainJob<'a, B: KernelBackend> {
     /// Extra metadata written beside the adapter (`codelsi_adapter.json`), as JSON.
     pub metadata: serde_json::Value,
     pub resume: bool,
-    /// New tokens the adapter adds and trains, `(embed, head)` rows to start from, each
-    /// `[n, hidden]` row-major (a regression adapter's number tokens). Their rows then take the
-    /// loss: every label must be one of them ([`crate::regress::number_nll`]).
-    pub new_tokens: Option<(Vec<f32>, Vec<f32>)>,
+    /// The objective of an adapter that adds tokens of its own (a task hands it over: the
+    /// regression task's number tokens). `None`: next-token prediction over the base vocabulary.
+    pub objective: Option<&'a dyn Objective<Autodiff<B>>>,
     /// Start from this adapter's weights instead of fresh ones: training an adapter further on
-    /// new data. Its rank, alpha and targets must be `config.lora`'s; a regression adapter's
-    /// trained number-token rows replace `new_tokens`. The optimiser starts afresh.
+    /// new data. Its rank, alpha and targets must be `config.lora`'s; the added tokens' trained
+    /// rows replace the objective's starting rows. The optimiser starts afresh.
     pub init: Option<&'a Path>,
 }
 
@@ -338,7 +339,7 @@ pub fn train<B: KernelBackend>(
                 ckpt.display()
             )));
         }
-        if a.new_tokens.is_some() != job.new_tokens.is_some() {
+        if a.new_tokens.is_some() != job.objective.is_some() {
             return Err(Error::InvalidArgument(format!(
                 "{}: the checkpoint is of another kind of adapter (regression or not)",
                 ckpt.display()
@@ -360,10 +361,11 @@ pub fn train<B: KernelBackend>(
             Some(dir) => start_from(dir, &job, &device)?,
             None => {
                 let mut a = Adapter::<B>::init(c.lora.clone(), &job.model.config, c.seed, &device)?;
-                if let Some((embed, head)) = &job.new_tokens {
+                if let Some(objective) = job.objective {
+                    let (embed, head) = objective.new_token_rows();
                     a.new_tokens = Some(NewTokens::from_host(
-                        embed.clone(),
-                        head.clone(),
+                        embed.to_vec(),
+                        head.to_vec(),
                         job.model.config.hidden_size,
                         &device,
                     )?);
@@ -516,7 +518,14 @@ fn eval_and_report<B: KernelBackend>(
     if job.val.is_empty() {
         return Ok(());
     }
-    if let Some(v) = evaluate(job.model, job.frozen, adapter, job.val, cancel)? {
+    if let Some(v) = evaluate(
+        job.model,
+        job.frozen,
+        adapter,
+        job.objective,
+        job.val,
+        cancel,
+    )? {
         state.val_losses.push((state.step, v));
         on_event(TrainEvent::Eval {
             step: state.step,
@@ -544,47 +553,66 @@ pub fn row_nll<B: KernelBackend>(
 }
 
 /// [`row_nll`] where `owner` (one of `adapters`) may add tokens of its own, which then take
-/// the loss.
+/// the loss through `objective`.
 fn row_nll_of<B: KernelBackend>(
     model: &Llama<B>,
     adapters: Adapters<'_, B>,
     owner: Option<&Adapter<B>>,
+    objective: Option<&dyn Objective<B>>,
     row: &Row,
 ) -> Result<(Tensor<B, 1>, usize)> {
     let Some(owner) = owner.filter(|a| a.new_tokens.is_some()) else {
         return row_nll(model, adapters, row);
     };
     let inputs = model.packed_inputs(packed(row), DType::F32)?;
-    let mut x = embed_row(model, owner, &row.tokens)?;
+    let mut x = embed_row(model, owner, objective, &row.tokens)?;
     for i in 0..model.layers.len() {
         x = model.layer_packed(i, x, &inputs, adapters);
     }
-    Ok((row_loss(model, owner, x, row)?, row.targets()))
+    Ok((row_loss(model, owner, objective, x, row)?, row.targets()))
+}
+
+/// The tokens `adapter` adds and the objective that trains them; `None` when it adds none.
+fn added<'b, B: KernelBackend>(
+    adapter: &'b Adapter<B>,
+    objective: Option<&'b dyn Objective<B>>,
+) -> Result<Option<(&'b NewTokens<B>, &'b dyn Objective<B>)>> {
+    match (&adapter.new_tokens, objective) {
+        (None, _) => Ok(None),
+        (Some(new), Some(objective)) => Ok(Some((new, objective))),
+        (Some(_), None) => Err(Error::InvalidArgument(
+            "the adapter adds tokens of its own, and this run has no objective for them \
+             (a regression adapter trains with --task regression)"
+                .into(),
+        )),
+    }
 }
 
 /// A row's input embeddings: the base table's, and `adapter`'s rows for tokens it adds.
 fn embed_row<B: KernelBackend>(
     model: &Llama<B>,
     adapter: &Adapter<B>,
+    objective: Option<&dyn Objective<B>>,
     tokens: &[u32],
 ) -> Result<Tensor<B, 3>> {
-    match &adapter.new_tokens {
+    match added(adapter, objective)? {
         None => model.embed(tokens),
-        Some(n) => crate::regress::embed_with_new(model, n, tokens),
+        Some((new, objective)) => objective.embed(model, new, tokens),
     }
 }
 
 /// Summed negative log-likelihood of a row's labels from the last layer's output `x`: the LM
-/// head's, or over `adapter`'s new tokens when it adds some.
+/// head's, or the objective's over `adapter`'s new tokens when it adds some.
 fn row_loss<B: KernelBackend>(
     model: &Llama<B>,
     adapter: &Adapter<B>,
+    objective: Option<&dyn Objective<B>>,
     x: Tensor<B, 3>,
     row: &Row,
 ) -> Result<Tensor<B, 1>> {
-    match &adapter.new_tokens {
+    match added(adapter, objective)? {
         None => Ok(nll_of_logits(model.head(x), row)),
-        Some(n) => crate::regress::number_nll(model, n, x, row),
+        Some((new, objective)) => objective.loss(model, new, x, row),
     }
 }
 
@@ -675,12 +703,15 @@ fn row_grads_full<B: KernelBackend>(
         train: true,
     };
     let inputs = model.packed_inputs(packed(row), pass.dtype)?;
-    let mut x = to_dtype(embed_row(model, tracked, &row.tokens)?, pass.dtype);
+    let mut x = to_dtype(
+        embed_row(model, tracked, job.objective, &row.tokens)?,
+        pass.dtype,
+    );
     for i in 0..model.layers.len() {
         (pass.reseed)(i);
         x = model.layer_packed(i, x, &inputs, adapters);
     }
-    let loss = row_loss(model, tracked, widen(x), row)? / pass.targets as f64;
+    let loss = row_loss(model, tracked, job.objective, widen(x), row)? / pass.targets as f64;
     let value: f64 = loss.clone().inner().into_scalar().elem();
     crate::device::check_device(|| format!("training on a row of {} tokens", row.tokens.len()))?;
     let grads = (loss * pass.loss_scale()).backward();
@@ -845,6 +876,7 @@ pub fn evaluate<B: KernelBackend>(
     model: &Llama<Autodiff<B>>,
     frozen: &[&Adapter<Autodiff<B>>],
     adapter: &Adapter<B>,
+    objective: Option<&dyn Objective<Autodiff<B>>>,
     rows: &[Row],
     cancel: &CancelToken,
 ) -> Result<Option<f64>> {
@@ -855,7 +887,7 @@ pub fn evaluate<B: KernelBackend>(
         list: &list,
         train: false,
     };
-    mean_loss_of(model, adapters, Some(&untracked), rows, cancel)
+    mean_loss_of(model, adapters, Some(&untracked), objective, rows, cancel)
 }
 
 /// Mean per-token loss of `rows` under `adapters` (none: the base model).
@@ -865,7 +897,7 @@ pub fn mean_loss<B: KernelBackend>(
     rows: &[Row],
     cancel: &CancelToken,
 ) -> Result<Option<f64>> {
-    mean_loss_of(model, adapters, None, rows, cancel)
+    mean_loss_of(model, adapters, None, None, rows, cancel)
 }
 
 /// [`mean_loss`] where `owner` (one of `adapters`) may add tokens of its own (see
@@ -874,6 +906,7 @@ fn mean_loss_of<B: KernelBackend>(
     model: &Llama<B>,
     adapters: Adapters<'_, B>,
     owner: Option<&Adapter<B>>,
+    objective: Option<&dyn Objective<B>>,
     rows: &[Row],
     cancel: &CancelToken,
 ) -> Result<Option<f64>> {
@@ -883,7 +916,7 @@ fn mean_loss_of<B: KernelBackend>(
         if cancel.is_cancelled() {
             return Ok(None);
         }
-        let (nll, count) = row_nll_of(model, adapters, owner, row)?;
+        let (nll, count) = row_nll_of(model, adapters, owner, objective, row)?;
         let v: f32 = nll.into_scalar().elem();
         total += v as f64;
         n += count;
@@ -923,10 +956,10 @@ fn start_from<B: KernelBackend>(
             want.targets.len()
         )));
     }
-    match (&a.new_tokens, &job.new_tokens) {
+    match (&a.new_tokens, job.objective) {
         (None, None) => {}
-        (Some(have), Some((embed, _))) => {
-            let rows = embed.len() / job.model.config.hidden_size;
+        (Some(have), Some(objective)) => {
+            let rows = objective.new_token_rows().0.len() / job.model.config.hidden_size;
             let have = have.embed.dims()[0];
             if have != rows {
                 return Err(Error::InvalidArgument(format!(
