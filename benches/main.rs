@@ -246,7 +246,7 @@ fn train_bench<B: KernelBackend>(
             config: &config,
             out: &out,
             base_model: "bench",
-            metadata: serde_json::Value::Null,
+            run: Default::default(),
             resume: false,
             objective: None,
             init: None,

@@ -109,7 +109,10 @@ fn learns_and_predicts_numbers() {
             config: &config(80),
             out: &out,
             base_model: "tiny_llama",
-            metadata: serde_json::json!({ "regression": spec }),
+            run: codelsi_engine::train::meta::RunInfo {
+                regression: Some(serde_json::to_value(&spec).unwrap_or_else(|e| panic!("{e}"))),
+                ..Default::default()
+            },
             resume: false,
             objective: Some(&objective),
             init: None,

@@ -52,6 +52,48 @@ struct Cli {
     /// an HF folder; `none` to pick one in the app).
     #[arg(long, default_value = "default")]
     model: String,
+    /// Show the engine's debug logs (kernel plans, load timings, batch sizes); twice for trace.
+    /// `RUST_LOG` (e.g. `RUST_LOG=codelsi_engine=trace`) chooses them finely.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+/// Logs on stderr: what `RUST_LOG` asks for, else the engine's debug (`-v`) or trace (`-vv`)
+/// events, else nothing.
+fn init_logs(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match (std::env::var("RUST_LOG"), verbose) {
+        (Ok(spec), _) => EnvFilter::new(spec),
+        (Err(_), 0) => return,
+        (Err(_), 1) => EnvFilter::new("codelsi_engine=debug"),
+        (Err(_), _) => EnvFilter::new("codelsi_engine=trace"),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Mesa's Vulkan drivers print "XDG_RUNTIME_DIR is invalid or not set" to every user without a
+/// login session (ssh, containers, CI). They only want a private folder: give them one.
+fn private_runtime_dir() {
+    #[cfg(unix)]
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        use std::os::unix::fs::DirBuilderExt;
+        // SAFETY: `geteuid` has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        let dir = std::env::temp_dir().join(format!("codelsi-runtime-{uid}"));
+        let made = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+        let ours = std::fs::metadata(&dir).is_ok_and(|m| {
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            m.is_dir() && m.uid() == uid && m.permissions().mode() & 0o077 == 0
+        });
+        if (made.is_ok() || dir.is_dir()) && ours {
+            // SAFETY: called first thing in `main`, before any thread that reads the
+            // environment is started.
+            unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -204,8 +246,10 @@ struct GenerateArgs {
 }
 
 fn main() {
+    private_runtime_dir();
     codelsi_engine::device::keep_freed_memory();
     let cli = Cli::parse();
+    init_logs(cli.verbose);
     let _ = DEVICE.set(cli.device);
     codelsi_engine::device::set_cpu_threads(cli.threads);
     let result = match cli.command {

@@ -18,6 +18,7 @@ use codelsi_engine::regress::measure::{self, MeasureEvent, MeasureSettings};
 use codelsi_engine::regress::{
     self, Example, HeldOutReport, PredictSettings, Prediction, RegressionSpec, Regressor, stats,
 };
+use codelsi_engine::train::meta::AdapterMeta;
 
 use crate::{Format, load};
 
@@ -400,18 +401,16 @@ pub struct PredictArgs {
 
 /// Where a regression adapter's training data and split came from (`codelsi_adapter.json`).
 fn training_split(dir: &Path) -> Result<(PathBuf, f64, u64)> {
-    let path = dir.join("codelsi_adapter.json");
-    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-    let v: serde_json::Value = serde_json::from_str(&text)?;
-    let extra = &v["extra"];
-    let data = extra["data"]
-        .as_str()
-        .map(PathBuf::from)
+    let extra = AdapterMeta::read(dir)?
+        .with_context(|| format!("{}: no {}", dir.display(), AdapterMeta::FILE))?
+        .extra;
+    let data = extra
+        .data
         .context("the adapter does not record its data; pass --data")?;
     Ok((
         data,
-        extra["val_frac"].as_f64().unwrap_or(0.2),
-        extra["seed"].as_u64().unwrap_or(42),
+        extra.val_frac.unwrap_or(0.2),
+        extra.seed.unwrap_or(42),
     ))
 }
 

@@ -10,6 +10,7 @@ use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
 use codelsi_engine::model::OpenDevice;
 use codelsi_engine::quant::QFormat;
 use codelsi_engine::train::data::{self, DataSpec, PromptTemplate};
+use codelsi_engine::train::meta::RunInfo;
 use codelsi_engine::train::{Activations, Decay, TrainConfig, TrainEvent, TrainJob, train};
 
 use crate::{Format, load, parse_quant};
@@ -202,15 +203,16 @@ fn train_on<B: OpenDevice>(args: &TrainArgs, config: &TrainConfig) -> Result<()>
         config,
         out: &args.out,
         base_model: &model_name,
-        metadata: serde_json::json!({
-            "data": args.data,
-            "val": args.val,
-            "template": format!("{template:?}"),
-            "max_len": args.max_len,
-            "base_adapters": args.base_adapters,
-            "init_adapter": args.init_adapter,
-            "device": gpu.to_string(),
-        }),
+        run: RunInfo {
+            data: Some(args.data.clone()),
+            val: args.val.clone(),
+            template: Some(format!("{template:?}")),
+            max_len: Some(args.max_len),
+            base_adapters: args.base_adapters.clone(),
+            init_adapter: args.init_adapter.clone(),
+            device: Some(gpu.to_string()),
+            ..RunInfo::default()
+        },
         resume: args.resume,
         objective: None,
         init: args.init_adapter.as_deref(),
@@ -383,18 +385,19 @@ fn train_regression<B: OpenDevice>(
         config,
         out: &args.out,
         base_model: &model_name,
-        metadata: serde_json::json!({
-            "task": "regression",
-            "data": args.data,
-            "val_frac": val_frac,
-            "seed": args.seed,
-            "max_len": args.max_len,
-            "regression": data.spec,
-            "train_examples": data.train_examples,
-            "val_examples": data.val_examples,
-            "init_adapter": args.init_adapter,
-            "device": gpu.to_string(),
-        }),
+        run: RunInfo {
+            task: Some("regression".into()),
+            data: Some(args.data.clone()),
+            val_frac: Some(val_frac),
+            seed: Some(args.seed),
+            max_len: Some(args.max_len),
+            regression: Some(serde_json::to_value(&data.spec)?),
+            train_examples: Some(data.train_examples),
+            val_examples: Some(data.val_examples),
+            init_adapter: args.init_adapter.clone(),
+            device: Some(gpu.to_string()),
+            ..RunInfo::default()
+        },
         resume: args.resume,
         objective: Some(&objective),
         init: args.init_adapter.as_deref(),

@@ -209,7 +209,9 @@ pub fn set_cpu_threads(threads: Option<usize>) -> usize {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global();
-    rayon::current_num_threads()
+    let n = rayon::current_num_threads();
+    tracing::debug!(threads = n, "the CPU path's thread pool");
+    n
 }
 
 #[cfg(test)]

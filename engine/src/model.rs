@@ -124,6 +124,7 @@ pub fn load_model<B: KernelBackend>(
     device: &B::Device,
     progress: &mut dyn FnMut(LoadEvent),
 ) -> Result<LoadedModel<B>> {
+    let started = std::time::Instant::now();
     let mut upload = |done, total| progress(LoadEvent::Upload { done, total });
     if path.is_dir() {
         let config = Config::from_hf_json(&path.join("config.json"))?;
@@ -136,6 +137,8 @@ pub fn load_model<B: KernelBackend>(
         let model = Llama::load(config.clone(), &weights, quantize, device, &mut upload)?;
         let info = info(path, "HF safetensors", &config, quantization, &model, 0);
         uploaded::<B>(device, &info)?;
+        tracing::debug!(path = %path.display(), seconds = started.elapsed().as_secs_f64(),
+            device_bytes = info.device_bytes, backend = B::kernels_impl(), "loaded");
         return Ok(LoadedModel {
             model,
             tokenizer,
@@ -157,6 +160,9 @@ pub fn load_model<B: KernelBackend>(
         file_bytes,
     );
     uploaded::<B>(device, &info)?;
+    tracing::debug!(path = %path.display(), seconds = started.elapsed().as_secs_f64(),
+        device_bytes = info.device_bytes, types = %info.quantization, backend = B::kernels_impl(),
+        "loaded");
     Ok(LoadedModel {
         model,
         tokenizer,

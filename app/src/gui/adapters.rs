@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use codelsi_engine::merge::{MergeFormat, merge};
+use codelsi_engine::train::meta::AdapterMeta;
 use eframe::egui;
 use serde_json::Value;
 
@@ -51,7 +52,7 @@ impl AdapterInfo {
                 ..Self::default()
             };
         };
-        let meta = read_json(&dir.join("codelsi_adapter.json")).unwrap_or(Value::Null);
+        let meta = AdapterMeta::read(dir).ok().flatten().unwrap_or_default();
         let s = |v: &Value| match v {
             Value::String(s) => s.clone(),
             Value::Null => "–".into(),
@@ -76,9 +77,10 @@ impl AdapterInfo {
                     .join(", ")
             })
             .unwrap_or_else(|| "not evaluated".into());
-        let metrics: Vec<String> = meta["extra"]["regression"]["metrics"]
-            .as_array()
-            .map(|m| m.iter().map(s).collect())
+        let metrics: Vec<String> = codelsi_engine::regress::RegressionSpec::load(dir)
+            .ok()
+            .flatten()
+            .map(|spec| spec.metrics)
             .unwrap_or_default();
         Self {
             kind: if metrics.is_empty() {
@@ -93,9 +95,17 @@ impl AdapterInfo {
                 s(&cfg["r"]),
                 s(&cfg["lora_alpha"])
             ),
-            data: s(&meta["extra"]["data"]),
-            steps: s(&meta["steps"]),
-            final_loss: match (meta["final_loss"].as_f64(), meta["val_loss"].as_f64()) {
+            data: meta
+                .extra
+                .data
+                .as_ref()
+                .map_or("–".into(), |d| d.display().to_string()),
+            steps: if meta.steps > 0 {
+                meta.steps.to_string()
+            } else {
+                "–".into()
+            },
+            final_loss: match (meta.final_loss, meta.val_loss) {
                 (Some(l), Some(v)) => format!("{l:.4} (validation {v:.4})"),
                 (Some(l), None) => format!("{l:.4}"),
                 _ => "–".into(),

@@ -321,9 +321,13 @@ impl EvaluatePanel {
     }
 }
 
-/// Keep the adapter's latest score on `suite` in its folder (best effort: a read-only folder
-/// only loses the note).
-fn record_score(dir: &std::path::Path, suite: &str, s: &Summary, problems: usize) {
+/// Keep the adapter's latest score on `suite` in its folder, for the Adapters panel.
+fn record_score(
+    dir: &std::path::Path,
+    suite: &str,
+    s: &Summary,
+    problems: usize,
+) -> std::io::Result<()> {
     let path = dir.join(SCORES_FILE);
     let mut all: serde_json::Map<String, serde_json::Value> = std::fs::read(&path)
         .ok()
@@ -338,9 +342,7 @@ fn record_score(dir: &std::path::Path, suite: &str, s: &Summary, problems: usize
             "problems": problems,
         }),
     );
-    if let Ok(b) = serde_json::to_vec_pretty(&all) {
-        let _ = std::fs::write(path, b);
-    }
+    std::fs::write(path, serde_json::to_vec_pretty(&all)?)
 }
 
 /// What one click of "Run" asks for, taken from the panel when it starts.
@@ -429,7 +431,14 @@ fn run<B: KernelBackend>(
         })?;
         let summary = eval::summarize(&results);
         if let Some(d) = dir {
-            record_score(d, suite, &summary, total);
+            // A read-only adapter folder only loses the note on the Adapters panel; the
+            // evaluation's result stands, so this is said and not raised.
+            if let Err(e) = record_score(d, suite, &summary, total) {
+                eprintln!(
+                    "warning: could not record the score in {}: {e}",
+                    d.join(SCORES_FILE).display()
+                );
+            }
         }
         tx.send(Msg::Done(Box::new(RunResult {
             name: name.clone(),

@@ -557,7 +557,10 @@ mod tests {
                 config: &config,
                 out: &dir,
                 base_model: "tiny_llama",
-                metadata: serde_json::json!({ "regression": spec }),
+                run: codelsi_engine::train::meta::RunInfo {
+                    regression: Some(serde_json::to_value(&spec).unwrap_or_else(|e| panic!("{e}"))),
+                    ..Default::default()
+                },
                 resume: false,
                 objective: Some(
                     &regress::NumberObjective::new(&m.model, &m.tokenizer)

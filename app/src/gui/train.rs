@@ -11,6 +11,7 @@ use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
 use codelsi_engine::kernels::KernelBackend;
 use codelsi_engine::model::LoadedModel;
 use codelsi_engine::train::data::{self, DataSpec, PromptTemplate};
+use codelsi_engine::train::meta::RunInfo;
 use codelsi_engine::train::{
     Activations, Decay, TrainConfig, TrainEvent, TrainJob, TrainSummary, checkpoint_dir, train,
 };
@@ -840,14 +841,15 @@ fn run_on<B: KernelBackend>(
             config: &config,
             out: &inputs.out,
             base_model: &model_name,
-            metadata: serde_json::json!({
-                "data": inputs.data,
-                "template": format!("{template:?}"),
-                "max_len": s.max_len,
-                "base_adapters": inputs.frozen,
-                "device": inputs.gpu,
-                "app": true,
-            }),
+            run: RunInfo {
+                data: Some(inputs.data.clone()),
+                template: Some(format!("{template:?}")),
+                max_len: Some(s.max_len),
+                base_adapters: inputs.frozen.clone(),
+                device: Some(inputs.gpu.clone()),
+                app: true,
+                ..RunInfo::default()
+            },
             resume: inputs.resume,
             objective: None,
             init: None,

@@ -71,7 +71,10 @@ fn reference(rec: &Record) -> String {
 
 /// Measure `model` with `adapters` on `records`: loss over all of them, generations for the
 /// first `generate` of them (greedy, at most `max_tokens` each). `None` when cancelled.
-#[allow(clippy::too_many_arguments)] // one call site per front end; a struct would only rename these
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site per front end; a struct would only rename these"
+)]
 pub fn domain_fit<B: KernelBackend>(
     model: &Llama<B>,
     adapters: Adapters<'_, B>,

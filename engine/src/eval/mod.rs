@@ -300,6 +300,12 @@ pub fn generate_completions<B: KernelBackend>(
     let (slots, requests): (Vec<usize>, Vec<BatchRequest>) = pending.into_iter().unzip();
     let lens: Vec<usize> = requests.iter().map(|r| r.prompt_ids.len()).collect();
     for group in batches(&lens, settings.batch.max(1)) {
+        tracing::debug!(
+            rows = group.len(),
+            shortest = lens[group.start],
+            longest = lens[group.end - 1],
+            "generation batch"
+        );
         let (chunk, chunk_slots) = (&requests[group.clone()], &slots[group]);
         let outs = generate_batch(model, adapters, tokenizer, chunk, cancel, &mut |_, _| {
             on_done()
@@ -364,14 +370,20 @@ struct GradeJob<'a> {
 /// the entry point, less what the tests declare themselves.
 pub fn shared_names(problem: &Problem) -> Vec<String> {
     // The patterns are constants: a bad one panics in every test, never first in a user's hands.
-    #[allow(clippy::expect_used)]
+    #[allow(
+        clippy::expect_used,
+        reason = "constant data: a bad pattern fails every test"
+    )]
     static DECLARED: LazyLock<Regex> = LazyLock::new(|| {
         Regex::new(
             r"(?m)^(?:export\s+)?(?:async\s+)?(?:function\*?|const|let|var|class)\s+([A-Za-z_$][\w$]*)",
         )
         .expect("a valid pattern")
     });
-    #[allow(clippy::expect_used)]
+    #[allow(
+        clippy::expect_used,
+        reason = "constant data: a bad pattern fails every test"
+    )]
     static TEST_DECLARED: LazyLock<Regex> = LazyLock::new(|| {
         Regex::new(
             r"(?:\b(?:function\*?|const|let|var|class)|\bimport\s+\*\s+as|\bimport)\s+([A-Za-z_$][\w$]*)",

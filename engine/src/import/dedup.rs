@@ -17,7 +17,10 @@ pub const NEAR_THRESHOLD: f64 = 0.8;
 
 fn hash64<T: Hash + ?Sized>(t: &T, seed: u64) -> u64 {
     // SipHash with fixed keys: the same on every run, unlike `RandomState`.
-    #[allow(deprecated)]
+    #[allow(
+        deprecated,
+        reason = "SipHasher is deprecated as a HashMap hasher; here its fixed keys are the point"
+    )]
     let mut h = std::hash::SipHasher::new_with_keys(seed, 0x9e37_79b9_7f4a_7c15);
     t.hash(&mut h);
     h.finish()

@@ -158,7 +158,10 @@ struct Rules {
 
 // The rules are data shipped in the binary: a bad file fails every test, never first in a
 // user's hands.
-#[allow(clippy::expect_used)]
+#[allow(
+    clippy::expect_used,
+    reason = "constant data: a bad pattern fails every test"
+)]
 static RULES: LazyLock<Rules> = LazyLock::new(|| {
     let file: RuleFile = serde_json::from_str(include_str!("rules/gitleaks.json"))
         .expect("rules/gitleaks.json is valid");
@@ -198,7 +201,10 @@ static RULES: LazyLock<Rules> = LazyLock::new(|| {
     }
 });
 
-#[allow(clippy::expect_used)]
+#[allow(
+    clippy::expect_used,
+    reason = "constant data: a bad pattern fails every test"
+)]
 static EXTRA_PATTERNS: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
     EXTRAS
         .iter()
@@ -208,7 +214,10 @@ static EXTRA_PATTERNS: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
 
 /// A credential-looking name (its last word is checked in code) given a quoted value:
 /// `DB_PASS = "…"`, `password: '…'`, `"client_secret": "…"`, `signingKey := "…"`.
-#[allow(clippy::expect_used)]
+#[allow(
+    clippy::expect_used,
+    reason = "constant data: a bad pattern fails every test"
+)]
 static ASSIGNMENT: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r#"([A-Za-z_$][\w$.\-]*)["']?\s*(?:=|:|:=|=>)\s*(?:["'`]([^"'`\n]{4,200})["'`])"#)
         .expect("valid pattern")
@@ -217,7 +226,10 @@ static ASSIGNMENT: LazyLock<Regex> = LazyLock::new(|| {
 /// The default of an environment lookup: Python's `getenv("X", "d")` and
 /// `environ.get("X", "d")`, JavaScript's `process.env.X || "d"` (or `??`), Rust's
 /// `env::var("X").unwrap_or("d")`. Group 1 is the variable, group 2 the default.
-#[allow(clippy::expect_used)]
+#[allow(
+    clippy::expect_used,
+    reason = "constant data: a bad pattern fails every test"
+)]
 static ENV_DEFAULT: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
         r#"(?:getenv|environ\.get|env\.get)\(\s*["']([A-Za-z0-9_]+)["']\s*,\s*["']([^"'\n]{4,200})["']|process\.env(?:\.([A-Za-z0-9_]+)|\[["']([A-Za-z0-9_]+)["']\])\s*(?:\|\||\?\?)\s*["'`]([^"'`\n]{4,200})["'`]|env::var\(\s*"([A-Za-z0-9_]+)"\s*\)\s*\.unwrap_or\(\s*"([^"\n]{4,200})""#,
@@ -226,7 +238,10 @@ static ENV_DEFAULT: LazyLock<Regex> = LazyLock::new(|| {
 });
 
 /// "password is X", "token: X" in a comment or prose.
-#[allow(clippy::expect_used)]
+#[allow(
+    clippy::expect_used,
+    reason = "constant data: a bad pattern fails every test"
+)]
 static IN_PROSE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
         r"(?i)\b(?:password|passwd|passphrase|pwd|secret|token|api[ _\-]?key)\s*(?:\s(?:is|was)\s|:)\s*([^\s'`]{6,})",
@@ -235,7 +250,10 @@ static IN_PROSE: LazyLock<Regex> = LazyLock::new(|| {
 });
 
 /// String literals with no whitespace, candidates for the entropy and base64 tests.
-#[allow(clippy::expect_used)]
+#[allow(
+    clippy::expect_used,
+    reason = "constant data: a bad pattern fails every test"
+)]
 static STRING_LITERAL: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
         r#""([A-Za-z0-9+/=_\-]{20,})"|'([A-Za-z0-9+/=_\-]{20,})'|`([A-Za-z0-9+/=_\-]{20,})`"#,
@@ -244,19 +262,28 @@ static STRING_LITERAL: LazyLock<Regex> = LazyLock::new(|| {
 });
 
 /// One string literal without whitespace (a template literal without substitutions).
-#[allow(clippy::expect_used)]
+#[allow(
+    clippy::expect_used,
+    reason = "constant data: a bad pattern fails every test"
+)]
 static LITERAL: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r#"(?:"[^"\s]*"|'[^'\s]*'|`[^`\s$]*`)"#).expect("valid pattern"));
 
 /// Two or more literals without whitespace joined by `+` (across lines). Pieces of a secret
 /// hold none; and a "literal" that does may be the code between two real ones, paired wrong.
-#[allow(clippy::expect_used)]
+#[allow(
+    clippy::expect_used,
+    reason = "constant data: a bad pattern fails every test"
+)]
 static CONCATENATION: LazyLock<Regex> = LazyLock::new(|| {
     let piece = r#"(?:"[^"\s]*"|'[^'\s]*'|`[^`\s$]*`)"#;
     Regex::new(&format!(r"{piece}(?:\s*\+\s*{piece})+")).expect("valid pattern")
 });
 
-#[allow(clippy::expect_used)]
+#[allow(
+    clippy::expect_used,
+    reason = "constant data: a bad pattern fails every test"
+)]
 static HASH_CONTEXT: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(?i)hash|digest|sha\d|md5|checksum|fingerprint|test.?vector|expected|integrity")
         .expect("valid pattern")

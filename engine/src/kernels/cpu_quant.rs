@@ -535,18 +535,25 @@ impl Isa {
     pub fn detect() -> Self {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                use std::arch::is_x86_feature_detected as has;
-                if has!("avx2") && has!("fma") {
-                    if has!("avx512vnni") && has!("avx512vl") {
-                        return Isa::Vnni;
-                    }
-                    return Isa::Avx2;
-                }
-            }
-            Isa::Portable
+            let isa = Self::find();
+            tracing::debug!(isa = isa.name(), "the CPU path's integer products");
+            isa
         })
+    }
+
+    /// The best instruction set this processor has.
+    fn find() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                if has!("avx512vnni") && has!("avx512vl") {
+                    return Isa::Vnni;
+                }
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
     }
 
     /// For reports.

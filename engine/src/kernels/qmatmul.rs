@@ -144,6 +144,12 @@ impl QShape {
     /// The kernel for `m` rows of x: the mat-vec kernel up to [`MATVEC_MAX_ROWS`]; beyond, the
     /// row-block kernel up to [`ROW_BLOCK_MAX_ROWS`] where `row_blocks`, else the tiled one.
     pub fn plan(self, m: usize) -> QPlan {
+        let plan = self.plan_for(m);
+        tracing::trace!(rows = m, ?plan, "quantised product");
+        plan
+    }
+
+    fn plan_for(self, m: usize) -> QPlan {
         if m <= MATVEC_MAX_ROWS {
             QPlan::Vector {
                 lanes: self.lanes,

@@ -30,6 +30,7 @@ use crate::io::tokenizer::Tokenizer;
 use crate::kernels::KernelBackend;
 use crate::models::llama::{Adapters, KvCache, Llama};
 use crate::train::data::{Example as TokenExample, Row, pack_shared};
+use crate::train::meta::AdapterMeta;
 use crate::train::objective::Objective;
 use number::{Class, NUM_TOKENS, TOKENS_PER_NUMBER, class_at};
 
@@ -254,19 +255,17 @@ impl RegressionSpec {
 
     /// The spec of the adapter in `dir`; `None` when it is not a regression adapter.
     pub fn load(dir: &Path) -> Result<Option<Self>> {
-        let path = dir.join("codelsi_adapter.json");
-        let Ok(text) = std::fs::read_to_string(&path) else {
+        let Some(meta) = AdapterMeta::read(dir)? else {
             return Ok(None);
         };
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: path.clone(),
-            source,
-        })?;
-        match v.get("extra").and_then(|e| e.get("regression")) {
+        match meta.extra.regression {
             None => Ok(None),
-            Some(r) => serde_json::from_value(r.clone())
+            Some(r) => serde_json::from_value(r)
                 .map(Some)
-                .map_err(|source| Error::Json { path, source }),
+                .map_err(|source| Error::Json {
+                    path: dir.join(AdapterMeta::FILE),
+                    source,
+                }),
         }
     }
 

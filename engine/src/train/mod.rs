@@ -12,6 +12,7 @@
 //! optimiser's moments and the step.
 
 pub mod data;
+pub mod meta;
 pub mod objective;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,7 @@ use crate::io::safetensors::SafetensorsWeights;
 use crate::kernels::{KernelBackend, to_dtype, widen};
 use crate::models::llama::{Adapters, Llama, Packed};
 use data::Row;
+use meta::{AdapterMeta, RunInfo};
 use objective::Objective;
 
 /// How the learning rate decays after warmup.
@@ -271,8 +273,9 @@ pub struct TrainJob<'a, B: KernelBackend> {
     pub out: &'a Path,
     /// Name of the base model, written into the adapter's config.
     pub base_model: &'a str,
-    /// Extra metadata written beside the adapter (`codelsi_adapter.json`), as JSON.
-    pub metadata: serde_json::Value,
+    /// What the caller knows of the run (its data, the device), recorded beside the adapter
+    /// in `codelsi_adapter.json`.
+    pub run: RunInfo,
     pub resume: bool,
     /// The objective of an adapter that adds tokens of its own (a task hands it over: the
     /// regression task's number tokens). `None`: next-token prediction over the base vocabulary.
@@ -487,22 +490,19 @@ pub fn train<B: KernelBackend>(
         peak_bytes: peak,
     };
     if !cancelled {
-        let meta = serde_json::json!({
-            "codelsi": env!("CARGO_PKG_VERSION"),
-            "base_model": job.base_model,
-            "train": c,
-            "steps": state.step,
-            "final_loss": state.losses.last().map(|l| l.1),
-            "val_loss": state.val_losses.last().map(|l| l.1),
-            "losses": state.losses,
-            "val_losses": state.val_losses,
-            "extra": job.metadata,
-        });
-        let meta = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Json {
-            path: job.out.join("codelsi_adapter.json"),
-            source: e,
-        })?;
-        adapter.write_peft_files(job.out, job.base_model, &[("codelsi_adapter.json", meta)])?;
+        let meta = AdapterMeta {
+            codelsi: env!("CARGO_PKG_VERSION").into(),
+            base_model: job.base_model.into(),
+            train: Some(c.clone()),
+            steps: state.step,
+            final_loss: state.losses.last().map(|l| l.1),
+            val_loss: state.val_losses.last().map(|l| l.1),
+            losses: state.losses.clone(),
+            val_losses: state.val_losses.clone(),
+            extra: job.run.clone(),
+        };
+        let meta = meta.to_json(job.out)?;
+        adapter.write_peft_files(job.out, job.base_model, &[(AdapterMeta::FILE, meta)])?;
     }
     Ok(summary)
 }
@@ -788,7 +788,10 @@ fn row_grads_checkpointed<B: KernelBackend>(
 
 /// One optimiser step's forward and backward passes: the mean loss and the summed gradients,
 /// or `None` when cancelled.
-#[allow(clippy::type_complexity)]
+#[allow(
+    clippy::type_complexity,
+    reason = "the step's loss and gradients, named in the doc line; a struct would be used once"
+)]
 fn train_step<B: KernelBackend>(
     job: &TrainJob<'_, B>,
     adapter: &Adapter<B>,
@@ -1016,7 +1019,10 @@ fn save_checkpoint<B: KernelBackend>(
     )
 }
 
-#[allow(clippy::type_complexity)]
+#[allow(
+    clippy::type_complexity,
+    reason = "the checkpoint's three parts, taken apart by its one caller"
+)]
 fn load_checkpoint<B: KernelBackend>(
     dir: &Path,
     model: &crate::models::config::Config,
