@@ -9,7 +9,7 @@ use codelsi_engine::adapter::{Adapter, HostAdapter, LoraConfig, Target};
 use codelsi_engine::cancel::CancelToken;
 use codelsi_engine::io::gguf::GgufFile;
 use codelsi_engine::io::safetensors::SafetensorsWeights;
-use codelsi_engine::io::{GgufWeights, WeightSource, gguf_qk_rows};
+use codelsi_engine::io::{WeightSource, gguf_qk_rows};
 use codelsi_engine::merge::{MergeFormat, MergeReport, merge};
 use codelsi_engine::model::load_model;
 use codelsi_engine::models::config::Config;

@@ -178,7 +178,12 @@ mod tests {
             split: Split::Val,
             record: c.clone(),
         };
-        d.save(&[a.clone()], &[b.clone()], &[gone.clone()]).unwrap();
+        d.save(
+            std::slice::from_ref(&a),
+            std::slice::from_ref(&b),
+            std::slice::from_ref(&gone),
+        )
+        .unwrap();
         let d = DatasetDir::open(&dir).unwrap();
         assert_eq!(d.records(Split::Train).unwrap(), vec![a]);
         assert_eq!(d.records(Split::Val).unwrap(), vec![b]);

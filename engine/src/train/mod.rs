@@ -572,11 +572,14 @@ fn row_nll_of<B: KernelBackend>(
     Ok((row_loss(model, owner, objective, x, row)?, row.targets()))
 }
 
+/// Tokens an adapter adds, and the objective that trains them.
+type Added<'b, B> = (&'b NewTokens<B>, &'b dyn Objective<B>);
+
 /// The tokens `adapter` adds and the objective that trains them; `None` when it adds none.
 fn added<'b, B: KernelBackend>(
     adapter: &'b Adapter<B>,
     objective: Option<&'b dyn Objective<B>>,
-) -> Result<Option<(&'b NewTokens<B>, &'b dyn Objective<B>)>> {
+) -> Result<Option<Added<'b, B>>> {
     match (&adapter.new_tokens, objective) {
         (None, _) => Ok(None),
         (Some(new), Some(objective)) => Ok(Some((new, objective))),
