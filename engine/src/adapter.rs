@@ -99,7 +99,7 @@ impl Target {
                         .into_iter()
                         .find(|t| t.name().strip_suffix("_proj") == Some(name))
                         .ok_or_else(|| {
-                            Error::InvalidArgument(format!(
+                            Error::Setting(format!(
                                 "unknown LoRA target `{part}` (use all, attn, mlp, or names \
                                  among q, k, v, o, gate, up, down)"
                             ))
@@ -112,7 +112,7 @@ impl Target {
         out.sort();
         out.dedup();
         if out.is_empty() {
-            return Err(Error::InvalidArgument("no LoRA targets given".into()));
+            return Err(Error::Setting("no LoRA targets given".into()));
         }
         Ok(out)
     }
@@ -153,25 +153,25 @@ impl LoraConfig {
 
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 || self.rank > 1024 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Setting(format!(
                 "LoRA rank must be in 1..=1024, not {}",
                 self.rank
             )));
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Setting(format!(
                 "LoRA alpha must be positive, not {}",
                 self.alpha
             )));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Setting(format!(
                 "LoRA dropout must be in [0, 1), not {}",
                 self.dropout
             )));
         }
         if self.targets.is_empty() {
-            return Err(Error::InvalidArgument("no LoRA targets given".into()));
+            return Err(Error::Setting("no LoRA targets given".into()));
         }
         Ok(())
     }

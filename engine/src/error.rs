@@ -107,8 +107,31 @@ pub enum Error {
     #[error("cancelled")]
     Cancelled,
 
+    /// Input the command was given that it cannot use (an empty prompt, data with no rows).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+
+    /// A setting out of its range or not one of its choices (a learning rate, a LoRA rank,
+    /// a sampling parameter, a schedule's name).
+    #[error("invalid setting: {0}")]
+    Setting(String),
+
+    /// A checkpoint or an adapter to start from that does not fit the run asked for.
+    #[error("{path}: {what}")]
+    Checkpoint { path: PathBuf, what: String },
+
+    /// An outside program the engine runs (node, npm, the TypeScript transpiler) is missing or
+    /// failed.
+    #[error("{tool}: {what}")]
+    Tool { tool: String, what: String },
+
+    /// Training diverged: the gradient norm stopped being a number.
+    #[error("the gradient norm is {norm}: training diverged (lower the learning rate)")]
+    Diverged { norm: f64 },
+
+    /// A state the engine's own logic should never reach (a bug, to be reported).
+    #[error("internal error: {0}")]
+    Internal(String),
 
     /// Model-written programs run only inside a sandbox, and none could be set up here (the
     /// user did not pass the flag that accepts running them without one).

@@ -70,7 +70,7 @@ fn logits_to_vec<B: KernelBackend>(logits: Tensor<B, 2>) -> Result<Vec<f32>> {
     let v = logits
         .into_data()
         .into_vec::<f32>()
-        .map_err(|e| Error::InvalidArgument(format!("reading logits: {e:?}")))?;
+        .map_err(|e| Error::Internal(format!("reading logits: {e:?}")))?;
     crate::device::check_device(|| format!("computing the logits of {rows} rows of {vocab}"))?;
     Ok(v)
 }
@@ -243,7 +243,7 @@ pub fn generate_batch<B: KernelBackend>(
         logits = logits_to_vec(model.forward_batch(&next, &pads, &mut cache, adapters)?)?;
     }
     done.into_iter()
-        .map(|o| o.ok_or_else(|| Error::InvalidArgument("a batch row never finished".into())))
+        .map(|o| o.ok_or_else(|| Error::Internal("a batch row never finished".into())))
         .collect()
 }
 
@@ -255,9 +255,7 @@ fn check_request<B: KernelBackend>(
 ) -> Result<()> {
     options.sampling.validate()?;
     if options.max_tokens == 0 {
-        return Err(Error::InvalidArgument(
-            "max-tokens must be at least 1".into(),
-        ));
+        return Err(Error::Setting("max-tokens must be at least 1".into()));
     }
     if prompt_ids.is_empty() {
         return Err(Error::InvalidArgument("the prompt is empty".into()));

@@ -34,7 +34,7 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn validate(&self) -> crate::Result<()> {
-        let bad = |what: &str| Err(crate::Error::InvalidArgument(what.into()));
+        let bad = |what: &str| Err(crate::Error::Setting(what.into()));
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return bad("temperature must be a finite number >= 0");
         }

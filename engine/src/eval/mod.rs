@@ -256,7 +256,7 @@ pub fn generate_completions<B: KernelBackend>(
 ) -> Result<Vec<Completion>> {
     let samples = settings.samples;
     if samples == 0 {
-        return Err(Error::InvalidArgument("samples must be at least 1".into()));
+        return Err(Error::Setting("samples must be at least 1".into()));
     }
     let context = model.config.max_position_embeddings;
     // One request per (problem, sample), with its slot in `texts`, filled as requests finish.

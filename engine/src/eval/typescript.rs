@@ -63,10 +63,13 @@ impl TypeScript {
         };
         if !package.join("package.json").is_file() {
             if std::env::var_os("CODELSI_TYPESCRIPT").is_some() {
-                return Err(Error::InvalidArgument(format!(
-                    "CODELSI_TYPESCRIPT={}: no typescript package there",
-                    package.display()
-                )));
+                return Err(Error::Tool {
+                    tool: "typescript".into(),
+                    what: format!(
+                        "CODELSI_TYPESCRIPT={}: no typescript package there",
+                        package.display()
+                    ),
+                });
             }
             status(&format!(
                 "installing typescript@{VERSION} with npm into {}",
@@ -79,16 +82,18 @@ impl TypeScript {
                 .arg(&prefix)
                 .arg(format!("typescript@{VERSION}"))
                 .output()
-                .map_err(|e| {
-                    Error::InvalidArgument(format!(
-                        "npm is needed to install typescript (or set CODELSI_TYPESCRIPT): {e}"
-                    ))
+                .map_err(|e| Error::Tool {
+                    tool: "npm".into(),
+                    what: format!("needed to install typescript (or set CODELSI_TYPESCRIPT): {e}"),
                 })?;
             if !out.status.success() || !package.join("package.json").is_file() {
-                return Err(Error::InvalidArgument(format!(
-                    "npm install typescript@{VERSION} failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
+                return Err(Error::Tool {
+                    tool: "npm".into(),
+                    what: format!(
+                        "install typescript@{VERSION} failed: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                });
             }
         }
         Ok(Self {
@@ -106,7 +111,7 @@ impl TypeScript {
             return Ok(Vec::new());
         }
         let input = serde_json::to_vec(sources)
-            .map_err(|e| Error::InvalidArgument(format!("encoding programs: {e}")))?;
+            .map_err(|e| Error::Internal(format!("encoding programs as JSON: {e}")))?;
         // The transpiler is ours and trusted: it runs outside the sandbox.
         let mut child = Command::new(&self.node)
             .arg("-e")
@@ -128,21 +133,24 @@ impl TypeScript {
             .map_err(|e| Error::io(&self.node, e))?;
         let _ = writer.join();
         if !out.status.success() {
-            return Err(Error::InvalidArgument(format!(
-                "transpiling with {}: {}",
-                self.package.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+            return Err(Error::Tool {
+                tool: format!("the TypeScript transpiler ({})", self.package.display()),
+                what: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
         }
-        let parsed: Vec<Out> = serde_json::from_slice(&out.stdout).map_err(|e| {
-            Error::InvalidArgument(format!("the transpiler's output is not JSON: {e}"))
+        let parsed: Vec<Out> = serde_json::from_slice(&out.stdout).map_err(|e| Error::Tool {
+            tool: "the TypeScript transpiler".into(),
+            what: format!("its output is not JSON: {e}"),
         })?;
         if parsed.len() != sources.len() {
-            return Err(Error::InvalidArgument(format!(
-                "the transpiler returned {} programs for {}",
-                parsed.len(),
-                sources.len()
-            )));
+            return Err(Error::Tool {
+                tool: "the TypeScript transpiler".into(),
+                what: format!(
+                    "it returned {} programs for {}",
+                    parsed.len(),
+                    sources.len()
+                ),
+            });
         }
         Ok(parsed
             .into_iter()

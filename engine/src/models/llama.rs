@@ -385,7 +385,7 @@ impl<B: KernelBackend> Llama<B> {
         adapters: Adapters<'_, B>,
     ) -> Result<Tensor<B, 2>> {
         if cache.batch() != 1 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Internal(format!(
                 "a single sequence needs a KV cache of batch 1, not {}",
                 cache.batch()
             )));
@@ -418,7 +418,7 @@ impl<B: KernelBackend> Llama<B> {
     ) -> Result<Tensor<B, 2>> {
         let batch = pads.len();
         if batch == 0 || cache.batch() != batch || !token_ids.len().is_multiple_of(batch) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Internal(format!(
                 "a batch of {batch} rows with {} tokens and a KV cache of batch {}",
                 token_ids.len(),
                 cache.batch()
@@ -470,7 +470,7 @@ impl<B: KernelBackend> Llama<B> {
     ) -> Result<Tensor<B, 3>> {
         let [batch, seq, _] = x.dims();
         if batch != pads.len() || cache.batch() != batch {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Internal(format!(
                 "{batch} rows of embeddings with {} pads and a KV cache of batch {}",
                 pads.len(),
                 cache.batch()

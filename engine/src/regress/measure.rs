@@ -264,7 +264,7 @@ pub fn measure(
     progress: &mut dyn FnMut(MeasureEvent),
 ) -> Result<Option<(Vec<Example>, Vec<Dropped>)>> {
     if settings.scales.is_empty() || settings.scales.contains(&0) {
-        return Err(Error::InvalidArgument(
+        return Err(Error::Setting(
             "scales must be one or more whole numbers from 1".into(),
         ));
     }

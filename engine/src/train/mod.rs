@@ -53,7 +53,7 @@ impl Decay {
             "cosine" => Ok(Self::Cosine),
             "linear" => Ok(Self::Linear),
             "constant" => Ok(Self::Constant),
-            _ => Err(Error::InvalidArgument(format!(
+            _ => Err(Error::Setting(format!(
                 "unknown schedule `{s}` (cosine, linear, constant)"
             ))),
         }
@@ -110,7 +110,7 @@ impl Activations {
             "auto" => Ok(Self::Auto),
             "f32" => Ok(Self::F32),
             "f16" => Ok(Self::F16),
-            _ => Err(Error::InvalidArgument(format!(
+            _ => Err(Error::Setting(format!(
                 "activations `{s}` is not one of auto, f16, f32"
             ))),
         }
@@ -146,18 +146,18 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.lora.validate()?;
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Setting(format!(
                 "learning rate must be positive, not {}",
                 self.lr
             )));
         }
         if self.epochs == 0 || self.batch == 0 || self.max_steps == Some(0) {
-            return Err(Error::InvalidArgument(
+            return Err(Error::Setting(
                 "epochs, batch and max-steps must be at least 1".into(),
             ));
         }
         if !(0.0..1.0).contains(&self.warmup_frac) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Setting(format!(
                 "warmup must be a fraction in [0, 1), not {}",
                 self.warmup_frac
             )));
@@ -330,23 +330,24 @@ pub fn train<B: KernelBackend>(
     if job.resume {
         let (a, s, st) = load_checkpoint::<B>(&ckpt, &job.model.config, &device)?;
         if st.data_hash != hash {
-            return Err(Error::InvalidArgument(format!(
-                "{}: the checkpoint was trained on other data (or another max length, template \
-                 or packing); resume with the same data and settings",
-                ckpt.display()
-            )));
+            return Err(Error::Checkpoint {
+                path: ckpt.to_path_buf(),
+                what: "the checkpoint was trained on other data (or another max length, template \
+                 or packing); resume with the same data and settings"
+                    .into(),
+            });
         }
         if st.config.lora != c.lora || st.config.seed != c.seed || st.config.batch != c.batch {
-            return Err(Error::InvalidArgument(format!(
-                "{}: the checkpoint used other LoRA, seed or batch settings",
-                ckpt.display()
-            )));
+            return Err(Error::Checkpoint {
+                path: ckpt.to_path_buf(),
+                what: "the checkpoint used other LoRA, seed or batch settings".into(),
+            });
         }
         if a.new_tokens.is_some() != job.objective.is_some() {
-            return Err(Error::InvalidArgument(format!(
-                "{}: the checkpoint is of another kind of adapter (regression or not)",
-                ckpt.display()
-            )));
+            return Err(Error::Checkpoint {
+                path: ckpt.to_path_buf(),
+                what: "the checkpoint is of another kind of adapter (regression or not)".into(),
+            });
         }
         adapter = a;
         optim.states = s;
@@ -354,11 +355,12 @@ pub fn train<B: KernelBackend>(
         state.config = c.clone();
     } else {
         if ckpt.join("trainer_state.json").exists() {
-            return Err(Error::InvalidArgument(format!(
-                "{} holds a checkpoint of an earlier run; pass --resume to continue it, or \
-                 choose another --out",
-                ckpt.display()
-            )));
+            return Err(Error::Checkpoint {
+                path: ckpt.to_path_buf(),
+                what: "holds a checkpoint of an earlier run; pass --resume to continue it, or \
+                 choose another --out"
+                    .into(),
+            });
         }
         adapter = match job.init {
             Some(dir) => start_from(dir, &job, &device)?,
@@ -387,7 +389,7 @@ pub fn train<B: KernelBackend>(
         Activations::Auto => DType::F32,
         Activations::F16 if supports_f16 => DType::F16,
         Activations::F16 => {
-            return Err(Error::InvalidArgument(
+            return Err(Error::Setting(
                 "f16 activations need a GPU adapter with shader-f16; this one has none \
                  (use f32 or auto)"
                     .into(),
@@ -763,7 +765,7 @@ fn row_grads_checkpointed<B: KernelBackend>(
     let grads = (loss * pass.loss_scale()).backward();
     let mut upstream = last
         .grad(&grads)
-        .ok_or_else(|| Error::InvalidArgument("no gradient reached the last layer".into()))?;
+        .ok_or_else(|| Error::Internal("no gradient reached the last layer".into()))?;
 
     let mut per_layer: Vec<Vec<Tensor<B, 2>>> = vec![Vec::new(); layers];
     for i in (0..layers).rev() {
@@ -780,9 +782,9 @@ fn row_grads_checkpointed<B: KernelBackend>(
             .map(|t| pass.grad_of(t, &grads))
             .collect();
         if i > 0 {
-            upstream = input.grad(&grads).ok_or_else(|| {
-                Error::InvalidArgument(format!("no gradient reached layer {i}'s input"))
-            })?;
+            upstream = input
+                .grad(&grads)
+                .ok_or_else(|| Error::Internal(format!("no gradient reached layer {i}'s input")))?;
         }
     }
     // `named_tensors` order: layer by layer, each layer's slots in order.
@@ -855,9 +857,7 @@ fn apply_step<B: KernelBackend>(
         (v as f64).sqrt()
     };
     if !norm.is_finite() {
-        return Err(Error::InvalidArgument(format!(
-            "the gradient norm is {norm}: training diverged (lower the learning rate)"
-        )));
+        return Err(Error::Diverged { norm });
     }
     let clip = if max_norm > 0.0 && norm > max_norm as f64 {
         max_norm as f64 / (norm + 1e-6)
@@ -950,17 +950,19 @@ fn start_from<B: KernelBackend>(
         || a.config.rslora != want.rslora
         || !same_targets
     {
-        return Err(Error::InvalidArgument(format!(
-            "{}: the adapter to start from has rank {}, alpha {} on {} projection(s); this run \
-             trains rank {}, alpha {} on {} (pass the same --rank, --alpha and --targets)",
-            dir.display(),
-            a.config.rank,
-            a.config.alpha,
-            a.config.targets.len(),
-            want.rank,
-            want.alpha,
-            want.targets.len()
-        )));
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            what: format!(
+                "the adapter to start from has rank {}, alpha {} on {} projection(s); this run \
+                 trains rank {}, alpha {} on {} (pass the same --rank, --alpha and --targets)",
+                a.config.rank,
+                a.config.alpha,
+                a.config.targets.len(),
+                want.rank,
+                want.alpha,
+                want.targets.len()
+            ),
+        });
     }
     match (&a.new_tokens, job.objective) {
         (None, None) => {}
@@ -968,17 +970,17 @@ fn start_from<B: KernelBackend>(
             let rows = objective.new_token_rows().0.len() / job.model.config.hidden_size;
             let have = have.embed.dims()[0];
             if have != rows {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: the adapter adds {have} tokens, this run {rows}",
-                    dir.display(),
-                )));
+                return Err(Error::Checkpoint {
+                    path: dir.to_path_buf(),
+                    what: format!("the adapter adds {have} tokens, this run {rows}"),
+                });
             }
         }
         _ => {
-            return Err(Error::InvalidArgument(format!(
-                "{}: the adapter to start from is of another kind (regression or not)",
-                dir.display()
-            )));
+            return Err(Error::Checkpoint {
+                path: dir.to_path_buf(),
+                what: "the adapter to start from is of another kind (regression or not)".into(),
+            });
         }
     }
     a.config.dropout = want.dropout;
@@ -1037,10 +1039,10 @@ fn load_checkpoint<B: KernelBackend>(
 )> {
     let state_path = dir.join("trainer_state.json");
     if !state_path.exists() {
-        return Err(Error::InvalidArgument(format!(
-            "nothing to resume: {} does not exist",
-            state_path.display()
-        )));
+        return Err(Error::Checkpoint {
+            path: state_path,
+            what: "nothing to resume: it does not exist".into(),
+        });
     }
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
     let state: TrainerState = serde_json::from_str(&text).map_err(|source| Error::Json {

@@ -174,12 +174,11 @@ impl Sandbox {
         let node = std::env::var_os("CODELSI_NODE")
             .map(PathBuf::from)
             .or_else(|| which("node"))
-            .ok_or_else(|| {
-                Error::InvalidArgument(
-                    "node was not found on PATH (set CODELSI_NODE): evaluation runs programs \
-                     under node; `bash .ci/run --setup-only` installs it"
-                        .into(),
-                )
+            .ok_or_else(|| Error::Tool {
+                tool: "node".into(),
+                what: "not found on PATH (set CODELSI_NODE): evaluation runs programs \
+                           under node; `bash .ci/run --setup-only` installs it"
+                    .into(),
             })?;
         let ok = |flag: &str| {
             Command::new(&node)
@@ -194,11 +193,12 @@ impl Sandbox {
         } else if ok("--experimental-permission") {
             "--experimental-permission"
         } else {
-            return Err(Error::InvalidArgument(format!(
-                "{}: this node has no permission model (node 20 or newer has); the sandbox \
-                 needs it to refuse child processes and writes outside its folder",
-                node.display()
-            )));
+            return Err(Error::Tool {
+                tool: node.display().to_string(),
+                what: "this node has no permission model (node 20 or newer has); the sandbox \
+                       needs it to refuse child processes and writes outside its folder"
+                    .into(),
+            });
         };
         let root = std::env::temp_dir().join(format!(
             "codelsi-sandbox-{}-{}",
