@@ -1,6 +1,7 @@
 //! Model families and the layers they share.
 
 pub mod config;
+pub mod kv_cache;
 pub mod llama;
 
 use burn::backend::Autodiff;
