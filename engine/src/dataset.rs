@@ -119,25 +119,19 @@ impl DatasetDir {
     /// Replace the three record files with `train`, `val` and `excluded`, each through a
     /// temporary file and a rename, so a reader sees the old file or the new one.
     pub fn save(&self, train: &[Value], val: &[Value], excluded: &[Excluded]) -> Result<()> {
-        let lines = |values: &mut dyn Iterator<Item = String>| -> String {
-            values.map(|l| l + "\n").collect()
-        };
-        write_atomic(
-            &self.split(Split::Train),
-            lines(&mut train.iter().map(Value::to_string)).as_bytes(),
-        )?;
-        write_atomic(
-            &self.split(Split::Val),
-            lines(&mut val.iter().map(Value::to_string)).as_bytes(),
-        )?;
-        let excluded = excluded
+        let excluded: Vec<Value> = excluded
             .iter()
-            .map(|e| serde_json::json!({"split": e.split.name(), "record": e.record}).to_string());
-        write_atomic(
-            &self.dir.join(Self::EXCLUDED),
-            lines(&mut { excluded }).as_bytes(),
-        )
+            .map(|e| serde_json::json!({"split": e.split.name(), "record": e.record}))
+            .collect();
+        write_atomic(&self.split(Split::Train), jsonl(train).as_bytes())?;
+        write_atomic(&self.split(Split::Val), jsonl(val).as_bytes())?;
+        write_atomic(&self.dir.join(Self::EXCLUDED), jsonl(&excluded).as_bytes())
     }
+}
+
+/// One value per line.
+fn jsonl(values: &[Value]) -> String {
+    values.iter().map(|v| format!("{v}\n")).collect()
 }
 
 /// One JSON value per non-empty line of `path`; none when the file does not exist.
