@@ -72,10 +72,6 @@ impl DatasetDir {
         Ok(Self::new(dir))
     }
 
-    pub fn is_dataset(dir: &Path) -> bool {
-        dir.join(Self::TRAIN).is_file()
-    }
-
     pub fn split(&self, split: Split) -> PathBuf {
         self.dir.join(split.file())
     }
