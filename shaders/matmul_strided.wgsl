@@ -1,12 +1,12 @@
 //! Small dense products of the LoRA path: C[M, N] = alpha * sum_k A(m, k) * B(k, n), each
 //! operand read through strides so transposes cost no copy. Launched by `matmul_strided_wgpu`
-//! in engine/src/kernels/lora.rs for u = x·Aᵀ, du = s·dy·B, dB = s·dyᵀ·u and dA = duᵀ·x: one
+//! in engine/src/kernels/matmul_strided.rs for u = x·Aᵀ, du = s·dy·B, dB = s·dyᵀ·u and dA = duᵀ·x: one
 //! side is the rank r (≤ 64 in practice), the other up to the hidden or token count.
 //!
 //! A workgroup of 16x16 threads computes a 16x16 tile of C, one output per thread, staging a
 //! 16x16 tile of each operand per step of 16 along k.
 
-// Keep in sync with `StridedParams` in engine/src/kernels/lora.rs.
+// Keep in sync with `StridedParams` in engine/src/kernels/matmul_strided.rs.
 struct Params {
     m: u32,
     n: u32,

@@ -1,14 +1,14 @@
 //! Product with the transpose of a quantised matrix, for the backward pass through a frozen
 //! base weight: dx[m, c] = sum_o dy[m, o] * W[o, c] (+ sum_r du[m, r] * la[r, c] with a LoRA
 //! adapter: the gradient reaching x through the adapter, fused in the epilogue). Launched by
-//! `q_matmul_t_wgpu` in engine/src/kernels/lora.rs; the format's `dequant4` is appended from
+//! `q_matmul_t_wgpu` in engine/src/kernels/qmatmul_t.rs; the format's `dequant4` is appended from
 //! shaders/common/.
 //!
 //! W is stored row-major in blocks of 32 along c, so a row o of a 64-column tile is two blocks:
 //! a workgroup of 16x16 threads computes a 64x64 tile of dx (4x4 per thread, the four columns as
 //! one vec4), staging 16 rows of W (dequantised) and the matching 16 columns of dy per step.
 
-// Keep in sync with `QMatmulTParams` in engine/src/kernels/lora.rs.
+// Keep in sync with `QMatmulTParams` in engine/src/kernels/qmatmul_t.rs.
 struct Params {
     /// Rows of dy and dx.
     m: u32,

@@ -1,9 +1,9 @@
-//! RMSNorm over the last dimension, launched by `rms_norm_wgpu` in engine/src/kernels/wgpu.rs.
+//! RMSNorm over the last dimension, launched by `rms_norm_wgpu` in engine/src/kernels/rms_norm.rs.
 //!
 //! y = x / sqrt(mean(x²) + eps) * weight, one workgroup per row: one launch instead of the six
 //! elementwise ops of the plain-tensor reference.
 
-// Keep in sync with `RmsNormParams` in engine/src/kernels/wgpu.rs.
+// Keep in sync with `RmsNormParams` in engine/src/kernels/rms_norm.rs.
 struct Params {
     /// Rows (batch × seq).
     rows: u32,

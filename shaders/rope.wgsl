@@ -1,11 +1,11 @@
 //! Rotary position embedding (rotate-half, as HF `apply_rotary_pos_emb`), launched by
-//! `rope_wgpu` in engine/src/kernels/wgpu.rs.
+//! `rope_wgpu` in engine/src/kernels/rope.rs.
 //!
 //! Reads a projection `[batch, seq, heads, head_dim]` and writes it head-major
 //! `[batch, heads, seq, head_dim]`, rotated: one launch for what the plain-tensor reference does
 //! with a transpose copy, a negation, a concatenation and three elementwise ops.
 
-// Keep in sync with `RopeParams` in engine/src/kernels/wgpu.rs.
+// Keep in sync with `RopeParams` in engine/src/kernels/rope.rs.
 struct Params {
     batch: u32,
     seq: u32,

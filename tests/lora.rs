@@ -5,8 +5,9 @@
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use codelsi_engine::kernels::lora::{matmul_strided_wgpu, q_matmul_t_wgpu};
+use codelsi_engine::kernels::matmul_strided::matmul_strided_wgpu;
 use codelsi_engine::kernels::qmatmul::{QShape, q_matmul_lora_wgpu};
+use codelsi_engine::kernels::qmatmul_t::q_matmul_t_wgpu;
 use codelsi_engine::kernels::{KernelBackend, LoraEpilogue, QTensor, reference};
 use codelsi_engine::quant::{QFormat, QMatrix};
 use codelsi_tests::{B, assert_close, cols_for, device, random_values, to_vec, varied_weights};

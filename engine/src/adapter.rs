@@ -571,7 +571,7 @@ pub fn safetensors_bytes<B: Backend>(tensors: &[(String, &Tensor<B, 2>)]) -> Res
         let values = t
             .to_data()
             .into_vec::<f32>()
-            .map_err(|e| Error::InvalidArgument(format!("{key}: {e:?}")))?;
+            .map_err(|e| Error::Internal(format!("{key}: {e:?}")))?;
         buffers.push((
             key.clone(),
             t.dims().to_vec(),
@@ -583,13 +583,13 @@ pub fn safetensors_bytes<B: Backend>(tensors: &[(String, &Tensor<B, 2>)]) -> Res
         .map(|(k, shape, bytes)| {
             safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
                 .map(|v| (k.clone(), v))
-                .map_err(|e| Error::InvalidArgument(format!("{k}: {e}")))
+                .map_err(|e| Error::Internal(format!("{k}: {e}")))
         })
         .collect::<Result<_>>()?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     safetensors::serialize(views, Some(meta))
-        .map_err(|e| Error::InvalidArgument(format!("writing safetensors: {e}")))
+        .map_err(|e| Error::Internal(format!("writing safetensors: {e}")))
 }
 
 /// The fields of PEFT's `adapter_config.json` codelsi reads and writes. Unknown fields are

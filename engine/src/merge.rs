@@ -45,7 +45,7 @@ impl MergeFormat {
         match s {
             "hf" | "hf-f16" | "safetensors" => Ok(Self::HfF16),
             "gguf" => Ok(Self::Gguf { merged_type: None }),
-            _ => Err(Error::InvalidArgument(format!(
+            _ => Err(Error::Setting(format!(
                 "merge format `{s}` is not one of hf, gguf"
             ))),
         }
@@ -245,7 +245,7 @@ pub fn merge(
             if let Some(ty) = merged_type
                 && encode(ty, &[]).is_none()
             {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::Setting(format!(
                     "codelsi cannot quantise to {}; merged weights can be F32, F16, BF16, Q8_0, \
                      Q4_1 or Q4_0",
                     ty.name()

@@ -401,7 +401,7 @@ fn run<B: KernelBackend>(
                 &mut |_| {},
             )?;
             if let Some(p) = p.and_then(|mut p| p.pop()) {
-                let text = crate::regress::describe(&p, " · ");
+                let text = crate::cli::predict::describe(&p, " · ");
                 tx.send(Msg::Predicted(col, format!("Predicted: {text}")));
             }
         }

@@ -246,9 +246,9 @@ fn generate_shows_predicted_cost() {
         shown,
         format!(
             "Predicted: latency_ms {} ({}–{})",
-            crate::regress::short(p.median),
-            crate::regress::short(p.low),
-            crate::regress::short(p.high)
+            crate::cli::predict::short(p.median),
+            crate::cli::predict::short(p.low),
+            crate::cli::predict::short(p.high)
         )
     );
     h.get_by_label(&shown);

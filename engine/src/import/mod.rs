@@ -546,7 +546,7 @@ fn jsonl(pairs: &[Pair]) -> Result<Vec<u8>> {
             }),
             None => serde_json::to_vec(p),
         }
-        .map_err(|e| Error::InvalidArgument(format!("serialising a pair: {e}")))?;
+        .map_err(|e| Error::Internal(format!("serialising a pair: {e}")))?;
         buf.extend_from_slice(&line);
         buf.push(b'\n');
     }

@@ -73,7 +73,7 @@ impl Lang {
                 "go" => &[Lang::Go],
                 "java" => &[Lang::Java],
                 _ => {
-                    return Err(Error::InvalidArgument(format!(
+                    return Err(Error::Setting(format!(
                         "unknown language `{item}` (ts, tsx, js, py, rs, go, java)"
                     )));
                 }
@@ -83,7 +83,7 @@ impl Lang {
         out.sort();
         out.dedup();
         if out.is_empty() {
-            return Err(Error::InvalidArgument("--lang names no language".into()));
+            return Err(Error::Setting("--lang names no language".into()));
         }
         Ok(out)
     }

@@ -1,6 +1,6 @@
 //! [`KernelBackend`] on `Autodiff<B>`: the quantised product and the LoRA product get
-//! hand-written backward passes that call the inner backend's kernels (on burn-wgpu, the WGSL
-//! of `lora.rs`); RMSNorm and RoPE use the plain-tensor reference, which burn differentiates.
+//! hand-written backward passes that call the inner backend's kernels (on burn-wgpu,
+//! `qmatmul_t.rs` and `matmul_strided.rs`); RMSNorm and RoPE use the plain-tensor reference, which burn differentiates.
 //!
 //! For `y = x·Wᵀ + s·(x_d·Aᵀ)·Bᵀ` with `u = x_d·Aᵀ` and `dy` the gradient at y:
 //! - `du = s·dy·B`, `dB = s·dyᵀ·u`, `dA = duᵀ·x_d`;

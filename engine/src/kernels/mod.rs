@@ -3,17 +3,22 @@
 //! [`KernelBackend`] is what the model needs beyond burn's own ops: a product with a matrix that
 //! stays quantised in device memory (with or without a LoRA adapter beside it), its transpose
 //! for the backward pass, and fused RMSNorm and RoPE. burn-wgpu implements them with our WGSL
-//! kernels (`wgpu.rs`, `qmatmul.rs`, `lora.rs`); every other backend uses the reference built
-//! from plain tensor ops (`reference.rs`), which is also what the kernels are tested against.
+//! kernels, one Rust file per shader family named like its shader (`qmatmul.rs`, `qmatmul_t.rs`,
+//! `matmul_strided.rs`, `rms_norm.rs`, `rope.rs`: params, source and launcher), wired into the
+//! backend by `wgpu.rs`. Every other backend uses the reference built from plain tensor ops
+//! (`reference.rs`), which is also what the kernels are tested against.
 //! `autodiff.rs` makes the quantised and LoRA products differentiable on `Autodiff<B>` with
 //! hand-written backward passes that call the same kernels.
 
 pub mod autodiff;
 pub mod cpu;
 pub mod cpu_quant;
-pub mod lora;
+pub mod matmul_strided;
 pub mod qmatmul;
+pub mod qmatmul_t;
 pub mod reference;
+pub mod rms_norm;
+pub mod rope;
 pub mod sweep;
 pub mod wgpu;
 pub mod wgsl;

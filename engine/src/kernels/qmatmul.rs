@@ -10,7 +10,8 @@ use cubecl::prelude::KernelId;
 use cubecl::{CubeCount, CubeDim};
 
 use super::wgpu::WgpuCube;
-use super::{LoraEpilogue, QTensor, wgsl};
+use super::wgsl::{self, shader};
+use super::{LoraEpilogue, QTensor};
 use crate::quant::QFormat;
 
 /// Uniform parameters of the three kernels. Keep in sync with `Params` in
@@ -174,11 +175,11 @@ impl KernelSource for QKernel {
         // WGSL has no includes: the op, its parameters and bindings, and the format's helpers
         // are concatenated.
         let op = match self.plan {
-            QPlan::Vector { .. } => include_str!("../../../shaders/qmatvec.wgsl"),
-            QPlan::Tiled => include_str!("../../../shaders/qmatmul.wgsl"),
-            QPlan::RowBlocks => include_str!("../../../shaders/qmatmul_rows.wgsl"),
+            QPlan::Vector { .. } => shader!("qmatvec"),
+            QPlan::Tiled => shader!("qmatmul"),
+            QPlan::RowBlocks => shader!("qmatmul_rows"),
         };
-        let io = include_str!("../../../shaders/common/qmatmul_io.wgsl");
+        let io = shader!("common/qmatmul_io");
         let format = format_source(self.format);
         let template = SourceTemplate::new(format!("{op}\n{io}\n{format}"));
         match self.plan {
@@ -200,28 +201,16 @@ impl KernelSource for QKernel {
 /// includes).
 pub(crate) fn format_source(format: QFormat) -> &'static str {
     match format {
-        QFormat::Q4_0 => include_str!("../../../shaders/common/q4_0.wgsl"),
-        QFormat::Q4_1 => include_str!("../../../shaders/common/q4_1.wgsl"),
-        QFormat::Q5_0 => concat!(
-            include_str!("../../../shaders/common/q5_0.wgsl"),
-            include_str!("../../../shaders/common/q5_codes.wgsl")
-        ),
-        QFormat::Q5_1 => concat!(
-            include_str!("../../../shaders/common/q5_1.wgsl"),
-            include_str!("../../../shaders/common/q5_codes.wgsl")
-        ),
-        QFormat::Q8_0 => include_str!("../../../shaders/common/q8_0.wgsl"),
-        QFormat::Q4K => concat!(
-            include_str!("../../../shaders/common/q4_k.wgsl"),
-            include_str!("../../../shaders/common/k_scales.wgsl")
-        ),
-        QFormat::Q5K => concat!(
-            include_str!("../../../shaders/common/q5_k.wgsl"),
-            include_str!("../../../shaders/common/k_scales.wgsl")
-        ),
-        QFormat::Q6K => include_str!("../../../shaders/common/q6_k.wgsl"),
-        QFormat::F16 => include_str!("../../../shaders/common/f16.wgsl"),
-        QFormat::Bf16 => include_str!("../../../shaders/common/bf16.wgsl"),
+        QFormat::Q4_0 => shader!("common/q4_0"),
+        QFormat::Q4_1 => shader!("common/q4_1"),
+        QFormat::Q5_0 => shader!("common/q5_0", "common/q5_codes"),
+        QFormat::Q5_1 => shader!("common/q5_1", "common/q5_codes"),
+        QFormat::Q8_0 => shader!("common/q8_0"),
+        QFormat::Q4K => shader!("common/q4_k", "common/k_scales"),
+        QFormat::Q5K => shader!("common/q5_k", "common/k_scales"),
+        QFormat::Q6K => shader!("common/q6_k"),
+        QFormat::F16 => shader!("common/f16"),
+        QFormat::Bf16 => shader!("common/bf16"),
     }
 }
 

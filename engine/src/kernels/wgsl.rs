@@ -2,10 +2,39 @@
 //! (`KernelSource` → `SourceKernel`), buffers in binding order, then the params struct as the
 //! uniform binding after them.
 
-use burn::backend::wgpu::{CubeTensor, KernelSource, SourceKernel, WgpuRuntime};
-use burn::tensor::{DType, Shape};
+use burn::backend::wgpu::{
+    BoolElement, CubeTensor, IntElement, KernelSource, SourceKernel, SourceTemplate, WgpuRuntime,
+    into_contiguous,
+};
+use burn::tensor::{DType, Shape, Tensor};
+use cubecl::prelude::KernelId;
 use cubecl::server::{KernelArguments, MetadataBindingInfo};
 use cubecl::{CubeCount, CubeDim};
+
+use super::wgpu::WgpuCube;
+
+/// The source of `shaders/NAME.wgsl`, or of several concatenated in order (WGSL has no includes,
+/// so a kernel's helpers are appended to it), embedded at compile time.
+macro_rules! shader {
+    ($($name:literal),+ $(,)?) => {
+        concat!($(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../shaders/", $name, ".wgsl"))),+)
+    };
+}
+pub(crate) use shader;
+
+/// A kernel whose WGSL source has no template parameters.
+#[derive(Debug)]
+pub struct Plain(pub &'static str);
+
+impl KernelSource for Plain {
+    fn source(&self) -> SourceTemplate {
+        SourceTemplate::new(self.0)
+    }
+    fn id(&self) -> KernelId {
+        // The source is a static string, unique per kernel.
+        KernelId::new::<Self>().info(self.0.as_ptr() as usize)
+    }
+}
 
 /// A new contiguous f32 tensor on `like`'s device.
 pub fn empty_f32(like: &CubeTensor<WgpuRuntime>, shape: Shape) -> CubeTensor<WgpuRuntime> {
@@ -52,4 +81,14 @@ pub fn launch<K: KernelSource, P: bytemuck::Pod>(
 pub fn grid_for(n: usize) -> CubeCount {
     const MAX: usize = 65_535;
     CubeCount::Static(n.min(MAX) as u32, n.div_ceil(MAX) as u32, 1)
+}
+
+/// `t` as a contiguous f32 device tensor, what the kernels bind. The LoRA kernels run in f32:
+/// their callers widen f16 activations first.
+pub fn float_input<I: IntElement, BT: BoolElement, const D: usize>(
+    t: Tensor<WgpuCube<I, BT>, D>,
+) -> CubeTensor<WgpuRuntime> {
+    let t = into_contiguous(t.into_primitive().tensor());
+    assert_eq!(t.dtype, DType::F32, "the LoRA kernels take f32 tensors");
+    t
 }

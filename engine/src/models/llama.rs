@@ -15,28 +15,34 @@ use crate::io::WeightSource;
 use crate::kernels::{KernelBackend, to_dtype};
 use crate::quant::QFormat;
 
-#[derive(Debug, Clone)]
-pub struct Attention<B: KernelBackend> {
-    pub q_proj: Linear<B>,
-    pub k_proj: Linear<B>,
-    pub v_proj: Linear<B>,
-    pub o_proj: Linear<B>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Mlp<B: KernelBackend> {
-    pub gate_proj: Linear<B>,
-    pub up_proj: Linear<B>,
-    pub down_proj: Linear<B>,
-}
-
+/// One decoder layer: grouped-query attention and a SwiGLU MLP, each behind an RMSNorm and
+/// with its residual.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer<B: KernelBackend> {
     pub input_layernorm: RmsNorm<B>,
-    pub self_attn: Attention<B>,
     pub post_attention_layernorm: RmsNorm<B>,
-    pub mlp: Mlp<B>,
+    /// The seven projections, in [`Target::ALL`] order: q, k, v, o, gate, up, down.
+    pub projections: [Linear<B>; 7],
 }
+
+/// What a layer's forward reads besides its input: the model's shape, the RoPE tables and mask
+/// of the positions being computed, the adapters, and which layer this is.
+#[derive(Debug)]
+pub struct LayerCtx<'a, B: KernelBackend> {
+    pub config: &'a Config,
+    pub index: usize,
+    pub rope: &'a (Tensor<B, 2>, Tensor<B, 2>),
+    pub mask: Option<&'a Tensor<B, 4>>,
+    pub adapters: Adapters<'a, B>,
+}
+
+// Manual impls: a derive would require `B: Copy`.
+impl<B: KernelBackend> Clone for LayerCtx<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: KernelBackend> Copy for LayerCtx<'_, B> {}
 
 /// Progress while loading: `(tensors done, tensors in all)`.
 pub type LoadProgress<'a> = &'a mut dyn FnMut(usize, usize);
@@ -146,7 +152,7 @@ impl<B: KernelBackend> Llama<B> {
         progress: LoadProgress<'_>,
     ) -> Result<Self> {
         let c = &config;
-        let (h, hd) = (c.hidden_size, c.head_dim);
+        let h = c.hidden_size;
         let total = c.num_hidden_layers + 2;
         let embed_host = source.require("model.embed_tokens.weight")?;
         let embed_tokens = Embedding::load(&embed_host, c.vocab_size, h)?;
@@ -167,31 +173,15 @@ impl<B: KernelBackend> Llama<B> {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+            let projections = Target::ALL.map(|t| {
+                let (inp, out) = t.dims(c);
+                let bias = c.qkv_bias && matches!(t, Target::Q | Target::K | Target::V);
+                linear(&format!("{p}.{}.{}", t.parent(), t.name()), out, inp, bias)
+            });
             layers.push(DecoderLayer {
                 input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
-                self_attn: Attention {
-                    q_proj: linear(&format!("{p}.self_attn.q_proj"), q, h, c.qkv_bias)?,
-                    k_proj: linear(&format!("{p}.self_attn.k_proj"), kv, h, c.qkv_bias)?,
-                    v_proj: linear(&format!("{p}.self_attn.v_proj"), kv, h, c.qkv_bias)?,
-                    o_proj: linear(&format!("{p}.self_attn.o_proj"), h, q, false)?,
-                },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
-                mlp: Mlp {
-                    gate_proj: linear(
-                        &format!("{p}.mlp.gate_proj"),
-                        c.intermediate_size,
-                        h,
-                        false,
-                    )?,
-                    up_proj: linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, h, false)?,
-                    down_proj: linear(
-                        &format!("{p}.mlp.down_proj"),
-                        h,
-                        c.intermediate_size,
-                        false,
-                    )?,
-                },
+                projections: try_array(projections)?,
             });
             progress(i + 2, total);
         }
@@ -223,20 +213,8 @@ impl<B: KernelBackend> Llama<B> {
     /// The same model with every quantised weight dequantised to f32 (see [`Linear::to_dense`]).
     pub fn to_dense(&self) -> Self {
         let mut m = self.clone();
-        for l in &mut m.layers {
-            let a = &mut l.self_attn;
-            let p = &mut l.mlp;
-            for lin in [
-                &mut a.q_proj,
-                &mut a.k_proj,
-                &mut a.v_proj,
-                &mut a.o_proj,
-                &mut p.gate_proj,
-                &mut p.up_proj,
-                &mut p.down_proj,
-            ] {
-                *lin = lin.to_dense();
-            }
+        for lin in m.layers.iter_mut().flat_map(|l| &mut l.projections) {
+            *lin = lin.to_dense();
         }
         m.lm_head = m.lm_head.to_dense();
         m
@@ -269,20 +247,7 @@ impl<B: KernelBackend> Llama<B> {
             .layers
             .iter()
             .map(|l| {
-                let a = &l.self_attn;
-                let m = &l.mlp;
-                let linears: usize = [
-                    &a.q_proj,
-                    &a.k_proj,
-                    &a.v_proj,
-                    &a.o_proj,
-                    &m.gate_proj,
-                    &m.up_proj,
-                    &m.down_proj,
-                ]
-                .iter()
-                .map(|x| x.device_bytes())
-                .sum();
+                let linears: usize = l.projections.iter().map(Linear::device_bytes).sum();
                 linears + norm(&l.input_layernorm) + norm(&l.post_attention_layernorm)
             })
             .sum();
@@ -423,16 +388,15 @@ impl<B: KernelBackend> Llama<B> {
             Some(self.padded_mask(pads, past, seq))
         };
         let mut x = x;
-        let mut kv = cache.layers.iter_mut();
-        for i in 0..self.layers.len() {
-            x = self.layer(
-                i,
-                x,
-                &rope,
-                mask.as_ref(),
+        for (index, (layer, kv)) in self.layers.iter().zip(&mut cache.layers).enumerate() {
+            let ctx = LayerCtx {
+                config: &self.config,
+                index,
+                rope: &rope,
+                mask: mask.as_ref(),
                 adapters,
-                kv.next().map(|l| (l, past)),
-            );
+            };
+            x = layer.forward(x, ctx, Some((kv, past)));
         }
         cache.len += seq;
         Ok(x)
@@ -458,7 +422,7 @@ impl<B: KernelBackend> Llama<B> {
     pub fn packed_inputs(&self, packed: Packed<'_>, dtype: DType) -> Result<PackedInputs<B>> {
         let seq = packed.tokens.len();
         if seq == 0 || packed.positions.len() != seq || packed.segments.len() != seq {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Internal(format!(
                 "packed sequence of {seq} tokens with {} positions and {} segment ids",
                 packed.positions.len(),
                 packed.segments.len()
@@ -500,36 +464,14 @@ impl<B: KernelBackend> Llama<B> {
         inputs: &PackedInputs<B>,
         adapters: Adapters<'_, B>,
     ) -> Tensor<B, 3> {
-        self.layer(i, x, &inputs.rope, Some(&inputs.mask), adapters, None)
-    }
-
-    /// Decoder layer `i`: attention and MLP, each with its residual.
-    fn layer(
-        &self,
-        i: usize,
-        x: Tensor<B, 3>,
-        rope: &(Tensor<B, 2>, Tensor<B, 2>),
-        mask: Option<&Tensor<B, 4>>,
-        adapters: Adapters<'_, B>,
-        kv: Option<(&mut LayerCache<B>, usize)>,
-    ) -> Tensor<B, 3> {
-        let layer = &self.layers[i];
-        let (cos, sin) = rope;
-        let residual = x.clone();
-        let a = layer.self_attn.forward(
-            layer.input_layernorm.forward(x),
-            &self.config,
-            kv,
-            (cos, sin),
-            mask,
-            (i, adapters),
-        );
-        let x = residual + a;
-        let residual = x.clone();
-        residual
-            + layer
-                .mlp
-                .forward(layer.post_attention_layernorm.forward(x), (i, adapters))
+        let ctx = LayerCtx {
+            config: &self.config,
+            index: i,
+            rope: &inputs.rope,
+            mask: Some(&inputs.mask),
+            adapters,
+        };
+        self.layers[i].forward(x, ctx, None)
     }
 
     /// `(cos, sin)` on the device for `positions`.
@@ -614,69 +556,76 @@ impl<B: KernelBackend> Llama<B> {
     }
 }
 
-impl<B: KernelBackend> Attention<B> {
+impl<B: KernelBackend> DecoderLayer<B> {
+    /// Attention and MLP, each after its norm and with its residual. With a cache, the layer's
+    /// keys and values are written at `past..` and attention reads every cached position;
+    /// without one, it runs over the new positions only.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` → same
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: LayerCtx<'_, B>,
+        cache: Option<(&mut LayerCache<B>, usize)>,
+    ) -> Tensor<B, 3> {
+        let x = x.clone() + self.attention(self.input_layernorm.forward(x), ctx, cache);
+        x.clone() + self.mlp(self.post_attention_layernorm.forward(x), ctx)
+    }
+
+    /// The projection `t`, with the adapters that touch it in this layer.
+    fn project(&self, t: Target, x: Tensor<B, 3>, ctx: LayerCtx<'_, B>) -> Tensor<B, 3> {
+        self.projections[t.index()].forward_adapted(x, &ctx.adapters.on(ctx.index, t))
+    }
+
     /// Grouped-query attention. The `rep` query heads that share a KV head are laid out as one
     /// longer query sequence (`[batch, kv_heads, rep * seq, head_dim]`), so keys and values are
     /// never repeated in memory. Head `h` uses KV head `h / rep`, as HF `repeat_kv`.
     ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
-    /// - `kv`: `[batch, kv_heads, capacity, head_dim]` each, written at `past..past + seq`;
-    ///   without a cache, attention runs over the new positions only
-    fn forward(
+    /// - cache: `[batch, kv_heads, capacity, head_dim]` each, written at `past..past + seq`
+    fn attention(
         &self,
         x: Tensor<B, 3>,
-        c: &Config,
-        kv: Option<(&mut LayerCache<B>, usize)>,
-        (cos, sin): (&Tensor<B, 2>, &Tensor<B, 2>),
-        mask: Option<&Tensor<B, 4>>,
-        (layer, adapters): (usize, Adapters<'_, B>),
+        ctx: LayerCtx<'_, B>,
+        cache: Option<(&mut LayerCache<B>, usize)>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
+        let c = ctx.config;
         let (n_heads, n_kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let rep = n_heads / n_kv;
-        let proj = |l: &Linear<B>, t: Target, x: Tensor<B, 3>| {
-            l.forward_adapted(x, &adapters.on(layer, t))
-        };
-        let q = B::rope(proj(&self.q_proj, Target::Q, x.clone()), cos, sin, n_heads); // [b, n_heads, seq, hd]
-        let k = B::rope(proj(&self.k_proj, Target::K, x.clone()), cos, sin, n_kv); // [b, n_kv, seq, hd]
-        let v = proj(&self.v_proj, Target::V, x)
+        let (cos, sin) = ctx.rope;
+        let q = B::rope(self.project(Target::Q, x.clone(), ctx), cos, sin, n_heads); // [b, n_heads, seq, hd]
+        let k = B::rope(self.project(Target::K, x.clone(), ctx), cos, sin, n_kv); // [b, n_kv, seq, hd]
+        let v = self
+            .project(Target::V, x, ctx)
             .reshape([batch, seq, n_kv, hd])
             .swap_dims(1, 2);
 
-        let (keys, values) = match kv {
+        let (keys, values) = match cache {
             Some((cache, past)) => cache.append(k, v, past),
             None => (k, v),
         };
 
         let q = q.reshape([batch, n_kv, rep * seq, hd]);
         let scale = 1.0 / (hd as f64).sqrt();
-        let out = <B as KernelBackend>::attention(q, keys, values, mask, scale); // [b, n_kv, rep*seq, hd]
+        let out = <B as KernelBackend>::attention(q, keys, values, ctx.mask, scale); // [b, n_kv, rep*seq, hd]
         let out = out
             .reshape([batch, n_heads, seq, hd])
             .swap_dims(1, 2)
             .reshape([batch, seq, n_heads * hd]);
-        proj(&self.o_proj, Target::O, out)
+        self.project(Target::O, out, ctx)
     }
-}
 
-impl<B: KernelBackend> Mlp<B> {
+    /// SwiGLU: `down(silu(gate(x)) * up(x))`.
+    ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → same
-    fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        (layer, adapters): (usize, Adapters<'_, B>),
-    ) -> Tensor<B, 3> {
-        let proj = |l: &Linear<B>, t: Target, x: Tensor<B, 3>| {
-            l.forward_adapted(x, &adapters.on(layer, t))
-        };
-        let gate = silu(proj(&self.gate_proj, Target::Gate, x.clone()));
-        proj(
-            &self.down_proj,
-            Target::Down,
-            gate * proj(&self.up_proj, Target::Up, x),
-        )
+    fn mlp(&self, x: Tensor<B, 3>, ctx: LayerCtx<'_, B>) -> Tensor<B, 3> {
+        let gate = silu(self.project(Target::Gate, x.clone(), ctx));
+        let up = self.project(Target::Up, x, ctx);
+        self.project(Target::Down, gate * up, ctx)
     }
 }
 
@@ -697,18 +646,8 @@ impl<B: KernelBackend> Llama<B> {
                 .iter()
                 .map(|l| DecoderLayer {
                     input_layernorm: norm(&l.input_layernorm),
-                    self_attn: Attention {
-                        q_proj: l.self_attn.q_proj.autodiff(),
-                        k_proj: l.self_attn.k_proj.autodiff(),
-                        v_proj: l.self_attn.v_proj.autodiff(),
-                        o_proj: l.self_attn.o_proj.autodiff(),
-                    },
                     post_attention_layernorm: norm(&l.post_attention_layernorm),
-                    mlp: Mlp {
-                        gate_proj: l.mlp.gate_proj.autodiff(),
-                        up_proj: l.mlp.up_proj.autodiff(),
-                        down_proj: l.mlp.down_proj.autodiff(),
-                    },
+                    projections: l.projections.each_ref().map(Linear::autodiff),
                 })
                 .collect(),
             norm: norm(&self.norm),
@@ -717,4 +656,12 @@ impl<B: KernelBackend> Llama<B> {
             device: self.device.clone(),
         }
     }
+}
+
+/// `[Result<T>; N]` → `Result<[T; N]>`, the first error if any.
+fn try_array<T, const N: usize>(items: [Result<T>; N]) -> Result<[T; N]> {
+    let items = items.into_iter().collect::<Result<Vec<T>>>()?;
+    Ok(items
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("N items in, N items out")))
 }

@@ -138,14 +138,14 @@ pub fn encode(value: f64) -> Result<[usize; TOKENS_PER_NUMBER]> {
 /// The value of one number's tokens; an error when they break the grammar.
 pub fn decode(tokens: &[usize]) -> Result<f64> {
     if tokens.len() != TOKENS_PER_NUMBER {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::Internal(format!(
             "a number is {TOKENS_PER_NUMBER} tokens, not {}",
             tokens.len()
         )));
     }
     for (pos, &t) in tokens.iter().enumerate() {
         if t >= NUM_TOKENS || Class::of(t) != class_at(pos) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::Internal(format!(
                 "token {t} cannot stand at position {pos} of a number"
             )));
         }

@@ -69,7 +69,7 @@ impl PromptTemplate {
         match s {
             "chat" => Ok(Self::Chat),
             "alpaca" => Ok(Self::Alpaca),
-            _ => Err(Error::InvalidArgument(format!(
+            _ => Err(Error::Setting(format!(
                 "unknown prompt template `{s}` (chat, alpaca)"
             ))),
         }
@@ -398,7 +398,7 @@ pub struct DataSpec<'a> {
 /// Read, split, tokenise and pack the data.
 pub fn prepare(spec: &DataSpec<'_>, tokenizer: &Tokenizer) -> Result<Prepared> {
     if spec.max_len < 8 {
-        return Err(Error::InvalidArgument(
+        return Err(Error::Setting(
             "the row length (max_len) must be at least 8 tokens".into(),
         ));
     }

@@ -22,6 +22,7 @@ pub mod data;
 mod loss;
 pub mod meta;
 pub mod objective;
+pub mod run;
 mod step;
 
 use std::path::{Path, PathBuf};

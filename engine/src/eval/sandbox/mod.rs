@@ -528,6 +528,7 @@ mod tests {
     /// user namespaces): a refusal that names the flag, or with it, a loud warning and programs
     /// that still run under node's permission model and the limits.
     #[test]
+    #[ignore = "needs node (and bubblewrap): the full tier runs it, `-- --include-ignored`"]
     fn without_a_jail_refuses_unless_told() {
         let unjailed = || Sandbox::unjailed().unwrap_or_else(|e| panic!("{e}"));
         let refused = unjailed().without_jail("no jail in this test", false, &mut |_| {});

@@ -5,15 +5,16 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use burn::backend::Autodiff;
-use burn::tensor::Tensor;
-use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
+use codelsi_engine::adapter::{LoraConfig, Target};
 use codelsi_engine::model::OpenDevice;
 use codelsi_engine::quant::QFormat;
-use codelsi_engine::train::data::{self, DataSpec, PromptTemplate};
+use codelsi_engine::regress::{NumberObjective, RegressionData, RegressionSpec};
+use codelsi_engine::train::data::PromptTemplate;
 use codelsi_engine::train::meta::RunInfo;
+use codelsi_engine::train::run::{DEFAULT_VAL_FRAC, InstructRun};
 use codelsi_engine::train::{Activations, Decay, TrainConfig, TrainEvent, TrainJob, train};
 
-use crate::{Format, load, parse_quant};
+use super::{Format, load, parse_quant};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
@@ -154,32 +155,30 @@ fn train_on<B: OpenDevice>(args: &TrainArgs, config: &TrainConfig) -> Result<()>
     if args.task == Task::Regression {
         return train_regression(args, config, &loaded, &gpu);
     }
-    let template = match &args.template {
-        Some(t) => PromptTemplate::parse(t)?,
-        None => PromptTemplate::for_tokenizer(&loaded.tokenizer),
-    };
-    let data = data::prepare(
-        &DataSpec {
-            data: &args.data,
-            val: args.val.as_deref(),
-            val_frac: args.val_frac.unwrap_or(0.05),
-            seed: args.seed,
-            template,
-            max_len: args.max_len,
-            pack: !args.no_pack,
-        },
+    let template = args
+        .template
+        .as_deref()
+        .map(PromptTemplate::parse)
+        .transpose()?;
+    let assembled = InstructRun {
+        data: args.data.clone(),
+        val: args.val.clone(),
+        val_frac: args.val_frac.unwrap_or(DEFAULT_VAL_FRAC),
+        template,
+        max_len: args.max_len,
+        pack: !args.no_pack,
+        base_adapters: args.base_adapters.clone(),
+        init_adapter: args.init_adapter.clone(),
+        seed: args.seed,
+        device: gpu.to_string(),
+        app: false,
+    }
+    .assemble::<B>(
+        &loaded.model.config,
+        loaded.model.device(),
         &loaded.tokenizer,
     )?;
-    let frozen = args
-        .base_adapters
-        .iter()
-        .map(|d| {
-            Adapter::<B>::load_peft(d, &loaded.model.config, loaded.model.device())
-                .map(|a| a.map(|t| Tensor::<Autodiff<B>, 2>::from_inner(t.clone())))
-                .with_context(|| format!("base adapter {}", d.display()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let frozen_refs: Vec<&Adapter<Autodiff<B>>> = frozen.iter().collect();
+    let data = &assembled.data;
     if !json {
         eprintln!(
             "{} training records → {} rows of ≤{} tokens ({} dropped: prompt alone fills max-len); {} validation rows; template {:?}; {} on {}",
@@ -188,31 +187,23 @@ fn train_on<B: OpenDevice>(args: &TrainArgs, config: &TrainConfig) -> Result<()>
             args.max_len,
             data.dropped,
             data.val.len(),
-            template,
+            assembled.template,
             loaded.info.architecture,
             gpu
         );
     }
 
     let model_name = loaded.info.file_name();
+    let frozen = assembled.frozen_refs();
     let job = TrainJob {
         model: &loaded.model,
-        frozen: &frozen_refs,
+        frozen: &frozen,
         train: &data.train,
         val: &data.val,
         config,
         out: &args.out,
         base_model: &model_name,
-        run: RunInfo {
-            data: Some(args.data.clone()),
-            val: args.val.clone(),
-            template: Some(format!("{template:?}")),
-            max_len: Some(args.max_len),
-            base_adapters: args.base_adapters.clone(),
-            init_adapter: args.init_adapter.clone(),
-            device: Some(gpu.to_string()),
-            ..RunInfo::default()
-        },
+        run: assembled.run.clone(),
         resume: args.resume,
         objective: None,
         init: args.init_adapter.as_deref(),
@@ -223,8 +214,8 @@ fn train_on<B: OpenDevice>(args: &TrainArgs, config: &TrainConfig) -> Result<()>
 /// Run a training job with a progress bar (or JSON events), and say how it ended.
 fn run<B: OpenDevice>(args: &TrainArgs, config: &TrainConfig, job: TrainJob<'_, B>) -> Result<()> {
     let json = args.format == Format::Json;
-    let cancel = crate::ctrl_c_token();
-    let bar = crate::progress_bar(
+    let cancel = super::ctrl_c_token();
+    let bar = super::progress_bar(
         json,
         "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
     );
@@ -336,7 +327,7 @@ fn train_regression<B: OpenDevice>(
         anyhow::bail!("a regression adapter trains on the base model alone (no --base-adapter)");
     }
     let val_frac = args.val_frac.unwrap_or(0.2);
-    let data = crate::regress::regression_data(
+    let data = RegressionData::prepare(
         &args.data,
         &args.metrics,
         val_frac,
@@ -358,7 +349,7 @@ fn train_regression<B: OpenDevice>(
         );
     }
     if let Some(dir) = &args.init_adapter {
-        let theirs = codelsi_engine::regress::RegressionSpec::load(dir)?.with_context(|| {
+        let theirs = RegressionSpec::load(dir)?.with_context(|| {
             format!(
                 "--init-adapter {}: not a regression adapter (no `regression` in codelsi_adapter.json)",
                 dir.display()
@@ -374,8 +365,7 @@ fn train_regression<B: OpenDevice>(
             );
         }
     }
-    let objective =
-        codelsi_engine::regress::NumberObjective::new(&loaded.model, &loaded.tokenizer)?;
+    let objective = NumberObjective::new(&loaded.model, &loaded.tokenizer)?;
     let model_name = loaded.info.file_name();
     let job = TrainJob {
         model: &loaded.model,

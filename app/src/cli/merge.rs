@@ -7,7 +7,7 @@ use codelsi_engine::merge::{MergeFormat, merge};
 use codelsi_engine::model::resolve_model;
 use codelsi_engine::quant::{GgmlType, QFormat};
 
-use crate::Format;
+use super::Format;
 
 #[derive(clap::Args)]
 pub struct MergeArgs {
@@ -56,8 +56,8 @@ pub fn cmd_merge(args: MergeArgs) -> Result<()> {
         }
     }
     let base = resolve_model(&args.model, &mut |_| {})?;
-    let cancel = crate::ctrl_c_token();
-    let bar = crate::progress_bar(json, "{bar:30} {pos}/{len} tensors  [{elapsed_precise}]");
+    let cancel = super::ctrl_c_token();
+    let bar = super::progress_bar(json, "{bar:30} {pos}/{len} tensors  [{elapsed_precise}]");
     if !json {
         eprintln!(
             "merging {} adapter(s) into {} → {} ({})",

@@ -7,7 +7,7 @@ use codelsi_engine::import::{ImportEvent, ImportOptions, Lang, import_records, i
 use codelsi_engine::io::tokenizer::Tokenizer;
 use codelsi_engine::model::resolve_model;
 
-use crate::Format;
+use super::Format;
 
 #[derive(clap::Args)]
 pub struct ImportArgs {
@@ -72,8 +72,8 @@ pub fn cmd_import(args: ImportArgs) -> Result<()> {
     };
     let model = resolve_model(&args.model, &mut |_| {})?;
     let tokenizer = Tokenizer::from_model(&model)?;
-    let cancel = crate::ctrl_c_token();
-    let bar = crate::progress_bar(json, "{msg:>12} {bar:30} {pos}/{len}  [{elapsed_precise}]");
+    let cancel = super::ctrl_c_token();
+    let bar = super::progress_bar(json, "{msg:>12} {bar:30} {pos}/{len}  [{elapsed_precise}]");
     let start = std::time::Instant::now();
     let mut progress = |e: ImportEvent| match e {
         ImportEvent::Walking { seen } => {

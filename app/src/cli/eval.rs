@@ -14,7 +14,7 @@ use codelsi_engine::eval::{
 use codelsi_engine::model::OpenDevice;
 use codelsi_engine::models::llama::Adapters;
 
-use crate::Format;
+use super::Format;
 
 #[derive(clap::Args, Clone)]
 pub struct EvalArgs {
@@ -99,9 +99,9 @@ fn generate_all<B: OpenDevice>(
     cancel: &CancelToken,
     json: bool,
 ) -> Result<Vec<Completion>> {
-    let (loaded, gpu) = crate::load::<B>(&args.model, None, json)?;
+    let (loaded, gpu) = super::load::<B>(&args.model, None, json)?;
     let model = &loaded.model;
-    let adapters = crate::load_adapters(&args.adapters, model)?;
+    let adapters = super::load_adapters(&args.adapters, model)?;
     let refs: Vec<&Adapter<B>> = adapters.iter().collect();
     if !json {
         eprintln!(
@@ -113,7 +113,7 @@ fn generate_all<B: OpenDevice>(
             args.batch.max(1)
         );
     }
-    let pb = crate::progress_bar(
+    let pb = super::progress_bar(
         json,
         "generate {bar:30} {pos}/{len}  [{elapsed_precise} / eta {eta}]",
     );
@@ -157,12 +157,12 @@ fn cmd_fit<B: OpenDevice>(args: &EvalArgs, data: &std::path::Path) -> Result<()>
     if let Some(n) = args.limit {
         records.truncate(n);
     }
-    let (loaded, _) = crate::load::<B>(&args.model, None, json)?;
+    let (loaded, _) = super::load::<B>(&args.model, None, json)?;
     let model = &loaded.model;
-    let adapters = crate::load_adapters(&args.adapters, model)?;
+    let adapters = super::load_adapters(&args.adapters, model)?;
     let refs: Vec<&Adapter<B>> = adapters.iter().collect();
     let template = PromptTemplate::for_tokenizer(&loaded.tokenizer);
-    let cancel = crate::ctrl_c_token();
+    let cancel = super::ctrl_c_token();
     let mut rows = Vec::new();
     let runs: Vec<(&str, &[&Adapter<B>])> = if refs.is_empty() {
         vec![("base", &[])]
@@ -170,7 +170,7 @@ fn cmd_fit<B: OpenDevice>(args: &EvalArgs, data: &std::path::Path) -> Result<()>
         vec![("base", &[]), ("adapter", &refs)]
     };
     for (name, list) in runs {
-        let pb = crate::progress_bar(
+        let pb = super::progress_bar(
             json,
             "{msg} {bar:30} {pos}/{len}  [{elapsed_precise} / eta {eta}]",
         );
@@ -316,7 +316,7 @@ fn eval_one(args: EvalArgs) -> Result<eval::Summary> {
     if let Some(n) = args.limit {
         problems.truncate(n);
     }
-    let cancel = crate::ctrl_c_token();
+    let cancel = super::ctrl_c_token();
     let limits = Limits {
         cpu_secs: args.timeout,
         wall: Duration::from_secs_f64(args.timeout as f64 * 1.5 + 2.0),
@@ -348,7 +348,7 @@ fn eval_one(args: EvalArgs) -> Result<eval::Summary> {
         None => crate::on_engine!(generate_all(&args, &problems, &cancel, json))?,
     };
     let gen_secs = start.elapsed().as_secs_f64();
-    let pb = crate::progress_bar(
+    let pb = super::progress_bar(
         json,
         "run {bar:30} {pos}/{len} ({msg})  [{elapsed_precise}]",
     );
