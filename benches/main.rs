@@ -470,7 +470,7 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
 
 /// The CPU path's quantised products, format by format, and a decode step's products.
 fn cpu_kernels() {
-    use codelsi_engine::kernels::cpu_quant::{QWeights, q_matmul};
+    use codelsi_engine::kernels::cpu_quant::{Isa, QActs, QWeights, q_matmul, q_matmul_tiled};
     use rayon::prelude::*;
     println!(
         "device: {}, {}",
@@ -522,7 +522,7 @@ fn cpu_kernels() {
     // Qwen2.5-Coder-0.5B-Instruct Q4_K_M: 24 layers; per layer q and o 896², k and v 128×896,
     // gate and up 4864×896, down 896×4864; the tied head 151,936×896 (Q8_0). Most tensors are
     // Q5_0; the file's K-quant tensors are shown as Q5_0's shapes in Q4_K and Q6_K.
-    let mut total = 0.0;
+    let (mut total, mut total_tiled) = (0.0, 0.0);
     for (format, n, k, count) in [
         (QFormat::Q5_0, 896, 896, 48),
         (QFormat::Q5_0, 128, 896, 48),
@@ -534,13 +534,28 @@ fn cpu_kernels() {
     ] {
         let (_, s, bytes) = run(format, n, k, &[1])[0];
         total += s * count as f64;
+        // The same product through tiles, the path before the fused kernels, for comparison.
+        let q = QMatrix::quantize(format, n, k, &values(n * k));
+        let acts = QActs::quantize(&values(k), 1, k);
+        let isa = Isa::detect();
+        let tiled = best_of(10, || {
+            std::hint::black_box(q_matmul_tiled(isa, &acts, &QWeights::from(&q)));
+        });
+        total_tiled += tiled * count as f64;
         println!(
-            "decode shape {format:?} {n}×{k} (×{count}): {:.3} ms, {:.1} GB/s",
+            "decode shape {format:?} {n}×{k} (×{count}): {:.3} ms, {:.1} GB/s (through tiles: \
+             {:.3} ms, {:.1} GB/s)",
             s * 1e3,
-            bytes / s / 1e9
+            bytes / s / 1e9,
+            tiled * 1e3,
+            bytes / tiled / 1e9
         );
     }
-    println!("a decode step's products, about: {:.1} ms", total * 1e3);
+    println!(
+        "a decode step's products, about: {:.1} ms (through tiles: {:.1} ms)",
+        total * 1e3,
+        total_tiled * 1e3
+    );
 }
 
 /// Prefill and greedy-decode tokens/s of the CPU path and of llama.cpp on the same file, prompt

@@ -657,8 +657,33 @@ fn widen_portable(format: QFormat, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// [`q_matmul`] of quantised rows of x on a chosen instruction set.
+/// Rows of x up to which the products skip the tile (decode, small batches): each unit's codes
+/// are built in a register and multiplied at once, so the weights are read once and nothing is
+/// written back; past it, a tile's unpacking is shared by enough rows of x to pay for itself.
+pub const FUSED_MAX_ROWS: usize = 4;
+
+/// The formats the fused kernels take: those measured faster fused than through tiles at one
+/// row of x on the 0.5B's shapes (`codelsi-bench cpu-kernels`, docs/cpu.md). Q5_0 came out
+/// slower fused there; Q4_0, Q4_1, Q5_1 and Q5_K were not measured on those shapes. They keep
+/// the tiles.
+pub fn fuses(format: QFormat) -> bool {
+    matches!(format, QFormat::Q8_0 | QFormat::Q4K | QFormat::Q6K)
+}
+
+/// [`q_matmul`] of quantised rows of x on a chosen instruction set: fused for up to
+/// [`FUSED_MAX_ROWS`] rows where the instruction set and the format have a fused kernel, else
+/// through tiles.
 pub fn q_matmul_on(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if x.rows <= FUSED_MAX_ROWS && isa != Isa::Portable && fuses(w.format) {
+        return q_matmul_fused(isa, x, w);
+    }
+    q_matmul_tiled(isa, x, w)
+}
+
+/// [`q_matmul_on`] through [`TILE_ROWS`]-row tiles of unpacked weights whatever the rows of x
+/// (the benchmarks compare it with the fused path).
+pub fn q_matmul_tiled(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
     assert_eq!(x.cols, w.cols, "x and W differ in k");
     assert!(w.is_whole(), "W's arrays are shorter than its shape");
     let (m, n) = (x.rows, w.rows);
@@ -691,6 +716,165 @@ pub fn q_matmul_on(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
 thread_local! {
     static TILE: std::cell::RefCell<Tile> = std::cell::RefCell::new(Tile::default());
 }
+
+/// The fused products for up to [`FUSED_MAX_ROWS`] rows of x on AVX2 or VNNI: each task takes
+/// [`TILE_ROWS`] weight rows and walks their blocks once, building each unit's codes in a
+/// register (`unit_codes_avx2`) and its scales from the block's bytes, and multiplying them
+/// with every row of x there and then.
+#[cfg(target_arch = "x86_64")]
+pub fn q_matmul_fused(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
+    assert_eq!(x.cols, w.cols, "x and W differ in k");
+    assert!(w.is_whole(), "W's arrays are shorter than its shape");
+    assert!(
+        x.rows <= FUSED_MAX_ROWS,
+        "the fused path takes at most {FUSED_MAX_ROWS} rows"
+    );
+    assert!(isa != Isa::Portable, "the fused path needs AVX2");
+    assert!(fuses(w.format), "no fused kernel for {:?}", w.format);
+    let (m, n) = (x.rows, w.rows);
+    if m == 0 || n == 0 {
+        return vec![0.0; m * n];
+    }
+    let mut out_t = vec![0f32; n * m];
+    out_t
+        .par_chunks_mut(TILE_ROWS * m)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let rows = task * TILE_ROWS..task * TILE_ROWS + out.len() / m;
+            macro_rules! formats {
+                ($kernel:ident, $xr:literal) => {
+                    match w.format {
+                        QFormat::Q8_0 => $kernel::<$xr, 4>(w, rows, x, out),
+                        QFormat::Q4K => $kernel::<$xr, 5>(w, rows, x, out),
+                        QFormat::Q6K => $kernel::<$xr, 7>(w, rows, x, out),
+                        _ => unreachable!("`fuses` admits no other format"),
+                    }
+                };
+            }
+            macro_rules! shapes {
+                ($kernel:ident) => {
+                    match m {
+                        1 => formats!($kernel, 1),
+                        2 => formats!($kernel, 2),
+                        3 => formats!($kernel, 3),
+                        _ => formats!($kernel, 4),
+                    }
+                };
+            }
+            // SAFETY: `Isa::detect` chose these only where the processor has their features
+            // (`available` lists no more than `detect` found).
+            unsafe {
+                match isa {
+                    Isa::Vnni => shapes!(fused_vnni),
+                    _ => shapes!(fused_avx2),
+                }
+            }
+        });
+    transpose(out_t, m, n)
+}
+
+/// Stamps out the fused kernel for one byte-product instruction sequence.
+#[cfg(target_arch = "x86_64")]
+macro_rules! x86_fused {
+    ($name:ident, $features:literal, $dot:ident) => {
+        /// Weight rows `rows` of `QFormat::ALL[F]` times the `XR` rows of x, into `out`
+        /// (`[rows, XR]`): per unit, `a · d_x · (codes · x codes)` in eight lanes, and where the
+        /// format has one, the minimum's `c · d_x · Σ x codes` from x's sums.
+        #[target_feature(enable = $features)]
+        fn $name<const XR: usize, const F: usize>(
+            w: &QWeights<'_>,
+            rows: std::ops::Range<usize>,
+            x: &QActs,
+            out: &mut [f32],
+        ) {
+            use std::arch::x86_64::*;
+            let f = QFormat::ALL[F];
+            let k = w.cols;
+            let units = k / UNIT;
+            let per_block = f.block_len() / UNIT;
+            let blocks = units / per_block;
+            let halves = f == QFormat::Q6K;
+            let (qb, sb) = (4 * f.qs_words_per_block(), 2 * f.scale_halves_per_block());
+            assert!(
+                x.rows == XR && x.codes.len() == XR * k && out.len() == rows.len() * XR,
+                "x or out is not the shape the kernel was chosen for"
+            );
+            let signed = f == QFormat::Q8_0;
+            let kquant_min = matches!(f, QFormat::Q4K | QFormat::Q5K);
+            let sum8 = |v: &[f32]| -> __m256 {
+                let v: &[f32; 8] = v[..8].try_into().unwrap_or_else(|_| unreachable!());
+                // SAFETY: reads the 8 floats of `v`.
+                unsafe { _mm256_loadu_ps(v.as_ptr()) }
+            };
+            for (row, out) in rows.zip(out.chunks_exact_mut(XR)) {
+                let q = &w.qs[qb * blocks * row..qb * blocks * (row + 1)];
+                let s = &w.scales[sb * blocks * row..sb * blocks * (row + 1)];
+                // Two accumulators a row of x, even and odd units, so that consecutive units'
+                // multiply-adds do not wait on each other.
+                let mut acc = [[_mm256_setzero_ps(); 2]; XR];
+                // The K-quants' minimum term, eight lanes a block (Q8_0 has none).
+                let mut min8 = [_mm256_setzero_ps(); XR];
+                for (b, (q, s)) in q.chunks_exact(qb).zip(s.chunks_exact(sb)).enumerate() {
+                    let mut scales = [0f32; 16];
+                    let mut mins = [0f32; 16];
+                    block_scales(f, s, &mut scales, &mut mins);
+                    for u in 0..per_block {
+                        let unit = b * per_block + u;
+                        let wv = unit_codes_avx2(f, q, u);
+                        let a = if halves {
+                            _mm256_set_m128(
+                                _mm_set1_ps(scales[2 * u + 1]),
+                                _mm_set1_ps(scales[2 * u]),
+                            )
+                        } else {
+                            _mm256_set1_ps(scales[u])
+                        };
+                        for p in 0..XR {
+                            let xc: &[i8; UNIT] = x.codes[p * k + UNIT * unit..][..UNIT]
+                                .try_into()
+                                .unwrap_or_else(|_| unreachable!());
+                            // SAFETY: reads the 32 bytes of `xc`.
+                            let xv = unsafe { _mm256_loadu_si256(xc.as_ptr().cast()) };
+                            let dot = if signed {
+                                $dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv))
+                            } else {
+                                $dot(wv, xv)
+                            };
+                            let d = _mm256_set1_ps(x.d[p * units + unit]);
+                            let acc = &mut acc[p][unit & 1];
+                            *acc =
+                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(a, d), *acc);
+                        }
+                    }
+                    for p in 0..XR {
+                        let first = p * units + b * per_block;
+                        if kquant_min {
+                            min8[p] =
+                                _mm256_fmadd_ps(sum8(&mins), sum8(&x.unit_sums[first..]), min8[p]);
+                        } else if halves {
+                            let hs = &x.half_sums[2 * first..];
+                            min8[p] = _mm256_fmadd_ps(sum8(&mins), sum8(hs), min8[p]);
+                            min8[p] = _mm256_fmadd_ps(sum8(&mins[8..]), sum8(&hs[8..]), min8[p]);
+                        }
+                    }
+                }
+                for p in 0..XR {
+                    let [a0, a1] = acc[p];
+                    let a = _mm256_add_ps(_mm256_add_ps(a0, a1), min8[p]);
+                    let v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+                    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+                    let v = _mm_add_ss(v, _mm_movehdup_ps(v));
+                    out[p] = _mm_cvtss_f32(v);
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+x86_fused!(fused_avx2, "avx2,fma,f16c", dot_avx2);
+#[cfg(target_arch = "x86_64")]
+x86_fused!(fused_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_vnni);
 
 /// Rows of x and weight rows in one register block.
 const XROWS: usize = 4;
@@ -1173,7 +1357,7 @@ mod tests {
     fn products_match_the_dequantised_weight() {
         for format in QFormat::ALL {
             let k = 2 * format.block_len() + if format.block_len() == 32 { 32 } else { 0 };
-            for (m, n) in [(1, 3), (5, 37), (9, 16)] {
+            for (m, n) in [(1, 3), (3, 37), (5, 37), (9, 16)] {
                 let wv = values(n * k, 7);
                 let q = QMatrix::quantize(format, n, k, &wv);
                 let dense = q.dequantize();
