@@ -598,6 +598,21 @@ fn half_matmul(x: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
     assert!(w.is_whole(), "W's arrays are shorter than its shape");
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "x is not [m, k]");
+    by_weight_rows(m, n, |first, out| {
+        let rows = out.len() / m;
+        let bytes = &w.qs[2 * first * k..2 * (first + rows) * k];
+        WIDE.with_borrow_mut(|wide| {
+            wide.resize(rows * k, 0.0);
+            widen(w.format, bytes, wide);
+            dot_rows(x, m, k, wide, out);
+        });
+    })
+}
+
+/// The frame every product here shares: `[m, n]` from parallel tasks of [`TILE_ROWS`] weight
+/// rows, `task(first, out)` writing weight rows `first..first + out.len() / m` as `[rows, m]`
+/// (contiguous per task), transposed after.
+fn by_weight_rows(m: usize, n: usize, task: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     if m == 0 || n == 0 {
         return vec![0.0; m * n];
     }
@@ -605,15 +620,7 @@ fn half_matmul(x: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
     out_t
         .par_chunks_mut(TILE_ROWS * m)
         .enumerate()
-        .for_each(|(task, out)| {
-            let (first, rows) = (task * TILE_ROWS, out.len() / m);
-            let bytes = &w.qs[2 * first * k..2 * (first + rows) * k];
-            WIDE.with_borrow_mut(|wide| {
-                wide.resize(rows * k, 0.0);
-                widen(w.format, bytes, wide);
-                dot_rows(x, m, k, wide, out);
-            });
-        });
+        .for_each(|(t, out)| task(t * TILE_ROWS, out));
     transpose(out_t, m, n)
 }
 
@@ -686,31 +693,22 @@ pub fn q_matmul_on(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
 pub fn q_matmul_tiled(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
     assert_eq!(x.cols, w.cols, "x and W differ in k");
     assert!(w.is_whole(), "W's arrays are shorter than its shape");
-    let (m, n) = (x.rows, w.rows);
-    if m == 0 || n == 0 {
-        return vec![0.0; m * n];
-    }
-    // Each task writes its weight rows as `[rows, m]` (contiguous per task); transposed after.
-    let mut out_t = vec![0f32; n * m];
-    out_t
-        .par_chunks_mut(TILE_ROWS * m)
-        .enumerate()
-        .for_each(|(task, out)| {
-            let rows = (task * TILE_ROWS, out.len() / m);
-            // Each thread keeps its tile's buffers from call to call (a decode step makes
-            // about 170 products, each of dozens of tasks).
-            TILE.with_borrow_mut(|tile| match isa {
-                Isa::Portable => unpack_and_multiply(isa, w, rows, x, tile, out),
-                // SAFETY: `Isa::detect` chose these only where the processor has their
-                // features (`available` lists no more than `detect` found).
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { unpack_and_multiply_avx2(isa, w, rows, x, tile, out) },
-                // SAFETY: as above.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Vnni => unsafe { unpack_and_multiply_vnni(isa, w, rows, x, tile, out) },
-            });
+    let m = x.rows;
+    by_weight_rows(m, w.rows, |first, out| {
+        let rows = (first, out.len() / m);
+        // Each thread keeps its tile's buffers from call to call (a decode step makes about
+        // 170 products, each of dozens of tasks).
+        TILE.with_borrow_mut(|tile| match isa {
+            Isa::Portable => unpack_and_multiply(isa, w, rows, x, tile, out),
+            // SAFETY: `Isa::detect` chose these only where the processor has their features
+            // (`available` lists no more than `detect` found).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { unpack_and_multiply_avx2(isa, w, rows, x, tile, out) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Vnni => unsafe { unpack_and_multiply_vnni(isa, w, rows, x, tile, out) },
         });
-    transpose(out_t, m, n)
+    })
 }
 
 thread_local! {
@@ -731,46 +729,38 @@ pub fn q_matmul_fused(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
     );
     assert!(isa != Isa::Portable, "the fused path needs AVX2");
     assert!(fuses(w.format), "no fused kernel for {:?}", w.format);
-    let (m, n) = (x.rows, w.rows);
-    if m == 0 || n == 0 {
-        return vec![0.0; m * n];
-    }
-    let mut out_t = vec![0f32; n * m];
-    out_t
-        .par_chunks_mut(TILE_ROWS * m)
-        .enumerate()
-        .for_each(|(task, out)| {
-            let rows = task * TILE_ROWS..task * TILE_ROWS + out.len() / m;
-            macro_rules! formats {
-                ($kernel:ident, $xr:literal) => {
-                    match w.format {
-                        QFormat::Q8_0 => $kernel::<$xr, 4>(w, rows, x, out),
-                        QFormat::Q4K => $kernel::<$xr, 5>(w, rows, x, out),
-                        QFormat::Q6K => $kernel::<$xr, 7>(w, rows, x, out),
-                        _ => unreachable!("`fuses` admits no other format"),
-                    }
-                };
-            }
-            macro_rules! shapes {
-                ($kernel:ident) => {
-                    match m {
-                        1 => formats!($kernel, 1),
-                        2 => formats!($kernel, 2),
-                        3 => formats!($kernel, 3),
-                        _ => formats!($kernel, 4),
-                    }
-                };
-            }
-            // SAFETY: `Isa::detect` chose these only where the processor has their features
-            // (`available` lists no more than `detect` found).
-            unsafe {
-                match isa {
-                    Isa::Vnni => shapes!(fused_vnni),
-                    _ => shapes!(fused_avx2),
+    let m = x.rows;
+    by_weight_rows(m, w.rows, |first, out| {
+        let rows = first..first + out.len() / m;
+        macro_rules! formats {
+            ($kernel:ident, $xr:literal) => {
+                match w.format {
+                    QFormat::Q8_0 => $kernel::<$xr, 4>(w, rows, x, out),
+                    QFormat::Q4K => $kernel::<$xr, 5>(w, rows, x, out),
+                    QFormat::Q6K => $kernel::<$xr, 7>(w, rows, x, out),
+                    _ => unreachable!("`fuses` admits no other format"),
                 }
+            };
+        }
+        macro_rules! shapes {
+            ($kernel:ident) => {
+                match m {
+                    1 => formats!($kernel, 1),
+                    2 => formats!($kernel, 2),
+                    3 => formats!($kernel, 3),
+                    _ => formats!($kernel, 4),
+                }
+            };
+        }
+        // SAFETY: `Isa::detect` chose these only where the processor has their features
+        // (`available` lists no more than `detect` found).
+        unsafe {
+            match isa {
+                Isa::Vnni => shapes!(fused_vnni),
+                _ => shapes!(fused_avx2),
             }
-        });
-    transpose(out_t, m, n)
+        }
+    })
 }
 
 /// Stamps out the fused kernel for one byte-product instruction sequence.
