@@ -616,3 +616,16 @@ pub fn write_gguf_stream(
     }
     Ok(written)
 }
+
+/// Tensors of a GGUF file under HF names.
+///
+/// llama.cpp's converter permutes the rows of `q_proj`/`k_proj` (weights and biases) of Llama
+/// models so that its interleaved RoPE matches HF's rotate-half; we undo that here, as
+/// transformers does when it loads a GGUF, so one model implementation serves both formats.
+pub struct GgufWeights<'a> {
+    pub file: &'a GgufFile,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    /// Whether q/k rows were permuted (Llama-arch GGUFs; Qwen2 GGUFs are not).
+    pub unpermute_qk: bool,
+}

@@ -8,7 +8,7 @@ pub mod tokenizer;
 
 use crate::error::{Error, Result};
 use crate::quant::{GgmlType, dequantize_into};
-use gguf::GgufFile;
+pub use gguf::GgufWeights;
 
 /// Tensor data on the host.
 #[derive(Debug, Clone)]
@@ -151,19 +151,6 @@ pub fn gguf_qk_rows(rows: usize, heads: usize) -> Option<Vec<usize>> {
     )
 }
 
-/// Tensors of a GGUF file under HF names.
-///
-/// llama.cpp's converter permutes the rows of `q_proj`/`k_proj` (weights and biases) of Llama
-/// models so that its interleaved RoPE matches HF's rotate-half; we undo that here, as
-/// transformers does when it loads a GGUF, so one model implementation serves both formats.
-pub struct GgufWeights<'a> {
-    pub file: &'a GgufFile,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    /// Whether q/k rows were permuted (Llama-arch GGUFs; Qwen2 GGUFs are not).
-    pub unpermute_qk: bool,
-}
-
 impl WeightSource for GgufWeights<'_> {
     fn get(&self, hf_name: &str) -> Result<Option<HostTensor>> {
         let Some(name) = gguf_name(hf_name) else {
@@ -233,7 +220,7 @@ impl WeightSource for GgufWeights<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::gguf::{GgufWriter, Value};
+    use crate::io::gguf::{GgufFile, GgufWriter, Value};
 
     /// A GGUF's 16-bit matrices come out as blocks (they stay 16-bit on the device), its
     /// 16-bit vectors as f32.

@@ -14,6 +14,7 @@ pub mod autodiff;
 pub mod cpu;
 pub mod cpu_quant;
 pub mod matmul_strided;
+pub mod pool;
 pub mod qmatmul;
 pub mod qmatmul_t;
 pub mod reference;

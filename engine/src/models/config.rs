@@ -8,8 +8,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::io::GgufWeights;
-use crate::io::gguf::GgufFile;
+use crate::io::gguf::{GgufFile, GgufWeights};
 
 /// Model families that share the Llama block (RMSNorm, RoPE, GQA attention, SwiGLU MLP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
