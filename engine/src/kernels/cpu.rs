@@ -48,10 +48,18 @@ pub(crate) fn transpose(values: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
     if m == 1 {
         return values;
     }
+    // In blocks of 16 × 16, so that the 16 output rows a block writes stay in cache while its
+    // 16 input rows are read (a prefill's `[n, 512]` went column by column through `[512, n]`).
+    const BLOCK: usize = 16;
     let mut out = vec![0f32; m * n];
-    for (j, col) in values.chunks_exact(m).enumerate() {
-        for (i, v) in col.iter().enumerate() {
-            out[i * n + j] = *v;
+    for j0 in (0..n).step_by(BLOCK) {
+        for i0 in (0..m).step_by(BLOCK) {
+            let rows = i0..(i0 + BLOCK).min(m);
+            for j in j0..(j0 + BLOCK).min(n) {
+                for (i, v) in rows.clone().zip(&values[j * m + i0..]) {
+                    out[i * n + j] = *v;
+                }
+            }
         }
     }
     out

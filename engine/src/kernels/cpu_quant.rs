@@ -93,21 +93,15 @@ impl QActs {
         let mut codes = vec![0i8; rows * cols];
         let mut d = vec![0f32; units];
         let mut half_sums = vec![0f32; 2 * units];
-        codes
-            .chunks_exact_mut(UNIT)
-            .zip(x.chunks_exact(UNIT))
-            .zip(d.iter_mut().zip(half_sums.chunks_exact_mut(2)))
-            .for_each(|((codes, x), (d, sums))| {
-                let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-                *d = amax / 127.0;
-                let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-                for (c, v) in codes.iter_mut().zip(x) {
-                    *c = (v * inv).round() as i8;
-                }
-                for (s, half) in sums.iter_mut().zip(codes.chunks_exact(UNIT / 2)) {
-                    *s = *d * half.iter().map(|&c| c as i32).sum::<i32>() as f32;
-                }
-            });
+        #[cfg(target_arch = "x86_64")]
+        if Isa::detect() != Isa::Portable {
+            // SAFETY: `detect` found AVX2 and FMA.
+            unsafe { quantize_units_avx2(x, &mut codes, &mut d, &mut half_sums) };
+        } else {
+            quantize_units(x, &mut codes, &mut d, &mut half_sums);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        quantize_units(x, &mut codes, &mut d, &mut half_sums);
         let unit_sums = half_sums.chunks_exact(2).map(|h| h[0] + h[1]).collect();
         Self {
             rows,
@@ -127,6 +121,34 @@ impl QActs {
             .flat_map(|(c, d)| c.iter().map(move |&c| c as f32 * d))
             .collect()
     }
+}
+
+/// [`QActs::quantize`]'s loop: per 32 values, the scale, the codes and the two halves' sums.
+#[inline(always)]
+fn quantize_units(x: &[f32], codes: &mut [i8], d: &mut [f32], half_sums: &mut [f32]) {
+    codes
+        .chunks_exact_mut(UNIT)
+        .zip(x.chunks_exact(UNIT))
+        .zip(d.iter_mut().zip(half_sums.chunks_exact_mut(2)))
+        .for_each(|((codes, x), (d, sums))| {
+            let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+            *d = amax / 127.0;
+            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            for (c, v) in codes.iter_mut().zip(x) {
+                *c = (v * inv).round() as i8;
+            }
+            for (s, half) in sums.iter_mut().zip(codes.chunks_exact(UNIT / 2)) {
+                *s = *d * half.iter().map(|&c| c as i32).sum::<i32>() as f32;
+            }
+        });
+}
+
+/// [`quantize_units`] compiled for AVX2: the rounding becomes vector instructions instead of a
+/// call to `roundf` per value (a prefill quantises every row of x for each product).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quantize_units_avx2(x: &[f32], codes: &mut [i8], d: &mut [f32], half_sums: &mut [f32]) {
+    quantize_units(x, codes, d, half_sums);
 }
 
 /// Weight rows unpacked for the integer products.

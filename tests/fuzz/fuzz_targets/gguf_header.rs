@@ -4,8 +4,11 @@
 //! `cargo fuzz run --fuzz-dir tests/fuzz gguf_header -- -max_total_time=60`
 //! (libFuzzer needs nightly, or `RUSTC_BOOTSTRAP=1` on stable).
 #![no_main]
-// The engine's parser sources, included as they are (the rest of them is unused here).
-#![allow(dead_code, unused_imports)]
+#![allow(
+    dead_code,
+    unused_imports,
+    reason = "the engine's parser sources are included as they are; most of them is unused here"
+)]
 
 #[path = "../../../engine/src/error.rs"]
 mod error;
