@@ -1374,12 +1374,7 @@ mod tests {
     #[test]
     fn products_match_the_dequantised_weight() {
         for format in QFormat::ALL {
-            // Block-32 formats: eleven units, an odd count past any group of eight.
-            let k = if format.block_len() == 32 {
-                11 * 32
-            } else {
-                2 * format.block_len()
-            };
+            let k = 2 * format.block_len() + if format.block_len() == 32 { 32 } else { 0 };
             for (m, n) in [(1, 3), (3, 37), (5, 37), (9, 16)] {
                 let wv = values(n * k, 7);
                 let q = QMatrix::quantize(format, n, k, &wv);

@@ -55,7 +55,8 @@ impl<T> std::ops::Deref for Padded<T> {
 }
 
 // SAFETY: `job` is written only under `submit` while no job is open and no worker is inside one
-// (`busy` is 0), and read only by workers inside an open job (the protocol in `run`).
+// (`busy` is 0), and read only by workers inside an open job (the protocol in `for_each` and
+// `work`).
 unsafe impl Sync for Shared {}
 
 static POOL: OnceLock<&'static Shared> = OnceLock::new();
@@ -129,7 +130,8 @@ pub fn for_each(tasks: usize, task: &(dyn Fn(usize) + Sync)) {
     // Close the job, then wait for the workers inside it.
     pool.epoch.store(open + 1, SeqCst);
     while pool.busy.load(SeqCst) != 0 {
-        std::hint::spin_loop();
+        // A worker still inside may have lost its core to another thread: give it the chance.
+        std::thread::yield_now();
     }
     if let Err(panic) = mine {
         std::panic::resume_unwind(panic);
