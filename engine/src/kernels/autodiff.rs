@@ -154,6 +154,23 @@ impl<B: KernelBackend> Backward<B, 4> for LoraDropBackward {
     }
 }
 
+/// The summed NLL of labelled rows: the backward is `softmax − onehot` from the logits kept
+/// here, one op instead of burn's chain through log-softmax and gather.
+#[derive(Debug)]
+struct NllBackward;
+
+impl<B: KernelBackend> Backward<B, 1> for NllBackward {
+    type State = (Float<B>, Vec<Option<u32>>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (logits, labels) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            let grad = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(grad));
+            unwrap(B::nll_backward(wrap(logits), &labels, grad))
+        });
+    }
+}
+
 impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
     fn q_matmul(x: Tensor<Self, 2>, w: &QTensor<Self>) -> Tensor<Self, 2> {
         let x = x.into_primitive().tensor();
@@ -248,6 +265,27 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
         B::supports_f16(device)
     }
 
+    fn dropout_mask(dims: [usize; 2], keep: f64, device: &Self::Device) -> Tensor<Self, 2> {
+        Tensor::from_inner(B::dropout_mask(dims, keep, device))
+    }
+
+    fn nll(logits: Tensor<Self, 2>, labels: &[Option<u32>]) -> Tensor<Self, 1> {
+        let logits = logits.into_primitive().tensor();
+        let loss = |l| B::nll(wrap(l), labels).into_primitive().tensor();
+        let out = match NllBackward
+            .prepare::<C>([logits.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = loss(logits.primitive.clone());
+                prep.finish((logits.primitive, labels.to_vec()), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(loss(logits.primitive)),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+
     fn computes(format: crate::quant::QFormat) -> bool {
         B::computes(format)
     }
@@ -258,5 +296,46 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
 
     fn kernels_impl() -> &'static str {
         B::kernels_impl()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{Tensor, TensorData};
+
+    use crate::kernels::{KernelBackend, reference};
+
+    type Ad = Autodiff<Flex>;
+
+    /// The NLL's own backward gives burn's gradient of the tensor-op reference, scaled as the
+    /// loss is downstream.
+    #[test]
+    fn nll_gradient_matches_autodiff_of_the_reference() {
+        let (rows, vocab) = (4, 11);
+        let v: Vec<f32> = (0..rows * vocab)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.3)
+            .collect();
+        let labels = [Some(2), Some(10), None, Some(0)];
+        let grad_of = |ours: bool| {
+            let logits = Tensor::<Ad, 2>::from_data(
+                TensorData::new(v.clone(), [rows, vocab]),
+                &Default::default(),
+            )
+            .require_grad();
+            let loss = if ours {
+                <Ad as KernelBackend>::nll(logits.clone(), &labels)
+            } else {
+                reference::nll(logits.clone(), &labels)
+            };
+            let grads = (loss * 0.25).backward();
+            let g = logits.grad(&grads).expect("a gradient at the logits");
+            g.into_data().to_vec::<f32>().unwrap()
+        };
+        let (ours, want) = (grad_of(true), grad_of(false));
+        for (g, w) in ours.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+        }
+        assert!(ours[2 * vocab..3 * vocab].iter().all(|&g| g == 0.0));
     }
 }

@@ -8,11 +8,16 @@
 //! in register blocks of 6 rows of x by 2 weight rows, on every core (rayon), with AVX2/FMA
 //! intrinsics where the processor has them. Attention reads keys and values where they lie in
 //! the cache, which gemm would first copy out of the cache's view on one core.
+//!
+//! Training's loss and its dropout masks are here too: one pass a row over the logits, and a
+//! counter-based generator for the masks.
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
+
+use super::pool;
 
 /// Rows of x up to which [`matmul_rows`] beats gemm (the default model's projections and head,
 /// 1-32 rows, on the 2-core VM; gemm's packing is amortised from about 64 rows on).
@@ -214,6 +219,87 @@ fn block_avx2<const XR: usize, const WR: usize>(at: &Block<'_>, out: &mut [f32])
             out[(j + q) * m + i + r] = lanes.iter().sum::<f32>() + tail;
         }
     }
+}
+
+/// `log Σ exp(v)` over a row, from its maximum.
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let sum: f64 = row.iter().map(|&v| f64::from((v - max).exp())).sum();
+    max + sum.ln() as f32
+}
+
+/// The contiguous f32 values of `[rows, vocab]` logits when `labels` has one entry a row and
+/// every label is below `vocab`; `None` otherwise.
+fn logits_for(logits: &Tensor<Flex, 2>, labels: &[Option<u32>]) -> Option<FlexTensor> {
+    let [rows, vocab] = logits.dims();
+    let fits = rows == labels.len() && labels.iter().flatten().all(|&l| (l as usize) < vocab);
+    let p: FlexTensor = logits.clone().into_primitive().tensor().to_contiguous();
+    (fits && p.dtype() == DType::F32).then_some(p)
+}
+
+/// [`KernelBackend::nll`](super::KernelBackend::nll) on the CPU: a task a row (log-sum-exp
+/// less the label's logit); rows without a label cost nothing. `None` as for [`logits_for`].
+pub fn try_nll(logits: &Tensor<Flex, 2>, labels: &[Option<u32>]) -> Option<Tensor<Flex, 1>> {
+    let vocab = logits.dims()[1];
+    let p = logits_for(logits, labels)?;
+    let v = p.as_slice::<f32>()?;
+    let mut losses = vec![0f64; labels.len()];
+    pool::for_each_chunk(&mut losses, 1, &|i, loss| {
+        if let Some(l) = labels[i] {
+            let row = &v[i * vocab..(i + 1) * vocab];
+            loss[0] = f64::from(log_sum_exp(row) - row[l as usize]);
+        }
+    });
+    Some(flex(vec![losses.iter().sum::<f64>() as f32], [1]))
+}
+
+/// [`KernelBackend::nll_backward`](super::KernelBackend::nll_backward) on the CPU: each
+/// labelled row's softmax times `grad`, less `grad` at the label, in one pass a row.
+pub fn try_nll_backward(
+    logits: &Tensor<Flex, 2>,
+    labels: &[Option<u32>],
+    grad: &Tensor<Flex, 1>,
+) -> Option<Tensor<Flex, 2>> {
+    let [rows, vocab] = logits.dims();
+    let g = grad.clone().into_data().iter::<f32>().next()?;
+    let p = logits_for(logits, labels)?;
+    let v = p.as_slice::<f32>()?;
+    let mut out = vec![0f32; rows * vocab];
+    if vocab > 0 {
+        pool::for_each_chunk(&mut out, vocab, &|i, d| {
+            let Some(l) = labels[i] else { return };
+            let row = &v[i * vocab..(i + 1) * vocab];
+            let lse = log_sum_exp(row);
+            for (d, &x) in d.iter_mut().zip(row) {
+                *d = g * (x - lse).exp();
+            }
+            d[l as usize] -= g;
+        });
+    }
+    Some(flex(out, [rows, vocab]))
+}
+
+/// A mask of `len` values for inverted dropout: each `1 / keep` with probability `keep` (to
+/// 1/65536), else 0. Counter-based: each four values take 16 bits apiece of SplitMix64's mix
+/// of `seed` and their index, so a seed gives one mask, filled in any order.
+pub fn dropout_mask(len: usize, keep: f64, seed: u64) -> Vec<f32> {
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+    let threshold = (keep.clamp(0.0, 1.0) * 65536.0).round() as u64;
+    let value = (1.0 / keep) as f32;
+    let mut out = vec![0f32; len];
+    for (i, four) in out.chunks_mut(4).enumerate() {
+        let mut z = seed.wrapping_add((i as u64 + 1).wrapping_mul(GOLDEN));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        for v in four {
+            if z & 0xffff < threshold {
+                *v = value;
+            }
+            z >>= 16;
+        }
+    }
+    out
 }
 
 /// `x · w` on the CPU path when `w` (`[k, n]`) is the transposed view of a row-major `[n, k]`
@@ -488,6 +574,54 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         (0..n).map(|_| rng.random_range(-0.5..0.5)).collect()
+    }
+
+    /// The NLL and its gradient against the tensor-op reference, with a row without a label.
+    #[test]
+    fn nll_matches_the_reference() {
+        let (rows, vocab) = (5, 37);
+        let v: Vec<f32> = values(rows * vocab, 13).iter().map(|x| 8.0 * x).collect();
+        let logits = flex(v, [rows, vocab]);
+        let labels = [Some(3), None, Some(36), Some(0), Some(3)];
+        let got = try_nll(&logits, &labels)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let want = reference::nll(logits.clone(), &labels)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        assert!(
+            (got[0] - want[0]).abs() < 1e-4 * want[0].abs(),
+            "{got:?} vs {want:?}"
+        );
+        let grad = flex(vec![0.5], [1]);
+        let got = try_nll_backward(&logits, &labels, &grad)
+            .unwrap()
+            .into_data();
+        let want = reference::nll_backward(logits.clone(), &labels, grad).into_data();
+        for (g, w) in got.iter::<f32>().zip(want.iter::<f32>()) {
+            assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+        }
+        assert!(try_nll(&logits, &[Some(37), None, None, None, None]).is_none());
+    }
+
+    /// The mask keeps its share of values, each at `1 / keep`, the same for a seed and another
+    /// for another seed.
+    #[test]
+    fn dropout_mask_keeps_its_share() {
+        let (len, keep) = (100_003, 0.95);
+        let mask = dropout_mask(len, keep, 7);
+        assert!(mask.iter().all(|&v| v == 0.0 || v == (1.0 / keep) as f32));
+        let kept = mask.iter().filter(|&&v| v != 0.0).count() as f64 / len as f64;
+        // The standard deviation of the share is 0.0007.
+        assert!((kept - keep).abs() < 0.005, "kept {kept}");
+        assert_eq!(mask, dropout_mask(len, keep, 7));
+        let other = dropout_mask(len, keep, 8);
+        let same = mask.iter().zip(&other).filter(|(a, b)| a == b).count();
+        assert!(same < len - 1000, "{same} of {len} the same across seeds");
+        assert!(dropout_mask(len, 1.0, 7).iter().all(|&v| v == 1.0));
     }
 
     /// Against a plain triple loop in f64, at row counts that fill, split and miss the blocks

@@ -20,7 +20,6 @@
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
 use burn::tensor::{DType, Tensor};
-use rayon::prelude::*;
 
 use crate::kernels::cpu::{dot, dot_rows, flex, transpose};
 use crate::kernels::{QTensor, pool};
@@ -1216,47 +1215,26 @@ x86_block!(block_avx2, "avx2,fma", dot_avx2);
 x86_block!(block_vnni, "avx2,fma,avx512vnni,avx512vl", dot_vnni);
 
 /// `dy · W` with `dy: [m, n]` row-major f32 and `W: [n, k]` quantised or 16-bit; returns
-/// `[m, k]`. One task per 32-column unit: every weight row's unit dequantised to f32, then
-/// `m × n` products of eight lanes.
+/// `[m, k]`. One task per 32-column unit: every weight row's unit dequantised to f32 once, then
+/// the `m` rows of `dy` against it, [`ROW_BLOCK`] rows at a time so that each weight value
+/// loaded feeds that many products.
 pub fn q_matmul_t(dy: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
     assert!(w.is_whole(), "W's arrays are shorter than its shape");
     let (n, k) = (w.rows, w.cols);
     assert_eq!(dy.len(), m * n, "dy is not [m, n]");
     let units = k / UNIT;
+    if m == 0 || units == 0 {
+        return vec![0.0; m * k];
+    }
     // Task u writes columns 32u.. of every row as `[m, 32]`.
     let mut strips = vec![0f32; units * m * UNIT];
-    strips.par_chunks_mut(m * UNIT).enumerate().for_each_init(
-        || (vec![0f32; n * UNIT], [0u8; UNIT]),
-        |(wu, codes), (u, strip)| {
-            for (j, values) in wu.chunks_exact_mut(UNIT).enumerate() {
-                let unit = j * units + u;
-                if w.format.is_half() {
-                    widen(
-                        w.format,
-                        &w.qs[2 * UNIT * unit..2 * UNIT * (unit + 1)],
-                        values,
-                    );
-                    continue;
-                }
-                let ([a0, a1], [c0, c1]) = unpack_unit(w, unit, codes);
-                for (l, (v, &c)) in values.iter_mut().zip(codes.iter()).enumerate() {
-                    let code = if w.format == QFormat::Q8_0 {
-                        c as i8 as f32
-                    } else {
-                        c as f32
-                    };
-                    *v = if l < 16 {
-                        a0 * code + c0
-                    } else {
-                        a1 * code + c1
-                    };
-                }
-            }
-            for (dy, out) in dy.chunks_exact(n).zip(strip.chunks_exact_mut(UNIT)) {
-                axpy_rows(dy, wu, out);
-            }
-        },
-    );
+    pool::for_each_chunk(&mut strips, m * UNIT, &|u, strip| {
+        UNIT_ROWS.with_borrow_mut(|wu| {
+            wu.resize(n * UNIT, 0.0);
+            dequantize_unit_column(w, u, wu);
+            times_unit(dy, n, wu, strip);
+        })
+    });
     let mut out = vec![0f32; m * k];
     for (u, strip) in strips.chunks_exact(m * UNIT).enumerate() {
         for (i, cols) in strip.chunks_exact(UNIT).enumerate() {
@@ -1266,33 +1244,124 @@ pub fn q_matmul_t(dy: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
     out
 }
 
-/// `out = Σ_j dy_j · wu_j` over 32-wide rows `wu_j`.
-fn axpy_rows(dy: &[f32], wu: &[f32], out: &mut [f32]) {
+thread_local! {
+    /// [`q_matmul_t`]'s unit of every weight row in f32, kept from call to call.
+    static UNIT_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Unit `u` (columns `32u..32u + 32`) of every row of `w`, as `[rows, 32]` f32.
+fn dequantize_unit_column(w: &QWeights<'_>, u: usize, wu: &mut [f32]) {
+    let units = w.cols / UNIT;
+    let mut codes = [0u8; UNIT];
+    for (j, values) in wu.chunks_exact_mut(UNIT).enumerate() {
+        let unit = j * units + u;
+        if w.format.is_half() {
+            widen(
+                w.format,
+                &w.qs[2 * UNIT * unit..2 * UNIT * (unit + 1)],
+                values,
+            );
+            continue;
+        }
+        let ([a0, a1], [c0, c1]) = unpack_unit(w, unit, &mut codes);
+        for (l, (v, &c)) in values.iter_mut().zip(codes.iter()).enumerate() {
+            let code = if w.format == QFormat::Q8_0 {
+                c as i8 as f32
+            } else {
+                c as f32
+            };
+            *v = if l < 16 {
+                a0 * code + c0
+            } else {
+                a1 * code + c1
+            };
+        }
+    }
+}
+
+/// Rows of `dy` the transposed product takes at once: with two 8-lane halves of a 16-column
+/// pass, 12 accumulators, two weight registers and a broadcast fill AVX2's 16.
+const ROW_BLOCK: usize = 6;
+
+/// `out[i] = Σ_j dy[i, j] · wu[j]` for every row `i` of `dy` (`[rows, n]`) over the 32-wide
+/// rows `wu[j]`; `out` is `[rows, 32]`.
+fn times_unit(dy: &[f32], n: usize, wu: &[f32], out: &mut [f32]) {
+    assert_eq!(wu.len(), n * UNIT, "the unit column is not [n, 32]");
+    assert_eq!(dy.len() / n * UNIT, out.len(), "out is not [rows, 32]");
+    for (dy, out) in dy
+        .chunks(ROW_BLOCK * n)
+        .zip(out.chunks_mut(ROW_BLOCK * UNIT))
+    {
+        match dy.len() / n {
+            6 => rows_times_unit::<6>(dy, wu, out),
+            5 => rows_times_unit::<5>(dy, wu, out),
+            4 => rows_times_unit::<4>(dy, wu, out),
+            3 => rows_times_unit::<3>(dy, wu, out),
+            2 => rows_times_unit::<2>(dy, wu, out),
+            _ => rows_times_unit::<1>(dy, wu, out),
+        }
+    }
+}
+
+/// [`times_unit`] for exactly `R` rows.
+fn rows_times_unit<const R: usize>(dy: &[f32], wu: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if matches!(Isa::detect(), Isa::Avx2 | Isa::Vnni) {
         // SAFETY: the processor has AVX2 and FMA (`Isa::detect`).
-        unsafe { axpy_rows_avx2(dy, wu, out) };
+        unsafe { rows_times_unit_avx2::<R>(dy, wu, out) };
         return;
     }
-    axpy_rows_portable(dy, wu, out);
+    rows_times_unit_portable::<R>(dy, wu, out);
 }
 
-/// [`axpy_rows_portable`] compiled for AVX2/FMA (its 32-wide rows become four FMAs).
+/// [`rows_times_unit`] in AVX2/FMA: a 16-column half of the unit at a time, `R` rows × two
+/// registers of accumulators, each weight register used by `R` FMAs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn axpy_rows_avx2(dy: &[f32], wu: &[f32], out: &mut [f32]) {
-    axpy_rows_portable(dy, wu, out);
-}
-
-#[inline(always)]
-fn axpy_rows_portable(dy: &[f32], wu: &[f32], out: &mut [f32]) {
-    let mut acc = [0f32; UNIT];
-    for (g, w) in dy.iter().zip(wu.chunks_exact(UNIT)) {
-        for (a, w) in acc.iter_mut().zip(w) {
-            *a = g.mul_add(*w, *a);
+fn rows_times_unit_avx2<const R: usize>(dy: &[f32], wu: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = wu.len() / UNIT;
+    assert!(dy.len() == R * n && out.len() == R * UNIT);
+    for half in 0..2 {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for j in 0..n {
+            // SAFETY: `j < n` and `half · 16 + 16 <= 32`, inside `wu` (`[n, 32]`); `r < R`,
+            // inside `dy` (`[R, n]`), as asserted above.
+            unsafe {
+                let w = wu.as_ptr().add(j * UNIT + half * 16);
+                let (w0, w1) = (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8)));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let g = _mm256_broadcast_ss(&*dy.as_ptr().add(r * n + j));
+                    acc[0] = _mm256_fmadd_ps(g, w0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(g, w1, acc[1]);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let o = &mut out[r * UNIT + half * 16..r * UNIT + half * 16 + 16];
+            // SAFETY: `o` holds 16 floats.
+            unsafe {
+                _mm256_storeu_ps(o.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(o.as_mut_ptr().add(8), acc[1]);
+            }
         }
     }
-    out.copy_from_slice(&acc);
+}
+
+fn rows_times_unit_portable<const R: usize>(dy: &[f32], wu: &[f32], out: &mut [f32]) {
+    let n = wu.len() / UNIT;
+    let mut acc = [[0f32; UNIT]; R];
+    for (j, w) in wu.chunks_exact(UNIT).enumerate() {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let g = dy[r * n + j];
+            for (a, w) in acc.iter_mut().zip(w) {
+                *a = g.mul_add(*w, *a);
+            }
+        }
+    }
+    for (o, acc) in out.chunks_exact_mut(UNIT).zip(&acc) {
+        o.copy_from_slice(acc);
+    }
 }
 
 /// Runs `f` on the weights of `w` as the kernels read them; `None` unless both word arrays are
@@ -1436,11 +1505,41 @@ mod tests {
         }
     }
 
+    /// Both builds of the transposed product's row block against f64 sums, for every block height.
+    #[test]
+    fn row_blocks_of_the_transposed_product_agree() {
+        let n = 37;
+        let wu = values(n * UNIT, 11);
+        let dy = values(ROW_BLOCK * n, 12);
+        let check = |r: usize, got: &[f32]| {
+            for i in 0..r {
+                for c in 0..UNIT {
+                    let want: f64 = (0..n)
+                        .map(|j| dy[i * n + j] as f64 * wu[j * UNIT + c] as f64)
+                        .sum();
+                    let g = got[i * UNIT + c] as f64;
+                    assert!(
+                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "r {r} [{i}, {c}]"
+                    );
+                }
+            }
+        };
+        for r in 1..=ROW_BLOCK {
+            let mut out = vec![0f32; r * UNIT];
+            times_unit(&dy[..r * n], n, &wu, &mut out);
+            check(r, &out);
+        }
+        let mut out = vec![0f32; 4 * UNIT];
+        rows_times_unit_portable::<4>(&dy[..4 * n], &wu, &mut out);
+        check(4, &out);
+    }
+
     /// The transposed product against the f64 product with the dequantised weight.
     #[test]
     fn transposed_product_matches_the_dequantised_weight() {
         for format in QFormat::EVERY {
-            let (m, n, k) = (3, 5, 2 * format.block_len());
+            let (m, n, k) = (13, 5, 2 * format.block_len());
             let q = QMatrix::quantize(format, n, k, &values(n * k, 9));
             let dense = q.dequantize();
             let w = QWeights::from(&q);

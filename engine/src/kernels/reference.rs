@@ -1,8 +1,9 @@
 //! The references for our kernels, from plain burn tensor ops; they run on every backend.
 //! Quantised product: unpack nibbles/bytes and f16 scales with integer ops, dequantise, matmul.
 
+use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::{AdapterShare, LoraEpilogue, QTensor, to_dtype, widen};
 use crate::quant::QFormat;
@@ -253,4 +254,40 @@ pub fn rope<B: Backend>(
     let cos: Tensor<B, 4> = to_dtype(cos.clone(), x.dtype()).unsqueeze();
     let sin: Tensor<B, 4> = to_dtype(sin.clone(), x.dtype()).unsqueeze();
     x * cos + rotated * sin
+}
+
+/// `labels` as a `[rows, 1]` index tensor (0 where a row has none) and `[rows, 1]` weights (1
+/// where it has one, else 0).
+fn label_tensors<B: Backend>(
+    labels: &[Option<u32>],
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
+    let rows = labels.len();
+    let idx: Vec<i32> = labels.iter().map(|l| l.map_or(0, |l| l as i32)).collect();
+    let w: Vec<f32> = labels
+        .iter()
+        .map(|l| f32::from(l.is_some() as u8))
+        .collect();
+    (
+        Tensor::from_data(TensorData::new(idx, [rows, 1]), device),
+        Tensor::from_data(TensorData::new(w, [rows, 1]), device),
+    )
+}
+
+/// Summed negative log-likelihood with tensor ops: log-softmax, gather, weighted sum.
+pub fn nll<B: Backend>(logits: Tensor<B, 2>, labels: &[Option<u32>]) -> Tensor<B, 1> {
+    let (idx, w) = label_tensors::<B>(labels, &logits.device());
+    let picked = log_softmax(logits, 1).gather(1, idx);
+    (picked * w).sum().neg()
+}
+
+/// `grad · w · (softmax(logits) − onehot(labels))` with tensor ops.
+pub fn nll_backward<B: Backend>(
+    logits: Tensor<B, 2>,
+    labels: &[Option<u32>],
+    grad: Tensor<B, 1>,
+) -> Tensor<B, 2> {
+    let (idx, w) = label_tensors::<B>(labels, &logits.device());
+    let p = softmax(logits, 1) * w.clone();
+    p.scatter(1, idx, w.neg(), IndexingUpdateOp::Add) * grad.reshape([1, 1])
 }

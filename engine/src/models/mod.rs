@@ -5,7 +5,7 @@ pub mod kv_cache;
 pub mod llama;
 
 use burn::backend::Autodiff;
-use burn::tensor::{Distribution, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 
 use crate::adapter::LoraPair;
 use crate::error::{Error, Result};
@@ -299,9 +299,8 @@ impl<B: KernelBackend> LoraApply<'_, B> {
         if self.dropout <= 0.0 {
             return None;
         }
-        let keep = 1.0 - self.dropout as f64;
-        let mask = Tensor::<B, 2>::random(x.dims(), Distribution::Bernoulli(keep), &x.device());
-        Some(x.clone() * to_dtype(mask, x.dtype()) / keep)
+        let mask = B::dropout_mask(x.dims(), 1.0 - self.dropout as f64, &x.device());
+        Some(x.clone() * to_dtype(mask, x.dtype()))
     }
 
     /// The adapter's term with its own small products.

@@ -2,8 +2,7 @@
 //! objective's over the tokens an adapter adds; and the mean loss over validation rows.
 
 use burn::backend::Autodiff;
-use burn::tensor::activation::log_softmax;
-use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, Tensor};
 
 use super::data::Row;
 use super::objective::Objective;
@@ -101,22 +100,7 @@ pub(super) fn packed(row: &Row) -> Packed<'_> {
 
 /// Summed negative log-likelihood of `row`'s labels under `logits` (`[seq, vocab]`).
 pub(super) fn nll_of_logits<B: KernelBackend>(logits: Tensor<B, 2>, row: &Row) -> Tensor<B, 1> {
-    let device = logits.device();
-    let seq = row.tokens.len();
-    let labels: Vec<i32> = row
-        .labels
-        .iter()
-        .map(|l| l.map_or(0, |l| l as i32))
-        .collect();
-    let weights: Vec<f32> = row
-        .labels
-        .iter()
-        .map(|l| if l.is_some() { 1.0 } else { 0.0 })
-        .collect();
-    let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(labels, [seq, 1]), &device);
-    let w = Tensor::<B, 2>::from_data(TensorData::new(weights, [seq, 1]), &device);
-    let picked = log_softmax(logits, 1).gather(1, idx);
-    (picked * w).sum().neg()
+    B::nll(logits, &row.labels)
 }
 
 /// Mean loss over the validation rows (no gradients); `None` when cancelled.
