@@ -141,8 +141,15 @@ pub fn attention<B: Backend>(
     scale: f64,
 ) -> Tensor<B, 4> {
     let scores = q.matmul(keys.swap_dims(2, 3)) * scale;
+    let [b, h, rows, total] = scores.dims();
     let scores = match mask {
-        Some(m) => scores + m.clone(),
+        // Added as rows of `rows · total`: burn-flex adds one row shared by every head with
+        // SIMD, where the 4-D broadcast walked the scores index by index.
+        Some(m) => {
+            let row = [m.dims()[0], 1, rows * total];
+            (scores.reshape([b, h, rows * total]) + m.clone().reshape(row))
+                .reshape([b, h, rows, total])
+        }
         None => scores,
     };
     burn::tensor::activation::softmax(scores, 3).matmul(values)
@@ -251,9 +258,11 @@ pub fn rope<B: Backend>(
     let x1 = x.clone().slice([0..b, 0..heads, 0..s, 0..d / 2]);
     let x2 = x.clone().slice([0..b, 0..heads, 0..s, d / 2..d]);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    let cos: Tensor<B, 4> = to_dtype(cos.clone(), x.dtype()).unsqueeze();
-    let sin: Tensor<B, 4> = to_dtype(sin.clone(), x.dtype()).unsqueeze();
-    x * cos + rotated * sin
+    // Each head's `[s, d]` as one row, times the tables as one row shared by every head (the
+    // broadcast burn-flex multiplies with SIMD).
+    let rows = |t: Tensor<B, 4>| t.reshape([b * heads, s * d]);
+    let table = |t: &Tensor<B, 2>| to_dtype(t.clone(), x.dtype()).reshape([1, s * d]);
+    (rows(x.clone()) * table(cos) + rows(rotated) * table(sin)).reshape([b, heads, s, d])
 }
 
 /// `labels` as a `[rows, 1]` index tensor (0 where a row has none) and `[rows, 1]` weights (1
