@@ -134,7 +134,7 @@ fn quantize_units(x: &[f32], codes: &mut [i8], d: &mut [f32], half_sums: &mut [f
             *d = amax / 127.0;
             let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             for (c, v) in codes.iter_mut().zip(x) {
-                *c = (v * inv).round() as i8;
+                *c = (v * inv).round_ties_even() as i8;
             }
             for (s, half) in sums.iter_mut().zip(codes.chunks_exact(UNIT / 2)) {
                 *s = *d * half.iter().map(|&c| c as i32).sum::<i32>() as f32;
@@ -142,8 +142,9 @@ fn quantize_units(x: &[f32], codes: &mut [i8], d: &mut [f32], half_sums: &mut [f
         });
 }
 
-/// [`quantize_units`] compiled for AVX2: the rounding becomes vector instructions instead of a
-/// call to `roundf` per value (a prefill quantises every row of x for each product).
+/// [`quantize_units`] compiled for AVX2: the rounding (ties to even, which `vroundps` does;
+/// `round`'s ties away from zero would call `roundf` per value) becomes vector instructions (a
+/// prefill quantises every row of x for each product).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn quantize_units_avx2(x: &[f32], codes: &mut [i8], d: &mut [f32], half_sums: &mut [f32]) {
