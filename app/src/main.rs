@@ -3,11 +3,12 @@
 
 mod cli;
 mod gui;
+mod serve;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use codelsi_engine::device::init_wgpu;
 
-use cli::{eval, generate, import, measure, merge, models, predict, train};
+use cli::{eval, generate, import, measure, merge, models, predict, serve as serve_cmd, train};
 
 #[derive(Parser)]
 #[command(
@@ -92,6 +93,8 @@ enum Command {
     Measure(measure::MeasureArgs),
     /// Predict the cost of code with a regression adapter, or score one on its held-out split.
     Predict(predict::PredictArgs),
+    /// Serve the model and its adapters over an OpenAI-compatible HTTP API (for editors).
+    Serve(serve_cmd::ServeArgs),
     /// Manage models: list the catalogue, fetch a model, show a model's details.
     Models {
         #[command(subcommand)]
@@ -158,6 +161,7 @@ fn main() {
         Some(Command::Merge(args)) => merge::cmd_merge(args),
         Some(Command::Measure(args)) => measure::cmd_measure(args),
         Some(Command::Predict(args)) => predict::cmd_predict(args),
+        Some(Command::Serve(args)) => serve_cmd::cmd_serve(args),
         Some(Command::Models { command }) => models::cmd_models(command),
     };
     if let Err(e) = result {

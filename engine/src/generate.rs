@@ -50,6 +50,8 @@ pub struct GenerateOutput {
     pub token_ids: Vec<u32>,
     /// At each generated position, the most likely ids with their log-probabilities.
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    /// The log-probability of each token of `token_ids` (when `top_logprobs` was asked for).
+    pub token_logprobs: Vec<f32>,
     pub stop_reason: StopReason,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
@@ -292,6 +294,7 @@ impl<'a> Row<'a> {
                 prompt_token_ids: prompt_ids.to_vec(),
                 token_ids: vec![],
                 top_logprobs: vec![],
+                token_logprobs: vec![],
                 stop_reason: StopReason::MaxTokens,
                 prefill_seconds: 0.0,
                 decode_seconds: 0.0,
@@ -312,15 +315,23 @@ impl<'a> Row<'a> {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Option<u32>> {
         let options = self.options;
+        // The sampler may rescale the logits in place: the chosen token's log-probability is
+        // read from a copy of the model's own.
+        let mut raw = None;
         if options.top_logprobs > 0 {
-            self.out
-                .top_logprobs
-                .push(top_logprobs(logits, options.top_logprobs));
+            let top = top_logprobs(logits, options.top_logprobs);
+            if let Some(&(id, lp)) = top.first() {
+                raw = Some((logits.to_vec(), logits[id as usize] - lp));
+            }
+            self.out.top_logprobs.push(top);
         }
         let next = self.sampler.sample(logits, &self.history);
         if tokenizer.eos_token_ids.contains(&next) {
             self.out.stop_reason = StopReason::Eos;
             return Ok(None);
+        }
+        if let Some((raw, log_sum)) = raw {
+            self.out.token_logprobs.push(raw[next as usize] - log_sum);
         }
         self.out.token_ids.push(next);
         self.history.push(next);

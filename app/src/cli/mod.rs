@@ -9,6 +9,7 @@ pub mod merge;
 pub mod models;
 pub mod predict;
 pub mod progress;
+pub mod serve;
 pub mod train;
 
 use std::io::IsTerminal;

@@ -310,6 +310,11 @@ impl Tokenizer {
             })
     }
 
+    /// The id of a token written as its text (`<|fim_prefix|>`), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }

@@ -1,0 +1,136 @@
+//! `codelsi serve`: the model and its adapters behind an OpenAI-compatible HTTP API.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use codelsi_engine::fetch::DEFAULT_MODEL;
+use codelsi_engine::model::OpenDevice;
+use codelsi_engine::quant::QFormat;
+
+use super::{load, parse_quant};
+use crate::serve::{Settings, serve};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// A catalogue name (`default` is qwen2.5-coder-0.5b-instruct), a GGUF file, or an HF
+    /// model directory.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// Adapter directories: a PEFT adapter (its id is the folder's name) or a folder of them.
+    /// `./adapters` is read too when it exists.
+    #[arg(long = "adapters", num_args = 1..)]
+    adapters: Vec<PathBuf>,
+    /// The address to listen on: localhost by default, so nothing off this machine can reach
+    /// the server unless asked.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Every request must send `Authorization: Bearer KEY` (also from CODELSI_API_KEY).
+    #[arg(long, env = "CODELSI_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Requests that may wait for the model; past them, 429 with Retry-After.
+    #[arg(long, default_value_t = 32)]
+    max_queue: usize,
+    /// Adapters kept loaded at once (least recently used out).
+    #[arg(long, default_value_t = 8)]
+    max_adapters: usize,
+    /// Quantise f32 (and f16) weights at load, as `generate --quantize`.
+    #[arg(long, value_parser = parse_quant)]
+    quantize: Option<QFormat>,
+}
+
+pub fn cmd_serve(args: ServeArgs) -> Result<()> {
+    crate::on_engine!(serve_on(args))
+}
+
+fn serve_on<B: OpenDevice>(args: ServeArgs) -> Result<()> {
+    let mut dirs = args.adapters.clone();
+    let local = PathBuf::from("adapters");
+    if local.is_dir() && !dirs.contains(&local) {
+        dirs.push(local);
+    }
+    let catalogue = adapter_catalogue(&dirs)?;
+    let base_id = base_id(&args.model);
+    if catalogue.contains_key(&base_id) {
+        bail!("an adapter is named `{base_id}`, as the base model: rename its folder");
+    }
+    let (loaded, gpu) = load::<B>(&args.model, args.quantize, false)?;
+    eprintln!("{} on {}", base_id, gpu.name);
+    for (id, dir) in &catalogue {
+        eprintln!("adapter `{id}`: {}", dir.display());
+    }
+    let settings = Settings {
+        host: args.host,
+        port: args.port,
+        api_key: args.api_key,
+        max_queue: args.max_queue,
+        max_adapters: args.max_adapters.max(1),
+        catalogue,
+        base_id,
+    };
+    serve(loaded, settings, |addr| {
+        println!("listening on http://{addr}/v1 (OpenAI API; Ctrl-C stops)");
+    })
+}
+
+/// The base model's id: the catalogue name, or the file's (folder's) name without extension.
+fn base_id(spec: &str) -> String {
+    if spec == "default" {
+        return DEFAULT_MODEL.to_string();
+    }
+    Path::new(spec)
+        .file_stem()
+        .map_or_else(|| spec.to_string(), |s| s.to_string_lossy().into_owned())
+}
+
+/// Adapter id → directory: each directory given is an adapter (it has
+/// `adapter_config.json`) or holds adapters one level down.
+pub fn adapter_catalogue(dirs: &[PathBuf]) -> Result<BTreeMap<String, PathBuf>> {
+    let is_adapter = |d: &Path| d.join("adapter_config.json").is_file();
+    let mut found = BTreeMap::new();
+    for dir in dirs {
+        let mut add = |d: PathBuf| -> Result<()> {
+            let id = d
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if id.contains('+') || id.is_empty() {
+                bail!(
+                    "{}: an adapter's folder name is its id, and may not contain `+`",
+                    d.display()
+                );
+            }
+            if let Some(other) = found.insert(id.clone(), d.clone()) {
+                bail!(
+                    "two adapters are named `{id}`: {} and {}",
+                    other.display(),
+                    d.display()
+                );
+            }
+            Ok(())
+        };
+        if is_adapter(dir) {
+            add(dir.clone())?;
+            continue;
+        }
+        let entries =
+            std::fs::read_dir(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        let mut subdirs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_adapter(p))
+            .collect();
+        subdirs.sort();
+        if subdirs.is_empty() {
+            bail!(
+                "{} is not a PEFT adapter (no adapter_config.json) and holds none",
+                dir.display()
+            );
+        }
+        for d in subdirs {
+            add(d)?;
+        }
+    }
+    Ok(found)
+}

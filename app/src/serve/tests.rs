@@ -1,0 +1,394 @@
+//! The server on the tiny random model (burn-flex), driven over loopback with a plain HTTP/1.1
+//! client: OpenAI's shapes, greedy output equal to the engine's `generate_with`, streaming,
+//! adapters by `model`, auth, and a 4xx for each kind of bad request with the server still up.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+
+use burn::backend::Flex;
+use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
+use codelsi_engine::cancel::CancelToken;
+use codelsi_engine::generate::{GenerateOptions, generate_with};
+use codelsi_engine::io::tokenizer::Message;
+use codelsi_engine::model::{LoadedModel, load_model};
+use codelsi_engine::models::llama::Adapters;
+use serde_json::{Value, json};
+
+use super::{Settings, serve};
+
+const KEY: &str = "test-key";
+
+fn tiny() -> LoadedModel<Flex> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny_llama");
+    load_model::<Flex>(&dir, None, &Default::default(), &mut |_| {}).unwrap()
+}
+
+/// A PEFT adapter for the tiny model with non-zero B (so it changes the output), saved under
+/// `dir/name`.
+fn adapter(dir: &std::path::Path, name: &str, seed: u64) -> Adapter<Flex> {
+    let model = tiny();
+    let config = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Target::parse_list("q,v,down").unwrap(),
+        rslora: false,
+    };
+    let fresh =
+        Adapter::<Flex>::init(config, &model.model.config, seed, &Default::default()).unwrap();
+    let adapter = fresh.map(|t| {
+        let [r, c] = t.dims();
+        let v: Vec<f32> = (0..r * c)
+            .map(|i| ((i as u64 * 2654435761 + seed) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        burn::tensor::Tensor::from_data(
+            burn::tensor::TensorData::new(v, [r, c]),
+            &Default::default(),
+        )
+    });
+    adapter
+        .save_peft(&dir.join(name), "tiny_llama", &[])
+        .unwrap();
+    adapter
+}
+
+/// A server on a free port, on its own thread for the rest of the test binary.
+fn start(api_key: Option<&str>, adapters: &std::path::Path, max_queue: usize) -> SocketAddr {
+    let catalogue: BTreeMap<String, PathBuf> = ["one", "two"]
+        .iter()
+        .map(|n| (n.to_string(), adapters.join(n)))
+        .collect();
+    let settings = Settings {
+        host: "127.0.0.1".into(),
+        port: 0,
+        api_key: api_key.map(str::to_string),
+        max_queue,
+        max_adapters: 1,
+        catalogue,
+        base_id: "tiny".into(),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        serve(tiny(), settings, |addr| tx.send(addr).unwrap()).unwrap();
+    });
+    rx.recv().unwrap()
+}
+
+/// One request over a fresh connection: status, headers (lower-case names) and body, de-chunked.
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &[u8],
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = vec![];
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let head = head.to_lowercase();
+    let body = if head.contains("transfer-encoding: chunked") {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    (status, head, body)
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").unwrap();
+        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+}
+
+fn post(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
+    let (status, _, text) = http(addr, "POST", path, Some(KEY), body.to_string().as_bytes());
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// What `codelsi generate` gives for the same prompt: the engine's greedy output.
+fn greedy(
+    model: &LoadedModel<Flex>,
+    adapters: &[&Adapter<Flex>],
+    prompt: &str,
+    max_tokens: usize,
+) -> String {
+    let ids = model.tokenizer.encode(prompt, true).unwrap();
+    let options = GenerateOptions {
+        max_tokens,
+        ..GenerateOptions::default()
+    };
+    let out = generate_with(
+        &model.model,
+        Adapters {
+            list: adapters,
+            train: false,
+        },
+        &model.tokenizer,
+        &ids,
+        &options,
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .unwrap();
+    out.text
+}
+
+#[test]
+fn answers_as_openai_and_as_generate() {
+    let dir = std::env::temp_dir().join(format!("codelsi-serve-{}", std::process::id()));
+    let one = adapter(&dir, "one", 1);
+    let two = adapter(&dir, "two", 2);
+    let addr = start(Some(KEY), &dir, 4);
+    let model = tiny();
+
+    let (status, _, body) = http(addr, "GET", "/v1/models", Some(KEY), b"");
+    assert_eq!(status, 200);
+    let list: Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["tiny", "one", "two"]);
+
+    // Chat, greedy: the template's prompt, generated as `generate --chat` would.
+    let messages = [Message::user("Write a function.")];
+    let prompt = model
+        .tokenizer
+        .apply_chat_template(&messages, true)
+        .unwrap();
+    let (status, r) = post(
+        addr,
+        "/v1/chat/completions",
+        json!({
+            "model": "tiny", "messages": [{"role": "user", "content": "Write a function."}],
+            "temperature": 0, "max_tokens": 12, "logprobs": true, "top_logprobs": 2,
+        }),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["object"], "chat.completion");
+    let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(text, greedy(&model, &[], &prompt, 12));
+    let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        content.len() as u64,
+        r["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    assert!(content.iter().all(|c| c["logprob"].as_f64().unwrap() <= 0.0
+        && c["top_logprobs"].as_array().unwrap().len() == 2));
+    assert_eq!(
+        r["usage"]["total_tokens"].as_u64(),
+        Some(r["usage"]["prompt_tokens"].as_u64().unwrap() + content.len() as u64)
+    );
+
+    // Completion with each adapter stack, as `generate --adapter …`; the adapters change it.
+    let base = greedy(&model, &[], "function add(", 10);
+    assert_ne!(greedy(&model, &[&one], "function add(", 10), base);
+    for (name, stack) in [
+        ("one", vec![&one]),
+        ("two", vec![&two]),
+        ("one+two", vec![&one, &two]),
+    ] {
+        let (status, r) = post(
+            addr,
+            "/v1/completions",
+            json!({
+                "model": name, "prompt": "function add(", "temperature": 0, "max_tokens": 10,
+            }),
+        );
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["object"], "text_completion");
+        assert_eq!(
+            r["choices"][0]["text"].as_str().unwrap(),
+            greedy(&model, &stack, "function add(", 10),
+            "{name}"
+        );
+    }
+
+    // Streamed: the chunks add up to the whole answer, then usage, then [DONE].
+    let (status, head, body) = http(addr, "POST", "/v1/chat/completions", Some(KEY), json!({
+        "model": "one", "messages": [{"role": "user", "content": "Write a function."}],
+        "temperature": 0, "max_tokens": 12, "stream": true, "stream_options": {"include_usage": true},
+    }).to_string().as_bytes());
+    assert_eq!(status, 200);
+    assert!(head.contains("text/event-stream"), "{head}");
+    let events: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, greedy(&model, &[&one], &prompt, 12));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage = &chunks.last().unwrap()["usage"];
+    assert!(usage["completion_tokens"].as_u64().unwrap() > 0, "{usage}");
+
+    // n and stop: two sampled choices; a stop string cuts the text before it.
+    let (status, r) = post(
+        addr,
+        "/v1/completions",
+        json!({
+            "model": "tiny", "prompt": "x", "temperature": 0.9, "seed": 5, "n": 2, "max_tokens": 8,
+        }),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"].as_array().unwrap().len(), 2);
+    // The greedy text cut at the first place its 2nd and 3rd characters occur.
+    let stop: String = base.chars().skip(1).take(2).collect();
+    assert_eq!(stop.chars().count(), 2, "{base:?}");
+    let (_, r) = post(
+        addr,
+        "/v1/completions",
+        json!({
+            "model": "tiny", "prompt": "function add(", "temperature": 0, "max_tokens": 10, "stop": [stop],
+        }),
+    );
+    let text = r["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(
+        Some(text),
+        base.find(&stop).map(|at| &base[..at]),
+        "{stop:?}"
+    );
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_requests_get_4xx_and_the_server_keeps_serving() {
+    let dir = std::env::temp_dir().join(format!("codelsi-serve-bad-{}", std::process::id()));
+    adapter(&dir, "one", 1);
+    adapter(&dir, "two", 2);
+    let addr = start(Some(KEY), &dir, 4);
+    let chat = |extra: Value| {
+        let mut body = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        post(addr, "/v1/chat/completions", body)
+    };
+    let cases: Vec<(&str, (u16, Value))> = vec![
+        ("malformed", {
+            let (s, _, b) = http(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                Some(KEY),
+                b"{\"model\": ",
+            );
+            (s, serde_json::from_str(&b).unwrap())
+        }),
+        ("invalid utf-8", {
+            let (s, _, b) = http(
+                addr,
+                "POST",
+                "/v1/completions",
+                Some(KEY),
+                b"{\"model\":\"tiny\",\"prompt\":\"\xff\xfe\"}",
+            );
+            (s, serde_json::from_str(&b).unwrap())
+        }),
+        ("wrong type", chat(json!({"max_tokens": "many"}))),
+        ("negative max_tokens", chat(json!({"max_tokens": -3}))),
+        (
+            "huge max_tokens",
+            chat(json!({"max_tokens": 1_000_000_000u64})),
+        ),
+        ("n past the limit", chat(json!({"n": 100}))),
+        ("unknown model", chat(json!({"model": "nope"}))),
+        (
+            "unknown adapter in a stack",
+            chat(json!({"model": "one+nope"})),
+        ),
+        (
+            "bad role",
+            chat(json!({"messages": [{"role": "robot", "content": "x"}]})),
+        ),
+        ("no messages", chat(json!({"messages": []}))),
+        ("temperature", chat(json!({"temperature": 7}))),
+        (
+            "fim without FIM tokens",
+            post(
+                addr,
+                "/v1/completions",
+                json!({"model": "tiny", "prompt": "a", "suffix": "b"}),
+            ),
+        ),
+        (
+            "prompt past the context",
+            post(
+                addr,
+                "/v1/completions",
+                json!({"model": "tiny", "prompt": "word ".repeat(400)}),
+            ),
+        ),
+        ("body over the limit", {
+            let big = format!(
+                "{{\"model\":\"tiny\",\"prompt\":\"{}\"}}",
+                "a".repeat(super::BODY_LIMIT + 10)
+            );
+            let (s, _, b) = http(addr, "POST", "/v1/completions", Some(KEY), big.as_bytes());
+            (
+                s,
+                serde_json::from_str(&b).unwrap_or(json!({"error": {"type": b}})),
+            )
+        }),
+        ("no key", {
+            let (s, _, b) = http(addr, "POST", "/v1/completions", None, b"{}");
+            (s, serde_json::from_str(&b).unwrap())
+        }),
+        ("wrong key", {
+            let (s, _, b) = http(addr, "GET", "/v1/models", Some("other"), b"");
+            (s, serde_json::from_str(&b).unwrap())
+        }),
+    ];
+    for (what, (status, body)) in cases {
+        assert!((400..500).contains(&status), "{what}: {status} {body}");
+        assert!(
+            body["error"]["message"].is_string() || what == "body over the limit",
+            "{what}: {body}"
+        );
+        assert!(body["error"]["type"].is_string(), "{what}: {body}");
+    }
+    let (s, _) = chat(json!({"model": "nope"}));
+    assert_eq!(s, 404);
+    let (s, _, _) = http(addr, "POST", "/v1/completions", None, b"{}");
+    assert_eq!(s, 401);
+    let (s, _) = chat(json!({"max_tokens": 1_000_000_000u64}));
+    assert_eq!(s, 400);
+    // Still serving.
+    let (status, _, body) = http(addr, "GET", "/health", None, b"");
+    assert_eq!((status, body.contains("ok")), (200, true));
+    let (status, r) = chat(json!({}));
+    assert_eq!(status, 200, "{r}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
