@@ -8,7 +8,7 @@ use codelsi_engine::fetch::DEFAULT_MODEL;
 use codelsi_engine::model::OpenDevice;
 use codelsi_engine::quant::QFormat;
 
-use super::{load, parse_quant};
+use super::{ctrl_c_token, load, parse_quant};
 use crate::serve::{Settings, serve};
 
 #[derive(clap::Args)]
@@ -69,8 +69,10 @@ fn serve_on<B: OpenDevice>(args: ServeArgs) -> Result<()> {
         max_adapters: args.max_adapters.max(1),
         catalogue,
         base_id,
+        metrics: Default::default(),
+        stop: ctrl_c_token(),
     };
-    serve(loaded, settings, |addr| {
+    serve(std::sync::Arc::new(loaded), settings, |addr| {
         println!("listening on http://{addr}/v1 (OpenAI API; Ctrl-C stops)");
     })
 }

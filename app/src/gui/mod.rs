@@ -1,7 +1,7 @@
 //! The desktop app (eframe, wgpu renderer): one panel type per file, each with `fn ui`. Long
 //! work runs on background threads ([`jobs`]); the UI thread only draws and polls.
 //!
-//! The tabs follow the work: Model → Data → Train → Generate → Evaluate → Adapters.
+//! The tabs follow the work: Model → Data → Train → Generate → Evaluate → Adapters → Serve.
 
 mod adapters;
 mod data;
@@ -10,6 +10,7 @@ mod generate;
 mod highlight;
 mod jobs;
 mod model;
+mod serve;
 mod train;
 
 use std::path::PathBuf;
@@ -28,6 +29,7 @@ pub use data::DataPanel;
 pub use evaluate::{EvalChoice, EvaluatePanel};
 pub use generate::GeneratePanel;
 pub use model::ModelPanel;
+pub use serve::ServePanel;
 pub use train::{Preset, RunSettings, TrainPanel};
 
 /// What persists between runs (eframe stores it with the window's size and place).
@@ -142,16 +144,18 @@ pub enum Tab {
     Generate,
     Evaluate,
     Adapters,
+    Serve,
 }
 
 impl Tab {
-    pub const ALL: [Tab; 6] = [
+    pub const ALL: [Tab; 7] = [
         Tab::Model,
         Tab::Data,
         Tab::Train,
         Tab::Generate,
         Tab::Evaluate,
         Tab::Adapters,
+        Tab::Serve,
     ];
 
     pub fn name(self) -> &'static str {
@@ -162,6 +166,7 @@ impl Tab {
             Tab::Generate => "Generate",
             Tab::Evaluate => "Evaluate",
             Tab::Adapters => "Adapters",
+            Tab::Serve => "Serve",
         }
     }
 }
@@ -215,6 +220,7 @@ pub struct App {
     pub generate: GeneratePanel,
     pub evaluate: EvaluatePanel,
     pub adapters: AdaptersPanel,
+    pub serve: ServePanel,
 }
 
 impl App {
@@ -230,6 +236,7 @@ impl App {
             generate: GeneratePanel::default(),
             evaluate: EvaluatePanel::default(),
             adapters: AdaptersPanel::default(),
+            serve: ServePanel::default(),
         }
     }
 
@@ -242,6 +249,7 @@ impl App {
         self.generate.poll();
         self.evaluate.poll();
         self.adapters.poll();
+        self.serve.poll(&self.shared);
         let adapters_before = self.shared.settings.adapters.len();
         egui::Panel::top("tabs").show(ui, |ui| {
             ui.horizontal(|ui| {
@@ -269,6 +277,7 @@ impl App {
             Tab::Generate => self.generate.ui(ui, &mut self.shared),
             Tab::Evaluate => self.evaluate.ui(ui, &mut self.shared),
             Tab::Adapters => self.adapters.ui(ui, &mut self.shared),
+            Tab::Serve => self.serve.ui(ui, &mut self.shared),
         });
         // An adapter removed from the list moves the ones after it: drop choices by index.
         if self.shared.settings.adapters.len() < adapters_before {

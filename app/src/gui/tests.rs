@@ -149,6 +149,47 @@ fn load_generate_stop_and_errors() {
         "{}",
         h.state().generate.stats[0]
     );
+
+    // Serve: switched on, it answers an OpenAI request with the loaded model and counts it;
+    // switched off, it stops.
+    h.get_by_label("Serve").click();
+    h.run_steps(2);
+    h.snapshot("serve_panel");
+    h.state_mut().serve.port = 0;
+    h.get_by_label("Start serving").click();
+    step_until(&mut h, "the server", |a| a.serve.address().is_some());
+    let address = h.state().serve.address().unwrap();
+    let addr = address
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_string();
+    let body =
+        r#"{"model": "tiny_llama", "prompt": "fn main() {", "max_tokens": 4, "temperature": 0}"#;
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("\"text_completion\""), "{reply}");
+    h.run_steps(2);
+    h.get_by_label_contains("1 requests");
+    h.get_by_label("Stop serving").click();
+    step_until(&mut h, "the server's stop", |a| !a.serve.serving());
+    assert!(
+        h.state().serve.error.is_none(),
+        "{:?}",
+        h.state().serve.error
+    );
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "still listening"
+    );
 }
 
 /// A regression adapter among the adapters: the Generate panel offers it as a cost

@@ -52,6 +52,10 @@ pub struct Settings {
     pub catalogue: BTreeMap<String, PathBuf>,
     /// The base model's id in `/v1/models` and in requests.
     pub base_id: String,
+    /// Counters the caller may read while it serves (the app shows them).
+    pub metrics: Arc<Metrics>,
+    /// Stops the server (Ctrl-C for the command, the switch in the app).
+    pub stop: CancelToken,
 }
 
 /// Counters for `/metrics`.
@@ -74,16 +78,17 @@ struct Shared {
     metrics: Arc<Metrics>,
 }
 
-/// Serves `loaded` until Ctrl-C, calling `ready` with the bound address once it listens.
+/// Serves `loaded` until `settings.stop` is cancelled, calling `ready` with the bound address
+/// once it listens. The model may be shared (the app keeps using it).
 pub fn serve<B: KernelBackend>(
-    loaded: LoadedModel<B>,
+    loaded: Arc<LoadedModel<B>>,
     settings: Settings,
     ready: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<()>
 where
-    LoadedModel<B>: Send + 'static,
+    LoadedModel<B>: Send + Sync + 'static,
 {
-    let metrics = Arc::new(Metrics::default());
+    let metrics = settings.metrics.clone();
     let (jobs, queue) = std::sync::mpsc::sync_channel(settings.max_queue);
     let worker = Worker {
         loaded,
@@ -115,9 +120,12 @@ where
                 anyhow::anyhow!("cannot listen on {}:{}: {e}", settings.host, settings.port)
             })?;
         ready(listener.local_addr()?);
+        let stop = settings.stop;
         axum::serve(listener, router(shared))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
+            .with_graceful_shutdown(async move {
+                while !stop.is_cancelled() {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
             })
             .await?;
         Ok(())
@@ -461,7 +469,8 @@ impl Reply {
     /// The log-probabilities in the endpoint's shape: chat's `content` list, or the legacy
     /// parallel lists.
     fn logprobs(&self, done: &Finished, k: usize) -> Value {
-        let lps = &done.out.token_logprobs;
+        let all = &done.out.token_logprobs;
+        let lps = &all[..all.len().min(done.pieces.len())];
         let tops = || done.top.iter().map(move |t| t.iter().take(k));
         match self.kind {
             Kind::Chat => {

@@ -68,10 +68,15 @@ fn start(api_key: Option<&str>, adapters: &std::path::Path, max_queue: usize) ->
         max_adapters: 1,
         catalogue,
         base_id: "tiny".into(),
+        metrics: Default::default(),
+        stop: CancelToken::new(),
     };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        serve(tiny(), settings, |addr| tx.send(addr).unwrap()).unwrap();
+        serve(std::sync::Arc::new(tiny()), settings, |addr| {
+            tx.send(addr).unwrap()
+        })
+        .unwrap();
     });
     rx.recv().unwrap()
 }

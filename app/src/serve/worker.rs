@@ -71,7 +71,7 @@ pub struct Finished {
 
 /// The model and what the thread keeps between jobs.
 pub struct Worker<B: KernelBackend> {
-    pub loaded: LoadedModel<B>,
+    pub loaded: Arc<LoadedModel<B>>,
     /// Adapter id → its PEFT directory.
     pub catalogue: BTreeMap<String, PathBuf>,
     /// Loaded adapters, most recently used last.
@@ -170,7 +170,19 @@ impl<B: KernelBackend> Worker<B> {
                     .unwrap_or_default()
             };
             let (pieces, top) = if job.options.top_logprobs > 0 {
-                let pieces = out.token_ids.iter().map(|&id| text_of(id)).collect();
+                // The tokens whose text starts inside the output (a stop string's token, cut
+                // from the text, is left out).
+                let mut at = 0;
+                let pieces: Vec<String> = out
+                    .token_ids
+                    .iter()
+                    .map(|&id| text_of(id))
+                    .take_while(|p| {
+                        let inside = at < out.text.len();
+                        at += p.len();
+                        inside
+                    })
+                    .collect();
                 let top = out
                     .top_logprobs
                     .iter()
