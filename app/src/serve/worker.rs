@@ -89,7 +89,15 @@ impl<B: KernelBackend> Worker<B> {
                 continue;
             }
             self.metrics.running.store(1, Relaxed);
-            if let Err(e) = self.serve(&job) {
+            // A panic inside the engine fails this request, not the server.
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve(&job)))
+                    .unwrap_or_else(|_| {
+                        Err(ApiError::server(
+                            "the model's thread panicked on this request",
+                        ))
+                    });
+            if let Err(e) = result {
                 let _ = job.events.send(Event::Failed(e));
             }
             self.metrics.running.store(0, Relaxed);
