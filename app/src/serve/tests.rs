@@ -486,3 +486,66 @@ fn the_openai_package_talks_to_it() {
     assert_eq!(got["unknown"], "NotFoundError");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A flood past the queue gets 429s with `Retry-After` (the rest complete), a client that
+/// leaves mid-stream cancels its request, and the next good request is answered as before.
+#[test]
+fn floods_and_disconnects_leave_it_serving() {
+    let dir = std::env::temp_dir().join(format!("codelsi-serve-flood-{}", std::process::id()));
+    adapter(&dir, "one", 1);
+    adapter(&dir, "two", 2);
+    let addr = start(Some(KEY), &dir, 1);
+    let long = json!({"model": "tiny", "prompt": "x", "max_tokens": 240, "temperature": 0});
+    let replies: Vec<(u16, String, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                let body = long.to_string();
+                s.spawn(move || http(addr, "POST", "/v1/completions", Some(KEY), body.as_bytes()))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut turned_away = 0;
+    for (status, head, body) in &replies {
+        let body: Value = serde_json::from_str(body).unwrap();
+        match status {
+            200 => assert_eq!(body["object"], "text_completion"),
+            429 => {
+                turned_away += 1;
+                assert!(head.contains("retry-after: 1"), "{head}");
+                assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    // One runs and one waits: of 16 at once, some are turned away (most, on this machine).
+    assert!(turned_away >= 1, "{turned_away} of 16 turned away");
+    assert!(turned_away < 16, "none was served");
+
+    // A streamed request whose client reads one chunk and leaves.
+    let mut s = TcpStream::connect(addr).unwrap();
+    let body =
+        json!({"model": "tiny", "prompt": "x", "max_tokens": 240, "stream": true}).to_string();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 256];
+    let n = s.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    drop(s);
+    let model = tiny();
+    let (status, r) = post(
+        addr,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "function add(", "max_tokens": 10, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(
+        r["choices"][0]["text"],
+        greedy(&model, &[], "function add(", 10)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
