@@ -1224,7 +1224,7 @@ pub fn q_matmul_t(dy: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(dy.len(), m * n, "dy is not [m, n]");
     let units = k / UNIT;
-    if m == 0 || units == 0 {
+    if m == 0 || n == 0 || units == 0 {
         return vec![0.0; m * k];
     }
     // Task u writes columns 32u.. of every row as `[m, 32]`.
