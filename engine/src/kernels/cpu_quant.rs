@@ -21,7 +21,7 @@ use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
 use burn::tensor::{DType, Tensor};
 
-use crate::kernels::cpu::{dot, dot_rows, flex, transpose};
+use crate::kernels::cpu::{dot_rows, flex, transpose};
 use crate::kernels::{QTensor, pool};
 use crate::quant::{QFormat, QMatrix};
 
@@ -81,6 +81,10 @@ pub struct QActs {
     half_sums: Vec<f32>,
     /// `[rows * units]`: the same over the whole unit.
     unit_sums: Vec<f32>,
+    /// `half_sums` and `unit_sums` transposed, `[2 * units, rows]` and `[units, rows]`: the
+    /// weights' offsets meet 32 rows of x in four registers ([`add_min_terms`]).
+    half_sums_t: Vec<f32>,
+    unit_sums_t: Vec<f32>,
 }
 
 impl QActs {
@@ -101,12 +105,15 @@ impl QActs {
         }
         #[cfg(not(target_arch = "x86_64"))]
         quantize_units(x, &mut codes, &mut d, &mut half_sums);
-        let unit_sums = half_sums.chunks_exact(2).map(|h| h[0] + h[1]).collect();
+        let unit_sums: Vec<f32> = half_sums.chunks_exact(2).map(|h| h[0] + h[1]).collect();
+        let per_row = cols / UNIT;
         Self {
             rows,
             cols,
             codes,
             d,
+            half_sums_t: transpose(half_sums.clone(), 2 * per_row, rows),
+            unit_sums_t: transpose(unit_sums.clone(), per_row, rows),
             half_sums,
             unit_sums,
         }
@@ -134,7 +141,11 @@ fn quantize_units(x: &[f32], codes: &mut [i8], d: &mut [f32], half_sums: &mut [f
             *d = amax / 127.0;
             let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             for (c, v) in codes.iter_mut().zip(x) {
-                *c = (v * inv).round_ties_even() as i8;
+                // Rounded to the nearest, ties to even, by the float addition itself: adding
+                // 1.5 · 2²³ leaves no fraction bits (|v · inv| <= 127). `round` and
+                // `round_ties_even` compile to a call per value (`roundf`, `rintf`).
+                const SHIFT: f32 = 12_582_912.0;
+                *c = ((v * inv + SHIFT) - SHIFT) as i8;
             }
             for (s, half) in sums.iter_mut().zip(codes.chunks_exact(UNIT / 2)) {
                 *s = *d * half.iter().map(|&c| c as i32).sum::<i32>() as f32;
@@ -142,9 +153,8 @@ fn quantize_units(x: &[f32], codes: &mut [i8], d: &mut [f32], half_sums: &mut [f
         });
 }
 
-/// [`quantize_units`] compiled for AVX2: the rounding (ties to even, which `vroundps` does;
-/// `round`'s ties away from zero would call `roundf` per value) becomes vector instructions (a
-/// prefill quantises every row of x for each product).
+/// [`quantize_units`] compiled for AVX2: its loops become vector instructions (a prefill
+/// quantises every row of x for each product).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn quantize_units_avx2(x: &[f32], codes: &mut [i8], d: &mut [f32], half_sums: &mut [f32]) {
@@ -1000,27 +1010,60 @@ fn tile_product(isa: Isa, kind: Kind, x: &QActs, tile: &Tile, out: &mut [f32]) {
             block(isa, kind, xr, wr, &at, &mut acc);
             for (q, row) in out[r * m..].chunks_mut(m).take(wr).enumerate() {
                 for (p, acc) in acc.iter().take(xr).enumerate() {
-                    row[i + p] = acc[q] + min_term(&at, p, q);
+                    row[i + p] = acc[q];
                 }
             }
             i += xr;
         }
         r += wr;
     }
+    add_min_terms(x, tile, out);
 }
 
-/// `Σ c · d · Σ code_x` over the units (or halves) of a row of x and a weight row.
+/// Adds `Σ c · d · Σ code_x` over the units (or halves) to each output: the weight row's
+/// offsets `c` times x's sums. Per weight row, 32 rows of x at a time with x's sums stored
+/// unit-major, so that the lanes are rows of x and no output needs a horizontal sum (per
+/// output, that sum cost more than the dot product it ended).
 #[inline(always)]
-fn min_term(at: &Block<'_>, p: usize, q: usize) -> f32 {
-    let units = at.x.cols / UNIT;
-    let (n, sums) = if at.tile.mins.len() == 2 * at.tile.rows * units {
-        (2 * units, &at.x.half_sums)
+fn add_min_terms(x: &QActs, tile: &Tile, out: &mut [f32]) {
+    const LANES: usize = 32;
+    let m = x.rows;
+    let units = x.cols / UNIT;
+    let (n, sums_t) = if tile.mins.len() == 2 * tile.rows * units {
+        (2 * units, &x.half_sums_t)
     } else {
-        (units, &at.x.unit_sums)
+        (units, &x.unit_sums_t)
     };
-    let sums = &sums[(at.i + p) * n..(at.i + p + 1) * n];
-    let mins = &at.tile.mins[(at.r + q) * n..(at.r + q + 1) * n];
-    dot(sums, mins)
+    for (mins, row) in tile.mins.chunks_exact(n).zip(out.chunks_mut(m)) {
+        if mins.iter().all(|&c| c == 0.0) {
+            continue;
+        }
+        for (chunk, outs) in row.chunks_mut(LANES).enumerate() {
+            let at = chunk * LANES;
+            if let Ok(outs) = <&mut [f32; LANES]>::try_from(&mut *outs) {
+                let mut acc = [0f32; LANES];
+                for (u, &c) in mins.iter().enumerate() {
+                    let sums: &[f32; LANES] = sums_t[u * m + at..u * m + at + LANES]
+                        .try_into()
+                        .unwrap_or_else(|_| unreachable!("a slice of LANES"));
+                    for (a, s) in acc.iter_mut().zip(sums) {
+                        *a += c * s;
+                    }
+                }
+                for (o, a) in outs.iter_mut().zip(&acc) {
+                    *o += a;
+                }
+            } else {
+                for (p, o) in outs.iter_mut().enumerate() {
+                    *o += mins
+                        .iter()
+                        .enumerate()
+                        .map(|(u, &c)| c * sums_t[u * m + at + p])
+                        .sum::<f32>();
+                }
+            }
+        }
+    }
 }
 
 /// One register block of up to [`XROWS`] × [`WROWS`] scaled byte products, on `isa`.
@@ -1445,7 +1488,7 @@ mod tests {
     fn products_match_the_dequantised_weight() {
         for format in QFormat::ALL {
             let k = 2 * format.block_len() + if format.block_len() == 32 { 32 } else { 0 };
-            for (m, n) in [(1, 3), (3, 37), (5, 37), (9, 16)] {
+            for (m, n) in [(1, 3), (3, 37), (5, 37), (9, 16), (37, 5)] {
                 let wv = values(n * k, 7);
                 let q = QMatrix::quantize(format, n, k, &wv);
                 let dense = q.dequantize();
