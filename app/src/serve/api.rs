@@ -182,8 +182,10 @@ pub struct Checked {
 }
 
 impl Sampling {
-    /// The settings, or the 400 a bad one gets.
-    pub fn check(&self, top_logprobs: usize) -> Result<Checked, ApiError> {
+    /// The settings, or the 400 a bad one gets. `top`: the log-probabilities asked for (the
+    /// engine reports the chosen token's only when it lists at least one alternative).
+    pub fn check(&self, top: Option<usize>) -> Result<Checked, ApiError> {
+        let top_logprobs = top.map_or(0, |k| k.max(1));
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
             None => None,
             Some(m) if m < 1 => {

@@ -285,6 +285,16 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         .map_err(|e| ApiError::invalid(format!("the request body is not valid: {e}")))
 }
 
+/// The body of a request from a client with the key, as `T`.
+fn accept<T: serde::de::DeserializeOwned>(
+    s: &Shared,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    s.authorize(headers)?;
+    parse(&body.map_err(unreadable)?)
+}
+
 /// Which endpoint a response is for.
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
@@ -298,8 +308,7 @@ async fn chat(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = async {
-        s.authorize(&headers)?;
-        let req: ChatRequest = parse(&body.map_err(unreadable)?)?;
+        let req: ChatRequest = accept(&s, &headers, body)?;
         let adapters = s.adapters_of(&req.model)?;
         let top = if req.logprobs.unwrap_or(false) {
             Some(api::check_top_logprobs(req.top_logprobs)?)
@@ -308,7 +317,7 @@ async fn chat(
         } else {
             None
         };
-        let checked = req.sampling.check(top.map_or(0, |k| k.max(1)))?;
+        let checked = req.sampling.check(top)?;
         let prompt = Prompt::Chat(api::messages(&req.messages)?);
         respond(&s, Kind::Chat, req.model, prompt, adapters, checked, top).await
     };
@@ -321,8 +330,7 @@ async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = async {
-        s.authorize(&headers)?;
-        let req: CompletionRequest = parse(&body.map_err(unreadable)?)?;
+        let req: CompletionRequest = accept(&s, &headers, body)?;
         let adapters = s.adapters_of(&req.model)?;
         if req.echo.unwrap_or(false) {
             return Err(ApiError::invalid("echo is not supported"));
@@ -340,7 +348,7 @@ async fn completions(
             .logprobs
             .map(|k| api::check_top_logprobs(Some(k)))
             .transpose()?;
-        let checked = req.sampling.check(top.map_or(0, |k| k.max(1)))?;
+        let checked = req.sampling.check(top)?;
         let prompt = match req.suffix {
             Some(suffix) => Prompt::Fim {
                 prefix: prompt,
