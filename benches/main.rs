@@ -522,44 +522,66 @@ fn cpu_kernels() {
     // Qwen2.5-Coder-0.5B-Instruct Q4_K_M: 24 layers; per layer q and o 896², k and v 128×896,
     // gate and up 4864×896, down 896×4864; the tied head 151,936×896 (Q8_0). Most tensors are
     // Q5_0; the file's K-quant tensors are shown as Q5_0's shapes in Q4_K and Q6_K.
-    let (mut total, mut total_tiled) = (0.0, 0.0);
-    for (format, n, k, count) in [
-        (QFormat::Q5_0, 896, 896, 48),
-        (QFormat::Q5_0, 128, 896, 48),
-        (QFormat::Q5_0, 4864, 896, 36),
-        (QFormat::Q4K, 4864, 1024, 12),
-        (QFormat::Q6K, 896, 4864, 12),
-        (QFormat::Q5_0, 896, 4864, 12),
-        (QFormat::Q8_0, 151936, 896, 1),
-    ] {
-        let q = QMatrix::quantize(format, n, k, &values(n * k));
-        let (w, x) = (QWeights::from(&q), values(k));
-        let bytes = q.gpu_bytes() as f64;
-        let s = best_of(10, || {
-            std::hint::black_box(q_matmul(&x, 1, &w));
-        });
-        total += s * count as f64;
-        // The same product through tiles, the path before the fused kernels, for comparison
-        // (the same weight: the head alone takes seconds to quantise).
-        let (acts, isa) = (QActs::quantize(&x, 1, k), Isa::detect());
-        let tiled = best_of(10, || {
-            std::hint::black_box(q_matmul_tiled(isa, &acts, &w));
-        });
-        total_tiled += tiled * count as f64;
+    // SmolLM2-135M-Instruct Q4_1: 30 layers; q and o 576², k and v 192×576, gate and up
+    // 1536×576, down 576×1536; the tied head 49,152×576 (Q8_0 here).
+    // (format, n, k, products of that shape in a step)
+    type Shape = (QFormat, usize, usize, usize);
+    let models: [(&str, &[Shape]); 2] = [
+        (
+            "Qwen2.5-Coder-0.5B",
+            &[
+                (QFormat::Q5_0, 896, 896, 48),
+                (QFormat::Q5_0, 128, 896, 48),
+                (QFormat::Q5_0, 4864, 896, 36),
+                (QFormat::Q4K, 4864, 1024, 12),
+                (QFormat::Q6K, 896, 4864, 12),
+                (QFormat::Q5_0, 896, 4864, 12),
+                (QFormat::Q8_0, 151936, 896, 1),
+            ],
+        ),
+        (
+            "SmolLM2-135M",
+            &[
+                (QFormat::Q4_1, 576, 576, 60),
+                (QFormat::Q4_1, 192, 576, 60),
+                (QFormat::Q4_1, 1536, 576, 60),
+                (QFormat::Q4_1, 576, 1536, 30),
+                (QFormat::Q8_0, 49152, 576, 1),
+            ],
+        ),
+    ];
+    for (model, shapes) in models {
+        let (mut total, mut total_tiled) = (0.0, 0.0);
+        for &(format, n, k, count) in shapes {
+            let q = QMatrix::quantize(format, n, k, &values(n * k));
+            let (w, x) = (QWeights::from(&q), values(k));
+            let bytes = q.gpu_bytes() as f64;
+            let s = best_of(10, || {
+                std::hint::black_box(q_matmul(&x, 1, &w));
+            });
+            total += s * count as f64;
+            // The same product through tiles, the path before the fused kernels, for comparison
+            // (the same weight: the head alone takes seconds to quantise).
+            let (acts, isa) = (QActs::quantize(&x, 1, k), Isa::detect());
+            let tiled = best_of(10, || {
+                std::hint::black_box(q_matmul_tiled(isa, &acts, &w));
+            });
+            total_tiled += tiled * count as f64;
+            println!(
+                "{model} decode shape {format:?} {n}×{k} (×{count}): {:.3} ms, {:.1} GB/s \
+                 (through tiles: {:.3} ms, {:.1} GB/s)",
+                s * 1e3,
+                bytes / s / 1e9,
+                tiled * 1e3,
+                bytes / tiled / 1e9
+            );
+        }
         println!(
-            "decode shape {format:?} {n}×{k} (×{count}): {:.3} ms, {:.1} GB/s (through tiles: \
-             {:.3} ms, {:.1} GB/s)",
-            s * 1e3,
-            bytes / s / 1e9,
-            tiled * 1e3,
-            bytes / tiled / 1e9
+            "{model}: a decode step's products, about: {:.1} ms (through tiles: {:.1} ms)",
+            total * 1e3,
+            total_tiled * 1e3
         );
     }
-    println!(
-        "a decode step's products, about: {:.1} ms (through tiles: {:.1} ms)",
-        total * 1e3,
-        total_tiled * 1e3
-    );
 }
 
 /// Prefill and greedy-decode tokens/s of the CPU path and of llama.cpp on the same file, prompt

@@ -69,6 +69,20 @@ impl ModelInfo {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     }
+
+    /// The model's name where one is asked for (the server's model id): the catalogue's name
+    /// when the file is a catalogue model's, else the file's name less `.gguf` (an HF folder's
+    /// name as it is).
+    pub fn id(&self) -> String {
+        let file = self.file_name();
+        let listed = crate::fetch::catalogue()
+            .ok()
+            .and_then(|all| all.into_iter().find(|m| m.file == file));
+        match listed {
+            Some(m) => m.name,
+            None => file.strip_suffix(".gguf").unwrap_or(&file).to_string(),
+        }
+    }
 }
 
 pub struct LoadedModel<B: KernelBackend> {
@@ -211,5 +225,43 @@ fn info<B: KernelBackend>(
         device_bytes: m.device_bytes(),
         host_bytes: m.embed_tokens.host_bytes(),
         file_tensor_bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A catalogue model's file gets its catalogue name (not `qwen2.5-coder-1`, what a file
+    /// stem makes of the name), other files their name less `.gguf`, folders theirs.
+    #[test]
+    fn ids_are_catalogue_names_or_file_names() {
+        let id = |path: &str| {
+            ModelInfo {
+                path: path.into(),
+                format: "gguf",
+                architecture: "llama",
+                parameters: 0,
+                quantization: String::new(),
+                context_length: 0,
+                layers: 0,
+                hidden_size: 0,
+                vocab_size: 0,
+                device_bytes: 0,
+                host_bytes: 0,
+                file_tensor_bytes: 0,
+            }
+            .id()
+        };
+        assert_eq!(
+            id("/cache/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
+            "qwen2.5-coder-1.5b-instruct"
+        );
+        assert_eq!(
+            id("/m/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            "smollm2-135m-instruct"
+        );
+        assert_eq!(id("/m/my.model.v2.gguf"), "my.model.v2");
+        assert_eq!(id("/m/my-hf-model"), "my-hf-model");
     }
 }

@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
-use codelsi_engine::fetch::DEFAULT_MODEL;
 use codelsi_engine::model::OpenDevice;
 use codelsi_engine::quant::QFormat;
 
@@ -52,11 +51,8 @@ fn serve_on<B: OpenDevice>(args: ServeArgs) -> Result<()> {
         dirs.push(local);
     }
     let catalogue = adapter_catalogue(&dirs)?;
-    let base_id = base_id(&args.model);
-    if catalogue.contains_key(&base_id) {
-        bail!("an adapter is named `{base_id}`, as the base model: rename its folder");
-    }
     let (loaded, gpu) = load::<B>(&args.model, args.quantize, false)?;
+    let base_id = loaded.info.id();
     eprintln!("{} on {}", base_id, gpu.name);
     for (id, dir) in &catalogue {
         eprintln!("adapter `{id}`: {}", dir.display());
@@ -75,16 +71,6 @@ fn serve_on<B: OpenDevice>(args: ServeArgs) -> Result<()> {
     serve(std::sync::Arc::new(loaded), settings, |addr| {
         println!("listening on http://{addr}/v1 (OpenAI API; Ctrl-C stops)");
     })
-}
-
-/// The base model's id: the catalogue name, or the file's (folder's) name without extension.
-fn base_id(spec: &str) -> String {
-    if spec == "default" {
-        return DEFAULT_MODEL.to_string();
-    }
-    Path::new(spec)
-        .file_stem()
-        .map_or_else(|| spec.to_string(), |s| s.to_string_lossy().into_owned())
 }
 
 /// Adapter id → directory: each directory given is an adapter (it has

@@ -101,10 +101,7 @@ impl ServePanel {
         };
         let info = model.info();
         let path = info.path.display().to_string();
-        let base_id = info
-            .path
-            .file_stem()
-            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+        let base_id = info.id();
         let (stop, metrics) = (CancelToken::new(), Arc::new(Metrics::default()));
         let settings = Settings {
             host: "127.0.0.1".into(),

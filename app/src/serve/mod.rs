@@ -88,6 +88,12 @@ pub fn serve<B: KernelBackend>(
 where
     LoadedModel<B>: Send + Sync + 'static,
 {
+    if settings.catalogue.contains_key(&settings.base_id) {
+        anyhow::bail!(
+            "an adapter is named `{}`, as the base model: rename its folder",
+            settings.base_id
+        );
+    }
     let metrics = settings.metrics.clone();
     let (jobs, queue) = std::sync::mpsc::sync_channel(settings.max_queue);
     let worker = Worker {

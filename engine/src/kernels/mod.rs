@@ -13,6 +13,7 @@
 pub mod autodiff;
 pub mod cpu;
 pub mod cpu_quant;
+pub mod cpu_rows;
 pub mod matmul_strided;
 pub mod pool;
 pub mod qmatmul;
@@ -217,6 +218,14 @@ pub trait KernelBackend: Backend {
         reference::rope(x, cos, sin, heads)
     }
 
+    /// SwiGLU's gating: `silu(gate) · up`.
+    ///
+    /// # Shapes
+    /// - `gate`, `up`: `[batch, seq, dim]` → `[batch, seq, dim]`
+    fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        burn::tensor::activation::silu(gate) * up
+    }
+
     /// Bytes the backend's allocator holds on `device` now (its pools only grow, so sampled
     /// after the largest step this is the peak), where the backend can tell.
     fn memory_reserved(_device: &Self::Device) -> Option<u64> {
@@ -337,6 +346,27 @@ impl KernelBackend for burn::backend::Flex {
     ) -> Tensor<Self, 4> {
         cpu::try_attention(&q, &keys, &values, mask, scale as f32)
             .unwrap_or_else(|| reference::attention(q, keys, values, mask, scale))
+    }
+
+    /// One pass a row instead of the tensor ops' chains (`cpu_rows.rs`).
+    fn rms_norm(x: Tensor<Self, 3>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
+        cpu_rows::try_rms_norm(&x, weight, eps)
+            .unwrap_or_else(|| reference::rms_norm(x, weight, eps))
+    }
+
+    fn rope(
+        x: Tensor<Self, 3>,
+        cos: &Tensor<Self, 2>,
+        sin: &Tensor<Self, 2>,
+        heads: usize,
+    ) -> Tensor<Self, 4> {
+        cpu_rows::try_rope(&x, cos, sin, heads)
+            .unwrap_or_else(|| reference::rope(x, cos, sin, heads))
+    }
+
+    fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        cpu_rows::try_swiglu(&gate, &up)
+            .unwrap_or_else(|| burn::tensor::activation::silu(gate) * up)
     }
 
     fn kernels_impl() -> &'static str {

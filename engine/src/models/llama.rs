@@ -3,7 +3,6 @@
 //! untied LM head. Generic over any [`KernelBackend`]; weights quantised or not.
 
 use burn::backend::Autodiff;
-use burn::tensor::activation::silu;
 use burn::tensor::{DType, Tensor, TensorData};
 
 use super::config::Config;
@@ -623,9 +622,9 @@ impl<B: KernelBackend> DecoderLayer<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → same
     fn mlp(&self, x: Tensor<B, 3>, ctx: LayerCtx<'_, B>) -> Tensor<B, 3> {
-        let gate = silu(self.project(Target::Gate, x.clone(), ctx));
+        let gate = self.project(Target::Gate, x.clone(), ctx);
         let up = self.project(Target::Up, x, ctx);
-        self.project(Target::Down, gate * up, ctx)
+        self.project(Target::Down, B::swiglu(gate, up), ctx)
     }
 }
 
