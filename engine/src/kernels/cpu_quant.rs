@@ -19,9 +19,10 @@
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
 
 use crate::kernels::cpu::{dot_rows, flex, transpose};
+use crate::kernels::cpu_rows::contiguous;
 use crate::kernels::{QTensor, pool};
 use crate::quant::{QFormat, QMatrix};
 
@@ -1423,12 +1424,6 @@ fn with_weights<T>(w: &QTensor<Flex>, f: impl FnOnce(&QWeights<'_>) -> T) -> Opt
     weights.is_whole().then(|| f(&weights))
 }
 
-/// A contiguous f32 `[rows, cols]` burn-flex tensor's values, or `None`.
-fn f32_rows(t: &Tensor<Flex, 2>) -> Option<FlexTensor> {
-    let p: FlexTensor = t.clone().into_primitive().tensor().to_contiguous();
-    (p.dtype() == DType::F32).then_some(p)
-}
-
 /// `x · Wᵀ` on burn-flex with the integer kernels; `None` where the words are not laid out as
 /// `QTensor::from_qmatrix` makes them or x is not f32 (the caller uses the reference).
 pub fn try_q_matmul(x: &Tensor<Flex, 2>, w: &QTensor<Flex>) -> Option<Tensor<Flex, 2>> {
@@ -1452,7 +1447,7 @@ fn on_flex(
     if k != inner {
         return None;
     }
-    let ap = f32_rows(a)?;
+    let ap = contiguous(a)?;
     let values = ap.as_slice::<f32>()?;
     let result = with_weights(w, |w| product(values, rows, w))?;
     Some(flex(result, [rows, out]))

@@ -22,7 +22,7 @@ use super::pool;
 const VALUES_PER_TASK: usize = 1 << 15;
 
 /// The contiguous f32 values of `t`, or `None` for another dtype.
-fn contiguous<const D: usize>(t: &Tensor<Flex, D>) -> Option<FlexTensor> {
+pub(crate) fn contiguous<const D: usize>(t: &Tensor<Flex, D>) -> Option<FlexTensor> {
     let p: FlexTensor = t.clone().into_primitive().tensor().to_contiguous();
     (p.dtype() == DType::F32).then_some(p)
 }
