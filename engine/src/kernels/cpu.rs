@@ -233,8 +233,7 @@ fn log_sum_exp(row: &[f32]) -> f32 {
 fn logits_for(logits: &Tensor<Flex, 2>, labels: &[Option<u32>]) -> Option<FlexTensor> {
     let [rows, vocab] = logits.dims();
     let fits = rows == labels.len() && labels.iter().flatten().all(|&l| (l as usize) < vocab);
-    let p: FlexTensor = logits.clone().into_primitive().tensor().to_contiguous();
-    (fits && p.dtype() == DType::F32).then_some(p)
+    contiguous(logits).filter(|_| fits)
 }
 
 /// [`KernelBackend::nll`](super::KernelBackend::nll) on the CPU: a task a row (log-sum-exp
@@ -319,7 +318,7 @@ pub fn try_matmul(x: &Tensor<Flex, 2>, w: &Tensor<Flex, 2>) -> Option<Tensor<Fle
     }
     let start = layout.start_offset();
     let w_rows = wp.storage::<f32>().get(start..start + n * k)?;
-    let xp: FlexTensor = x.clone().into_primitive().tensor().to_contiguous();
+    let xp = contiguous(x)?;
     let x_rows = xp.as_slice::<f32>()?;
     let out = matmul_rows(x_rows, m, k, w_rows, n);
     Some(Tensor::from_primitive(TensorPrimitive::Float(
@@ -556,6 +555,12 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// The contiguous f32 values of `t`, or `None` for another dtype.
+pub(crate) fn contiguous<const D: usize>(t: &Tensor<Flex, D>) -> Option<FlexTensor> {
+    let p: FlexTensor = t.clone().into_primitive().tensor().to_contiguous();
+    (p.dtype() == DType::F32).then_some(p)
 }
 
 /// A contiguous burn-flex tensor of `data`.

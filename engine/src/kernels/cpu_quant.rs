@@ -21,8 +21,7 @@ use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
 use burn::tensor::Tensor;
 
-use crate::kernels::cpu::{dot_rows, flex, transpose};
-use crate::kernels::cpu_rows::contiguous;
+use crate::kernels::cpu::{contiguous, dot_rows, flex, transpose};
 use crate::kernels::{QTensor, pool};
 use crate::quant::{QFormat, QMatrix};
 

@@ -241,6 +241,11 @@ pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: &Tensor<B, 1>, eps: f64) ->
     )
 }
 
+/// SwiGLU's gating, `silu(gate) · up`, with tensor ops.
+pub fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
+    burn::tensor::activation::silu(gate) * up
+}
+
 /// RoPE (rotate-half) with tensor ops.
 ///
 /// # Shapes
