@@ -557,6 +557,42 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `values` (`[b, h, seq, d]`) written into the f32 buffer of `cache` (`[b, h, capacity, d]`)
+/// at positions `past..`, in place. Gives `cache` back where it cannot: a buffer that is
+/// shared, strided or of another dtype, or shapes that do not fit.
+pub fn try_write_positions(
+    cache: Tensor<Flex, 4>,
+    past: usize,
+    values: &Tensor<Flex, 4>,
+) -> Result<Tensor<Flex, 4>, Tensor<Flex, 4>> {
+    let [b, h, cap, d] = cache.dims();
+    let [vb, vh, seq, vd] = values.dims();
+    if [vb, vh, vd] != [b, h, d] || past + seq > cap {
+        return Err(cache);
+    }
+    let Some(src) = contiguous(values) else {
+        return Err(cache);
+    };
+    let mut p: FlexTensor = cache.into_primitive().tensor();
+    let whole = p.dtype() == DType::F32
+        && p.is_contiguous()
+        && p.layout().start_offset() == 0
+        && p.bytes().len() == 4 * b * h * cap * d;
+    let written = whole
+        && match p.try_storage_mut::<f32>() {
+            Some(dst) => {
+                let src = src.storage::<f32>();
+                for (bh, rows) in src.chunks_exact(seq * d).enumerate() {
+                    dst[(bh * cap + past) * d..][..seq * d].copy_from_slice(rows);
+                }
+                true
+            }
+            None => false,
+        };
+    let cache = Tensor::from_primitive(TensorPrimitive::Float(p));
+    if written { Ok(cache) } else { Err(cache) }
+}
+
 /// The contiguous f32 values of `t`, or `None` for another dtype.
 pub(crate) fn contiguous<const D: usize>(t: &Tensor<Flex, D>) -> Option<FlexTensor> {
     let p: FlexTensor = t.clone().into_primitive().tensor().to_contiguous();
@@ -658,6 +694,39 @@ mod tests {
         }
     }
 
+    /// The KV cache's append writes where `slice_assign` would, into the same buffer, and
+    /// gives back a shared buffer untouched (the caller then copies).
+    #[test]
+    fn positions_are_written_in_place() {
+        let shape = [2, 3, 7, 8];
+        let cache = flex(values(2 * 3 * 7 * 8, 1), shape);
+        let new = flex(values(2 * 3 * 2 * 8, 2), [2, 3, 2, 8]);
+        let want = cache
+            .clone()
+            .slice_assign([0..2, 0..3, 4..6, 0..8], new.clone());
+        let ptr = |t: &Tensor<Flex, 4>| {
+            let p: FlexTensor = t.clone().into_primitive().tensor();
+            p.bytes().as_ptr() as usize
+        };
+        let before = ptr(&cache);
+        let shared = cache.clone();
+        let Err(cache) = try_write_positions(cache, 4, &new) else {
+            panic!("wrote into a buffer another tensor shares");
+        };
+        assert_eq!(
+            shared.to_data(),
+            cache.to_data(),
+            "the shared buffer changed"
+        );
+        drop(shared);
+        let got = try_write_positions(cache, 4, &new).expect("a unique buffer is written in place");
+        assert_eq!(ptr(&got), before, "the buffer was copied");
+        assert_eq!(got.to_data(), want.to_data());
+        assert!(
+            try_write_positions(got, 6, &new).is_err(),
+            "past the capacity"
+        );
+    }
     /// Against the reference on a view of a larger cache (as `LayerCache::append` returns
     /// it), with a per-row mask, a broadcast mask, a causal one and none, for decode-sized and
     /// prefill-sized queries.

@@ -226,6 +226,20 @@ pub trait KernelBackend: Backend {
         reference::swiglu(gate, up)
     }
 
+    /// `cache` with `values` written at positions `past..past + seq` (the KV cache's append).
+    ///
+    /// # Shapes
+    /// - `cache`: `[batch, heads, capacity, head_dim]`, `values`: `[batch, heads, seq, head_dim]`
+    ///   → `[batch, heads, capacity, head_dim]`
+    fn write_positions(
+        cache: Tensor<Self, 4>,
+        past: usize,
+        values: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        let [b, h, seq, d] = values.dims();
+        cache.slice_assign([0..b, 0..h, past..past + seq, 0..d], values)
+    }
+
     /// Bytes the backend's allocator holds on `device` now (its pools only grow, so sampled
     /// after the largest step this is the peak), where the backend can tell.
     fn memory_reserved(_device: &Self::Device) -> Option<u64> {
@@ -346,6 +360,20 @@ impl KernelBackend for burn::backend::Flex {
     ) -> Tensor<Self, 4> {
         cpu::try_attention(&q, &keys, &values, mask, scale as f32)
             .unwrap_or_else(|| reference::attention(q, keys, values, mask, scale))
+    }
+
+    /// In place: burn-flex 0.21's `slice_assign` copies the whole buffer first, every call
+    /// (its `to_contiguous` clone keeps the buffer shared), so each decode step copied every
+    /// layer's cache.
+    fn write_positions(
+        cache: Tensor<Self, 4>,
+        past: usize,
+        values: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        cpu::try_write_positions(cache, past, &values).unwrap_or_else(|cache| {
+            let [b, h, seq, d] = values.dims();
+            cache.slice_assign([0..b, 0..h, past..past + seq, 0..d], values)
+        })
     }
 
     /// One pass a row instead of the tensor ops' chains (`cpu_rows.rs`).

@@ -66,13 +66,18 @@ impl<B: KernelBackend> LayerCache<B> {
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [batch, n_kv, seq, hd] = k.dims();
         let total = past + seq;
-        let range = [0..batch, 0..n_kv, past..total, 0..hd];
-        // Move the tensors out so their buffers are uniquely owned: burn then writes in place
-        // instead of copying the whole cache.
-        self.keys =
-            std::mem::replace(&mut self.keys, self.spare.clone()).slice_assign(range.clone(), k);
-        self.values =
-            std::mem::replace(&mut self.values, self.spare.clone()).slice_assign(range, v);
+        // Move the tensors out so their buffers are uniquely owned: the backend can then
+        // write in place instead of copying the whole cache.
+        self.keys = B::write_positions(
+            std::mem::replace(&mut self.keys, self.spare.clone()),
+            past,
+            k,
+        );
+        self.values = B::write_positions(
+            std::mem::replace(&mut self.values, self.spare.clone()),
+            past,
+            v,
+        );
         let filled = [0..batch, 0..n_kv, 0..total, 0..hd];
         (
             self.keys.clone().slice(filled.clone()),
