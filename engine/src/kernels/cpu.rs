@@ -414,10 +414,8 @@ pub fn try_attention(
     if out_len == 0 {
         return Some(flex(out, [b, h, rows, d]));
     }
-    // Task i takes rows `first..first + n` of (batch row, head) `i / blocks`.
-    let blocks = rows.div_ceil(ROWS_PER_TASK);
-    let task = |(i, out): (usize, &mut [f32])| {
-        let (bh, first) = (i / blocks, i % blocks * ROWS_PER_TASK);
+    // A task takes query rows `first..first + n` of (batch row, head) `bh`.
+    let task = |bh: usize, first: usize, out: &mut [f32]| {
         let (bi, hi) = (bh / h, bh % h);
         let n = out.len() / d;
         let mask = mask.map(|(m, mb)| {
@@ -435,23 +433,30 @@ pub fn try_attention(
         };
         attend(&task, out);
     };
-    // Chunks of whole rows that never straddle two (batch row, head) pairs.
-    let per = ROWS_PER_TASK * d;
-    // A batch-1 step is a few microseconds of work per task, less than waking the pool.
-    if out_len * total < 1 << 18 {
-        out.chunks_mut(rows * d)
-            .flat_map(|o| o.chunks_mut(per))
-            .enumerate()
-            .for_each(task);
+    if out_len * total < 1 << 12 {
+        // A few microseconds of work in all.
+        for (bh, out) in out.chunks_mut(rows * d).enumerate() {
+            task(bh, 0, out);
+        }
+    } else if rows <= ROWS_PER_TASK {
+        // A decode step: the pool's workers are awake between its products. With few (batch
+        // row, head) pairs, one task a query row, so that every core has work.
+        let split = if b * h >= 8 { rows } else { 1 };
+        pool::for_each_chunk(&mut out, split * d, &|i, out| {
+            let per = rows / split;
+            task(i / per, i % per * split, out);
+        });
     } else {
+        // Prefill: chunks of whole rows that never straddle two (batch row, head) pairs.
+        let blocks = rows.div_ceil(ROWS_PER_TASK);
         out.par_chunks_mut(rows * d)
             .enumerate()
             .flat_map(|(bh, o)| {
-                o.par_chunks_mut(per)
+                o.par_chunks_mut(ROWS_PER_TASK * d)
                     .enumerate()
                     .map(move |(block, o)| (bh * blocks + block, o))
             })
-            .for_each(task);
+            .for_each(|(i, out)| task(i / blocks, i % blocks * ROWS_PER_TASK, out));
     }
     Some(flex(out, [b, h, rows, d]))
 }
@@ -732,7 +737,9 @@ mod tests {
     /// prefill-sized queries.
     #[test]
     fn attention_on_a_cache_view_matches_the_reference() {
-        // Small enough to run on one thread, and large enough to go to the pool.
+        // Small enough to run on one thread; decode steps on the pool, a task a query row
+        // (few heads) or a task a head (many).
+        attention_case(1, 2, 3, 8, 10, 7);
         attention_case(3, 2, 3, 16, 40, 29);
         attention_case(4, 3, 3, 64, 600, 520);
         // Rows split into tasks of 32 with a short last one.

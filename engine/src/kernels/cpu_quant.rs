@@ -21,7 +21,7 @@ use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
 use burn::tensor::Tensor;
 
-use crate::kernels::cpu::{contiguous, dot_rows, flex, transpose};
+use crate::kernels::cpu::{contiguous, dot, dot_rows, flex, transpose};
 use crate::kernels::{QTensor, pool};
 use crate::quant::{QFormat, QMatrix};
 
@@ -1053,13 +1053,20 @@ fn add_min_terms(x: &QActs, tile: &Tile, out: &mut [f32]) {
                 for (o, a) in outs.iter_mut().zip(&acc) {
                     *o += a;
                 }
+            } else if m == 1 {
+                // One row of x (decode): its sums lie in a row, and eight partial sums keep the
+                // additions from waiting on each other.
+                outs[0] += dot(mins, sums_t);
             } else {
-                for (p, o) in outs.iter_mut().enumerate() {
-                    *o += mins
-                        .iter()
-                        .enumerate()
-                        .map(|(u, &c)| c * sums_t[u * m + at + p])
-                        .sum::<f32>();
+                let mut acc = [0f32; LANES];
+                let acc = &mut acc[..outs.len()];
+                for (u, &c) in mins.iter().enumerate() {
+                    for (a, s) in acc.iter_mut().zip(&sums_t[u * m + at..]) {
+                        *a += c * s;
+                    }
+                }
+                for (o, a) in outs.iter_mut().zip(acc.iter()) {
+                    *o += a;
                 }
             }
         }
