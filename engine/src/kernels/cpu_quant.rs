@@ -700,12 +700,19 @@ fn widen_portable(format: QFormat, bytes: &[u8], out: &mut [f32]) {
 /// written back; past it, a tile's unpacking is shared by enough rows of x to pay for itself.
 pub const FUSED_MAX_ROWS: usize = 4;
 
-/// The formats the fused kernels take: those measured faster fused than through tiles at one
-/// row of x on the 0.5B's shapes (`codelsi-bench cpu-kernels`, docs/cpu.md). Q5_0 came out
-/// slower fused there; Q4_0, Q4_1, Q5_1 and Q5_K were not measured on those shapes. They keep
-/// the tiles.
+/// The formats the fused kernels take: the formats of one unit a block (`fused_unit_*`) and
+/// Q4_K and Q6_K (`fused_*`). Q5_K keeps the tiles (no model we ship has it).
 pub fn fuses(format: QFormat) -> bool {
-    matches!(format, QFormat::Q8_0 | QFormat::Q4K | QFormat::Q6K)
+    matches!(
+        format,
+        QFormat::Q4_0
+            | QFormat::Q4_1
+            | QFormat::Q5_0
+            | QFormat::Q5_1
+            | QFormat::Q8_0
+            | QFormat::Q4K
+            | QFormat::Q6K
+    )
 }
 
 /// [`q_matmul`] of quantised rows of x on a chosen instruction set: fused for up to
@@ -764,22 +771,26 @@ pub fn q_matmul_fused(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
     by_weight_rows(m, w.rows, |first, out| {
         let rows = first..first + out.len() / m;
         macro_rules! formats {
-            ($kernel:ident, $xr:literal) => {
+            ($unit:ident, $kquant:ident, $xr:literal) => {
                 match w.format {
-                    QFormat::Q8_0 => $kernel::<$xr, 4>(w, rows, x, out),
-                    QFormat::Q4K => $kernel::<$xr, 5>(w, rows, x, out),
-                    QFormat::Q6K => $kernel::<$xr, 7>(w, rows, x, out),
+                    QFormat::Q4_0 => $unit::<$xr, 0>(w, rows, x, out),
+                    QFormat::Q4_1 => $unit::<$xr, 1>(w, rows, x, out),
+                    QFormat::Q5_0 => $unit::<$xr, 2>(w, rows, x, out),
+                    QFormat::Q5_1 => $unit::<$xr, 3>(w, rows, x, out),
+                    QFormat::Q8_0 => $unit::<$xr, 4>(w, rows, x, out),
+                    QFormat::Q4K => $kquant::<$xr, 5>(w, rows, x, out),
+                    QFormat::Q6K => $kquant::<$xr, 7>(w, rows, x, out),
                     _ => unreachable!("`fuses` admits no other format"),
                 }
             };
         }
         macro_rules! shapes {
-            ($kernel:ident) => {
+            ($unit:ident, $kquant:ident) => {
                 match m {
-                    1 => formats!($kernel, 1),
-                    2 => formats!($kernel, 2),
-                    3 => formats!($kernel, 3),
-                    _ => formats!($kernel, 4),
+                    1 => formats!($unit, $kquant, 1),
+                    2 => formats!($unit, $kquant, 2),
+                    3 => formats!($unit, $kquant, 3),
+                    _ => formats!($unit, $kquant, 4),
                 }
             };
         }
@@ -787,8 +798,8 @@ pub fn q_matmul_fused(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
         // (`available` lists no more than `detect` found).
         unsafe {
             match isa {
-                Isa::Vnni => shapes!(fused_vnni),
-                _ => shapes!(fused_avx2),
+                Isa::Vnni => shapes!(fused_unit_vnni, fused_vnni),
+                _ => shapes!(fused_unit_avx2, fused_avx2),
             }
         }
     })
@@ -820,7 +831,7 @@ macro_rules! x86_fused {
                 x.rows == XR && x.codes.len() == XR * k && out.len() == rows.len() * XR,
                 "x or out is not the shape the kernel was chosen for"
             );
-            let signed = f == QFormat::Q8_0;
+            assert!(per_block % 2 == 0, "a K-quant block holds eight units");
             let kquant_min = matches!(f, QFormat::Q4K | QFormat::Q5K);
             let sum8 = |v: &[f32]| -> __m256 {
                 let v: &[f32; 8] = v[..8].try_into().unwrap_or_else(|_| unreachable!());
@@ -831,15 +842,17 @@ macro_rules! x86_fused {
                 let q = &w.qs[qb * blocks * row..qb * blocks * (row + 1)];
                 let s = &w.scales[sb * blocks * row..sb * blocks * (row + 1)];
                 // Two accumulators a row of x, even and odd units, so that consecutive units'
-                // multiply-adds do not wait on each other.
-                let mut acc = [[_mm256_setzero_ps(); 2]; XR];
+                // multiply-adds do not wait on each other (two arrays: an index that varies
+                // would keep them in memory).
+                let mut even = [_mm256_setzero_ps(); XR];
+                let mut odd = [_mm256_setzero_ps(); XR];
                 // The K-quants' minimum term, eight lanes a block (Q8_0 has none).
                 let mut min8 = [_mm256_setzero_ps(); XR];
                 for (b, (q, s)) in q.chunks_exact(qb).zip(s.chunks_exact(sb)).enumerate() {
                     let mut scales = [0f32; 16];
                     let mut mins = [0f32; 16];
                     block_scales(f, s, &mut scales, &mut mins);
-                    for u in 0..per_block {
+                    let step = |u: usize, acc: &mut [__m256; XR]| {
                         let unit = b * per_block + u;
                         let wv = unit_codes_avx2(f, q, u);
                         let a = if halves {
@@ -850,22 +863,22 @@ macro_rules! x86_fused {
                         } else {
                             _mm256_set1_ps(scales[u])
                         };
-                        for p in 0..XR {
+                        for (p, acc) in acc.iter_mut().enumerate() {
                             let xc: &[i8; UNIT] = x.codes[p * k + UNIT * unit..][..UNIT]
                                 .try_into()
                                 .unwrap_or_else(|_| unreachable!());
                             // SAFETY: reads the 32 bytes of `xc`.
                             let xv = unsafe { _mm256_loadu_si256(xc.as_ptr().cast()) };
-                            let dot = if signed {
-                                $dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv))
-                            } else {
-                                $dot(wv, xv)
-                            };
+                            let dot = $dot(wv, xv);
                             let d = _mm256_set1_ps(x.d[p * units + unit]);
-                            let acc = &mut acc[p][unit & 1];
                             *acc =
                                 _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(a, d), *acc);
                         }
+                    };
+                    // K-quant blocks hold eight units.
+                    for u in (0..per_block).step_by(2) {
+                        step(u, &mut even);
+                        step(u + 1, &mut odd);
                     }
                     for p in 0..XR {
                         let first = p * units + b * per_block;
@@ -880,13 +893,116 @@ macro_rules! x86_fused {
                     }
                 }
                 for p in 0..XR {
-                    let [a0, a1] = acc[p];
-                    out[p] = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), min8[p]));
+                    out[p] = hsum8(_mm256_add_ps(_mm256_add_ps(even[p], odd[p]), min8[p]));
                 }
             }
         }
     };
 }
+
+/// Stamps out the fused kernel of the formats of one unit a block (Q4_0, Q4_1, Q5_0, Q5_1,
+/// Q8_0) for one byte-product instruction sequence.
+#[cfg(target_arch = "x86_64")]
+macro_rules! x86_fused_unit {
+    ($name:ident, $features:literal, $dot:ident) => {
+        /// Weight rows `rows` of `QFormat::ALL[F]` times the `XR` rows of x, into `out`
+        /// (`[rows, XR]`). Per block: its codes built in a register, its f16 scale (and
+        /// offset) converted by F16C, `a · d_x · (codes · x codes)` in eight lanes, the offset's
+        /// `c · d_x · Σ x codes` from x's sums; even and odd blocks in separate accumulators.
+        #[target_feature(enable = $features)]
+        fn $name<const XR: usize, const F: usize>(
+            w: &QWeights<'_>,
+            rows: std::ops::Range<usize>,
+            x: &QActs,
+            out: &mut [f32],
+        ) {
+            use std::arch::x86_64::*;
+            let f = QFormat::ALL[F];
+            let k = w.cols;
+            let units = k / UNIT;
+            let (qb, sb) = (4 * f.qs_words_per_block(), 2 * f.scale_halves_per_block());
+            assert!(
+                f.block_len() == UNIT
+                    && x.rows == XR
+                    && x.codes.len() == XR * k
+                    && out.len() == rows.len() * XR,
+                "x, out or the format is not what the kernel was chosen for"
+            );
+            let signed = f == QFormat::Q8_0;
+            // The block's `a` and `c` (value = a · code + c) from its f16 scale bytes.
+            let scales = |s: &[u8]| -> (f32, f32) {
+                // d alone (Q4_0, Q5_0, Q8_0), or d and m.
+                let bits = if sb == 2 {
+                    u16::from_le_bytes(*bytes::<2>(s)) as u32
+                } else {
+                    u32::from_le_bytes(*bytes::<4>(s))
+                };
+                let [d, m, ..] = {
+                    let mut v = [0f32; 4];
+                    // SAFETY: converts the two halves of `bits` and stores 4 floats into `v`.
+                    unsafe {
+                        _mm_storeu_ps(v.as_mut_ptr(), _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+                    };
+                    v
+                };
+                match f {
+                    QFormat::Q4_0 => (d, -8.0 * d),
+                    QFormat::Q5_0 => (d, -16.0 * d),
+                    QFormat::Q4_1 | QFormat::Q5_1 => (d, m),
+                    _ => (d, 0.0),
+                }
+            };
+            for (row, out) in rows.zip(out.chunks_exact_mut(XR)) {
+                let q = &w.qs[qb * units * row..qb * units * (row + 1)];
+                let s = &w.scales[sb * units * row..sb * units * (row + 1)];
+                let step = |unit: usize, acc: &mut [__m256; XR], off: &mut [f32; XR]| {
+                    let wv = unit_codes_avx2(f, &q[qb * unit..], 0);
+                    let (a, c) = scales(&s[sb * unit..]);
+                    for p in 0..XR {
+                        let xc: &[i8; UNIT] = x.codes[p * k + UNIT * unit..][..UNIT]
+                            .try_into()
+                            .unwrap_or_else(|_| unreachable!());
+                        // SAFETY: reads the 32 bytes of `xc`.
+                        let xv = unsafe { _mm256_loadu_si256(xc.as_ptr().cast()) };
+                        let dot = if signed {
+                            $dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv))
+                        } else {
+                            $dot(wv, xv)
+                        };
+                        let ad = _mm256_set1_ps(a * x.d[p * units + unit]);
+                        acc[p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), ad, acc[p]);
+                        if !signed {
+                            off[p] = c.mul_add(x.unit_sums[p * units + unit], off[p]);
+                        }
+                    }
+                };
+                let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); XR], [_mm256_setzero_ps(); XR]);
+                let (mut off0, mut off1) = ([0f32; XR], [0f32; XR]);
+                let mut unit = 0;
+                while unit + 2 <= units {
+                    step(unit, &mut acc0, &mut off0);
+                    step(unit + 1, &mut acc1, &mut off1);
+                    unit += 2;
+                }
+                if unit < units {
+                    step(unit, &mut acc0, &mut off0);
+                }
+                for p in 0..XR {
+                    out[p] = hsum8(_mm256_add_ps(acc0[p], acc1[p])) + off0[p] + off1[p];
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+x86_fused_unit!(fused_unit_avx2, "avx2,fma,f16c", dot_avx2);
+#[cfg(target_arch = "x86_64")]
+x86_fused_unit!(
+    fused_unit_vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    dot_vnni
+);
 
 /// The sum of the eight lanes of `v`.
 #[cfg(target_arch = "x86_64")]
