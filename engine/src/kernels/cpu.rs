@@ -579,7 +579,7 @@ fn attend_rows<const D: usize>(task: &Task<'_>, out: &mut [f32]) {
 /// [`dot`] for rows of a known length `D` (0: any).
 #[inline(always)]
 fn dot_n<const D: usize>(a: &[f32], b: &[f32]) -> f32 {
-    if D == 0 || D % LANES != 0 {
+    if D == 0 || !D.is_multiple_of(LANES) {
         return dot(a, b);
     }
     let a: &[f32; D] = a.try_into().unwrap_or_else(|_| unreachable!());
@@ -628,40 +628,31 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `values` (`[b, h, seq, d]`) written into the f32 buffer of `cache` (`[b, h, capacity, d]`)
-/// at positions `past..`, in place. Gives `cache` back where it cannot: a buffer that is
-/// shared, strided or of another dtype, or shapes that do not fit.
-pub fn try_write_positions(
+/// `cache` (`[b, h, capacity, d]`) with `values` (`[b, h, seq, d]`) written at positions
+/// `past..`: in place where the f32 buffer is contiguous and not shared, else through
+/// `slice_assign` (which copies the buffer).
+pub fn write_positions(
     cache: Tensor<Flex, 4>,
     past: usize,
-    values: &Tensor<Flex, 4>,
-) -> Result<Tensor<Flex, 4>, Tensor<Flex, 4>> {
+    values: Tensor<Flex, 4>,
+) -> Tensor<Flex, 4> {
     let [b, h, cap, d] = cache.dims();
     let [vb, vh, seq, vd] = values.dims();
-    if [vb, vh, vd] != [b, h, d] || past + seq > cap {
-        return Err(cache);
-    }
-    let Some(src) = contiguous(values) else {
-        return Err(cache);
-    };
+    let fits = [vb, vh, vd] == [b, h, d] && past + seq <= cap;
     let mut p: FlexTensor = cache.into_primitive().tensor();
     let whole = p.dtype() == DType::F32
         && p.is_contiguous()
         && p.layout().start_offset() == 0
         && p.bytes().len() == 4 * b * h * cap * d;
-    let written = whole
-        && match p.try_storage_mut::<f32>() {
-            Some(dst) => {
-                let src = src.storage::<f32>();
-                for (bh, rows) in src.chunks_exact(seq * d).enumerate() {
-                    dst[(bh * cap + past) * d..][..seq * d].copy_from_slice(rows);
-                }
-                true
-            }
-            None => false,
-        };
-    let cache = Tensor::from_primitive(TensorPrimitive::Float(p));
-    if written { Ok(cache) } else { Err(cache) }
+    let src = contiguous(&values).filter(|_| fits && whole);
+    if let (Some(src), Some(dst)) = (&src, p.try_storage_mut::<f32>().filter(|_| fits && whole)) {
+        for (bh, rows) in src.storage::<f32>().chunks_exact(seq * d).enumerate() {
+            dst[(bh * cap + past) * d..][..seq * d].copy_from_slice(rows);
+        }
+        return Tensor::from_primitive(TensorPrimitive::Float(p));
+    }
+    Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(p))
+        .slice_assign([0..vb, 0..vh, past..past + seq, 0..vd], values)
 }
 
 /// The contiguous f32 values of `t`, or `None` for another dtype.
@@ -766,7 +757,7 @@ mod tests {
     }
 
     /// The KV cache's append writes where `slice_assign` would, into the same buffer, and
-    /// gives back a shared buffer untouched (the caller then copies).
+    /// leaves a buffer another tensor shares as it was.
     #[test]
     fn positions_are_written_in_place() {
         let shape = [2, 3, 7, 8];
@@ -781,23 +772,23 @@ mod tests {
         };
         let before = ptr(&cache);
         let shared = cache.clone();
-        let Err(cache) = try_write_positions(cache, 4, &new) else {
-            panic!("wrote into a buffer another tensor shares");
-        };
-        assert_eq!(
-            shared.to_data(),
-            cache.to_data(),
-            "the shared buffer changed"
+        let copied = write_positions(cache, 4, new.clone());
+        assert_eq!(copied.to_data(), want.to_data());
+        assert_ne!(
+            ptr(&copied),
+            before,
+            "wrote into a buffer another tensor shares"
         );
+        let unique = shared.clone();
+        let shared_data = shared.to_data();
         drop(shared);
-        let got = try_write_positions(cache, 4, &new).expect("a unique buffer is written in place");
+        let before = ptr(&unique);
+        let got = write_positions(unique, 4, new);
         assert_eq!(ptr(&got), before, "the buffer was copied");
         assert_eq!(got.to_data(), want.to_data());
-        assert!(
-            try_write_positions(got, 6, &new).is_err(),
-            "past the capacity"
-        );
+        assert_ne!(shared_data, got.to_data(), "nothing was written");
     }
+
     /// Against the reference on a view of a larger cache (as `LayerCache::append` returns
     /// it), with a per-row mask, a broadcast mask, a causal one and none, for decode-sized and
     /// prefill-sized queries.

@@ -370,10 +370,7 @@ impl KernelBackend for burn::backend::Flex {
         past: usize,
         values: Tensor<Self, 4>,
     ) -> Tensor<Self, 4> {
-        cpu::try_write_positions(cache, past, &values).unwrap_or_else(|cache| {
-            let [b, h, seq, d] = values.dims();
-            cache.slice_assign([0..b, 0..h, past..past + seq, 0..d], values)
-        })
+        cpu::write_positions(cache, past, values)
     }
 
     /// One pass a row instead of the tensor ops' chains (`cpu_rows.rs`).
