@@ -536,8 +536,8 @@ fn attend_rows<const D: usize>(task: &Task<'_>, out: &mut [f32]) {
             out.fill(f32::NAN);
             continue;
         }
-        // The polynomial `exp` vectorises (a call to `expf` a position cost a third of a
-        // decode step's attention); hidden positions stay exactly 0.
+        // The polynomial `exp` vectorises (`expf` is a call a position); hidden positions
+        // stay exactly 0.
         for pj in &mut p {
             *pj = if *pj == f32::NEG_INFINITY {
                 0.0

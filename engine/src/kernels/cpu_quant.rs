@@ -480,18 +480,14 @@ fn block_codes_avx2(f: QFormat, q: &[u8], codes: &mut [u8]) {
 #[inline(always)]
 fn unit_scales(f: QFormat, s: &[u8], u: usize) -> ([f32; 2], [f32; 2]) {
     match f {
-        QFormat::Q4_0 | QFormat::Q5_0 | QFormat::Q8_0 => {
-            let d = f16_at(s, 0);
-            let c = match f {
-                QFormat::Q4_0 => -8.0 * d,
-                QFormat::Q5_0 => -16.0 * d,
-                _ => 0.0,
+        QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q5_0 | QFormat::Q5_1 | QFormat::Q8_0 => {
+            let m = if matches!(f, QFormat::Q4_1 | QFormat::Q5_1) {
+                f16_at(s, 2)
+            } else {
+                0.0
             };
-            ([d, d], [c, c])
-        }
-        QFormat::Q4_1 | QFormat::Q5_1 => {
-            let (d, m) = (f16_at(s, 0), f16_at(s, 2));
-            ([d, d], [m, m])
+            let (a, c) = unit_affine(f, f16_at(s, 0), m);
+            ([a, a], [c, c])
         }
         QFormat::Q4K | QFormat::Q5K => {
             let (d, dmin) = (f16_at(s, 0), f16_at(s, 2));
@@ -508,6 +504,18 @@ fn unit_scales(f: QFormat, s: &[u8], u: usize) -> ([f32; 2], [f32; 2]) {
             ([a0, a1], [-32.0 * a0, -32.0 * a1])
         }
         QFormat::F16 | QFormat::Bf16 => unreachable!("16-bit weights have no codes"),
+    }
+}
+
+/// `(a, c)` (value = `a · code + c`) of a block of a one-unit format whose f16 scale is `d`
+/// and, in Q4_1 and Q5_1, whose offset is `m`.
+#[inline(always)]
+fn unit_affine(f: QFormat, d: f32, m: f32) -> (f32, f32) {
+    match f {
+        QFormat::Q4_0 => (d, -8.0 * d),
+        QFormat::Q5_0 => (d, -16.0 * d),
+        QFormat::Q4_1 | QFormat::Q5_1 => (d, m),
+        _ => (d, 0.0),
     }
 }
 
@@ -945,12 +953,7 @@ macro_rules! x86_fused_unit {
                     };
                     v
                 };
-                match f {
-                    QFormat::Q4_0 => (d, -8.0 * d),
-                    QFormat::Q5_0 => (d, -16.0 * d),
-                    QFormat::Q4_1 | QFormat::Q5_1 => (d, m),
-                    _ => (d, 0.0),
-                }
+                unit_affine(f, d, m)
             };
             for (row, out) in rows.zip(out.chunks_exact_mut(XR)) {
                 let q = &w.qs[qb * units * row..qb * units * (row + 1)];
