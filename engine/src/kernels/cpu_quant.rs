@@ -2,7 +2,9 @@
 //! them out) and the inner loop is an integer dot product of bytes, as in llama.cpp's CPU
 //! backend.
 //!
-//! - x is quantised per 32-value unit to 8 bits ([`QActs`]: `x ≈ d · code`, `d = max|x| / 127`).
+//! - x is quantised to 8 bits per 32-value unit ([`QActs`]: `x ≈ d · code`, `d = max|x| / 127`),
+//!   or per 256-value super-block for the K-quants' decode kernel, whose weights' integer unit
+//!   scales then multiply the byte products before any conversion to float.
 //! - Every format's 32-weight unit is `a · code + c` with unsigned codes (Q8_0: signed), `a` and
 //!   `c` per 16-weight half (Q6_K has a scale per 16 weights; every other format one per unit).
 //!   A task unpacks [`TILE_ROWS`] weight rows into a [`Tile`] of codes and per-unit scales once,
@@ -69,52 +71,88 @@ impl QWeights<'_> {
     }
 }
 
-/// Rows of x quantised per 32-value unit.
+/// Rows of x quantised to 8 bits with one scale per block of values: a 32-value unit, or for
+/// the K-quant decode kernel a 256-value super-block (`x ≈ d · code`, `d = max|x| / 127` over
+/// the block).
 pub struct QActs {
     pub rows: usize,
     pub cols: usize,
+    /// Values per scale: [`UNIT`] or 256.
+    pub block: usize,
     /// `[rows * cols]`
     codes: Vec<i8>,
-    /// `[rows * units]`: the unit's scale `d`.
+    /// `[rows * units]`: the scale `d` of each unit's block.
     d: Vec<f32>,
-    /// `[rows * units * 2]`: `d · Σ code` over each 16-value half (what a weight's `c` meets).
-    half_sums: Vec<f32>,
-    /// `[rows * units]`: the same over the whole unit.
+    /// `[rows * units * 2]`: `Σ code` over each 16-value half.
+    half_isums: Vec<i16>,
+    /// `[rows * units]`: `d · Σ code` over each unit (what a weight's `c` meets).
     unit_sums: Vec<f32>,
-    /// `half_sums` and `unit_sums` transposed, `[2 * units, rows]` and `[units, rows]`: the
-    /// weights' offsets meet 32 rows of x in four registers ([`add_min_terms`]).
+    /// `d · Σ code` over each half and each unit, transposed: `[2 * units, rows]` and
+    /// `[units, rows]`, so that the weights' offsets meet 32 rows of x in four registers
+    /// ([`add_min_terms`]).
     half_sums_t: Vec<f32>,
     unit_sums_t: Vec<f32>,
 }
 
 impl QActs {
-    /// Quantise `[rows, cols]` row-major values (`cols` a multiple of 32).
+    /// Quantise `[rows, cols]` row-major values per 32-value unit (`cols` a multiple of 32).
     pub fn quantize(x: &[f32], rows: usize, cols: usize) -> Self {
+        Self::quantize_blocks(x, rows, cols, UNIT)
+    }
+
+    /// Quantise `[rows, cols]` row-major values with a scale per `block` values: [`UNIT`], or 256
+    /// (a K-quant super-block; `cols` a multiple of it).
+    pub fn quantize_blocks(x: &[f32], rows: usize, cols: usize, block: usize) -> Self {
         assert_eq!(x.len(), rows * cols, "x is not [rows, cols]");
-        assert_eq!(cols % UNIT, 0, "cols is not a whole number of units");
+        assert!(
+            (block == UNIT || block == 256) && cols.is_multiple_of(block),
+            "cols {cols} is not a whole number of {block}-value blocks"
+        );
         let units = rows * cols / UNIT;
         let mut codes = vec![0i8; rows * cols];
         let mut d = vec![0f32; units];
-        let mut half_sums = vec![0f32; 2 * units];
+        let mut half_isums = vec![0i16; 2 * units];
+        let (c, ds) = (&mut codes, &mut d);
         #[cfg(target_arch = "x86_64")]
         if Isa::detect() != Isa::Portable {
             // SAFETY: `detect` found AVX2 and FMA.
-            unsafe { quantize_units_avx2(x, &mut codes, &mut d, &mut half_sums) };
+            unsafe {
+                match block {
+                    UNIT => quantize_blocks_avx2::<UNIT>(x, c, ds),
+                    _ => quantize_blocks_avx2::<256>(x, c, ds),
+                }
+            }
         } else {
-            quantize_units(x, &mut codes, &mut d, &mut half_sums);
+            match block {
+                UNIT => quantize_blocks::<UNIT>(x, c, ds),
+                _ => quantize_blocks::<256>(x, c, ds),
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        quantize_units(x, &mut codes, &mut d, &mut half_sums);
+        match block {
+            UNIT => quantize_blocks::<UNIT>(x, c, ds),
+            _ => quantize_blocks::<256>(x, c, ds),
+        }
+        for (s, half) in half_isums.iter_mut().zip(codes.chunks_exact(UNIT / 2)) {
+            // At most 16 · 127 in size.
+            *s = half.iter().map(|&c| c as i16).sum();
+        }
+        let half_sums: Vec<f32> = half_isums
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| d[i / 2] * s as f32)
+            .collect();
         let unit_sums: Vec<f32> = half_sums.chunks_exact(2).map(|h| h[0] + h[1]).collect();
         let per_row = cols / UNIT;
         Self {
             rows,
             cols,
+            block,
             codes,
             d,
-            half_sums_t: transpose(half_sums.clone(), 2 * per_row, rows),
+            half_isums,
+            half_sums_t: transpose(half_sums, 2 * per_row, rows),
             unit_sums_t: transpose(unit_sums.clone(), per_row, rows),
-            half_sums,
             unit_sums,
         }
     }
@@ -129,16 +167,18 @@ impl QActs {
     }
 }
 
-/// [`QActs::quantize`]'s loop: per 32 values, the scale, the codes and the two halves' sums.
+/// [`QActs::quantize_blocks`]'s loop: per `B` values, the scale (written to each of its units)
+/// and the codes.
 #[inline(always)]
-fn quantize_units(x: &[f32], codes: &mut [i8], d: &mut [f32], half_sums: &mut [f32]) {
+fn quantize_blocks<const B: usize>(x: &[f32], codes: &mut [i8], d: &mut [f32]) {
     codes
-        .chunks_exact_mut(UNIT)
-        .zip(x.chunks_exact(UNIT))
-        .zip(d.iter_mut().zip(half_sums.chunks_exact_mut(2)))
-        .for_each(|((codes, x), (d, sums))| {
+        .chunks_exact_mut(B)
+        .zip(x.chunks_exact(B))
+        .zip(d.chunks_exact_mut(B / UNIT))
+        .for_each(|((codes, x), d)| {
+            let x: &[f32; B] = x.try_into().unwrap_or_else(|_| unreachable!());
             let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-            *d = amax / 127.0;
+            d.fill(amax / 127.0);
             let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             for (c, v) in codes.iter_mut().zip(x) {
                 // Rounded to the nearest, ties to even, by the float addition itself: adding
@@ -147,18 +187,15 @@ fn quantize_units(x: &[f32], codes: &mut [i8], d: &mut [f32], half_sums: &mut [f
                 const SHIFT: f32 = 12_582_912.0;
                 *c = ((v * inv + SHIFT) - SHIFT) as i8;
             }
-            for (s, half) in sums.iter_mut().zip(codes.chunks_exact(UNIT / 2)) {
-                *s = *d * half.iter().map(|&c| c as i32).sum::<i32>() as f32;
-            }
         });
 }
 
-/// [`quantize_units`] compiled for AVX2: its loops become vector instructions (a prefill
+/// [`quantize_blocks`] compiled for AVX2: its loops become vector instructions (a prefill
 /// quantises every row of x for each product).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn quantize_units_avx2(x: &[f32], codes: &mut [i8], d: &mut [f32], half_sums: &mut [f32]) {
-    quantize_units(x, codes, d, half_sums);
+fn quantize_blocks_avx2<const B: usize>(x: &[f32], codes: &mut [i8], d: &mut [f32]) {
+    quantize_blocks::<B>(x, codes, d);
 }
 
 /// Weight rows unpacked for the integer products.
@@ -234,18 +271,22 @@ impl Tile {
     }
 }
 
-/// The f16 at bytes `at..at + 2`, converted without a call or a branch on its class (half's
-/// conversion is a call through a run-time feature check, once per unit here): the magnitude's
-/// bits moved into an f32 and scaled by 2¹¹² (exact for normal and subnormal values), infinity
-/// and NaN kept, the sign copied.
+/// The f16 at bytes `at..at + 2`, converted in integer instructions without a branch (half's
+/// conversion is a call through a run-time feature check, once per unit here; scaling the
+/// magnitude's bits by 2¹¹² in float takes a microcode assist for the many subnormal scales of
+/// Q6_K, whose f32 form is denormal): exponent rebiased, a subnormal's mantissa normalised by
+/// its leading zeros, infinity and NaN kept, the sign copied.
 #[inline(always)]
 fn f16_at(b: &[u8], at: usize) -> f32 {
     let h = u16::from_le_bytes([b[at], b[at + 1]]) as u32;
-    let mag = f32::from_bits((h & 0x7fff) << 13) * f32::from_bits(0x7780_0000);
-    let bits = if h & 0x7c00 == 0x7c00 {
-        0x7f80_0000 | ((h & 0x3ff) << 13)
-    } else {
-        mag.to_bits()
+    let (e, m) = ((h >> 10) & 0x1f, h & 0x3ff);
+    // A subnormal is m · 2⁻²⁴: its top bit p becomes the implicit one.
+    let p = 31 - (m | 1).leading_zeros();
+    let bits = match (e, m) {
+        (31, _) => 0x7f80_0000 | (m << 13),
+        (0, 0) => 0,
+        (0, _) => ((p + 103) << 23) | ((m << (23 - p)) & 0x7f_ffff),
+        _ => ((e + 112) << 23) | (m << 13),
     };
     f32::from_bits(bits | ((h & 0x8000) << 16))
 }
@@ -401,24 +442,36 @@ fn unit_codes_avx2(f: QFormat, q: &[u8], u: usize) -> std::arch::x86_64::__m256i
     }
 }
 
-/// The codes of a whole block (see [`unit_codes_avx2`]): a K-quant's eight units with every
-/// shift a constant and each 32 bytes of quants loaded once for the two or four units they
-/// hold.
+/// The codes of a whole block (see [`unit_codes_avx2`]) into `codes`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2")]
 fn block_codes_avx2(f: QFormat, q: &[u8], codes: &mut [u8]) {
     use std::arch::x86_64::*;
-    let load = |b: &[u8]| {
-        // SAFETY: reads the 32 bytes `bytes` checked are inside the slice.
-        unsafe { _mm256_loadu_si256(bytes::<32>(b).as_ptr().cast()) }
-    };
-    let mut store = |u: usize, v: __m256i| {
+    for_each_unit_avx2(f, q, |u, v| {
         let out: &mut [u8; UNIT] = (&mut codes[UNIT * u..UNIT * u + UNIT])
             .try_into()
             .unwrap_or_else(|_| unreachable!());
         // SAFETY: writes the 32 bytes of `out`.
         unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), v) }
+    });
+}
+
+/// `each(u, codes)` for every unit of a block in order, the codes in a register: a K-quant's
+/// eight units with every shift a constant and each 32 bytes of quants loaded once for the two
+/// or four units they hold.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn for_each_unit_avx2(
+    f: QFormat,
+    q: &[u8],
+    mut each: impl FnMut(usize, std::arch::x86_64::__m256i),
+) {
+    use std::arch::x86_64::*;
+    let load = |b: &[u8]| {
+        // SAFETY: reads the 32 bytes `bytes` checked are inside the slice.
+        unsafe { _mm256_loadu_si256(bytes::<32>(b).as_ptr().cast()) }
     };
     let (low4, low2) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3));
     let (lo, hi) = (
@@ -447,8 +500,8 @@ fn block_codes_avx2(f: QFormat, q: &[u8], codes: &mut [u8]) {
                     ),
                     None => (lo(v), hi(v)),
                 };
-                store(2 * c, a);
-                store(2 * c + 1, b);
+                each(2 * c, a);
+                each(2 * c + 1, b);
             }
         }
         QFormat::Q6K => {
@@ -456,22 +509,22 @@ fn block_codes_avx2(f: QFormat, q: &[u8], codes: &mut [u8]) {
                 let (l0, l1) = (load(&q[64 * h..]), load(&q[64 * h + 32..]));
                 let qh = load(&q[128 + 32 * h..]);
                 let high = |v: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(v, low2));
-                store(4 * h, _mm256_or_si256(lo(l0), high(qh)));
-                store(
+                each(4 * h, _mm256_or_si256(lo(l0), high(qh)));
+                each(
                     4 * h + 1,
                     _mm256_or_si256(lo(l1), high(_mm256_srli_epi16::<2>(qh))),
                 );
-                store(
+                each(
                     4 * h + 2,
                     _mm256_or_si256(hi(l0), high(_mm256_srli_epi16::<4>(qh))),
                 );
-                store(
+                each(
                     4 * h + 3,
                     _mm256_or_si256(hi(l1), high(_mm256_srli_epi16::<6>(qh))),
                 );
             }
         }
-        _ => store(0, unit_codes_avx2(f, q, 0)),
+        _ => each(0, unit_codes_avx2(f, q, 0)),
     }
 }
 
@@ -628,7 +681,14 @@ pub fn q_matmul(x: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
     if w.format.is_half() {
         return half_matmul(x, m, w);
     }
-    q_matmul_on(Isa::detect(), &QActs::quantize(x, m, w.cols), w)
+    let isa = Isa::detect();
+    // The K-quants' fused kernel takes x per super-block.
+    let block = if m <= FUSED_MAX_ROWS && isa != Isa::Portable {
+        w.format.block_len()
+    } else {
+        UNIT
+    };
+    q_matmul_on(isa, &QActs::quantize_blocks(x, m, w.cols, block), w)
 }
 
 /// [`q_matmul`] for 16-bit float weights: each task widens [`TILE_ROWS`] weight rows to f32 and
@@ -708,19 +768,11 @@ fn widen_portable(format: QFormat, bytes: &[u8], out: &mut [f32]) {
 /// written back; past it, a tile's unpacking is shared by enough rows of x to pay for itself.
 pub const FUSED_MAX_ROWS: usize = 4;
 
-/// The formats the fused kernels take: the formats of one unit a block (`fused_unit_*`) and
-/// Q4_K and Q6_K (`fused_*`). Q5_K keeps the tiles (no model we ship has it).
-pub fn fuses(format: QFormat) -> bool {
-    matches!(
-        format,
-        QFormat::Q4_0
-            | QFormat::Q4_1
-            | QFormat::Q5_0
-            | QFormat::Q5_1
-            | QFormat::Q8_0
-            | QFormat::Q4K
-            | QFormat::Q6K
-    )
+/// Whether a fused kernel takes `format` with x quantised per `block` values: the formats of
+/// one unit a block (`fused_unit_*`) whatever the block, the K-quants (`fused_kquant_avx2`)
+/// with x per super-block.
+pub fn fuses(format: QFormat, block: usize) -> bool {
+    !format.is_half() && (format.block_len() == UNIT || block == format.block_len())
 }
 
 /// [`q_matmul`] of quantised rows of x on a chosen instruction set: fused for up to
@@ -728,7 +780,7 @@ pub fn fuses(format: QFormat) -> bool {
 /// through tiles.
 pub fn q_matmul_on(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if x.rows <= FUSED_MAX_ROWS && isa != Isa::Portable && fuses(w.format) {
+    if x.rows <= FUSED_MAX_ROWS && isa != Isa::Portable && fuses(w.format, x.block) {
         return q_matmul_fused(isa, x, w);
     }
     q_matmul_tiled(isa, x, w)
@@ -774,31 +826,37 @@ pub fn q_matmul_fused(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
         "the fused path takes at most {FUSED_MAX_ROWS} rows"
     );
     assert!(isa != Isa::Portable, "the fused path needs AVX2");
-    assert!(fuses(w.format), "no fused kernel for {:?}", w.format);
+    assert!(
+        fuses(w.format, x.block),
+        "no fused kernel for {:?} with x per {}",
+        w.format,
+        x.block
+    );
     let m = x.rows;
     by_weight_rows(m, w.rows, |first, out| {
         let rows = first..first + out.len() / m;
         macro_rules! formats {
-            ($unit:ident, $kquant:ident, $xr:literal) => {
+            ($unit:ident, $xr:literal) => {
                 match w.format {
                     QFormat::Q4_0 => $unit::<$xr, 0>(w, rows, x, out),
                     QFormat::Q4_1 => $unit::<$xr, 1>(w, rows, x, out),
                     QFormat::Q5_0 => $unit::<$xr, 2>(w, rows, x, out),
                     QFormat::Q5_1 => $unit::<$xr, 3>(w, rows, x, out),
                     QFormat::Q8_0 => $unit::<$xr, 4>(w, rows, x, out),
-                    QFormat::Q4K => $kquant::<$xr, 5>(w, rows, x, out),
-                    QFormat::Q6K => $kquant::<$xr, 7>(w, rows, x, out),
+                    QFormat::Q4K => fused_kquant_avx2::<$xr, 5>(w, rows, x, out),
+                    QFormat::Q5K => fused_kquant_avx2::<$xr, 6>(w, rows, x, out),
+                    QFormat::Q6K => fused_kquant_avx2::<$xr, 7>(w, rows, x, out),
                     _ => unreachable!("`fuses` admits no other format"),
                 }
             };
         }
         macro_rules! shapes {
-            ($unit:ident, $kquant:ident) => {
+            ($unit:ident) => {
                 match m {
-                    1 => formats!($unit, $kquant, 1),
-                    2 => formats!($unit, $kquant, 2),
-                    3 => formats!($unit, $kquant, 3),
-                    _ => formats!($unit, $kquant, 4),
+                    1 => formats!($unit, 1),
+                    2 => formats!($unit, 2),
+                    3 => formats!($unit, 3),
+                    _ => formats!($unit, 4),
                 }
             };
         }
@@ -806,106 +864,135 @@ pub fn q_matmul_fused(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
         // (`available` lists no more than `detect` found).
         unsafe {
             match isa {
-                Isa::Vnni => shapes!(fused_unit_vnni, fused_vnni),
-                _ => shapes!(fused_unit_avx2, fused_avx2),
+                Isa::Vnni => shapes!(fused_unit_vnni),
+                _ => shapes!(fused_unit_avx2),
             }
         }
     })
 }
 
-/// Stamps out the fused kernel for one byte-product instruction sequence.
+/// The fused kernel of the K-quants (Q4_K, Q5_K, Q6_K) for up to four rows of x quantised per
+/// 256-value super-block (`x.block`), as llama.cpp's `q4_K · q8_K`: weight rows `rows` times
+/// the `XR` rows of x, into `out` (`[rows, XR]`). A super-block shares x's scale, so the
+/// weights' 6- or 8-bit unit scales multiply the byte products as integers (`vpmaddwd`) and
+/// each super-block ends in one conversion and one multiply-add a row of x. The minimums
+/// (Q6_K: its offset of 32) meet x's integer sums per 16. AVX-512 VNNI's `vpdpbusd` would sum
+/// the products in fours before the scales could weigh its pairs, so VNNI runs this too.
 #[cfg(target_arch = "x86_64")]
-macro_rules! x86_fused {
-    ($name:ident, $features:literal, $dot:ident) => {
-        /// Weight rows `rows` of `QFormat::ALL[F]` times the `XR` rows of x, into `out`
-        /// (`[rows, XR]`): per unit, `a · d_x · (codes · x codes)` in eight lanes, and where the
-        /// format has one, the minimum's `c · d_x · Σ x codes` from x's sums.
-        #[target_feature(enable = $features)]
-        fn $name<const XR: usize, const F: usize>(
-            w: &QWeights<'_>,
-            rows: std::ops::Range<usize>,
-            x: &QActs,
-            out: &mut [f32],
-        ) {
-            use std::arch::x86_64::*;
-            let f = QFormat::ALL[F];
-            let k = w.cols;
-            let units = k / UNIT;
-            let per_block = f.block_len() / UNIT;
-            let blocks = units / per_block;
-            let halves = f == QFormat::Q6K;
-            let (qb, sb) = (4 * f.qs_words_per_block(), 2 * f.scale_halves_per_block());
-            assert!(
-                x.rows == XR && x.codes.len() == XR * k && out.len() == rows.len() * XR,
-                "x or out is not the shape the kernel was chosen for"
-            );
-            assert!(per_block % 2 == 0, "a K-quant block holds eight units");
-            let kquant_min = matches!(f, QFormat::Q4K | QFormat::Q5K);
-            let sum8 = |v: &[f32]| -> __m256 {
-                let v: &[f32; 8] = v[..8].try_into().unwrap_or_else(|_| unreachable!());
-                // SAFETY: reads the 8 floats of `v`.
-                unsafe { _mm256_loadu_ps(v.as_ptr()) }
+#[target_feature(enable = "avx2,fma,f16c")]
+fn fused_kquant_avx2<const XR: usize, const F: usize>(
+    w: &QWeights<'_>,
+    rows: std::ops::Range<usize>,
+    x: &QActs,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let f = QFormat::ALL[F];
+    let k = w.cols;
+    let units = k / UNIT;
+    let blocks = k / 256;
+    let (qb, sb) = (4 * f.qs_words_per_block(), 2 * f.scale_halves_per_block());
+    assert!(
+        matches!(f, QFormat::Q4K | QFormat::Q5K | QFormat::Q6K)
+            && x.block == 256
+            && x.rows == XR
+            && x.codes.len() == XR * k
+            && out.len() == rows.len() * XR,
+        "x, out or the format is not what the kernel was chosen for"
+    );
+    let q6 = f == QFormat::Q6K;
+    // Unit u's scale in every i16 lane: Q4_K and Q5_K pick i16 u of a register holding the
+    // eight scales in both halves; Q6_K picks bytes 2u and 2u + 1 (one scale per 16 weights)
+    // of its sixteen, widened after.
+    let pick: [__m256i; 8] =
+        std::array::from_fn(|u| _mm256_set1_epi16((((2 * u + 1) << 8) | (2 * u)) as i16));
+    let pick6: [__m128i; 8] = std::array::from_fn(|u| {
+        let byte = |b: usize| (b as u64) * 0x0101_0101_0101_0101;
+        _mm_set_epi64x(byte(2 * u + 1) as i64, byte(2 * u) as i64)
+    });
+    let row_of_x = |p: usize, unit: usize| -> __m256i {
+        let xc: &[i8; UNIT] = x.codes[p * k + UNIT * unit..][..UNIT]
+            .try_into()
+            .unwrap_or_else(|_| unreachable!());
+        // SAFETY: reads the 32 bytes of `xc`.
+        unsafe { _mm256_loadu_si256(xc.as_ptr().cast()) }
+    };
+    for (row, out) in rows.zip(out.chunks_exact_mut(XR)) {
+        let q = &w.qs[qb * blocks * row..qb * blocks * (row + 1)];
+        let s = &w.scales[sb * blocks * row..sb * blocks * (row + 1)];
+        let mut acc = [_mm256_setzero_ps(); XR];
+        let mut acc_min = [_mm_setzero_ps(); XR];
+        for (b, (q, s)) in q.chunks_exact(qb).zip(s.chunks_exact(sb)).enumerate() {
+            let first = 8 * b;
+            // The block's d (and dmin), its unit scales and (Q4_K, Q5_K) minimums as bytes.
+            let (d, dmin, scale_bytes) = if q6 {
+                // SAFETY: reads the 16 scale bytes.
+                let sc = unsafe { _mm_loadu_si128(bytes::<16>(s).as_ptr().cast()) };
+                (f16c(u16::from_le_bytes(*bytes::<2>(&s[16..]))).0, 0.0, sc)
+            } else {
+                // `scale_min_k4` for all eight units at once, four bytes a word.
+                let word = |i: usize| u32::from_le_bytes(*bytes::<4>(&s[4 + 4 * i..]));
+                let (w0, w1, w2) = (word(0), word(1), word(2));
+                let (six, four, two) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+                let scales_lo = w0 & six;
+                let mins_lo = w1 & six;
+                let scales_hi = (w2 & four) | (((w0 >> 6) & two) << 4);
+                let mins_hi = ((w2 >> 4) & four) | (((w1 >> 6) & two) << 4);
+                let sc = _mm_set_epi32(
+                    mins_hi as i32,
+                    mins_lo as i32,
+                    scales_hi as i32,
+                    scales_lo as i32,
+                );
+                let (d, dmin) = f16c(u32::from_le_bytes(*bytes::<4>(s)));
+                (d, dmin, sc)
             };
-            for (row, out) in rows.zip(out.chunks_exact_mut(XR)) {
-                let q = &w.qs[qb * blocks * row..qb * blocks * (row + 1)];
-                let s = &w.scales[sb * blocks * row..sb * blocks * (row + 1)];
-                // Two accumulators a row of x, even and odd units, so that consecutive units'
-                // multiply-adds do not wait on each other (two arrays: an index that varies
-                // would keep them in memory).
-                let mut even = [_mm256_setzero_ps(); XR];
-                let mut odd = [_mm256_setzero_ps(); XR];
-                // The K-quants' minimum term, eight lanes a block (Q8_0 has none).
-                let mut min8 = [_mm256_setzero_ps(); XR];
-                for (b, (q, s)) in q.chunks_exact(qb).zip(s.chunks_exact(sb)).enumerate() {
-                    let mut scales = [0f32; 16];
-                    let mut mins = [0f32; 16];
-                    block_scales(f, s, &mut scales, &mut mins);
-                    let step = |u: usize, acc: &mut [__m256; XR]| {
-                        let unit = b * per_block + u;
-                        let wv = unit_codes_avx2(f, q, u);
-                        let a = if halves {
-                            _mm256_set_m128(
-                                _mm_set1_ps(scales[2 * u + 1]),
-                                _mm_set1_ps(scales[2 * u]),
-                            )
-                        } else {
-                            _mm256_set1_ps(scales[u])
-                        };
-                        for (p, acc) in acc.iter_mut().enumerate() {
-                            let xc: &[i8; UNIT] = x.codes[p * k + UNIT * unit..][..UNIT]
-                                .try_into()
-                                .unwrap_or_else(|_| unreachable!());
-                            // SAFETY: reads the 32 bytes of `xc`.
-                            let xv = unsafe { _mm256_loadu_si256(xc.as_ptr().cast()) };
-                            let dot = $dot(wv, xv);
-                            let d = _mm256_set1_ps(x.d[p * units + unit]);
-                            *acc =
-                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(a, d), *acc);
-                        }
-                    };
-                    // K-quant blocks hold eight units.
-                    for u in (0..per_block).step_by(2) {
-                        step(u, &mut even);
-                        step(u + 1, &mut odd);
-                    }
-                    for p in 0..XR {
-                        let first = p * units + b * per_block;
-                        if kquant_min {
-                            min8[p] =
-                                _mm256_fmadd_ps(sum8(&mins), sum8(&x.unit_sums[first..]), min8[p]);
-                        } else if halves {
-                            let hs = &x.half_sums[2 * first..];
-                            min8[p] = _mm256_fmadd_ps(sum8(&mins), sum8(hs), min8[p]);
-                            min8[p] = _mm256_fmadd_ps(sum8(&mins[8..]), sum8(&hs[8..]), min8[p]);
-                        }
-                    }
+            let scales16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scale_bytes));
+            let mut sumi = [_mm256_setzero_si256(); XR];
+            for_each_unit_avx2(f, q, |u, wv| {
+                let scale = if q6 {
+                    _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scale_bytes, pick6[u]))
+                } else {
+                    _mm256_shuffle_epi8(scales16, pick[u])
+                };
+                for (p, sumi) in sumi.iter_mut().enumerate() {
+                    let pairs = _mm256_maddubs_epi16(wv, row_of_x(p, first + u));
+                    *sumi = _mm256_add_epi32(*sumi, _mm256_madd_epi16(pairs, scale));
                 }
-                for p in 0..XR {
-                    out[p] = hsum8(_mm256_add_ps(_mm256_add_ps(even[p], odd[p]), min8[p]));
+            });
+            for p in 0..XR {
+                let at = p * units + first;
+                let xd = x.d[at];
+                let sums: &[i16; 16] = x.half_isums[2 * at..][..16]
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable!());
+                // SAFETY: reads the 32 bytes of `sums`.
+                let sums = unsafe { _mm256_loadu_si256(sums.as_ptr().cast()) };
+                if q6 {
+                    // The offset of 32: Σ_halves scale · 32 · Σ x codes.
+                    let offset = _mm256_madd_epi16(sums, _mm256_cvtepi8_epi16(scale_bytes));
+                    sumi[p] = _mm256_sub_epi32(sumi[p], _mm256_slli_epi32::<5>(offset));
+                } else {
+                    // The minimums (bytes 8-15, widened) times the units' sums (pairs of halves).
+                    let unit_sums = _mm_hadd_epi16(
+                        _mm256_castsi256_si128(sums),
+                        _mm256_extracti128_si256::<1>(sums),
+                    );
+                    let mins = _mm_cvtepu8_epi16(_mm_srli_si128::<8>(scale_bytes));
+                    let m = _mm_cvtepi32_ps(_mm_madd_epi16(mins, unit_sums));
+                    acc_min[p] = _mm_fmadd_ps(_mm_set1_ps(dmin * xd), m, acc_min[p]);
                 }
+                let sumf = _mm256_cvtepi32_ps(sumi[p]);
+                acc[p] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd), sumf, acc[p]);
             }
         }
-    };
+        for p in 0..XR {
+            let m = acc_min[p];
+            let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+            let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+            out[p] = hsum8(acc[p]) - _mm_cvtss_f32(m);
+        }
+    }
 }
 
 /// Stamps out the fused kernel of the formats of one unit a block (Q4_0, Q4_1, Q5_0, Q5_1,
@@ -1007,6 +1094,16 @@ x86_fused_unit!(
     dot_vnni
 );
 
+/// The two f16 in `bits` (low half first) by F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "f16c")]
+fn f16c(bits: impl Into<u32>) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits.into() as i32));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+}
+
 /// The sum of the eight lanes of `v`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
@@ -1017,11 +1114,6 @@ fn hsum8(v: std::arch::x86_64::__m256) -> f32 {
     let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
     _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)))
 }
-
-#[cfg(target_arch = "x86_64")]
-x86_fused!(fused_avx2, "avx2,fma,f16c", dot_avx2);
-#[cfg(target_arch = "x86_64")]
-x86_fused!(fused_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_vnni);
 
 /// Rows of x and weight rows in one register block.
 const XROWS: usize = 4;
@@ -1614,9 +1706,14 @@ mod tests {
                 let dense = q.dequantize();
                 let w = QWeights::from(&q);
                 let x = values(m * k, 8);
-                let acts = QActs::quantize(&x, m, k);
-                let xq = acts.dequantize();
-                for isa in Isa::available() {
+                // x per unit (prefill), and per super-block (the K-quants' decode kernel).
+                let blocks = [UNIT, format.block_len()];
+                let all = blocks
+                    .iter()
+                    .flat_map(|&b| Isa::available().into_iter().map(move |i| (b, i)));
+                for (block, isa) in all {
+                    let acts = QActs::quantize_blocks(&x, m, k, block);
+                    let xq = acts.dequantize();
                     let got = q_matmul_on(isa, &acts, &w);
                     for i in 0..m {
                         for j in 0..n {
@@ -1629,7 +1726,7 @@ mod tests {
                             let g = got[i * n + j] as f64;
                             assert!(
                                 (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                                "{format:?} {isa:?} m {m} n {n}: [{i}, {j}] {g} vs {want}"
+                                "{format:?} {isa:?} x per {block}, m {m} n {n}: [{i}, {j}] {g} vs {want}"
                             );
                             assert!(
                                 (g - exact).abs() <= 0.02 * (k as f64).sqrt(),
