@@ -682,13 +682,78 @@ pub fn q_matmul(x: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
         return half_matmul(x, m, w);
     }
     let isa = Isa::detect();
-    // The K-quants' fused kernel takes x per super-block.
-    let block = if m <= FUSED_MAX_ROWS && isa != Isa::Portable {
-        w.format.block_len()
+    let block = block_for(isa, m, w.format);
+    q_matmul_on(isa, &QActs::quantize_blocks(x, m, w.cols, block), w)
+}
+
+/// [`q_matmul`] of one x with several weights of its width (a layer's q, k and v; gate and
+/// up): x quantised once per block size and every weight's tasks in one pool job, so a decode
+/// step waits for its threads half as often. Weights whose rows do not fill whole tasks, and
+/// 16-bit ones, take [`q_matmul`] one by one.
+pub fn q_matmul_many(x: &[f32], m: usize, ws: &[QWeights<'_>]) -> Vec<Vec<f32>> {
+    let whole = ws.iter().all(|w| {
+        !w.format.is_half()
+            && w.rows.is_multiple_of(TILE_ROWS)
+            && w.cols == ws[0].cols
+            && w.is_whole()
+    });
+    if !whole || ws.len() < 2 || m == 0 {
+        return ws.iter().map(|w| q_matmul(x, m, w)).collect();
+    }
+    let isa = Isa::detect();
+    let k = ws[0].cols;
+    let mut acts: Vec<QActs> = Vec::new();
+    let which: Vec<usize> = ws
+        .iter()
+        .map(|w| {
+            let block = block_for(isa, m, w.format);
+            acts.iter()
+                .position(|a| a.block == block)
+                .unwrap_or_else(|| {
+                    acts.push(QActs::quantize_blocks(x, m, k, block));
+                    acts.len() - 1
+                })
+        })
+        .collect();
+    // Weight i's tasks start at task `starts[i]`, its outputs at `starts[i] * TILE_ROWS * m`.
+    let starts: Vec<usize> = ws
+        .iter()
+        .scan(0, |at, w| {
+            let start = *at;
+            *at += w.rows / TILE_ROWS;
+            Some(start)
+        })
+        .collect();
+    let total: usize = ws.iter().map(|w| w.rows).sum();
+    let mut out_t = vec![0f32; total * m];
+    pool::for_each_chunk(&mut out_t, TILE_ROWS * m, &|t, out| {
+        let i = starts.partition_point(|&s| s <= t) - 1;
+        task(
+            isa,
+            &acts[which[i]],
+            &ws[i],
+            (t - starts[i]) * TILE_ROWS,
+            out,
+        );
+    });
+    let mut rest = out_t.as_slice();
+    ws.iter()
+        .map(|w| {
+            let (mine, after) = rest.split_at(w.rows * m);
+            rest = after;
+            transpose(mine.to_vec(), m, w.rows)
+        })
+        .collect()
+}
+
+/// The block x is quantised by for `m` rows against weights of `format`: the K-quants' fused
+/// kernel takes x per super-block, everything else per unit.
+fn block_for(isa: Isa, m: usize, format: QFormat) -> usize {
+    if m <= FUSED_MAX_ROWS && isa != Isa::Portable {
+        format.block_len()
     } else {
         UNIT
-    };
-    q_matmul_on(isa, &QActs::quantize_blocks(x, m, w.cols, block), w)
+    }
 }
 
 /// [`q_matmul`] for 16-bit float weights: each task widens [`TILE_ROWS`] weight rows to f32 and
@@ -779,11 +844,9 @@ pub fn fuses(format: QFormat, block: usize) -> bool {
 /// [`FUSED_MAX_ROWS`] rows where the instruction set and the format have a fused kernel, else
 /// through tiles.
 pub fn q_matmul_on(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if x.rows <= FUSED_MAX_ROWS && isa != Isa::Portable && fuses(w.format, x.block) {
-        return q_matmul_fused(isa, x, w);
-    }
-    q_matmul_tiled(isa, x, w)
+    assert_eq!(x.cols, w.cols, "x and W differ in k");
+    assert!(w.is_whole(), "W's arrays are shorter than its shape");
+    by_weight_rows(x.rows, w.rows, |first, out| task(isa, x, w, first, out))
 }
 
 /// [`q_matmul_on`] through [`TILE_ROWS`]-row tiles of unpacked weights whatever the rows of x
@@ -791,84 +854,83 @@ pub fn q_matmul_on(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
 pub fn q_matmul_tiled(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
     assert_eq!(x.cols, w.cols, "x and W differ in k");
     assert!(w.is_whole(), "W's arrays are shorter than its shape");
-    let m = x.rows;
-    by_weight_rows(m, w.rows, |first, out| {
-        let rows = (first, out.len() / m);
-        // Each thread keeps its tile's buffers from call to call (a decode step makes about
-        // 170 products, each of dozens of tasks).
-        TILE.with_borrow_mut(|tile| match isa {
-            Isa::Portable => unpack_and_multiply(isa, w, rows, x, tile, out),
-            // SAFETY: `Isa::detect` chose these only where the processor has their features
-            // (`available` lists no more than `detect` found).
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { unpack_and_multiply_avx2(isa, w, rows, x, tile, out) },
-            // SAFETY: as above.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Vnni => unsafe { unpack_and_multiply_vnni(isa, w, rows, x, tile, out) },
-        });
+    by_weight_rows(x.rows, w.rows, |first, out| {
+        tiled_task(isa, x, w, first, out)
     })
+}
+
+/// One task of [`q_matmul_tiled`]: weight rows `first..` unpacked into the thread's tile and
+/// multiplied with every row of x into `out` (`[rows, m]`).
+fn tiled_task(isa: Isa, x: &QActs, w: &QWeights<'_>, first: usize, out: &mut [f32]) {
+    let rows = (first, out.len() / x.rows);
+    // Each thread keeps its tile's buffers from call to call (a decode step makes about
+    // 170 products, each of dozens of tasks).
+    TILE.with_borrow_mut(|tile| match isa {
+        Isa::Portable => unpack_and_multiply(isa, w, rows, x, tile, out),
+        // SAFETY: `Isa::detect` chose these only where the processor has their features
+        // (`available` lists no more than `detect` found).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { unpack_and_multiply_avx2(isa, w, rows, x, tile, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Vnni => unsafe { unpack_and_multiply_vnni(isa, w, rows, x, tile, out) },
+    });
+}
+
+/// One task of [`q_matmul_on`]: fused where [`q_matmul_on`] would be, else through a tile.
+fn task(isa: Isa, x: &QActs, w: &QWeights<'_>, first: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if x.rows <= FUSED_MAX_ROWS && isa != Isa::Portable && fuses(w.format, x.block) {
+        return fused_task(isa, x, w, first, out);
+    }
+    tiled_task(isa, x, w, first, out);
 }
 
 thread_local! {
     static TILE: std::cell::RefCell<Tile> = std::cell::RefCell::new(Tile::default());
 }
 
-/// The fused products for up to [`FUSED_MAX_ROWS`] rows of x on AVX2 or VNNI: each task takes
-/// [`TILE_ROWS`] weight rows and walks their blocks once, building each unit's codes in a
-/// register (`unit_codes_avx2`) and its scales from the block's bytes, and multiplying them
-/// with every row of x there and then.
+/// The fused products for up to [`FUSED_MAX_ROWS`] rows of x on AVX2 or VNNI, one task:
+/// weight rows `first..` walked once, each unit's codes built in a register
+/// (`unit_codes_avx2`) and its scales from the block's bytes, and multiplied with every row of
+/// x there and then, into `out` (`[rows, m]`).
 #[cfg(target_arch = "x86_64")]
-pub fn q_matmul_fused(isa: Isa, x: &QActs, w: &QWeights<'_>) -> Vec<f32> {
-    assert_eq!(x.cols, w.cols, "x and W differ in k");
-    assert!(w.is_whole(), "W's arrays are shorter than its shape");
-    assert!(
-        x.rows <= FUSED_MAX_ROWS,
-        "the fused path takes at most {FUSED_MAX_ROWS} rows"
-    );
-    assert!(isa != Isa::Portable, "the fused path needs AVX2");
-    assert!(
-        fuses(w.format, x.block),
-        "no fused kernel for {:?} with x per {}",
-        w.format,
-        x.block
-    );
+fn fused_task(isa: Isa, x: &QActs, w: &QWeights<'_>, first: usize, out: &mut [f32]) {
     let m = x.rows;
-    by_weight_rows(m, w.rows, |first, out| {
-        let rows = first..first + out.len() / m;
-        macro_rules! formats {
-            ($unit:ident, $xr:literal) => {
-                match w.format {
-                    QFormat::Q4_0 => $unit::<$xr, 0>(w, rows, x, out),
-                    QFormat::Q4_1 => $unit::<$xr, 1>(w, rows, x, out),
-                    QFormat::Q5_0 => $unit::<$xr, 2>(w, rows, x, out),
-                    QFormat::Q5_1 => $unit::<$xr, 3>(w, rows, x, out),
-                    QFormat::Q8_0 => $unit::<$xr, 4>(w, rows, x, out),
-                    QFormat::Q4K => fused_kquant_avx2::<$xr, 5>(w, rows, x, out),
-                    QFormat::Q5K => fused_kquant_avx2::<$xr, 6>(w, rows, x, out),
-                    QFormat::Q6K => fused_kquant_avx2::<$xr, 7>(w, rows, x, out),
-                    _ => unreachable!("`fuses` admits no other format"),
-                }
-            };
-        }
-        macro_rules! shapes {
-            ($unit:ident) => {
-                match m {
-                    1 => formats!($unit, 1),
-                    2 => formats!($unit, 2),
-                    3 => formats!($unit, 3),
-                    _ => formats!($unit, 4),
-                }
-            };
-        }
-        // SAFETY: `Isa::detect` chose these only where the processor has their features
-        // (`available` lists no more than `detect` found).
-        unsafe {
-            match isa {
-                Isa::Vnni => shapes!(fused_unit_vnni),
-                _ => shapes!(fused_unit_avx2),
+    let rows = first..first + out.len() / m;
+    macro_rules! formats {
+        ($unit:ident, $xr:literal) => {
+            match w.format {
+                QFormat::Q4_0 => $unit::<$xr, 0>(w, rows, x, out),
+                QFormat::Q4_1 => $unit::<$xr, 1>(w, rows, x, out),
+                QFormat::Q5_0 => $unit::<$xr, 2>(w, rows, x, out),
+                QFormat::Q5_1 => $unit::<$xr, 3>(w, rows, x, out),
+                QFormat::Q8_0 => $unit::<$xr, 4>(w, rows, x, out),
+                QFormat::Q4K => fused_kquant_avx2::<$xr, 5>(w, rows, x, out),
+                QFormat::Q5K => fused_kquant_avx2::<$xr, 6>(w, rows, x, out),
+                QFormat::Q6K => fused_kquant_avx2::<$xr, 7>(w, rows, x, out),
+                _ => unreachable!("`fuses` admits no other format"),
             }
+        };
+    }
+    macro_rules! shapes {
+        ($unit:ident) => {
+            match m {
+                1 => formats!($unit, 1),
+                2 => formats!($unit, 2),
+                3 => formats!($unit, 3),
+                _ => formats!($unit, 4),
+            }
+        };
+    }
+    // SAFETY: `Isa::detect` chose these only where the processor has their features
+    // (`available` lists no more than `detect` found); the kernels check the shapes.
+    unsafe {
+        match isa {
+            Isa::Vnni => shapes!(fused_unit_vnni),
+            _ => shapes!(fused_unit_avx2),
         }
-    })
+    }
 }
 
 /// The fused kernel of the K-quants (Q4_K, Q5_K, Q6_K) for up to four rows of x quantised per
@@ -1629,8 +1691,24 @@ fn rows_times_unit_portable<const R: usize>(dy: &[f32], wu: &[f32], out: &mut [f
 /// Runs `f` on the weights of `w` as the kernels read them; `None` unless both word arrays are
 /// contiguous i32 tensors as `QTensor::from_qmatrix` makes them, as long as the shape needs.
 fn with_weights<T>(w: &QTensor<Flex>, f: impl FnOnce(&QWeights<'_>) -> T) -> Option<T> {
-    let qs: FlexTensor = w.qs.clone().into_primitive();
-    let scales: FlexTensor = w.scales.clone().into_primitive();
+    let words = words_of(w);
+    weights_of(w, &words).map(|w| f(&w))
+}
+
+/// The word arrays of `w` as burn-flex tensors (shared, not copied).
+fn words_of(w: &QTensor<Flex>) -> (FlexTensor, FlexTensor) {
+    (
+        w.qs.clone().into_primitive(),
+        w.scales.clone().into_primitive(),
+    )
+}
+
+/// `w`'s weights over its words ([`words_of`]): `None` unless both are contiguous i32 tensors
+/// as long as the shape needs.
+fn weights_of<'a>(
+    w: &QTensor<Flex>,
+    (qs, scales): &'a (FlexTensor, FlexTensor),
+) -> Option<QWeights<'a>> {
     let weights = QWeights {
         format: w.format,
         rows: w.rows,
@@ -1638,13 +1716,39 @@ fn with_weights<T>(w: &QTensor<Flex>, f: impl FnOnce(&QWeights<'_>) -> T) -> Opt
         qs: bytemuck::cast_slice(qs.as_slice::<i32>()?),
         scales: bytemuck::cast_slice(scales.as_slice::<i32>()?),
     };
-    weights.is_whole().then(|| f(&weights))
+    weights.is_whole().then_some(weights)
 }
 
 /// `x · Wᵀ` on burn-flex with the integer kernels; `None` where the words are not laid out as
 /// `QTensor::from_qmatrix` makes them or x is not f32 (the caller uses the reference).
 pub fn try_q_matmul(x: &Tensor<Flex, 2>, w: &QTensor<Flex>) -> Option<Tensor<Flex, 2>> {
     on_flex(x, (w.cols, w.rows), w, q_matmul)
+}
+
+/// [`q_matmul_many`] on burn-flex: `x · Wᵢᵀ` for each weight; `None` as for [`try_q_matmul`].
+pub fn try_q_matmul_many(
+    x: &Tensor<Flex, 2>,
+    ws: &[&QTensor<Flex>],
+) -> Option<Vec<Tensor<Flex, 2>>> {
+    let [rows, k] = x.dims();
+    if ws.iter().any(|w| w.cols != k) {
+        return None;
+    }
+    let xp = contiguous(x)?;
+    let values = xp.as_slice::<f32>()?;
+    let words: Vec<_> = ws.iter().map(|w| words_of(w)).collect();
+    let weights = ws
+        .iter()
+        .zip(&words)
+        .map(|(w, words)| weights_of(w, words))
+        .collect::<Option<Vec<_>>>()?;
+    let outs = q_matmul_many(values, rows, &weights);
+    Some(
+        outs.into_iter()
+            .zip(ws)
+            .map(|(out, w)| flex(out, [rows, w.rows]))
+            .collect(),
+    )
 }
 
 /// `dy · W` on burn-flex ([`q_matmul_t`]); `None` as for [`try_q_matmul`].
@@ -1734,6 +1838,48 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Several weights in one job give each weight's own product bit for bit: mixed formats
+    /// (x quantised per unit and per super-block in one call), decode and prefill rows, and
+    /// weights that fall back to one product each (rows short of a task, 16-bit).
+    #[test]
+    fn products_in_one_job_match_one_at_a_time() {
+        let k = 512;
+        let sets: [&[(QFormat, usize)]; 2] = [
+            &[
+                (QFormat::Q5_0, 48),
+                (QFormat::Q4K, 16),
+                (QFormat::Q8_0, 32),
+                (QFormat::Q6K, 16),
+            ],
+            &[(QFormat::Q4_1, 48), (QFormat::Q4K, 21), (QFormat::F16, 16)],
+        ];
+        for set in sets {
+            let mats: Vec<QMatrix> = set
+                .iter()
+                .enumerate()
+                .map(|(i, &(f, n))| QMatrix::quantize(f, n, k, &values(n * k, 20 + i as u64)))
+                .collect();
+            let ws: Vec<QWeights<'_>> = mats.iter().map(QWeights::from).collect();
+            for m in [1, 3, 5, 37] {
+                let x = values(m * k, 30 + m as u64);
+                let together = q_matmul_many(&x, m, &ws);
+                for (w, got) in ws.iter().zip(&together) {
+                    let want = q_matmul(&x, m, w);
+                    assert!(
+                        got.len() == want.len()
+                            && got
+                                .iter()
+                                .zip(&want)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{:?} [{}, {k}], m {m}",
+                        w.format,
+                        w.rows
+                    );
                 }
             }
         }

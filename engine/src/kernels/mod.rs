@@ -121,6 +121,14 @@ pub trait KernelBackend: Backend {
         reference::q_matmul(x, w)
     }
 
+    /// `x · Wᵢᵀ` for several weights of x's width (a layer's q, k and v): one product each by
+    /// default; a backend may share x's preparation and one dispatch between them.
+    fn q_matmul_many(x: Tensor<Self, 2>, ws: &[&QTensor<Self>]) -> Vec<Tensor<Self, 2>> {
+        ws.iter()
+            .map(|w| <Self as KernelBackend>::q_matmul(x.clone(), w))
+            .collect()
+    }
+
     /// A frozen quantised base with a LoRA adapter: `x · Wᵀ + scale · (x_drop · Aᵀ) · Bᵀ`, where
     /// `x_drop` is `x` after the adapter's dropout (`None`: `x` itself).
     ///
@@ -302,6 +310,14 @@ impl KernelBackend for burn::backend::Flex {
 
     fn q_matmul(x: Tensor<Self, 2>, w: &QTensor<Self>) -> Tensor<Self, 2> {
         cpu_quant::try_q_matmul(&x, w).unwrap_or_else(|| reference::q_matmul(x, w))
+    }
+
+    fn q_matmul_many(x: Tensor<Self, 2>, ws: &[&QTensor<Self>]) -> Vec<Tensor<Self, 2>> {
+        cpu_quant::try_q_matmul_many(&x, ws).unwrap_or_else(|| {
+            ws.iter()
+                .map(|w| <Self as KernelBackend>::q_matmul(x.clone(), w))
+                .collect()
+        })
     }
 
     fn q_matmul_t(

@@ -577,6 +577,28 @@ impl<B: KernelBackend> DecoderLayer<B> {
         self.projections[t.index()].forward_adapted(x, &ctx.adapters.on(ctx.index, t))
     }
 
+    /// The projections `ts` of the same input: together ([`Linear::forward_many`]) where no
+    /// adapter touches any of them, else one by one.
+    fn project_many<const N: usize>(
+        &self,
+        ts: [Target; N],
+        x: Tensor<B, 3>,
+        ctx: LayerCtx<'_, B>,
+    ) -> [Tensor<B, 3>; N] {
+        if ts
+            .iter()
+            .any(|&t| !ctx.adapters.on(ctx.index, t).is_empty())
+        {
+            return ts.map(|t| self.project(t, x.clone(), ctx));
+        }
+        let layers = ts.map(|t| &self.projections[t.index()]);
+        let mut outs = Linear::forward_many(&layers, x).into_iter();
+        ts.map(|_| {
+            outs.next()
+                .unwrap_or_else(|| unreachable!("one output a layer"))
+        })
+    }
+
     /// Grouped-query attention. The `rep` query heads that share a KV head are laid out as one
     /// longer query sequence (`[batch, kv_heads, rep * seq, head_dim]`), so keys and values are
     /// never repeated in memory. Head `h` uses KV head `h / rep`, as HF `repeat_kv`.
@@ -595,12 +617,10 @@ impl<B: KernelBackend> DecoderLayer<B> {
         let (n_heads, n_kv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let rep = n_heads / n_kv;
         let (cos, sin) = ctx.rope;
-        let q = B::rope(self.project(Target::Q, x.clone(), ctx), cos, sin, n_heads); // [b, n_heads, seq, hd]
-        let k = B::rope(self.project(Target::K, x.clone(), ctx), cos, sin, n_kv); // [b, n_kv, seq, hd]
-        let v = self
-            .project(Target::V, x, ctx)
-            .reshape([batch, seq, n_kv, hd])
-            .swap_dims(1, 2);
+        let [q, k, v] = self.project_many([Target::Q, Target::K, Target::V], x, ctx);
+        let q = B::rope(q, cos, sin, n_heads); // [b, n_heads, seq, hd]
+        let k = B::rope(k, cos, sin, n_kv); // [b, n_kv, seq, hd]
+        let v = v.reshape([batch, seq, n_kv, hd]).swap_dims(1, 2);
 
         let (keys, values) = match cache {
             Some((cache, past)) => cache.append(k, v, past),
@@ -622,8 +642,7 @@ impl<B: KernelBackend> DecoderLayer<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → same
     fn mlp(&self, x: Tensor<B, 3>, ctx: LayerCtx<'_, B>) -> Tensor<B, 3> {
-        let gate = self.project(Target::Gate, x.clone(), ctx);
-        let up = self.project(Target::Up, x, ctx);
+        let [gate, up] = self.project_many([Target::Gate, Target::Up], x, ctx);
         self.project(Target::Down, B::swiglu(gate, up), ctx)
     }
 }

@@ -234,6 +234,38 @@ impl<B: KernelBackend> Linear<B> {
         y.reshape([batch, seq, self.out_features])
     }
 
+    /// [`forward`](Self::forward) of several layers with the same input (a layer's q, k and v),
+    /// their quantised products in one [`KernelBackend::q_matmul_many`] where every weight is
+    /// quantised whole (not split), else one by one.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, in_features]` → `[batch, seq, out_features]` each
+    pub fn forward_many(layers: &[&Self], x: Tensor<B, 3>) -> Vec<Tensor<B, 3>> {
+        let quantized: Option<Vec<&QTensor<B>>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Quantized(q) if l.in_features == layers[0].in_features => Some(q),
+                _ => None,
+            })
+            .collect();
+        let Some(weights) = quantized else {
+            return layers.iter().map(|l| l.forward(x.clone())).collect();
+        };
+        let [batch, seq, _] = x.dims();
+        let x = x.reshape([batch * seq, layers[0].in_features]);
+        B::q_matmul_many(x, &weights)
+            .into_iter()
+            .zip(layers)
+            .map(|(y, l)| {
+                let y = match &l.bias {
+                    Some(b) => y.clone() + to_dtype(b.clone(), y.dtype()).unsqueeze(),
+                    None => y,
+                };
+                y.reshape([batch, seq, l.out_features])
+            })
+            .collect()
+    }
+
     /// The forward with LoRA adapters beside the base weight. The first adapter's up-projection
     /// is fused with a quantised base product (one kernel); others add their own small products.
     ///
