@@ -585,7 +585,8 @@ fn cpu_kernels() {
 }
 
 /// Prefill and greedy-decode tokens/s of the CPU path and of llama.cpp on the same file, prompt
-/// and threads, model by model.
+/// and threads, model by model: `--rounds` alternated rounds of each (the VMs this runs on swing
+/// by tens of percent between runs), their medians and the ratios of the medians.
 fn cpu_vs_llama(args: &[String]) -> Result<()> {
     use burn::backend::Flex;
     let models = flag_value(args, "--models")
@@ -593,6 +594,8 @@ fn cpu_vs_llama(args: &[String]) -> Result<()> {
     let python = flag_value(args, "--python").unwrap_or("python3");
     let prompt_len: usize = flag_value(args, "--prompt").unwrap_or("512").parse()?;
     let steps: usize = flag_value(args, "--decode").unwrap_or("128").parse()?;
+    let rounds: usize = flag_value(args, "--rounds").unwrap_or("3").parse()?;
+    anyhow::ensure!(rounds > 0, "--rounds must be at least 1");
     let threads = rayon::current_num_threads();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("llama_cpp_baseline.py");
     println!("device: {}", codelsi_engine::device::cpu_info());
@@ -608,46 +611,61 @@ fn cpu_vs_llama(args: &[String]) -> Result<()> {
         let text = "export function parse(input: string): Token[] { const out = []; for (const c of input) { out.push(c); } return out; }\n";
         let mut prompt = loaded.tokenizer.encode(&text.repeat(prompt_len), false)?;
         prompt.truncate(prompt_len);
-        // Warm-up, then the timed prefill and greedy decode.
+        let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+        // Warm-up, then per round the timed prefill and greedy decode of each.
         let mut cache = m.new_cache(1, 32);
         let _ = m.forward(&prompt[..16], &mut cache, false)?.into_data();
-        let mut cache = m.new_cache(1, prompt.len() + steps + 1);
-        let t = Instant::now();
-        let mut logits = m
-            .forward(&prompt, &mut cache, false)?
-            .into_data()
-            .to_vec::<f32>()?;
-        let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        for _ in 0..steps {
-            let next = argmax(&logits);
-            logits = m
-                .forward(&[next], &mut cache, false)?
+        let ours = || -> Result<(f64, f64)> {
+            let mut cache = m.new_cache(1, prompt.len() + steps + 1);
+            let t = Instant::now();
+            let mut logits = m
+                .forward(&prompt, &mut cache, false)?
                 .into_data()
                 .to_vec::<f32>()?;
+            let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            for _ in 0..steps {
+                let next = argmax(&logits);
+                logits = m
+                    .forward(&[next], &mut cache, false)?
+                    .into_data()
+                    .to_vec::<f32>()?;
+            }
+            Ok((prefill, steps as f64 / t.elapsed().as_secs_f64()))
+        };
+        let anchor = || -> Result<(f64, f64)> {
+            let out = std::process::Command::new(python)
+                .arg(&script)
+                .args([
+                    "--gguf",
+                    &path.to_string_lossy(),
+                    "--threads",
+                    &threads.to_string(),
+                ])
+                .args(["--tokens", &ids.join(","), "--decode", &steps.to_string()])
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "{} failed: {}",
+                script.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let anchor: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            let number = |key: &str| anchor[key].as_f64().unwrap_or(f64::NAN);
+            Ok((number("prefill_tok_s"), number("decode_tok_s")))
+        };
+        let (mut mine, mut theirs) = (vec![], vec![]);
+        for _ in 0..rounds {
+            mine.push(ours()?);
+            theirs.push(anchor()?);
         }
-        let decode = steps as f64 / t.elapsed().as_secs_f64();
-        drop(loaded);
-        let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
-        let out = std::process::Command::new(python)
-            .arg(&script)
-            .args([
-                "--gguf",
-                &path.to_string_lossy(),
-                "--threads",
-                &threads.to_string(),
-            ])
-            .args(["--tokens", &ids.join(","), "--decode", &steps.to_string()])
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let anchor: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        let number = |key: &str| anchor[key].as_f64().unwrap_or(f64::NAN);
-        let (lp, ld) = (number("prefill_tok_s"), number("decode_tok_s"));
+        let median = |v: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
+            let mut v: Vec<f64> = v.iter().map(pick).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (prefill, decode) = (median(&mine, |r| r.0), median(&mine, |r| r.1));
+        let (lp, ld) = (median(&theirs, |r| r.0), median(&theirs, |r| r.1));
         println!(
             "| {name} | {prefill:.1} tok/s | {lp:.1} tok/s | {:.2}× | {decode:.1} tok/s | {ld:.1} tok/s | {:.2}× |",
             prefill / lp,
@@ -655,7 +673,7 @@ fn cpu_vs_llama(args: &[String]) -> Result<()> {
         );
     }
     println!(
-        "(prompt {prompt_len} tokens, decode {steps} greedy tokens, {threads} threads both; llama.cpp through llama-cpp-python)"
+        "(medians of {rounds} alternated rounds; prompt {prompt_len} tokens, decode {steps} greedy tokens, {threads} threads both; llama.cpp through llama-cpp-python)"
     );
     Ok(())
 }

@@ -226,11 +226,7 @@ impl<B: KernelBackend> Linear<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let x = x.reshape([batch * seq, self.in_features]);
-        let y = self.weight.product(x);
-        let y = match &self.bias {
-            Some(b) => y.clone() + to_dtype(b.clone(), y.dtype()).unsqueeze(),
-            None => y,
-        };
+        let y = self.plus_bias(self.weight.product(x));
         y.reshape([batch, seq, self.out_features])
     }
 
@@ -256,13 +252,7 @@ impl<B: KernelBackend> Linear<B> {
         B::q_matmul_many(x, &weights)
             .into_iter()
             .zip(layers)
-            .map(|(y, l)| {
-                let y = match &l.bias {
-                    Some(b) => y.clone() + to_dtype(b.clone(), y.dtype()).unsqueeze(),
-                    None => y,
-                };
-                y.reshape([batch, seq, l.out_features])
-            })
+            .map(|(y, l)| l.plus_bias(y).reshape([batch, seq, l.out_features]))
             .collect()
     }
 
@@ -291,11 +281,15 @@ impl<B: KernelBackend> Linear<B> {
         for l in rest {
             y = y + l.term(&x);
         }
-        let y = match &self.bias {
+        self.plus_bias(y).reshape([batch, seq, self.out_features])
+    }
+
+    /// `y` (`[rows, out_features]`) plus the bias, if the layer has one.
+    fn plus_bias(&self, y: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.bias {
             Some(b) => y.clone() + to_dtype(b.clone(), y.dtype()).unsqueeze(),
             None => y,
-        };
-        y.reshape([batch, seq, self.out_features])
+        }
     }
 
     /// The same layer with its weight dequantised to f32: the plain-tensor reference path (tests
