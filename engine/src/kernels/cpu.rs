@@ -159,6 +159,13 @@ impl BlockKernel for Portable {
     }
 }
 
+/// Whether the processor has AVX2 and FMA, which every x86 kernel of the CPU path needs (std
+/// caches the answer).
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
 /// AVX2 and FMA intrinsics. Only [`Avx2::detect`] makes one, so holding one proves the
 /// processor has both. (Plain loops compiled for AVX2 came out badly: LLVM's SLP vectoriser
 /// packed the 1-row blocks of batch-1 decode across weight rows, 2x slower than before.)
@@ -168,8 +175,7 @@ struct Avx2(());
 #[cfg(target_arch = "x86_64")]
 impl Avx2 {
     fn detect() -> Option<Self> {
-        (std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
-            .then_some(Avx2(()))
+        has_avx2_fma().then_some(Avx2(()))
     }
 }
 
@@ -478,7 +484,7 @@ struct Task<'a> {
 /// One (batch row, KV head) of [`try_attention`]: `out` is `[rows, d]`.
 fn attend(task: &Task<'_>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if has_avx2_fma() {
         // SAFETY: the processor has AVX2 and FMA (checked above), all this function needs.
         unsafe { attend_avx2(task, out) };
         return;

@@ -639,7 +639,7 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") {
+            if crate::kernels::cpu::has_avx2_fma() {
                 if has!("avx512vnni") && has!("avx512vl") {
                     return Isa::Vnni;
                 }

@@ -61,7 +61,7 @@ pub fn try_rms_norm(
 
 fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if super::cpu::has_avx2_fma() {
         // SAFETY: the processor has AVX2 and FMA (checked above), all this function needs.
         unsafe { rms_norm_avx2(x, w, eps, out) };
         return;
@@ -160,7 +160,7 @@ pub fn try_swiglu(gate: &Tensor<Flex, 3>, up: &Tensor<Flex, 3>) -> Option<Tensor
 
 fn swiglu_values(gate: &[f32], up: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if super::cpu::has_avx2_fma() {
         // SAFETY: the processor has AVX2 and FMA (checked above), all this function needs.
         unsafe { swiglu_avx2(gate, up, out) };
         return;
