@@ -66,8 +66,8 @@ impl QWeights<'_> {
         let f = self.format;
         let blocks = self.rows * self.cols / f.block_len();
         self.cols.is_multiple_of(f.block_len())
-            && self.qs.len() >= blocks * 4 * f.qs_words_per_block()
-            && self.scales.len() >= blocks * 2 * f.scale_halves_per_block()
+            && self.qs.len() >= blocks * block_sizes(f).0
+            && self.scales.len() >= blocks * block_sizes(f).1
     }
 }
 
@@ -241,7 +241,7 @@ impl Tile {
         self.scales.resize(rows * units * per, 0.0);
         self.mins.resize(rows * units * per, 0.0);
         let blocks = first * units / per_block..(first + rows) * units / per_block;
-        let (qb, sb) = (4 * f.qs_words_per_block(), 2 * f.scale_halves_per_block());
+        let (qb, sb) = block_sizes(f);
         let q = &w.qs[qb * blocks.start..qb * blocks.end];
         let s = &w.scales[sb * blocks.start..sb * blocks.end];
         let bl = f.block_len();
@@ -317,12 +317,17 @@ fn unpack_unit(w: &QWeights<'_>, unit: usize, codes: &mut [u8; UNIT]) -> ([f32; 
 /// The quant bytes and the scale bytes of block `block` of `w`.
 #[inline(always)]
 fn block_bytes<'a>(w: &QWeights<'a>, block: usize) -> (&'a [u8], &'a [u8]) {
-    let qb = 4 * w.format.qs_words_per_block();
-    let sb = 2 * w.format.scale_halves_per_block();
+    let (qb, sb) = block_sizes(w.format);
     (
         &w.qs[block * qb..(block + 1) * qb],
         &w.scales[block * sb..(block + 1) * sb],
     )
+}
+
+/// A block of `f`'s quant bytes and scale bytes in the [`QWeights`] layout.
+#[inline(always)]
+fn block_sizes(f: QFormat) -> (usize, usize) {
+    (4 * f.qs_words_per_block(), 2 * f.scale_halves_per_block())
 }
 
 /// The first `N` bytes of `b` as an array (fixed sizes let the loops below vectorise).
@@ -953,7 +958,7 @@ fn fused_kquant_avx2<const XR: usize, const F: usize>(
     let k = w.cols;
     let units = k / UNIT;
     let blocks = k / 256;
-    let (qb, sb) = (4 * f.qs_words_per_block(), 2 * f.scale_halves_per_block());
+    let (qb, sb) = block_sizes(f);
     assert!(
         matches!(f, QFormat::Q4K | QFormat::Q5K | QFormat::Q6K)
             && x.block == 256
@@ -1077,7 +1082,7 @@ macro_rules! x86_fused_unit {
             let f = QFormat::ALL[F];
             let k = w.cols;
             let units = k / UNIT;
-            let (qb, sb) = (4 * f.qs_words_per_block(), 2 * f.scale_halves_per_block());
+            let (qb, sb) = block_sizes(f);
             assert!(
                 f.block_len() == UNIT
                     && x.rows == XR
