@@ -384,12 +384,13 @@ fn unit_codes(f: QFormat, q: &[u8], u: usize, codes: &mut [u8; UNIT]) {
     }
 }
 
-/// [`unit_codes`] in one AVX2 register: nibbles split with shifts and masks, Q5's fifth bits
-/// spread from their u32 to bytes with a shuffle and a compare.
+/// The codes of a block of a one-unit format ([`unit_codes`]) in one AVX2 register: nibbles
+/// split with shifts and masks, Q5's fifth bits spread from their u32 to bytes with a shuffle
+/// and a compare.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2")]
-fn unit_codes_avx2(f: QFormat, q: &[u8], u: usize) -> std::arch::x86_64::__m256i {
+fn unit_codes_avx2(f: QFormat, q: &[u8]) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
     let low4 = _mm256_set1_epi8(0xF);
     // SAFETY: each load reads 16 or 32 bytes inside `q` (checked by the slicing `bytes`).
@@ -418,30 +419,8 @@ fn unit_codes_avx2(f: QFormat, q: &[u8], u: usize) -> std::arch::x86_64::__m256i
             _mm256_or_si256(nibbles(&q[4..]), fifth)
         }
         QFormat::Q8_0 => load32(q),
-        QFormat::Q4K | QFormat::Q5K => {
-            let at = if f == QFormat::Q4K { 0 } else { 32 } + 32 * (u / 2);
-            let shift = _mm_cvtsi32_si128(4 * (u % 2) as i32);
-            let codes = _mm256_and_si256(_mm256_srl_epi16(load32(&q[at..]), shift), low4);
-            if f == QFormat::Q4K {
-                return codes;
-            }
-            let hshift = _mm_cvtsi32_si128(u as i32);
-            let high = _mm256_and_si256(_mm256_srl_epi16(load32(q), hshift), _mm256_set1_epi8(1));
-            _mm256_or_si256(codes, _mm256_slli_epi16(high, 4))
-        }
-        QFormat::Q6K => {
-            let (h, t) = (u / 4, u % 4);
-            let shift = _mm_cvtsi32_si128(4 * (t / 2) as i32);
-            let hshift = _mm_cvtsi32_si128(2 * t as i32);
-            let low = _mm256_and_si256(
-                _mm256_srl_epi16(load32(&q[64 * h + 32 * (t & 1)..]), shift),
-                low4,
-            );
-            let high = _mm256_and_si256(
-                _mm256_srl_epi16(load32(&q[128 + 32 * h..]), hshift),
-                _mm256_set1_epi8(3),
-            );
-            _mm256_or_si256(low, _mm256_slli_epi16(high, 4))
+        QFormat::Q4K | QFormat::Q5K | QFormat::Q6K => {
+            unreachable!("a K-quant block's units come from `for_each_unit_avx2`")
         }
         QFormat::F16 | QFormat::Bf16 => unreachable!("16-bit weights have no codes"),
     }
@@ -529,7 +508,7 @@ fn for_each_unit_avx2(
                 );
             }
         }
-        _ => each(0, unit_codes_avx2(f, q, 0)),
+        _ => each(0, unit_codes_avx2(f, q)),
     }
 }
 
@@ -1099,21 +1078,14 @@ macro_rules! x86_fused_unit {
                 } else {
                     u32::from_le_bytes(*bytes::<4>(s))
                 };
-                let [d, m, ..] = {
-                    let mut v = [0f32; 4];
-                    // SAFETY: converts the two halves of `bits` and stores 4 floats into `v`.
-                    unsafe {
-                        _mm_storeu_ps(v.as_mut_ptr(), _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-                    };
-                    v
-                };
+                let (d, m) = f16c(bits);
                 unit_affine(f, d, m)
             };
             for (row, out) in rows.zip(out.chunks_exact_mut(XR)) {
                 let q = &w.qs[qb * units * row..qb * units * (row + 1)];
                 let s = &w.scales[sb * units * row..sb * units * (row + 1)];
                 let step = |unit: usize, acc: &mut [__m256; XR], off: &mut [f32; XR]| {
-                    let wv = unit_codes_avx2(f, &q[qb * unit..], 0);
+                    let wv = unit_codes_avx2(f, &q[qb * unit..]);
                     let (a, c) = scales(&s[sb * unit..]);
                     for p in 0..XR {
                         let xc: &[i8; UNIT] = x.codes[p * k + UNIT * unit..][..UNIT]
