@@ -209,6 +209,12 @@ struct Tile {
     scales: Vec<f32>,
     /// `[rows * units * per]`: `c`, likewise.
     mins: Vec<f32>,
+    /// The codes again for [`gemm_avx2`], [`LANES`] rows interleaved: per group of 8 rows and
+    /// unit, 8 steps of 32 bytes, step `j` holding bytes `4j..4j + 4` of each row in turn, so
+    /// that a register's eight i32 lanes are eight weight rows (rows past the tile are zero).
+    lanes: Vec<u8>,
+    /// `scales` likewise: `[groups * units * per * LANES]`.
+    lane_scales: Vec<f32>,
 }
 
 impl Tile {
@@ -268,7 +274,98 @@ impl Tile {
         for ((s, scales), mins) in s.chunks_exact(sb).zip(scales).zip(mins) {
             block_scales(f, s, scales, mins);
         }
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 {
+            // SAFETY: `Isa::detect` chose AVX2 only where the processor has it.
+            unsafe { self.interleave_avx2(w.cols, per) };
+        }
     }
+
+    /// Fills [`lanes`](Self::lanes) and [`lane_scales`](Self::lane_scales) from the row-major
+    /// codes and scales: each unit of 8 rows is an 8 × 8 transpose of 4-byte words.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn interleave_avx2(&mut self, k: usize, per: usize) {
+        use std::arch::x86_64::*;
+        let units = k / UNIT;
+        let groups = self.rows.div_ceil(LANES);
+        self.lanes.resize(groups * LANES * k, 0);
+        self.lane_scales.resize(groups * units * per * LANES, 0.0);
+        let codes = &self.codes[..self.rows * k];
+        for (g, out) in self.lanes.chunks_exact_mut(LANES * k).enumerate() {
+            let rows = (self.rows - g * LANES).min(LANES);
+            for (u, out) in out.chunks_exact_mut(LANES * UNIT).enumerate() {
+                let mut r = [_mm256_setzero_si256(); LANES];
+                for (i, r) in r.iter_mut().enumerate().take(rows) {
+                    let row = bytes::<UNIT>(&codes[(g * LANES + i) * k + UNIT * u..]);
+                    // SAFETY: reads the 32 bytes of `row`.
+                    *r = unsafe { _mm256_loadu_si256(row.as_ptr().cast()) };
+                }
+                for (j, out) in transpose_words(r).iter().zip(out.chunks_exact_mut(UNIT)) {
+                    let out: &mut [u8; UNIT] = out.try_into().unwrap_or_else(|_| unreachable!());
+                    // SAFETY: writes the 32 bytes of `out`.
+                    unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), *j) };
+                }
+            }
+        }
+        let n = units * per;
+        for (g, out) in self.lane_scales.chunks_exact_mut(n * LANES).enumerate() {
+            let rows = (self.rows - g * LANES).min(LANES);
+            for (s, out) in out.chunks_exact_mut(LANES).enumerate() {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = if i < rows {
+                        self.scales[(g * LANES + i) * n + s]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Weight rows in one register of [`gemm_avx2`]: an i32 or f32 lane each.
+const LANES: usize = 8;
+
+/// The 8 × 8 transpose of 4-byte words: word `j` of register `i` becomes word `i` of register
+/// `j`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn transpose_words(r: [std::arch::x86_64::__m256i; LANES]) -> [std::arch::x86_64::__m256i; LANES] {
+    use std::arch::x86_64::*;
+    // Pairs of rows, then fours, within each 128-bit half; the halves are swapped last.
+    let t = [
+        _mm256_unpacklo_epi32(r[0], r[1]),
+        _mm256_unpackhi_epi32(r[0], r[1]),
+        _mm256_unpacklo_epi32(r[2], r[3]),
+        _mm256_unpackhi_epi32(r[2], r[3]),
+        _mm256_unpacklo_epi32(r[4], r[5]),
+        _mm256_unpackhi_epi32(r[4], r[5]),
+        _mm256_unpacklo_epi32(r[6], r[7]),
+        _mm256_unpackhi_epi32(r[6], r[7]),
+    ];
+    let q = [
+        _mm256_unpacklo_epi64(t[0], t[2]),
+        _mm256_unpackhi_epi64(t[0], t[2]),
+        _mm256_unpacklo_epi64(t[1], t[3]),
+        _mm256_unpackhi_epi64(t[1], t[3]),
+        _mm256_unpacklo_epi64(t[4], t[6]),
+        _mm256_unpackhi_epi64(t[4], t[6]),
+        _mm256_unpacklo_epi64(t[5], t[7]),
+        _mm256_unpackhi_epi64(t[5], t[7]),
+    ];
+    [
+        _mm256_permute2x128_si256::<0x20>(q[0], q[4]),
+        _mm256_permute2x128_si256::<0x20>(q[1], q[5]),
+        _mm256_permute2x128_si256::<0x20>(q[2], q[6]),
+        _mm256_permute2x128_si256::<0x20>(q[3], q[7]),
+        _mm256_permute2x128_si256::<0x31>(q[0], q[4]),
+        _mm256_permute2x128_si256::<0x31>(q[1], q[5]),
+        _mm256_permute2x128_si256::<0x31>(q[2], q[6]),
+        _mm256_permute2x128_si256::<0x31>(q[3], q[7]),
+    ]
 }
 
 /// The f16 at bytes `at..at + 2`, converted in integer instructions without a branch (half's
@@ -1105,19 +1202,18 @@ macro_rules! x86_fused_unit {
                         }
                     }
                 };
-                let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); XR], [_mm256_setzero_ps(); XR]);
-                let (mut off0, mut off1) = ([0f32; XR], [0f32; XR]);
-                let mut unit = 0;
-                while unit + 2 <= units {
-                    step(unit, &mut acc0, &mut off0);
-                    step(unit + 1, &mut acc1, &mut off1);
-                    unit += 2;
-                }
-                if unit < units {
-                    step(unit, &mut acc0, &mut off0);
+                let mut acc = [[_mm256_setzero_ps(); XR]; 2];
+                let mut off = [[0f32; XR]; 2];
+                // One call of `step` in the code, so that it is inlined whatever else grows.
+                for pair in (0..units).step_by(2) {
+                    for (h, (acc, off)) in acc.iter_mut().zip(&mut off).enumerate() {
+                        if pair + h < units {
+                            step(pair + h, acc, off);
+                        }
+                    }
                 }
                 for p in 0..XR {
-                    out[p] = hsum8(_mm256_add_ps(acc0[p], acc1[p])) + off0[p] + off1[p];
+                    out[p] = hsum8(_mm256_add_ps(acc[0][p], acc[1][p])) + off[0][p] + off[1][p];
                 }
             }
         }
@@ -1179,7 +1275,7 @@ fn unpack_and_multiply(
     out: &mut [f32],
 ) {
     tile.unpack(isa, w, first, rows);
-    tile_product(isa, Kind::of(w.format), x, tile, out);
+    tile_product(isa, w.format, x, tile, out);
 }
 
 /// [`unpack_and_multiply`] compiled for AVX2 (the unpacking and the minimums vectorised, the
@@ -1211,7 +1307,7 @@ fn unpack_and_multiply_vnni(
     out: &mut [f32],
 ) {
     unpack_avx2(isa, w, (first, rows), tile);
-    tile_product(isa, Kind::of(w.format), x, tile, out);
+    tile_product(isa, w.format, x, tile, out);
 }
 
 /// [`Tile::unpack`] compiled for AVX2.
@@ -1247,7 +1343,15 @@ const HALVES: u8 = 2;
 
 /// `out[r * m + i] = x_i · w_r` for every row of the tile.
 #[inline(always)]
-fn tile_product(isa: Isa, kind: Kind, x: &QActs, tile: &Tile, out: &mut [f32]) {
+fn tile_product(isa: Isa, format: QFormat, x: &QActs, tile: &Tile, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        // SAFETY: `Isa::detect` chose AVX2 only where the processor has AVX2 and FMA.
+        unsafe { lanes_product_avx2(format, x, tile, out) };
+        add_min_terms(x, tile, out);
+        return;
+    }
+    let kind = Kind::of(format);
     let m = x.rows;
     let mut r = 0;
     while r < tile.rows {
@@ -1268,6 +1372,130 @@ fn tile_product(isa: Isa, kind: Kind, x: &QActs, tile: &Tile, out: &mut [f32]) {
         r += wr;
     }
     add_min_terms(x, tile, out);
+}
+
+/// [`tile_product`]'s scaled byte products on AVX2 from the tile's interleaved codes
+/// ([`Tile::lanes`]): [`gemm_avx2`] for each group of [`LANES`] weight rows and [`XROWS`] rows
+/// of x, each register block's lanes written to their weight rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn lanes_product_avx2(format: QFormat, x: &QActs, tile: &Tile, out: &mut [f32]) {
+    let m = x.rows;
+    for g in 0..tile.rows.div_ceil(LANES) {
+        let rows = (tile.rows - g * LANES).min(LANES);
+        let mut i = 0;
+        while i < m {
+            let xr = XROWS.min(m - i);
+            let mut acc = [[0f32; LANES]; XROWS];
+            macro_rules! shapes {
+                ($kind:expr, $run:literal) => {
+                    match xr {
+                        4 => gemm_avx2::<4, { $kind }, $run>(x, tile, g, i, &mut acc),
+                        3 => gemm_avx2::<3, { $kind }, $run>(x, tile, g, i, &mut acc),
+                        2 => gemm_avx2::<2, { $kind }, $run>(x, tile, g, i, &mut acc),
+                        _ => gemm_avx2::<1, { $kind }, $run>(x, tile, g, i, &mut acc),
+                    }
+                };
+            }
+            // Pairs of byte products summed in i16 for as many steps as the codes' width allows:
+            // 8 · 2 · 15 · 127, 4 · 2 · 31 · 127 and 2 · 2 · 63 · 127 stay below 2¹⁵, as does
+            // Q8_0's one step of 2 · 128 · 127.
+            match format {
+                QFormat::Q8_0 => shapes!(SIGNED, 1),
+                QFormat::Q6K => shapes!(HALVES, 2),
+                QFormat::Q5_0 | QFormat::Q5_1 | QFormat::Q5K => shapes!(UNSIGNED, 4),
+                _ => shapes!(UNSIGNED, 8),
+            }
+            for (p, acc) in acc.iter().enumerate().take(xr) {
+                for (l, &a) in acc.iter().enumerate().take(rows) {
+                    out[(g * LANES + l) * m + i + p] = a;
+                }
+            }
+            i += xr;
+        }
+    }
+}
+
+/// One register block of [`lanes_product_avx2`]: weight rows `8g..8g + 8` of the tile, one per
+/// lane, against rows `i..i + XR` of x. Per 4 columns, one load of the 8 rows' bytes and a
+/// broadcast of each row of x's 4 bytes into `vpmaddubsw`; its pairs are summed in i16 for
+/// `RUN` such steps, then widened by `vpmaddwd`; each unit (Q6_K: each half) ends in one
+/// conversion and one multiply-add by its scales. No lane is summed across: lane `l` is weight
+/// row `8g + l`, so a row of x costs 5 registers and no horizontal sum.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn gemm_avx2<const XR: usize, const KIND: u8, const RUN: usize>(
+    x: &QActs,
+    tile: &Tile,
+    g: usize,
+    i: usize,
+    out: &mut [[f32; LANES]; XROWS],
+) {
+    use std::arch::x86_64::*;
+    let k = x.cols;
+    let units = k / UNIT;
+    let per = if KIND == HALVES { 2 } else { 1 };
+    // 4-byte steps under one scale.
+    let steps = LANES / per;
+    assert!(
+        (i + XR) * k <= x.codes.len()
+            && (i + XR) * units <= x.d.len()
+            && (g + 1) * LANES * k <= tile.lanes.len()
+            && (g + 1) * units * per * LANES <= tile.lane_scales.len(),
+        "block outside x or the tile"
+    );
+    let wp = tile.lanes[g * LANES * k..].as_ptr();
+    let sp = tile.lane_scales[g * units * per * LANES..].as_ptr();
+    let xp = x.codes[i * k..].as_ptr();
+    let xd = &x.d[i * units..(i + XR) * units];
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); XR];
+    for u in 0..units {
+        for h in 0..per {
+            let mut sums = [_mm256_setzero_si256(); XR];
+            for run in (h * steps..(h + 1) * steps).step_by(RUN) {
+                let mut pairs = [_mm256_setzero_si256(); XR];
+                for j in run..run + RUN {
+                    // SAFETY: step j of unit u of group g lies inside `lanes` (asserted).
+                    let w = unsafe { _mm256_loadu_si256(wp.add((u * LANES + j) * UNIT).cast()) };
+                    let wu = if KIND == SIGNED {
+                        _mm256_sign_epi8(w, w)
+                    } else {
+                        w
+                    };
+                    for (p, pairs) in pairs.iter_mut().enumerate() {
+                        // SAFETY: 4 bytes of row i + p of x, inside its k columns (asserted).
+                        let word = unsafe {
+                            xp.add(p * k + UNIT * u + 4 * j)
+                                .cast::<i32>()
+                                .read_unaligned()
+                        };
+                        let xv = _mm256_set1_epi32(word);
+                        let xv = if KIND == SIGNED {
+                            _mm256_sign_epi8(xv, w)
+                        } else {
+                            xv
+                        };
+                        *pairs = _mm256_add_epi16(*pairs, _mm256_maddubs_epi16(wu, xv));
+                    }
+                }
+                for (s, p) in sums.iter_mut().zip(&pairs) {
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(*p, ones));
+                }
+            }
+            // SAFETY: the 8 scales of unit u's half h in group g (asserted).
+            let s = unsafe { _mm256_loadu_ps(sp.add((u * per + h) * LANES)) };
+            for (p, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
+                let scale = _mm256_mul_ps(s, _mm256_set1_ps(xd[p * units + u]));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*sums), scale, *acc);
+            }
+        }
+    }
+    for (out, acc) in out.iter_mut().zip(&acc) {
+        // SAFETY: writes the 8 floats of `out`.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), *acc) };
+    }
 }
 
 /// Adds `Σ c · d · Σ code_x` over the units (or halves) to each output: the weight row's
