@@ -55,17 +55,27 @@ pub(crate) fn transpose(values: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
     }
     // In blocks of 16 × 16, so that the 16 output rows a block writes stay in cache while its
     // 16 input rows are read (a prefill's `[n, 512]` went column by column through `[512, n]`).
+    // A task takes 16 output rows (a prefill's `[8960, 512]` is 18 MB: one core took 5 % of
+    // the step moving it).
     const BLOCK: usize = 16;
     let mut out = vec![0f32; m * n];
-    for j0 in (0..n).step_by(BLOCK) {
-        for i0 in (0..m).step_by(BLOCK) {
-            let rows = i0..(i0 + BLOCK).min(m);
+    let rows = |t: usize, out: &mut [f32]| {
+        let i0 = t * BLOCK;
+        let rows = out.len() / n;
+        for j0 in (0..n).step_by(BLOCK) {
             for j in j0..(j0 + BLOCK).min(n) {
-                for (i, v) in rows.clone().zip(&values[j * m + i0..]) {
+                for (i, v) in values[j * m + i0..j * m + i0 + rows].iter().enumerate() {
                     out[i * n + j] = *v;
                 }
             }
         }
+    };
+    if m * n < 1 << 16 {
+        out.chunks_mut(BLOCK * n)
+            .enumerate()
+            .for_each(|(t, out)| rows(t, out));
+    } else {
+        super::pool::for_each_chunk(&mut out, BLOCK * n, &rows);
     }
     out
 }
@@ -497,22 +507,28 @@ fn attend(task: &Task<'_>, out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_avx2(task: &Task<'_>, out: &mut [f32]) {
-    attend_portable(task, out);
+    attend_with::<true>(task, out);
 }
 
-#[inline(always)]
 fn attend_portable(task: &Task<'_>, out: &mut [f32]) {
+    attend_with::<false>(task, out);
+}
+
+/// The rows of a task, `AVX2` when the caller is compiled for it (and then [`QUERY_BLOCK`]
+/// query rows at a time).
+#[inline(always)]
+fn attend_with<const AVX2: bool>(task: &Task<'_>, out: &mut [f32]) {
     match task.shape.2 {
-        64 => attend_rows::<64>(task, out),
-        128 => attend_rows::<128>(task, out),
-        _ => attend_rows::<0>(task, out),
+        64 => attend_rows::<64, AVX2>(task, out),
+        128 => attend_rows::<128, AVX2>(task, out),
+        _ => attend_rows::<0, AVX2>(task, out),
     }
 }
 
 /// The rows of a task, for head dim `D` (0: any, read from the task). A known `D` keeps a
 /// query row, a key row's product and the output row in registers.
 #[inline(always)]
-fn attend_rows<const D: usize>(task: &Task<'_>, out: &mut [f32]) {
+fn attend_rows<const D: usize, const AVX2: bool>(task: &Task<'_>, out: &mut [f32]) {
     let Task {
         q,
         k,
@@ -524,8 +540,20 @@ fn attend_rows<const D: usize>(task: &Task<'_>, out: &mut [f32]) {
     } = *task;
     debug_assert!(D == 0 || D == d);
     debug_assert_eq!(out.len(), rows * d);
-    let mut p = vec![0f32; total];
-    for (r, out) in out.chunks_exact_mut(d).enumerate() {
+    let mut p = vec![0f32; QUERY_BLOCK * total];
+    let mut blocked = 0;
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 && D != 0 && D.is_multiple_of(2 * LANES) {
+        while blocked + QUERY_BLOCK <= rows {
+            let out = &mut out[blocked * d..(blocked + QUERY_BLOCK) * d];
+            // SAFETY: `AVX2` only from `attend_avx2`, called where the processor has AVX2 and
+            // FMA.
+            unsafe { attend_block_avx2::<D>(task, blocked, &mut p, out) };
+            blocked += QUERY_BLOCK;
+        }
+    }
+    let p = &mut p[..total];
+    for (r, out) in out.chunks_exact_mut(d).enumerate().skip(blocked) {
         let qr = q.row(bi, hi, first + r, d);
         let mask = mask.map(|m| &m[r * total..(r + 1) * total]);
         for (j, pj) in p.iter_mut().enumerate() {
@@ -544,7 +572,7 @@ fn attend_rows<const D: usize>(task: &Task<'_>, out: &mut [f32]) {
         }
         // The polynomial `exp` vectorises (`expf` is a call a position); hidden positions
         // stay exactly 0.
-        for pj in &mut p {
+        for pj in p.iter_mut() {
             *pj = if *pj == f32::NEG_INFINITY {
                 0.0
             } else {
@@ -582,6 +610,138 @@ fn attend_rows<const D: usize>(task: &Task<'_>, out: &mut [f32]) {
     }
 }
 
+/// Query rows [`attend_block`] takes at once.
+const QUERY_BLOCK: usize = 4;
+
+/// Query rows `r0..r0 + QUERY_BLOCK` of a task together, as [`attend_rows`] takes each (the
+/// same operations in the same order, so the same bits): each key and value row is read once
+/// for the four of them, where a prefill's rows each streamed the whole cache (a KV head's
+/// keys and values at 1,000 positions pass a core's L2). The scores go to `p`
+/// (`[QUERY_BLOCK, total]`), the outputs to `out` (`[QUERY_BLOCK, D]`), 16 columns at a time.
+/// Intrinsics: plain loops came out packed across the query rows, slower than one row at a
+/// time.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn attend_block_avx2<const D: usize>(task: &Task<'_>, r0: usize, p: &mut [f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let Task {
+        q,
+        k,
+        v,
+        at: (bi, hi, first),
+        shape: (_, total, d),
+        mask,
+        scale,
+    } = *task;
+    let row = |r: usize| -> &[f32; D] {
+        q.row(bi, hi, first + r0 + r, d)
+            .try_into()
+            .unwrap_or_else(|_| unreachable!())
+    };
+    let qs: [&[f32; D]; QUERY_BLOCK] = std::array::from_fn(row);
+    let masks: [Option<&[f32]>; QUERY_BLOCK] =
+        std::array::from_fn(|r| mask.map(|m| &m[(r0 + r) * total..(r0 + r + 1) * total]));
+    let p = &mut p[..QUERY_BLOCK * total];
+    let out = &mut out[..QUERY_BLOCK * D];
+    for j in 0..total {
+        let m: [f32; QUERY_BLOCK] = std::array::from_fn(|r| masks[r].map_or(0.0, |m| m[j]));
+        if m.iter().all(|&m| m == f32::NEG_INFINITY) {
+            (0..QUERY_BLOCK).for_each(|r| p[r * total + j] = f32::NEG_INFINITY);
+            continue;
+        }
+        let kr: &[f32; D] = k
+            .row(bi, hi, j, d)
+            .try_into()
+            .unwrap_or_else(|_| unreachable!());
+        let mut acc = [_mm256_setzero_ps(); QUERY_BLOCK];
+        for c in (0..D).step_by(LANES) {
+            // SAFETY: c + 8 <= D, the length of every row here.
+            let kv = unsafe { _mm256_loadu_ps(kr.as_ptr().add(c)) };
+            for (acc, qr) in acc.iter_mut().zip(&qs) {
+                // SAFETY: as above.
+                let qv = unsafe { _mm256_loadu_ps(qr.as_ptr().add(c)) };
+                *acc = _mm256_fmadd_ps(qv, kv, *acc);
+            }
+        }
+        for (r, (acc, &m)) in acc.into_iter().zip(&m).enumerate() {
+            p[r * total + j] = if m == f32::NEG_INFINITY {
+                m
+            } else {
+                // SAFETY: `__m256` is eight f32 lanes.
+                sum_lanes(unsafe { std::mem::transmute::<__m256, [f32; LANES]>(acc) }) * scale + m
+            };
+        }
+    }
+    let mut inv = [0f32; QUERY_BLOCK];
+    for (p, inv) in p.chunks_exact_mut(total).zip(&mut inv) {
+        let max = lanes(p, f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            // Nothing visible: NaN, as the single rows (zeros times NaN below).
+            p.fill(0.0);
+            *inv = f32::NAN;
+            continue;
+        }
+        for pj in p.iter_mut() {
+            *pj = if *pj == f32::NEG_INFINITY {
+                0.0
+            } else {
+                super::cpu_rows::exp(*pj - max)
+            };
+        }
+        *inv = 1.0 / lanes(p, 0.0, |a, b| a + b);
+    }
+    // The positions any of the rows sees (a causal mask hides the end of most rows' span, left
+    // padding its start), found once for the passes below.
+    let seen = |j: usize| (0..QUERY_BLOCK).any(|r| p[r * total + j] != 0.0);
+    let start = (0..total).find(|&j| seen(j)).unwrap_or(total);
+    let end = (start..total)
+        .rev()
+        .find(|&j| seen(j))
+        .map_or(start, |j| j + 1);
+    for c0 in (0..D).step_by(2 * LANES) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; QUERY_BLOCK];
+        for j in start..end {
+            let pj: [f32; QUERY_BLOCK] = std::array::from_fn(|r| p[r * total + j]);
+            if pj.iter().all(|&x| x == 0.0) {
+                continue;
+            }
+            let vr: &[f32; D] = v
+                .row(bi, hi, j, d)
+                .try_into()
+                .unwrap_or_else(|_| unreachable!());
+            // SAFETY: c0 + 16 <= D (D a multiple of 16).
+            let vv = unsafe {
+                [
+                    _mm256_loadu_ps(vr.as_ptr().add(c0)),
+                    _mm256_loadu_ps(vr.as_ptr().add(c0 + LANES)),
+                ]
+            };
+            for (acc, &pj) in acc.iter_mut().zip(&pj) {
+                if pj != 0.0 {
+                    let b = _mm256_set1_ps(pj);
+                    acc[0] = _mm256_fmadd_ps(b, vv[0], acc[0]);
+                    acc[1] = _mm256_fmadd_ps(b, vv[1], acc[1]);
+                }
+            }
+        }
+        for (r, (acc, inv)) in acc.iter().zip(inv).enumerate() {
+            let inv = _mm256_set1_ps(inv);
+            for (h, a) in acc.iter().enumerate() {
+                let o = &mut out[r * D + c0 + h * LANES..][..LANES];
+                // SAFETY: writes the 8 floats of `o`.
+                unsafe { _mm256_storeu_ps(o.as_mut_ptr(), _mm256_mul_ps(*a, inv)) };
+            }
+        }
+    }
+}
+
+/// The sum of 8 lanes in [`dot_n`]'s order.
+#[inline(always)]
+fn sum_lanes([a0, a1, a2, a3, a4, a5, a6, a7]: [f32; LANES]) -> f32 {
+    ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))
+}
+
 /// [`dot`] for rows of a known length `D` (0: any).
 #[inline(always)]
 fn dot_n<const D: usize>(a: &[f32], b: &[f32]) -> f32 {
@@ -596,8 +756,7 @@ fn dot_n<const D: usize>(a: &[f32], b: &[f32]) -> f32 {
             *a = x.mul_add(*y, *a);
         }
     }
-    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
-    ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))
+    sum_lanes(acc)
 }
 
 /// `a` folded by `f` in 8 lanes, then across them (a reduction the compiler vectorises).
@@ -678,6 +837,21 @@ pub(crate) fn flex<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<
 mod tests {
     use super::*;
     use crate::kernels::reference;
+
+    /// The transpose on one thread (small) and on the pool (past 2¹⁶ values), rows short of
+    /// a block at the end.
+    #[test]
+    fn transpose_moves_every_value() {
+        for (m, n) in [(3, 5), (37, 2001)] {
+            let v: Vec<f32> = (0..m * n).map(|i| i as f32).collect();
+            let t = transpose(v, m, n);
+            for i in 0..m {
+                for j in 0..n {
+                    assert_eq!(t[i * n + j], (j * m + i) as f32, "[{m}, {n}]: ({i}, {j})");
+                }
+            }
+        }
+    }
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
         use rand::{Rng, SeedableRng};
@@ -807,6 +981,9 @@ mod tests {
         attention_case(4, 3, 3, 64, 600, 520);
         // Rows split into tasks of 32 with a short last one.
         attention_case(2, 3, 70, 16, 100, 90);
+        // Blocks of four query rows (head dims 64 and 128) and the rows after them.
+        attention_case(2, 2, 70, 64, 100, 90);
+        attention_case(1, 1, 40, 128, 50, 45);
     }
 
     fn attention_case(b: usize, h: usize, rows: usize, d: usize, cap: usize, total: usize) {
