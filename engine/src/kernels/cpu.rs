@@ -61,12 +61,16 @@ pub(crate) fn transpose(values: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     let rows = |t: usize, out: &mut [f32]| {
         let i0 = t * BLOCK;
+        let mut j0 = 0;
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the processor has AVX2 (checked above).
+            j0 = unsafe { transpose_eights_avx2(&values, m, n, i0, out) };
+        }
         let rows = out.len() / n;
-        for j0 in (0..n).step_by(BLOCK) {
-            for j in j0..(j0 + BLOCK).min(n) {
-                for (i, v) in values[j * m + i0..j * m + i0 + rows].iter().enumerate() {
-                    out[i * n + j] = *v;
-                }
+        for j in j0..n {
+            for (i, v) in values[j * m + i0..j * m + i0 + rows].iter().enumerate() {
+                out[i * n + j] = *v;
             }
         }
     };
@@ -78,6 +82,41 @@ pub(crate) fn transpose(values: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
         super::pool::for_each_chunk(&mut out, BLOCK * n, &rows);
     }
     out
+}
+
+/// [`transpose`]'s output rows `i0..` (as many as `out` holds, `[rows, n]`) from `values`
+/// (`[n, m]`), in 8 × 8 blocks of registers where 8 rows are left; returns the first column
+/// it did not fill (the caller fills the rest).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn transpose_eights_avx2(values: &[f32], m: usize, n: usize, i0: usize, out: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let rows = out.len() / n;
+    assert!(
+        i0 + rows <= m && values.len() >= n * m,
+        "rows outside the values"
+    );
+    let full = n - n % LANES;
+    for ib in (0..rows - rows % LANES).step_by(LANES) {
+        for j0 in (0..full).step_by(LANES) {
+            // SAFETY: rows j0..j0 + 8 < n of `values`, 8 values from column i0 + ib + 8 <= m.
+            let r: [__m256i; LANES] = std::array::from_fn(|q| unsafe {
+                _mm256_loadu_si256(values.as_ptr().add((j0 + q) * m + i0 + ib).cast())
+            });
+            for (q, v) in super::cpu_quant::transpose_words(r).into_iter().enumerate() {
+                let o = &mut out[(ib + q) * n + j0..][..LANES];
+                // SAFETY: writes the 8 floats of `o`.
+                unsafe { _mm256_storeu_si256(o.as_mut_ptr().cast(), v) };
+            }
+        }
+    }
+    // Rows short of 8 at the end: one value at a time.
+    for i in rows - rows % LANES..rows {
+        for j in 0..full {
+            out[i * n + j] = values[j * m + i0 + i];
+        }
+    }
+    full
 }
 
 /// Lanes of each accumulator: one AVX register of f32.
@@ -842,7 +881,7 @@ mod tests {
     /// a block at the end.
     #[test]
     fn transpose_moves_every_value() {
-        for (m, n) in [(3, 5), (37, 2001)] {
+        for (m, n) in [(3, 5), (37, 2001), (64, 1030)] {
             let v: Vec<f32> = (0..m * n).map(|i| i as f32).collect();
             let t = transpose(v, m, n);
             for i in 0..m {

@@ -87,6 +87,8 @@ pub struct QActs {
     half_isums: Vec<i16>,
     /// `[rows * units]`: `d · Σ code` over each unit (what a weight's `c` meets).
     unit_sums: Vec<f32>,
+    /// `[rows * units * 2]`: the same over each half (what Q6_K's per-half `c` meets).
+    half_sums: Vec<f32>,
     /// `d · Σ code` over each half and each unit, transposed: `[2 * units, rows]` and
     /// `[units, rows]`, so that the weights' offsets meet 32 rows of x in four registers
     /// ([`add_min_terms`]).
@@ -151,7 +153,8 @@ impl QActs {
             codes,
             d,
             half_isums,
-            half_sums_t: transpose(half_sums, 2 * per_row, rows),
+            half_sums_t: transpose(half_sums.clone(), 2 * per_row, rows),
+            half_sums,
             unit_sums_t: transpose(unit_sums.clone(), per_row, rows),
             unit_sums,
         }
@@ -213,8 +216,9 @@ struct Tile {
     /// unit, 8 steps of 32 bytes, step `j` holding bytes `4j..4j + 4` of each row in turn, so
     /// that a register's eight i32 lanes are eight weight rows (rows past the tile are zero).
     lanes: Vec<u8>,
-    /// `scales` likewise: `[groups * units * per * LANES]`.
+    /// `scales` and `mins` likewise: `[groups * units * per * LANES]`.
     lane_scales: Vec<f32>,
+    lane_mins: Vec<f32>,
 }
 
 impl Tile {
@@ -292,6 +296,7 @@ impl Tile {
         let groups = self.rows.div_ceil(LANES);
         self.lanes.resize(groups * LANES * k, 0);
         self.lane_scales.resize(groups * units * per * LANES, 0.0);
+        self.lane_mins.resize(groups * units * per * LANES, 0.0);
         let codes = &self.codes[..self.rows * k];
         for (g, out) in self.lanes.chunks_exact_mut(LANES * k).enumerate() {
             let rows = (self.rows - g * LANES).min(LANES);
@@ -310,15 +315,16 @@ impl Tile {
             }
         }
         let n = units * per;
-        for (g, out) in self.lane_scales.chunks_exact_mut(n * LANES).enumerate() {
-            let rows = (self.rows - g * LANES).min(LANES);
-            for (s, out) in out.chunks_exact_mut(LANES).enumerate() {
-                for (i, o) in out.iter_mut().enumerate() {
-                    *o = if i < rows {
-                        self.scales[(g * LANES + i) * n + s]
-                    } else {
-                        0.0
-                    };
+        for (lanes, rows) in [
+            (&mut self.lane_scales, &self.scales),
+            (&mut self.lane_mins, &self.mins),
+        ] {
+            for (g, lanes) in lanes.chunks_exact_mut(n * LANES).enumerate() {
+                let rows = &rows[g * LANES * n..(g * LANES * n + LANES * n).min(self.rows * n)];
+                for (s, lanes) in lanes.chunks_exact_mut(LANES).enumerate() {
+                    for (i, o) in lanes.iter_mut().enumerate() {
+                        *o = rows.get(i * n + s).copied().unwrap_or(0.0);
+                    }
                 }
             }
         }
@@ -333,7 +339,9 @@ const LANES: usize = 8;
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2")]
-fn transpose_words(r: [std::arch::x86_64::__m256i; LANES]) -> [std::arch::x86_64::__m256i; LANES] {
+pub(crate) fn transpose_words(
+    r: [std::arch::x86_64::__m256i; LANES],
+) -> [std::arch::x86_64::__m256i; LANES] {
     use std::arch::x86_64::*;
     // Pairs of rows, then fours, within each 128-bit half; the halves are swapped last.
     let t = [
@@ -1348,7 +1356,6 @@ fn tile_product(isa: Isa, format: QFormat, x: &QActs, tile: &Tile, out: &mut [f3
     if isa == Isa::Avx2 {
         // SAFETY: `Isa::detect` chose AVX2 only where the processor has AVX2 and FMA.
         unsafe { lanes_product_avx2(format, x, tile, out) };
-        add_min_terms(x, tile, out);
         return;
     }
     let kind = Kind::of(format);
@@ -1420,7 +1427,8 @@ fn lanes_product_avx2(format: QFormat, x: &QActs, tile: &Tile, out: &mut [f32]) 
 /// lane, against rows `i..i + XR` of x. Per 4 columns, one load of the 8 rows' bytes and a
 /// broadcast of each row of x's 4 bytes into `vpmaddubsw`; its pairs are summed in i16 for
 /// `RUN` such steps, then widened by `vpmaddwd`; each unit (Q6_K: each half) ends in one
-/// conversion and one multiply-add by its scales. No lane is summed across: lane `l` is weight
+/// conversion and one multiply-add by its scales, and one multiply-add of its offsets by x's
+/// sum (a pass of its own over x's sums, per weight row, cost a fifth of the products). No lane is summed across: lane `l` is weight
 /// row `8g + l`, so a row of x costs 5 registers and no horizontal sum.
 #[cfg(target_arch = "x86_64")]
 #[inline]
@@ -1442,11 +1450,18 @@ fn gemm_avx2<const XR: usize, const KIND: u8, const RUN: usize>(
         (i + XR) * k <= x.codes.len()
             && (i + XR) * units <= x.d.len()
             && (g + 1) * LANES * k <= tile.lanes.len()
-            && (g + 1) * units * per * LANES <= tile.lane_scales.len(),
+            && (g + 1) * units * per * LANES <= tile.lane_scales.len()
+            && (g + 1) * units * per * LANES <= tile.lane_mins.len(),
         "block outside x or the tile"
     );
     let wp = tile.lanes[g * LANES * k..].as_ptr();
     let sp = tile.lane_scales[g * units * per * LANES..].as_ptr();
+    let mp = tile.lane_mins[g * units * per * LANES..].as_ptr();
+    let xsums = if per == 2 {
+        &x.half_sums[i * units * 2..(i + XR) * units * 2]
+    } else {
+        &x.unit_sums[i * units..(i + XR) * units]
+    };
     let xp = x.codes[i * k..].as_ptr();
     let xd = &x.d[i * units..(i + XR) * units];
     let ones = _mm256_set1_epi16(1);
@@ -1486,9 +1501,15 @@ fn gemm_avx2<const XR: usize, const KIND: u8, const RUN: usize>(
             }
             // SAFETY: the 8 scales of unit u's half h in group g (asserted).
             let s = unsafe { _mm256_loadu_ps(sp.add((u * per + h) * LANES)) };
+            // SAFETY: as the scales.
+            let c = unsafe { _mm256_loadu_ps(mp.add((u * per + h) * LANES)) };
             for (p, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
                 let scale = _mm256_mul_ps(s, _mm256_set1_ps(xd[p * units + u]));
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*sums), scale, *acc);
+                if KIND != SIGNED {
+                    let xs = _mm256_set1_ps(xsums[(p * units + u) * per + h]);
+                    *acc = _mm256_fmadd_ps(c, xs, *acc);
+                }
             }
         }
     }
