@@ -171,7 +171,91 @@ impl<B: KernelBackend> Backward<B, 1> for NllBackward {
     }
 }
 
+/// SwiGLU's gating, `silu(gate) · up`: both gradients from the inputs kept here
+/// ([`KernelBackend::swiglu_backward`]), where burn's chain through sigmoid kept and walked
+/// four tensors of the layer's width.
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl<B: KernelBackend> Backward<B, 2> for SwigluBackward {
+    type State = (Float<B>, Float<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (gate, up) = ops.state;
+        let dy = grads.consume::<B>(&ops.node);
+        let wrap3 = |t| Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(t));
+        let (d_gate, d_up) = B::swiglu_backward(wrap3(gate), wrap3(up), wrap3(dy));
+        let [gate_node, up_node] = ops.parents;
+        if let Some(node) = gate_node {
+            grads.register::<B>(node.id, d_gate.into_primitive().tensor());
+        }
+        if let Some(node) = up_node {
+            grads.register::<B>(node.id, d_up.into_primitive().tensor());
+        }
+    }
+}
+
+/// Softmax over the last dimension: the gradient from the output kept here
+/// ([`KernelBackend::row_softmax_backward`]).
+#[derive(Debug)]
+struct SoftmaxBackward;
+
+impl<B: KernelBackend> Backward<B, 1> for SoftmaxBackward {
+    type State = Float<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let y = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |dy| {
+            let wrap4 = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
+            B::row_softmax_backward(wrap4(y), wrap4(dy))
+                .into_primitive()
+                .tensor()
+        });
+    }
+}
+
 impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
+    fn row_softmax(x: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        let x = x.into_primitive().tensor();
+        let y = |x| {
+            let x = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(x));
+            B::row_softmax(x).into_primitive().tensor()
+        };
+        let out = match SoftmaxBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = y(x.primitive);
+                prep.finish(out.clone(), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y(x.primitive)),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+
+    fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        let gate = gate.into_primitive().tensor();
+        let up = up.into_primitive().tensor();
+        let y = |g, u| {
+            let wrap3 = |t| Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(t));
+            B::swiglu(wrap3(g), wrap3(u)).into_primitive().tensor()
+        };
+        let out = match SwigluBackward
+            .prepare::<C>([gate.node.clone(), up.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = y(gate.primitive.clone(), up.primitive.clone());
+                prep.finish((gate.primitive, up.primitive), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y(gate.primitive, up.primitive)),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+
     fn q_matmul(x: Tensor<Self, 2>, w: &QTensor<Self>) -> Tensor<Self, 2> {
         let x = x.into_primitive().tensor();
         let w = w.cast::<B>();
@@ -337,5 +421,101 @@ mod tests {
             assert!((g - w).abs() < 1e-6, "{g} vs {w}");
         }
         assert!(ours[2 * vocab..3 * vocab].iter().all(|&g| g == 0.0));
+    }
+
+    /// The softmax's own backward gives burn's gradient of its softmax, with positions hidden
+    /// by `-∞` as attention's mask hides them.
+    #[test]
+    fn softmax_gradient_matches_autodiff_of_burns() {
+        let dims = [2, 3, 5, 17];
+        let n: usize = dims.iter().product();
+        let x: Vec<f32> = (0..n)
+            .map(|i| {
+                if i % 17 > 12 && (i / 17) % 2 == 0 {
+                    f32::NEG_INFINITY
+                } else {
+                    ((i * 37 % 29) as f32 - 14.0) * 0.4
+                }
+            })
+            .collect();
+        let w: Vec<f32> = (0..n).map(|i| ((i * 11 % 13) as f32 - 6.0) * 0.2).collect();
+        let grad_of = |ours: bool| {
+            let x =
+                Tensor::<Ad, 4>::from_data(TensorData::new(x.clone(), dims), &Default::default())
+                    .require_grad();
+            let y = if ours {
+                <Ad as KernelBackend>::row_softmax(x.clone())
+            } else {
+                burn::tensor::activation::softmax(x.clone(), 3)
+            };
+            let w =
+                Tensor::<Ad, 4>::from_data(TensorData::new(w.clone(), dims), &Default::default());
+            let grads = (y.clone() * w).sum().backward();
+            let g = x.grad(&grads).expect("a gradient at x").into_data();
+            (
+                y.into_data().to_vec::<f32>().unwrap(),
+                g.to_vec::<f32>().unwrap(),
+            )
+        };
+        let (ours, want) = (grad_of(true), grad_of(false));
+        for (g, w) in ours
+            .0
+            .iter()
+            .chain(&ours.1)
+            .zip(want.0.iter().chain(&want.1))
+        {
+            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+    }
+
+    /// SwiGLU's own backward gives burn's gradients of the tensor-op reference at both inputs,
+    /// on burn-flex (one pass a gradient) and through the reference's own formula.
+    #[test]
+    fn swiglu_gradients_match_autodiff_of_the_reference() {
+        let dims = [2, 3, 40];
+        let n: usize = dims.iter().product();
+        let v = |seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 37 + seed) % 29) as f32 * 0.5 - 7.0)
+                .collect()
+        };
+        let input = |seed| {
+            Tensor::<Ad, 3>::from_data(TensorData::new(v(seed), dims), &Default::default())
+                .require_grad()
+        };
+        let grads_of = |ours: bool| {
+            let (gate, up) = (input(3), input(11));
+            let y = if ours {
+                <Ad as KernelBackend>::swiglu(gate.clone(), up.clone())
+            } else {
+                reference::swiglu(gate.clone(), up.clone())
+            };
+            // A weight per output, so that each gets its own dy.
+            let w = Tensor::<Ad, 3>::from_data(TensorData::new(v(5), dims), &Default::default());
+            let grads = (y * w).sum().backward();
+            let g = |t: &Tensor<Ad, 3>| t.grad(&grads).expect("a gradient").into_data();
+            (
+                g(&gate).to_vec::<f32>().unwrap(),
+                g(&up).to_vec::<f32>().unwrap(),
+            )
+        };
+        let (ours, want) = (grads_of(true), grads_of(false));
+        let close = |a: &[f32], b: &[f32]| {
+            for (g, w) in a.iter().zip(b) {
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+            }
+        };
+        close(&ours.0, &want.0);
+        close(&ours.1, &want.1);
+        // The tensor-op formula other backends run agrees with burn-flex's passes.
+        let flex = |seed| {
+            Tensor::<Flex, 3>::from_data(TensorData::new(v(seed), dims), &Default::default())
+        };
+        let (g, u, dy) = (flex(3), flex(11), flex(5));
+        let fast = <Flex as KernelBackend>::swiglu_backward(g.clone(), u.clone(), dy.clone());
+        let formula = reference::swiglu_backward(g, u, dy);
+        let data = |t: Tensor<Flex, 3>| t.into_data().to_vec::<f32>().unwrap();
+        close(&data(fast.0), &data(formula.0));
+        close(&data(fast.1), &data(formula.1));
     }
 }

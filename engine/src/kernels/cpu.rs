@@ -53,20 +53,21 @@ pub(crate) fn transpose(values: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
     if m == 1 {
         return values;
     }
-    // In blocks of 16 × 16, so that the 16 output rows a block writes stay in cache while its
-    // 16 input rows are read (a prefill's `[n, 512]` went column by column through `[512, n]`).
-    // A task takes 16 output rows (a prefill's `[8960, 512]` is 18 MB: one core took 5 % of
-    // the step moving it).
+    // Tasks of 16 output rows on the pool, each in 8 × 8 blocks of registers where it can (a
+    // prefill's `[8960, 512]` is 18 MB: one core moving one value at a time took 5–8 % of it).
     const BLOCK: usize = 16;
     let mut out = vec![0f32; m * n];
     let rows = |t: usize, out: &mut [f32]| {
         let i0 = t * BLOCK;
-        let mut j0 = 0;
         #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
+        let j0 = if has_avx2_fma() {
             // SAFETY: the processor has AVX2 (checked above).
-            j0 = unsafe { transpose_eights_avx2(&values, m, n, i0, out) };
-        }
+            unsafe { transpose_eights_avx2(&values, m, n, i0, out) }
+        } else {
+            0
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let j0 = 0;
         let rows = out.len() / n;
         for j in j0..n {
             for (i, v) in values[j * m + i0..j * m + i0 + rows].iter().enumerate() {
@@ -580,16 +581,17 @@ fn attend_rows<const D: usize, const AVX2: bool>(task: &Task<'_>, out: &mut [f32
     debug_assert!(D == 0 || D == d);
     debug_assert_eq!(out.len(), rows * d);
     let mut p = vec![0f32; QUERY_BLOCK * total];
-    let mut blocked = 0;
+    // Whole blocks of query rows first, where the kernel for them runs.
+    let blocked = if AVX2 && D != 0 && D.is_multiple_of(2 * LANES) {
+        rows - rows % QUERY_BLOCK
+    } else {
+        0
+    };
     #[cfg(target_arch = "x86_64")]
-    if AVX2 && D != 0 && D.is_multiple_of(2 * LANES) {
-        while blocked + QUERY_BLOCK <= rows {
-            let out = &mut out[blocked * d..(blocked + QUERY_BLOCK) * d];
-            // SAFETY: `AVX2` only from `attend_avx2`, called where the processor has AVX2 and
-            // FMA.
-            unsafe { attend_block_avx2::<D>(task, blocked, &mut p, out) };
-            blocked += QUERY_BLOCK;
-        }
+    for r0 in (0..blocked).step_by(QUERY_BLOCK) {
+        let out = &mut out[r0 * d..(r0 + QUERY_BLOCK) * d];
+        // SAFETY: `AVX2` only from `attend_avx2`, called where the processor has AVX2 and FMA.
+        unsafe { attend_block_avx2::<D>(task, r0, &mut p, out) };
     }
     let p = &mut p[..total];
     for (r, out) in out.chunks_exact_mut(d).enumerate().skip(blocked) {

@@ -158,6 +158,170 @@ pub fn try_swiglu(gate: &Tensor<Flex, 3>, up: &Tensor<Flex, 3>) -> Option<Tensor
     Some(flex(out, dims))
 }
 
+/// [`KernelBackend::swiglu_backward`](super::KernelBackend::swiglu_backward) on the CPU: the
+/// gradient at the gate in one pass, at `up` in another. `None` unless all three are f32 of
+/// one shape.
+pub fn try_swiglu_backward(
+    gate: &Tensor<Flex, 3>,
+    up: &Tensor<Flex, 3>,
+    dy: &Tensor<Flex, 3>,
+) -> Option<(Tensor<Flex, 3>, Tensor<Flex, 3>)> {
+    let dims = gate.dims();
+    if up.dims() != dims || dy.dims() != dims {
+        return None;
+    }
+    let (gp, upp, dyp) = (contiguous(gate)?, contiguous(up)?, contiguous(dy)?);
+    let (gs, us, ds) = (
+        gp.as_slice::<f32>()?,
+        upp.as_slice::<f32>()?,
+        dyp.as_slice::<f32>()?,
+    );
+    let grad = |of_gate: bool| {
+        let mut out = vec![0f32; gs.len()];
+        rows_of(&mut out, dims[2], &|first, out| {
+            let at = first * dims[2];
+            let span = at..at + out.len();
+            let (g, u, d) = (&gs[span.clone()], &us[span.clone()], &ds[span]);
+            swiglu_grad_values(of_gate, g, u, d, out);
+        });
+        flex(out, dims)
+    };
+    Some((grad(true), grad(false)))
+}
+
+fn swiglu_grad_values(of_gate: bool, gate: &[f32], up: &[f32], dy: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::has_avx2_fma() {
+        // SAFETY: the processor has AVX2 and FMA (checked above), all this function needs.
+        unsafe { swiglu_grad_avx2(of_gate, gate, up, dy, out) };
+        return;
+    }
+    swiglu_grad_portable(of_gate, gate, up, dy, out);
+}
+
+/// [`swiglu_grad_portable`] compiled for AVX2/FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn swiglu_grad_avx2(of_gate: bool, gate: &[f32], up: &[f32], dy: &[f32], out: &mut [f32]) {
+    swiglu_grad_portable(of_gate, gate, up, dy, out);
+}
+
+/// `dy · up · σ(g) · (1 + g · (1 − σ(g)))` (the gate's), or `dy · g · σ(g)` (up's).
+#[inline(always)]
+fn swiglu_grad_portable(of_gate: bool, gate: &[f32], up: &[f32], dy: &[f32], out: &mut [f32]) {
+    let values = out.iter_mut().zip(gate).zip(up).zip(dy);
+    if of_gate {
+        for (((o, &g), &u), &d) in values {
+            let s = 1.0 / (1.0 + exp(-g));
+            *o = d * u * (s * (1.0 + g * (1.0 - s)));
+        }
+    } else {
+        for (((o, &g), _), &d) in values {
+            *o = d * (g / (1.0 + exp(-g)));
+        }
+    }
+}
+
+/// [`KernelBackend::row_softmax`](super::KernelBackend::row_softmax) on the CPU: per row, the
+/// maximum, `exp` in lanes and the scaling by the sum; `-∞` gives exactly 0, a row of nothing
+/// but `-∞` NaN (as burn's). `None` unless f32.
+pub fn try_softmax(x: &Tensor<Flex, 4>) -> Option<Tensor<Flex, 4>> {
+    let dims = x.dims();
+    let xp = contiguous(x)?;
+    let xs = xp.as_slice::<f32>()?;
+    let mut out = vec![0f32; xs.len()];
+    rows_of(&mut out, dims[3], &|first, out| {
+        let at = first * dims[3];
+        softmax_rows(&xs[at..at + out.len()], dims[3], out);
+    });
+    Some(flex(out, dims))
+}
+
+/// [`KernelBackend::row_softmax_backward`](super::KernelBackend::row_softmax_backward) on the CPU:
+/// per row, `Σ dy · y`, then `y · (dy − Σ)`. `None` unless both are f32 of one shape.
+pub fn try_softmax_backward(y: &Tensor<Flex, 4>, dy: &Tensor<Flex, 4>) -> Option<Tensor<Flex, 4>> {
+    let dims = y.dims();
+    if dy.dims() != dims {
+        return None;
+    }
+    let (yp, dp) = (contiguous(y)?, contiguous(dy)?);
+    let (ys, ds) = (yp.as_slice::<f32>()?, dp.as_slice::<f32>()?);
+    let width = dims[3];
+    let mut out = vec![0f32; ys.len()];
+    rows_of(&mut out, width, &|first, out| {
+        let span = first * width..first * width + out.len();
+        softmax_grad_rows(&ys[span.clone()], &ds[span], width, out);
+    });
+    Some(flex(out, dims))
+}
+
+fn softmax_rows(x: &[f32], width: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::has_avx2_fma() {
+        // SAFETY: the processor has AVX2 and FMA (checked above), all this function needs.
+        unsafe { softmax_rows_avx2(x, width, out) };
+        return;
+    }
+    softmax_rows_portable(x, width, out);
+}
+
+/// [`softmax_rows_portable`] compiled for AVX2/FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_rows_avx2(x: &[f32], width: usize, out: &mut [f32]) {
+    softmax_rows_portable(x, width, out);
+}
+
+#[inline(always)]
+fn softmax_rows_portable(x: &[f32], width: usize, out: &mut [f32]) {
+    for (x, out) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        if max == f32::NEG_INFINITY {
+            out.fill(f32::NAN);
+            continue;
+        }
+        let mut sum = 0f32;
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = if v == f32::NEG_INFINITY {
+                0.0
+            } else {
+                exp(v - max)
+            };
+            sum += *o;
+        }
+        let inv = 1.0 / sum;
+        out.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+fn softmax_grad_rows(y: &[f32], dy: &[f32], width: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::has_avx2_fma() {
+        // SAFETY: the processor has AVX2 and FMA (checked above), all this function needs.
+        unsafe { softmax_grad_rows_avx2(y, dy, width, out) };
+        return;
+    }
+    softmax_grad_rows_portable(y, dy, width, out);
+}
+
+/// [`softmax_grad_rows_portable`] compiled for AVX2/FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_grad_rows_avx2(y: &[f32], dy: &[f32], width: usize, out: &mut [f32]) {
+    softmax_grad_rows_portable(y, dy, width, out);
+}
+
+#[inline(always)]
+fn softmax_grad_rows_portable(y: &[f32], dy: &[f32], width: usize, out: &mut [f32]) {
+    let rows = y.chunks_exact(width).zip(dy.chunks_exact(width));
+    for ((y, dy), out) in rows.zip(out.chunks_exact_mut(width)) {
+        let dot = super::cpu::dot(y, dy);
+        for ((o, &y), &d) in out.iter_mut().zip(y).zip(dy) {
+            *o = y * (d - dot);
+        }
+    }
+}
+
 fn swiglu_values(gate: &[f32], up: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::cpu::has_avx2_fma() {

@@ -234,6 +234,16 @@ pub trait KernelBackend: Backend {
         reference::swiglu(gate, up)
     }
 
+    /// The gradients of [`swiglu`](Self::swiglu) at `gate` and `up` for `dy` at its output:
+    /// `dy · up · σ(g) · (1 + g · (1 − σ(g)))` and `dy · silu(g)`.
+    fn swiglu_backward(
+        gate: Tensor<Self, 3>,
+        up: Tensor<Self, 3>,
+        dy: Tensor<Self, 3>,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
+        reference::swiglu_backward(gate, up, dy)
+    }
+
     /// `cache` with `values` written at positions `past..past + seq` (the KV cache's append).
     ///
     /// # Shapes
@@ -277,7 +287,18 @@ pub trait KernelBackend: Backend {
         mask: Option<&Tensor<Self, 4>>,
         scale: f64,
     ) -> Tensor<Self, 4> {
-        reference::attention(q, keys, values, mask, scale)
+        Self::row_softmax(reference::attention_scores(q, keys, mask, scale)).matmul(values)
+    }
+
+    /// Softmax over the last dimension (attention's scores).
+    fn row_softmax(x: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        burn::tensor::activation::softmax(x, 3)
+    }
+
+    /// The gradient of [`row_softmax`](Self::row_softmax) at its input, from its output `y` and the
+    /// gradient `dy` there: `y · (dy − Σ dy · y)` per row.
+    fn row_softmax_backward(y: Tensor<Self, 4>, dy: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        reference::softmax_backward(y, dy)
     }
 
     /// Whether the backend multiplies by `format` without widening it: the WGSL kernels read
@@ -407,6 +428,28 @@ impl KernelBackend for burn::backend::Flex {
 
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         cpu_rows::try_swiglu(&gate, &up).unwrap_or_else(|| reference::swiglu(gate, up))
+    }
+
+    /// One pass a gradient, `exp` vectorised; burn's chain through sigmoid made seven tensor
+    /// ops of the layer's width.
+    fn swiglu_backward(
+        gate: Tensor<Self, 3>,
+        up: Tensor<Self, 3>,
+        dy: Tensor<Self, 3>,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
+        cpu_rows::try_swiglu_backward(&gate, &up, &dy)
+            .unwrap_or_else(|| reference::swiglu_backward(gate, up, dy))
+    }
+
+    /// One pass a row, `exp` vectorised (training's attention: burn's softmax is five tensor
+    /// ops, each a pass of `expf` calls or of burn-flex's plumbing).
+    fn row_softmax(x: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        cpu_rows::try_softmax(&x).unwrap_or_else(|| burn::tensor::activation::softmax(x, 3))
+    }
+
+    fn row_softmax_backward(y: Tensor<Self, 4>, dy: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        cpu_rows::try_softmax_backward(&y, &dy)
+            .unwrap_or_else(|| reference::softmax_backward(y, dy))
     }
 
     fn kernels_impl() -> &'static str {

@@ -140,9 +140,20 @@ pub fn attention<B: Backend>(
     mask: Option<&Tensor<B, 4>>,
     scale: f64,
 ) -> Tensor<B, 4> {
+    softmax(attention_scores(q, keys, mask, scale), 3).matmul(values)
+}
+
+/// [`attention`]'s scores before the softmax: `q·kᵀ·scale + mask`, `[batch, kv_heads, rows,
+/// total]`.
+pub fn attention_scores<B: Backend>(
+    q: Tensor<B, 4>,
+    keys: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4>>,
+    scale: f64,
+) -> Tensor<B, 4> {
     let scores = q.matmul(keys.swap_dims(2, 3)) * scale;
     let [b, h, rows, total] = scores.dims();
-    let scores = match mask {
+    match mask {
         // Added as rows of `rows · total`: burn-flex adds one row shared by every head with
         // SIMD, where the 4-D broadcast walked the scores index by index.
         Some(m) => {
@@ -151,8 +162,13 @@ pub fn attention<B: Backend>(
                 .reshape([b, h, rows, total])
         }
         None => scores,
-    };
-    burn::tensor::activation::softmax(scores, 3).matmul(values)
+    }
+}
+
+/// The softmax's gradient at its input from its output `y` and `dy`, with tensor ops.
+pub fn softmax_backward<B: Backend>(y: Tensor<B, 4>, dy: Tensor<B, 4>) -> Tensor<B, 4> {
+    let dot = (dy.clone() * y.clone()).sum_dim(3);
+    y * (dy - dot)
 }
 
 /// `x · Wᵀ` by dequantising `W`.
@@ -244,6 +260,18 @@ pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: &Tensor<B, 1>, eps: f64) ->
 /// SwiGLU's gating, `silu(gate) · up`, with tensor ops.
 pub fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
     burn::tensor::activation::silu(gate) * up
+}
+
+/// [`swiglu`]'s gradients at `gate` and `up` for `dy` at its output, with tensor ops.
+pub fn swiglu_backward<B: Backend>(
+    gate: Tensor<B, 3>,
+    up: Tensor<B, 3>,
+    dy: Tensor<B, 3>,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    let s = burn::tensor::activation::sigmoid(gate.clone());
+    let d_silu = s.clone() * (gate.clone() * (s.clone().neg() + 1.0) + 1.0);
+    let d_up = dy.clone() * (gate * s);
+    (dy * up * d_silu, d_up)
 }
 
 /// RoPE (rotate-half) with tensor ops.
