@@ -1,6 +1,8 @@
 //! [`KernelBackend`] on `Autodiff<B>`: the quantised product and the LoRA product get
 //! hand-written backward passes that call the inner backend's kernels (on burn-wgpu,
-//! `qmatmul_t.rs` and `matmul_strided.rs`); RMSNorm and RoPE use the plain-tensor reference, which burn differentiates.
+//! `qmatmul_t.rs` and `matmul_strided.rs`); so do the loss (NLL), SwiGLU and attention's
+//! softmax (on burn-flex, `cpu.rs` and `cpu_rows.rs`). RMSNorm and RoPE use the plain-tensor
+//! reference, which burn differentiates.
 //!
 //! For `y = x·Wᵀ + s·(x_d·Aᵀ)·Bᵀ` with `u = x_d·Aᵀ` and `dy` the gradient at y:
 //! - `du = s·dy·B`, `dB = s·dyᵀ·u`, `dA = duᵀ·x_d`;

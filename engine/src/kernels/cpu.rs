@@ -605,7 +605,7 @@ fn attend_rows<const D: usize, const AVX2: bool>(task: &Task<'_>, out: &mut [f32
                 dot_n::<D>(qr, k.row(bi, hi, j, d)) * scale + m
             };
         }
-        let max = lanes(&p, f32::NEG_INFINITY, f32::max);
+        let max = lanes(p, f32::NEG_INFINITY, f32::max);
         if max == f32::NEG_INFINITY {
             // Nothing visible (no mask of ours does this): the reference would give NaN.
             out.fill(f32::NAN);
@@ -620,7 +620,7 @@ fn attend_rows<const D: usize, const AVX2: bool>(task: &Task<'_>, out: &mut [f32
                 super::cpu_rows::exp(*pj - max)
             };
         }
-        let inv = 1.0 / lanes(&p, 0.0, |a, b| a + b);
+        let inv = 1.0 / lanes(p, 0.0, |a, b| a + b);
         if D == 0 {
             out.fill(0.0);
             for (j, &pj) in p.iter().enumerate() {

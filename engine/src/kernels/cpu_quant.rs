@@ -218,9 +218,13 @@ struct Tile {
     /// The codes again for [`gemm_avx2`], [`LANES`] rows interleaved: per group of 8 rows and
     /// unit, 8 steps of 32 bytes, step `j` holding bytes `4j..4j + 4` of each row in turn, so
     /// that a register's eight i32 lanes are eight weight rows (rows past the tile are zero).
+    /// AVX2 only, as the two below.
+    #[cfg(target_arch = "x86_64")]
     lanes: Vec<u8>,
     /// `scales` and `mins` likewise: `[groups * units * per * LANES]`.
+    #[cfg(target_arch = "x86_64")]
     lane_scales: Vec<f32>,
+    #[cfg(target_arch = "x86_64")]
     lane_mins: Vec<f32>,
 }
 
@@ -335,6 +339,7 @@ impl Tile {
 }
 
 /// Weight rows in one register of [`gemm_avx2`]: an i32 or f32 lane each.
+#[cfg(target_arch = "x86_64")]
 const LANES: usize = 8;
 
 /// The 8 × 8 transpose of 4-byte words: word `j` of register `i` becomes word `i` of register

@@ -1,5 +1,5 @@
-//! The CPU path's row-wise ops of a forward pass: RMSNorm, RoPE and SwiGLU, each one pass over
-//! its rows instead of the reference's chain of tensor ops.
+//! The CPU path's row-wise ops: RMSNorm, RoPE, SwiGLU and softmax, each one pass over its rows
+//! instead of the reference's chain of tensor ops.
 //!
 //! A decode step of SmolLM2-135M runs 30 layers of a few hundred values a row: there the
 //! reference's ops (six for RMSNorm, ten for RoPE, three for SwiGLU, each allocating its output
@@ -7,8 +7,9 @@
 //! inputs once, write one output, and compute SiLU's `exp` with a polynomial the compiler turns
 //! into vector instructions instead of a call to `expf` per value.
 //!
-//! Inference only: training's forward runs on `Autodiff<Flex>`, which keeps the tensor ops
-//! (their backward is burn's).
+//! Training (`Autodiff<Flex>`) keeps the tensor ops for RMSNorm and RoPE, whose backward is
+//! burn's; SwiGLU and attention's softmax have backward ops of their own (`autodiff.rs`), whose
+//! gradients are one pass each here.
 
 use burn::backend::Flex;
 use burn::tensor::Tensor;
