@@ -92,11 +92,10 @@ pub struct QActs {
     unit_sums: Vec<f32>,
     /// `[rows * units * 2]`: the same over each half (what Q6_K's per-half `c` meets).
     half_sums: Vec<f32>,
-    /// `d · Σ code` over each half and each unit, transposed: `[2 * units, rows]` and
-    /// `[units, rows]`, so that the weights' offsets meet 32 rows of x in four registers
-    /// ([`add_min_terms`]).
-    half_sums_t: Vec<f32>,
-    unit_sums_t: Vec<f32>,
+    /// `half_sums` and `unit_sums` transposed, `[2 * units, rows]` and `[units, rows]`, so
+    /// that the weights' offsets meet 32 rows of x in four registers ([`add_min_terms`]); made
+    /// on first use, as the AVX2 tiles add the offsets in their own loop.
+    sums_t: std::sync::OnceLock<(Vec<f32>, Vec<f32>)>,
 }
 
 impl QActs {
@@ -148,7 +147,6 @@ impl QActs {
             .map(|(i, &s)| d[i / 2] * s as f32)
             .collect();
         let unit_sums: Vec<f32> = half_sums.chunks_exact(2).map(|h| h[0] + h[1]).collect();
-        let per_row = cols / UNIT;
         Self {
             rows,
             cols,
@@ -156,11 +154,21 @@ impl QActs {
             codes,
             d,
             half_isums,
-            half_sums_t: transpose(half_sums.clone(), 2 * per_row, rows),
             half_sums,
-            unit_sums_t: transpose(unit_sums.clone(), per_row, rows),
             unit_sums,
+            sums_t: std::sync::OnceLock::new(),
         }
+    }
+
+    /// [`sums_t`](Self::sums_t): `(half sums, unit sums)` transposed.
+    fn sums_t(&self) -> &(Vec<f32>, Vec<f32>) {
+        self.sums_t.get_or_init(|| {
+            let per_row = self.cols / UNIT;
+            (
+                transpose(self.half_sums.clone(), 2 * per_row, self.rows),
+                transpose(self.unit_sums.clone(), per_row, self.rows),
+            )
+        })
     }
 
     /// The values the codes stand for: what the products multiply exactly (tests).
@@ -292,8 +300,9 @@ impl Tile {
         }
     }
 
-    /// Fills [`lanes`](Self::lanes) and [`lane_scales`](Self::lane_scales) from the row-major
-    /// codes and scales: each unit of 8 rows is an 8 × 8 transpose of 4-byte words.
+    /// Fills [`lanes`](Self::lanes), [`lane_scales`](Self::lane_scales) and
+    /// [`lane_mins`](Self::lane_mins) from the row-major codes, scales and offsets: each unit of
+    /// 8 rows is an 8 × 8 transpose of 4-byte words.
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -1533,26 +1542,28 @@ fn gemm_avx2<const XR: usize, const KIND: u8, const RUN: usize>(
 /// output, that sum cost more than the dot product it ended).
 #[inline(always)]
 fn add_min_terms(x: &QActs, tile: &Tile, out: &mut [f32]) {
-    const LANES: usize = 32;
+    // Rows of x a pass takes.
+    const PASS: usize = 32;
     let m = x.rows;
     let units = x.cols / UNIT;
+    let (half_sums_t, unit_sums_t) = x.sums_t();
     let (n, sums_t) = if tile.mins.len() == 2 * tile.rows * units {
-        (2 * units, &x.half_sums_t)
+        (2 * units, half_sums_t)
     } else {
-        (units, &x.unit_sums_t)
+        (units, unit_sums_t)
     };
     for (mins, row) in tile.mins.chunks_exact(n).zip(out.chunks_mut(m)) {
         if mins.iter().all(|&c| c == 0.0) {
             continue;
         }
-        for (chunk, outs) in row.chunks_mut(LANES).enumerate() {
-            let at = chunk * LANES;
-            if let Ok(outs) = <&mut [f32; LANES]>::try_from(&mut *outs) {
-                let mut acc = [0f32; LANES];
+        for (chunk, outs) in row.chunks_mut(PASS).enumerate() {
+            let at = chunk * PASS;
+            if let Ok(outs) = <&mut [f32; PASS]>::try_from(&mut *outs) {
+                let mut acc = [0f32; PASS];
                 for (u, &c) in mins.iter().enumerate() {
-                    let sums: &[f32; LANES] = sums_t[u * m + at..u * m + at + LANES]
+                    let sums: &[f32; PASS] = sums_t[u * m + at..u * m + at + PASS]
                         .try_into()
-                        .unwrap_or_else(|_| unreachable!("a slice of LANES"));
+                        .unwrap_or_else(|_| unreachable!("a slice of PASS values"));
                     for (a, s) in acc.iter_mut().zip(sums) {
                         *a += c * s;
                     }
@@ -1565,7 +1576,7 @@ fn add_min_terms(x: &QActs, tile: &Tile, out: &mut [f32]) {
                 // additions from waiting on each other.
                 outs[0] += dot(mins, sums_t);
             } else {
-                let mut acc = [0f32; LANES];
+                let mut acc = [0f32; PASS];
                 let acc = &mut acc[..outs.len()];
                 for (u, &c) in mins.iter().enumerate() {
                     for (a, s) in acc.iter_mut().zip(&sums_t[u * m + at..]) {
