@@ -605,22 +605,11 @@ fn attend_rows<const D: usize, const AVX2: bool>(task: &Task<'_>, out: &mut [f32
                 dot_n::<D>(qr, k.row(bi, hi, j, d)) * scale + m
             };
         }
-        let max = lanes(p, f32::NEG_INFINITY, f32::max);
-        if max == f32::NEG_INFINITY {
+        let Some(inv) = exp_scores(p) else {
             // Nothing visible (no mask of ours does this): the reference would give NaN.
             out.fill(f32::NAN);
             continue;
-        }
-        // The polynomial `exp` vectorises (`expf` is a call a position); hidden positions
-        // stay exactly 0.
-        for pj in p.iter_mut() {
-            *pj = if *pj == f32::NEG_INFINITY {
-                0.0
-            } else {
-                super::cpu_rows::exp(*pj - max)
-            };
-        }
-        let inv = 1.0 / lanes(p, 0.0, |a, b| a + b);
+        };
         if D == 0 {
             out.fill(0.0);
             for (j, &pj) in p.iter().enumerate() {
@@ -651,7 +640,26 @@ fn attend_rows<const D: usize, const AVX2: bool>(task: &Task<'_>, out: &mut [f32
     }
 }
 
-/// Query rows [`attend_block`] takes at once.
+/// A row of scores to unnormalised probabilities in place, `exp(p − max)` with the polynomial
+/// `exp` (vectorised; `expf` is a call a value) and `-∞` exactly 0; returns `1 / Σ`, or `None`
+/// where every score is `-∞`.
+#[inline(always)]
+pub(crate) fn exp_scores(p: &mut [f32]) -> Option<f32> {
+    let max = lanes(p, f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return None;
+    }
+    for pj in p.iter_mut() {
+        *pj = if *pj == f32::NEG_INFINITY {
+            0.0
+        } else {
+            super::cpu_rows::exp(*pj - max)
+        };
+    }
+    Some(1.0 / lanes(p, 0.0, |a, b| a + b))
+}
+
+/// Query rows [`attend_block_avx2`] takes at once.
 const QUERY_BLOCK: usize = 4;
 
 /// Query rows `r0..r0 + QUERY_BLOCK` of a task together, as [`attend_rows`] takes each (the
@@ -716,21 +724,11 @@ fn attend_block_avx2<const D: usize>(task: &Task<'_>, r0: usize, p: &mut [f32], 
     }
     let mut inv = [0f32; QUERY_BLOCK];
     for (p, inv) in p.chunks_exact_mut(total).zip(&mut inv) {
-        let max = lanes(p, f32::NEG_INFINITY, f32::max);
-        if max == f32::NEG_INFINITY {
+        *inv = exp_scores(p).unwrap_or_else(|| {
             // Nothing visible: NaN, as the single rows (zeros times NaN below).
             p.fill(0.0);
-            *inv = f32::NAN;
-            continue;
-        }
-        for pj in p.iter_mut() {
-            *pj = if *pj == f32::NEG_INFINITY {
-                0.0
-            } else {
-                super::cpu_rows::exp(*pj - max)
-            };
-        }
-        *inv = 1.0 / lanes(p, 0.0, |a, b| a + b);
+            f32::NAN
+        });
     }
     // The positions any of the rows sees (a causal mask hides the end of most rows' span, left
     // padding its start), found once for the passes below.

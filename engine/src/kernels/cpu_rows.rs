@@ -276,22 +276,11 @@ unsafe fn softmax_rows_avx2(x: &[f32], width: usize, out: &mut [f32]) {
 #[inline(always)]
 fn softmax_rows_portable(x: &[f32], width: usize, out: &mut [f32]) {
     for (x, out) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-        let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        if max == f32::NEG_INFINITY {
-            out.fill(f32::NAN);
-            continue;
+        out.copy_from_slice(x);
+        match super::cpu::exp_scores(out) {
+            Some(inv) => out.iter_mut().for_each(|o| *o *= inv),
+            None => out.fill(f32::NAN),
         }
-        let mut sum = 0f32;
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = if v == f32::NEG_INFINITY {
-                0.0
-            } else {
-                exp(v - max)
-            };
-            sum += *o;
-        }
-        let inv = 1.0 / sum;
-        out.iter_mut().for_each(|o| *o *= inv);
     }
 }
 
