@@ -86,7 +86,8 @@ pub struct QActs {
     codes: Vec<i8>,
     /// `[rows * units]`: the scale `d` of each unit's block.
     d: Vec<f32>,
-    /// `[rows * units * 2]`: `Σ code` over each 16-value half.
+    /// `[rows * units * 2]`: `Σ code` over each 16-value half (x86's fused K-quant kernel).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     half_isums: Vec<i16>,
     /// `[rows * units]`: `d · Σ code` over each unit (what a weight's `c` meets).
     unit_sums: Vec<f32>,
@@ -728,6 +729,10 @@ pub enum Isa {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Vnni,
+    /// aarch64 with the dot-product extension (`sdot`: Armv8.4, optional from 8.2; Apple M1 and
+    /// later, Cortex-A76 and later, Neoverse).
+    #[cfg(target_arch = "aarch64")]
+    Neon,
 }
 
 impl Isa {
@@ -752,6 +757,10 @@ impl Isa {
                 return Isa::Avx2;
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            return Isa::Neon;
+        }
         Isa::Portable
     }
 
@@ -763,7 +772,19 @@ impl Isa {
             Isa::Avx2 => "AVX2 integer products (vpmaddubsw)",
             #[cfg(target_arch = "x86_64")]
             Isa::Vnni => "AVX-512 VNNI integer products (vpdpbusd)",
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => "NEON integer products (sdot)",
         }
+    }
+
+    /// Whether the products have fused decode kernels on this instruction set (x86's; the
+    /// others take every product through tiles).
+    fn fuses(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self, Isa::Avx2 | Isa::Vnni) {
+            return true;
+        }
+        false
     }
 
     /// Every instruction set this processor can run (tests compare them).
@@ -774,6 +795,8 @@ impl Isa {
             Isa::Avx2,
             #[cfg(target_arch = "x86_64")]
             Isa::Vnni,
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon,
         ];
         // The list is ordered by what each adds: a processor runs a prefix of it.
         let best = all.iter().position(|&i| i == Self::detect()).unwrap_or(0);
@@ -853,9 +876,9 @@ pub fn q_matmul_many(x: &[f32], m: usize, ws: &[QWeights<'_>]) -> Vec<Vec<f32>> 
 }
 
 /// The block x is quantised by for `m` rows against weights of `format`: the K-quants' fused
-/// kernel takes x per super-block, everything else per unit.
+/// kernel (x86) takes x per super-block, everything else per unit.
 fn block_for(isa: Isa, m: usize, format: QFormat) -> usize {
-    if m <= FUSED_MAX_ROWS && isa != Isa::Portable {
+    if m <= FUSED_MAX_ROWS && isa.fuses() {
         format.block_len()
     } else {
         UNIT
@@ -980,13 +1003,16 @@ fn tiled_task(isa: Isa, x: &QActs, w: &QWeights<'_>, first: usize, out: &mut [f3
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Isa::Vnni => unsafe { unpack_and_multiply_vnni(isa, w, rows, x, tile, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { unpack_and_multiply_neon(isa, w, rows, x, tile, out) },
     });
 }
 
 /// One task of [`q_matmul_on`]: fused where [`q_matmul_on`] would be, else through a tile.
 fn task(isa: Isa, x: &QActs, w: &QWeights<'_>, first: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if x.rows <= FUSED_MAX_ROWS && isa != Isa::Portable && fuses(w.format, x.block) {
+    if x.rows <= FUSED_MAX_ROWS && isa.fuses() && fuses(w.format, x.block) {
         return fused_task(isa, x, w, first, out);
     }
     tiled_task(isa, x, w, first, out);
@@ -1335,6 +1361,21 @@ fn unpack_and_multiply_vnni(
     tile_product(isa, w.format, x, tile, out);
 }
 
+/// [`unpack_and_multiply`] compiled with the dot-product extension (the register-block
+/// kernels inlined; the unpacking is NEON's, which aarch64 always has).
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon,dotprod")]
+fn unpack_and_multiply_neon(
+    isa: Isa,
+    w: &QWeights<'_>,
+    rows: (usize, usize),
+    x: &QActs,
+    tile: &mut Tile,
+    out: &mut [f32],
+) {
+    unpack_and_multiply(isa, w, rows, x, tile, out);
+}
+
 /// [`Tile::unpack`] compiled for AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1633,6 +1674,9 @@ fn block(
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Isa::Vnni => unsafe { kinds!(block_vnni) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { kinds!(block_neon) },
     }
 }
 
@@ -1782,6 +1826,95 @@ fn dot_vnni(
 x86_block!(block_avx2, "avx2,fma", dot_avx2);
 #[cfg(target_arch = "x86_64")]
 x86_block!(block_vnni, "avx2,fma,avx512vnni,avx512vl", dot_vnni);
+
+/// The scaled byte products of one register block on aarch64: per unit, the codes of `WR`
+/// weight rows are loaded once (two 16-byte registers each) and multiplied with each of `XR`
+/// rows of x by `sdot`, which sums four byte products into each i32 lane. Every kind is one
+/// signed product here: the unsigned codes are at most 63, so they are signed bytes too. A
+/// unit's first register holds its first half, so Q6_K's two scales need no shuffle.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon,dotprod")]
+fn block_neon<const XR: usize, const WR: usize, const KIND: u8>(
+    at: &Block<'_>,
+    out: &mut [[f32; WROWS]; XROWS],
+) {
+    use std::arch::aarch64::*;
+    let k = at.x.cols;
+    let units = k / UNIT;
+    let per = if KIND == HALVES { 2 } else { 1 };
+    assert!(
+        (at.i + XR) * k <= at.x.codes.len()
+            && (at.r + WR) * k <= at.tile.codes.len()
+            && (at.i + XR) * units <= at.x.d.len()
+            && per * (at.r + WR) * units <= at.tile.scales.len(),
+        "block outside x or the tile"
+    );
+    let xp = at.x.codes[at.i * k..].as_ptr();
+    let wp = at.tile.codes[at.r * k..].as_ptr();
+    let xd = &at.x.d[at.i * units..];
+    let ws = &at.tile.scales[per * at.r * units..];
+    let mut acc = [[vdupq_n_f32(0.0); WR]; XR];
+    for u in 0..units {
+        let mut w = [[vdupq_n_s8(0); 2]; WR];
+        for (q, w) in w.iter_mut().enumerate() {
+            for (h, w) in w.iter_mut().enumerate() {
+                // SAFETY: row r + q of the tile has k codes (asserted above), and
+                // 32 u + 32 <= k.
+                *w = unsafe { vld1q_s8(wp.add(q * k + UNIT * u + 16 * h).cast()) };
+            }
+        }
+        for p in 0..XR {
+            // SAFETY: as above, for row i + p of x.
+            let xv = unsafe {
+                let at = xp.add(p * k + UNIT * u);
+                [vld1q_s8(at), vld1q_s8(at.add(16))]
+            };
+            let d = xd[p * units + u];
+            for q in 0..WR {
+                let zero = vdupq_n_s32(0);
+                if KIND == HALVES {
+                    let (a0, a1) = (ws[2 * (q * units + u)], ws[2 * (q * units + u) + 1]);
+                    let h0 = vcvtq_f32_s32(sdot(zero, w[q][0], xv[0]));
+                    let h1 = vcvtq_f32_s32(sdot(zero, w[q][1], xv[1]));
+                    acc[p][q] = vfmaq_n_f32(acc[p][q], h0, a0 * d);
+                    acc[p][q] = vfmaq_n_f32(acc[p][q], h1, a1 * d);
+                } else {
+                    let both = sdot(sdot(zero, w[q][0], xv[0]), w[q][1], xv[1]);
+                    let scale = ws[q * units + u] * d;
+                    acc[p][q] = vfmaq_n_f32(acc[p][q], vcvtq_f32_s32(both), scale);
+                }
+            }
+        }
+    }
+    for (out, acc) in out.iter_mut().zip(&acc) {
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = vaddvq_f32(*a);
+        }
+    }
+}
+
+/// `acc + Σ a · b` over each lane's four bytes: Arm's `sdot` (its intrinsic, `vdotq_s32`, is
+/// not stable Rust yet).
+#[cfg(target_arch = "aarch64")]
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+fn sdot(
+    mut acc: std::arch::aarch64::int32x4_t,
+    a: std::arch::aarch64::int8x16_t,
+    b: std::arch::aarch64::int8x16_t,
+) -> std::arch::aarch64::int32x4_t {
+    // SAFETY: `sdot` reads and writes registers only; the caller's features include dotprod.
+    unsafe {
+        std::arch::asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
+}
 
 /// `dy · W` with `dy: [m, n]` row-major f32 and `W: [n, k]` quantised or 16-bit; returns
 /// `[m, k]`. One task per 32-column unit: every weight row's unit dequantised to f32 once, then
