@@ -514,20 +514,32 @@ fn unit_codes(f: QFormat, q: &[u8], u: usize, codes: &mut [u8; UNIT]) {
 #[inline]
 #[target_feature(enable = "avx2")]
 fn unit_codes_avx2(f: QFormat, q: &[u8]) -> std::arch::x86_64::__m256i {
+    assert!(q.len() >= block_sizes(f).0, "not a whole block");
+    // SAFETY: a whole block's bytes (asserted); the caller's AVX2.
+    unsafe { unit_codes_at(f, q.as_ptr()) }
+}
+
+/// [`unit_codes_avx2`] of the block whose quant bytes start at `q`.
+///
+/// # Safety
+/// `q` is valid for a whole block of `f`'s quant bytes; AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn unit_codes_at(f: QFormat, q: *const u8) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
     let low4 = _mm256_set1_epi8(0xF);
-    // SAFETY: each load reads 16 or 32 bytes inside `q` (checked by the slicing `bytes`).
-    let load32 = |b: &[u8]| unsafe { _mm256_loadu_si256(bytes::<32>(b).as_ptr().cast()) };
-    let nibbles = |b: &[u8]| {
-        // SAFETY: as above.
-        let v = unsafe { _mm_loadu_si128(bytes::<16>(b).as_ptr().cast()) };
+    let nibbles = |b: *const u8| {
+        // SAFETY: 16 bytes of the caller's block.
+        let v = unsafe { _mm_loadu_si128(b.cast()) };
         let both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
         _mm256_and_si256(both, low4)
     };
     match f {
+        // SAFETY (every arm): the reads lie inside the block (Q4: 16 bytes; Q5: 4 + 16; Q8_0: 32).
         QFormat::Q4_0 | QFormat::Q4_1 => nibbles(q),
         QFormat::Q5_0 | QFormat::Q5_1 => {
-            let qh = u32::from_le_bytes(*bytes(q));
+            let qh = unsafe { q.cast::<u32>().read_unaligned() }.to_le();
             // Byte j takes byte j / 8 of qh, then its bit j % 8.
             let spread = _mm256_shuffle_epi8(
                 _mm256_set1_epi32(qh as i32),
@@ -539,9 +551,9 @@ fn unit_codes_avx2(f: QFormat, q: &[u8]) -> std::arch::x86_64::__m256i {
             let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
             let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
             let fifth = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
-            _mm256_or_si256(nibbles(&q[4..]), fifth)
+            _mm256_or_si256(nibbles(unsafe { q.add(4) }), fifth)
         }
-        QFormat::Q8_0 => load32(q),
+        QFormat::Q8_0 => unsafe { _mm256_loadu_si256(q.cast()) },
         QFormat::Q4K | QFormat::Q5K | QFormat::Q6K => {
             unreachable!("a K-quant block's units come from `for_each_unit_avx2`")
         }
@@ -1189,15 +1201,22 @@ fn fused_kquant_avx2<const XR: usize, const F: usize>(
     }
 }
 
+/// Units whose scales [`x86_fused_unit`]'s kernels decode at once (one register of f32).
+#[cfg(target_arch = "x86_64")]
+const GROUP: usize = 8;
+
 /// Stamps out the fused kernel of the formats of one unit a block (Q4_0, Q4_1, Q5_0, Q5_1,
 /// Q8_0) for one byte-product instruction sequence.
 #[cfg(target_arch = "x86_64")]
 macro_rules! x86_fused_unit {
     ($name:ident, $features:literal, $dot:ident) => {
         /// Weight rows `rows` of `QFormat::ALL[F]` times the `XR` rows of x, into `out`
-        /// (`[rows, XR]`). Per block: its codes built in a register, its f16 scale (and
-        /// offset) converted by F16C, `a · d_x · (codes · x codes)` in eight lanes, the offset's
-        /// `c · d_x · Σ x codes` from x's sums; even and odd blocks in separate accumulators.
+        /// (`[rows, XR]`). Per [`GROUP`] blocks: their f16 scales (and offsets) converted by
+        /// one F16C instruction and multiplied by x's `d` in one register, the offsets'
+        /// `c · d_x · Σ x codes` in one multiply-add. Per block: its codes built in a register
+        /// and `a · d_x · (codes · x codes)` in eight lanes, even and odd blocks in separate
+        /// accumulators. Lengths are checked once, so the loop reads through pointers (a
+        /// block's bounds checks were more instructions than its products).
         #[target_feature(enable = $features)]
         fn $name<const XR: usize, const F: usize>(
             w: &QWeights<'_>,
@@ -1214,61 +1233,129 @@ macro_rules! x86_fused_unit {
                 f.block_len() == UNIT
                     && x.rows == XR
                     && x.codes.len() == XR * k
-                    && out.len() == rows.len() * XR,
-                "x, out or the format is not what the kernel was chosen for"
+                    && x.d.len() == XR * units
+                    && x.unit_sums.len() == XR * units
+                    && out.len() == rows.len() * XR
+                    && w.qs.len() >= qb * units * rows.end
+                    && w.scales.len() >= sb * units * rows.end,
+                "x, out, W or the format is not what the kernel was chosen for"
             );
             let signed = f == QFormat::Q8_0;
-            // The block's `a` and `c` (value = a · code + c) from its f16 scale bytes.
-            let scales = |s: &[u8]| -> (f32, f32) {
-                // d alone (Q4_0, Q5_0, Q8_0), or d and m.
-                let bits = if sb == 2 {
-                    u16::from_le_bytes(*bytes::<2>(s)) as u32
-                } else {
-                    u32::from_le_bytes(*bytes::<4>(s))
-                };
-                let (d, m) = f16c(bits);
-                unit_affine(f, d, m)
-            };
             for (row, out) in rows.zip(out.chunks_exact_mut(XR)) {
-                let q = &w.qs[qb * units * row..qb * units * (row + 1)];
+                // SAFETY: row < rows.end, whose blocks lie inside both arrays (asserted).
+                let q = unsafe { w.qs.as_ptr().add(qb * units * row) };
                 let s = &w.scales[sb * units * row..sb * units * (row + 1)];
-                let step = |unit: usize, acc: &mut [__m256; XR], off: &mut [f32; XR]| {
-                    let wv = unit_codes_avx2(f, &q[qb * unit..]);
-                    let (a, c) = scales(&s[sb * unit..]);
-                    for p in 0..XR {
-                        let xc: &[i8; UNIT] = x.codes[p * k + UNIT * unit..][..UNIT]
-                            .try_into()
-                            .unwrap_or_else(|_| unreachable!());
-                        // SAFETY: reads the 32 bytes of `xc`.
-                        let xv = unsafe { _mm256_loadu_si256(xc.as_ptr().cast()) };
-                        let dot = if signed {
-                            $dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv))
-                        } else {
-                            $dot(wv, xv)
-                        };
-                        let ad = _mm256_set1_ps(a * x.d[p * units + unit]);
-                        acc[p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), ad, acc[p]);
-                        if !signed {
-                            off[p] = c.mul_add(x.unit_sums[p * units + unit], off[p]);
-                        }
-                    }
-                };
                 let mut acc = [[_mm256_setzero_ps(); XR]; 2];
-                let mut off = [[0f32; XR]; 2];
-                // One call of `step` in the code, so that it is inlined whatever else grows.
-                for pair in (0..units).step_by(2) {
-                    for (h, (acc, off)) in acc.iter_mut().zip(&mut off).enumerate() {
-                        if pair + h < units {
-                            step(pair + h, acc, off);
+                let mut off = [_mm256_setzero_ps(); XR];
+                let mut g = 0;
+                while g < units {
+                    let n = GROUP.min(units - g);
+                    // `a` and `c` of blocks g.. (lanes past the row's end are zero).
+                    let (a, c) = if n == GROUP {
+                        // SAFETY: GROUP blocks' scale bytes of this row.
+                        unsafe { group_affine(f, s[sb * g..sb * (g + GROUP)].as_ptr()) }
+                    } else {
+                        let mut bytes = [0u8; 4 * GROUP];
+                        bytes[..sb * n].copy_from_slice(&s[sb * g..sb * (g + n)]);
+                        // SAFETY: `bytes` holds 4 · GROUP bytes.
+                        unsafe { group_affine(f, bytes.as_ptr()) }
+                    };
+                    let mask = lanes_below(n);
+                    let mut ad = [[0f32; GROUP]; XR];
+                    for p in 0..XR {
+                        let at = p * units + g;
+                        // SAFETY: the mask reads lanes at + j, j < n, inside x's rows.
+                        let (xd, sums) = unsafe {
+                            (
+                                _mm256_maskload_ps(x.d.as_ptr().add(at), mask),
+                                _mm256_maskload_ps(x.unit_sums.as_ptr().add(at), mask),
+                            )
+                        };
+                        // SAFETY: `ad[p]` holds GROUP floats.
+                        unsafe { _mm256_storeu_ps(ad[p].as_mut_ptr(), _mm256_mul_ps(a, xd)) };
+                        if !signed {
+                            off[p] = _mm256_fmadd_ps(c, sums, off[p]);
                         }
                     }
+                    let step = |j: usize, acc: &mut [__m256; XR]| {
+                        let unit = g + j;
+                        // SAFETY: unit < units: a whole block of this row.
+                        let wv = unsafe { unit_codes_at(f, q.add(qb * unit)) };
+                        for p in 0..XR {
+                            // SAFETY: 32 codes of row p of x, inside its k.
+                            let xv = unsafe {
+                                _mm256_loadu_si256(x.codes.as_ptr().add(p * k + UNIT * unit).cast())
+                            };
+                            let dot = if signed {
+                                $dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv))
+                            } else {
+                                $dot(wv, xv)
+                            };
+                            let scale = _mm256_set1_ps(ad[p][j]);
+                            acc[p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[p]);
+                        }
+                    };
+                    // One call of `step` in the code, so that it is inlined whatever else grows.
+                    for pair in (0..n).step_by(2) {
+                        for (h, acc) in acc.iter_mut().enumerate() {
+                            if pair + h < n {
+                                step(pair + h, acc);
+                            }
+                        }
+                    }
+                    g += n;
                 }
                 for p in 0..XR {
-                    out[p] = hsum8(_mm256_add_ps(acc[0][p], acc[1][p])) + off[0][p] + off[1][p];
+                    out[p] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[0][p], acc[1][p]), off[p]));
                 }
             }
         }
     };
+}
+
+/// A mask of the first `n` of eight i32 lanes (for `vmaskmovps`).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn lanes_below(n: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let n = _mm256_set1_epi32(n as i32);
+    _mm256_cmpgt_epi32(n, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+}
+
+/// `(a, c)` of [`GROUP`] consecutive blocks of a one-unit format ([`unit_affine`] in eight
+/// lanes) from their scale bytes at `s`: f16 `d` each, or `d` and `m` interleaved (Q4_1,
+/// Q5_1).
+///
+/// # Safety
+/// `s` is valid for 2 · GROUP bytes, or 4 · GROUP where the format has an offset; F16C and AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn group_affine(
+    f: QFormat,
+    s: *const u8,
+) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's bytes.
+    let lo = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(s.cast()) });
+    match f {
+        QFormat::Q4_0 => (lo, _mm256_mul_ps(lo, _mm256_set1_ps(-8.0))),
+        QFormat::Q5_0 => (lo, _mm256_mul_ps(lo, _mm256_set1_ps(-16.0))),
+        QFormat::Q4_1 | QFormat::Q5_1 => {
+            // d0 m0 d1 m1 .. d3 m3, then d4 m4 .. d7 m7.
+            // SAFETY: as above (4 · GROUP bytes for these formats).
+            let hi = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(s.add(16).cast()) });
+            // d0 d1 d4 d5 | d2 d3 d6 d7 (and m), then the 64-bit pairs in order.
+            let d = _mm256_shuffle_ps::<0b10_00_10_00>(lo, hi);
+            let m = _mm256_shuffle_ps::<0b11_01_11_01>(lo, hi);
+            let order = |v: __m256| {
+                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+            };
+            (order(d), order(m))
+        }
+        _ => (lo, _mm256_setzero_ps()),
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -2181,7 +2268,8 @@ mod tests {
     #[test]
     fn products_match_the_dequantised_weight() {
         for format in QFormat::ALL {
-            let k = 2 * format.block_len() + if format.block_len() == 32 { 32 } else { 0 };
+            // One-unit formats: 19 units, two whole groups of the fused kernel and a part.
+            let k = 2 * format.block_len() + if format.block_len() == 32 { 17 * 32 } else { 0 };
             for (m, n) in [(1, 3), (3, 37), (5, 37), (9, 16), (37, 5)] {
                 let wv = values(n * k, 7);
                 let q = QMatrix::quantize(format, n, k, &wv);
