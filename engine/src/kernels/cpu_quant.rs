@@ -10,11 +10,11 @@
 //!   A task unpacks [`TILE_ROWS`] weight rows into a [`Tile`] of codes and per-unit scales once,
 //!   then runs every row of x against it, so prefill decodes each weight once per task.
 //! - `x · w = Σ_units d · Σ_halves a · (code_x · code_w) + Σ_halves c · d · Σ code_x`: the byte
-//!   products go through `vpmaddubsw`/`vpmaddwd` (AVX2) or `vpdpbusd` (AVX-512 VNNI). On AVX2
-//!   the tile holds its codes a second time with 8 weight rows interleaved, so that a register's
-//!   lanes are 8 weight rows and four rows of x take a register block with no horizontal sum
-//!   ([`gemm_avx2`]); VNNI takes four rows of x against two weight rows; a portable loop serves
-//!   other processors.
+//!   products go through `vpmaddubsw`/`vpmaddwd` (AVX2), `vpdpbusd` (AVX-512 VNNI) or `sdot`
+//!   (aarch64 with the dot-product extension). On AVX2 the tile holds its codes a second time
+//!   with 8 weight rows interleaved, so that a register's lanes are 8 weight rows and four rows
+//!   of x take a register block with no horizontal sum ([`gemm_avx2`]); VNNI and `sdot` take
+//!   four rows of x against two weight rows; a portable loop serves other processors.
 //! - The backward's `dy · W` ([`q_matmul_t`]) dequantises one 32-column unit of every weight
 //!   row at a time and multiplies in f32: gradients are not quantised.
 //! - 16-bit float weights (F16, BF16) are widened to f32 a tile at a time and multiplied with
