@@ -1,8 +1,8 @@
 //! [`KernelBackend`] on `Autodiff<B>`: the quantised product and the LoRA product get
 //! hand-written backward passes that call the inner backend's kernels (on burn-wgpu,
 //! `qmatmul_t.rs` and `matmul_strided.rs`); so do the loss (NLL), SwiGLU and attention's
-//! softmax (on burn-flex, `cpu.rs` and `cpu_rows.rs`). RMSNorm and RoPE use the plain-tensor
-//! reference, which burn differentiates.
+//! softmax (on burn-flex, `cpu.rs` and `cpu_rows.rs`), and on burn-flex RMSNorm and RoPE.
+//! Elsewhere those two use the plain-tensor reference, which burn differentiates.
 //!
 //! For `y = x·Wᵀ + s·(x_d·Aᵀ)·Bᵀ` with `u = x_d·Aᵀ` and `dy` the gradient at y:
 //! - `du = s·dy·B`, `dB = s·dyᵀ·u`, `dA = duᵀ·x_d`;
@@ -23,11 +23,12 @@ use super::{KernelBackend, LoraEpilogue, QTensor, to_dtype, widen};
 
 use burn::tensor::ops::FloatTensor as Float;
 
-fn wrap<B: Backend>(t: Float<B>) -> Tensor<B, 2> {
+/// An inner-backend primitive as a tensor of rank `D`.
+fn wrap<B: Backend, const D: usize>(t: Float<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
-fn unwrap<B: Backend>(t: Tensor<B, 2>) -> Float<B> {
+fn unwrap<B: Backend, const D: usize>(t: Tensor<B, D>) -> Float<B> {
     t.into_primitive().tensor()
 }
 
@@ -70,11 +71,11 @@ impl<B: KernelBackend> LoraState<B> {
         want_a: bool,
         want_b: bool,
     ) -> (Tensor<B, 2>, Option<Float<B>>, Option<Float<B>>) {
-        let b = wrap::<B>(self.b.clone());
+        let b = wrap::<B, 2>(self.b.clone());
         let du = B::matmul_small(dy.clone(), b.clone(), false, false, self.scale);
         // Parameter gradients are computed and kept in the parameters' type (f32): with f16
         // activations, small gradients would underflow in f16.
-        let (a_type, b_type) = (wrap::<B>(self.a.clone()).dtype(), b.dtype());
+        let (a_type, b_type) = (wrap::<B, 2>(self.a.clone()).dtype(), b.dtype());
         let db = want_b.then(|| {
             unwrap(to_dtype(
                 B::matmul_small(
@@ -112,7 +113,7 @@ impl<B: KernelBackend> Backward<B, 3> for LoraBackward {
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let s = ops.state;
-        let dy = wrap::<B>(grads.consume::<B>(&ops.node));
+        let dy = wrap::<B, 2>(grads.consume::<B>(&ops.node));
         let [x, a, b] = ops.parents;
         let (du, da, db) = s.adapter_grads(&dy, a.is_some(), b.is_some());
         if let Some(x) = x {
@@ -137,7 +138,7 @@ impl<B: KernelBackend> Backward<B, 4> for LoraDropBackward {
 
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
         let s = ops.state;
-        let dy = wrap::<B>(grads.consume::<B>(&ops.node));
+        let dy = wrap::<B, 2>(grads.consume::<B>(&ops.node));
         let [x, x_drop, a, b] = ops.parents;
         let (du, da, db) = s.adapter_grads(&dy, a.is_some(), b.is_some());
         if let Some(x_drop) = x_drop {
@@ -185,8 +186,7 @@ impl<B: KernelBackend> Backward<B, 2> for SwigluBackward {
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (gate, up) = ops.state;
         let dy = grads.consume::<B>(&ops.node);
-        let wrap3 = |t| Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(t));
-        let (d_gate, d_up) = B::swiglu_backward(wrap3(gate), wrap3(up), wrap3(dy));
+        let (d_gate, d_up) = B::swiglu_backward(wrap(gate), wrap(up), wrap(dy));
         let [gate_node, up_node] = ops.parents;
         if let Some(node) = gate_node {
             grads.register::<B>(node.id, d_gate.into_primitive().tensor());
@@ -208,15 +208,98 @@ impl<B: KernelBackend> Backward<B, 1> for SoftmaxBackward {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let y = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |dy| {
-            let wrap4 = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
-            B::row_softmax_backward(wrap4(y), wrap4(dy))
-                .into_primitive()
-                .tensor()
+            unwrap(B::row_softmax_backward(wrap::<B, 4>(y), wrap(dy)))
+        });
+    }
+}
+
+/// RMSNorm with its weight held fixed: the gradient at `x` from `x` kept here
+/// ([`KernelBackend::rms_norm_backward`]).
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl<B: KernelBackend> Backward<B, 1> for RmsNormBackward {
+    /// x, the weight, eps.
+    type State = (Float<B>, Float<B>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, w, eps) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |dy| {
+            unwrap(B::rms_norm_backward(wrap(x), &wrap(w), wrap(dy), eps))
+        });
+    }
+}
+
+/// RoPE: the gradient at `x` is `dy` rotated back ([`KernelBackend::rope_backward`]); the
+/// tables are kept here.
+#[derive(Debug)]
+struct RopeBackward;
+
+impl<B: KernelBackend> Backward<B, 1> for RopeBackward {
+    /// cos, sin.
+    type State = (Float<B>, Float<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (cos, sin) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |dy| {
+            unwrap(B::rope_backward(wrap(dy), &wrap(cos), &wrap(sin)))
         });
     }
 }
 
 impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
+    /// The inner backend's pass, with [`RmsNormBackward`] where the inner backend has one
+    /// ([`KernelBackend::row_op_gradients`]) and the weight is not trained; else burn's
+    /// backward of the reference's tensor ops.
+    fn rms_norm(x: Tensor<Self, 3>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
+        if !B::row_op_gradients() || weight.is_require_grad() {
+            return super::reference::rms_norm(x, weight, eps);
+        }
+        let w = weight.clone().inner();
+        let x = x.into_primitive().tensor();
+        let y = |x| unwrap(B::rms_norm(wrap::<B, 3>(x), &w, eps));
+        let out = match RmsNormBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = y(x.primitive.clone());
+                prep.finish((x.primitive, unwrap(w.clone()), eps), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y(x.primitive)),
+        };
+        wrap(out)
+    }
+
+    /// The inner backend's pass, with [`RopeBackward`] where the inner backend has one; else
+    /// burn's backward of the reference's tensor ops.
+    fn rope(
+        x: Tensor<Self, 3>,
+        cos: &Tensor<Self, 2>,
+        sin: &Tensor<Self, 2>,
+        heads: usize,
+    ) -> Tensor<Self, 4> {
+        if !B::row_op_gradients() {
+            return super::reference::rope(x, cos, sin, heads);
+        }
+        let (cos, sin) = (cos.clone().inner(), sin.clone().inner());
+        let x = x.into_primitive().tensor();
+        let y = |x| unwrap(B::rope(wrap::<B, 3>(x), &cos, &sin, heads));
+        let out = match RopeBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = y(x.primitive);
+                prep.finish((unwrap(cos.clone()), unwrap(sin.clone())), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y(x.primitive)),
+        };
+        wrap(out)
+    }
+
     fn row_softmax(x: Tensor<Self, 4>) -> Tensor<Self, 4> {
         let x = x.into_primitive().tensor();
         let y = |x| {
@@ -240,10 +323,7 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         let gate = gate.into_primitive().tensor();
         let up = up.into_primitive().tensor();
-        let y = |g, u| {
-            let wrap3 = |t| Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(t));
-            B::swiglu(wrap3(g), wrap3(u)).into_primitive().tensor()
-        };
+        let y = |g, u| unwrap(B::swiglu(wrap::<B, 3>(g), wrap(u)));
         let out = match SwigluBackward
             .prepare::<C>([gate.node.clone(), up.node.clone()])
             .compute_bound()
@@ -519,5 +599,71 @@ mod tests {
         let data = |t: Tensor<Flex, 3>| t.into_data().to_vec::<f32>().unwrap();
         close(&data(fast.0), &data(formula.0));
         close(&data(fast.1), &data(formula.1));
+    }
+
+    /// RMSNorm's and RoPE's own backward give burn's gradients of the tensor-op references at
+    /// x (and the same outputs), on burn-flex; and burn-flex's one-pass gradients agree with the
+    /// tensor-op formulas other backends run.
+    #[test]
+    fn rms_norm_and_rope_gradients_match_autodiff_of_the_reference() {
+        let (heads, d, seq) = (3, 8, 5);
+        let dims = [2, seq, heads * d];
+        let n: usize = dims.iter().product();
+        let v = |seed: usize, len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 37 + seed) % 29) as f32 * 0.25 - 3.5)
+                .collect()
+        };
+        let dev = Default::default();
+        let table =
+            |seed| Tensor::<Ad, 2>::from_data(TensorData::new(v(seed, seq * d), [seq, d]), &dev);
+        let (cos, sin) = (table(7), table(13));
+        let weight =
+            Tensor::<Ad, 1>::from_data(TensorData::new(v(2, heads * d), [heads * d]), &dev);
+        let close = |a: &[f32], b: &[f32]| {
+            assert_eq!(a.len(), b.len());
+            for (g, w) in a.iter().zip(b) {
+                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+            }
+        };
+        let data = |t: Tensor<Ad, 3>| t.into_data().to_vec::<f32>().unwrap();
+        // Both ops in a row, as a layer runs them, with a weight per output for its own dy.
+        let run = |ours: bool| {
+            let x = Tensor::<Ad, 3>::from_data(TensorData::new(v(3, n), dims), &dev).require_grad();
+            let (normed, rotated) = if ours {
+                let normed = <Ad as KernelBackend>::rms_norm(x.clone(), &weight, 1e-5);
+                let rotated = <Ad as KernelBackend>::rope(normed.clone(), &cos, &sin, heads);
+                (normed, rotated)
+            } else {
+                let normed = reference::rms_norm(x.clone(), &weight, 1e-5);
+                let rotated = reference::rope(normed.clone(), &cos, &sin, heads);
+                (normed, rotated)
+            };
+            let w = Tensor::<Ad, 4>::from_data(TensorData::new(v(5, n), [2, heads, seq, d]), &dev);
+            let grads = (rotated.clone() * w).sum().backward();
+            let g = x.grad(&grads).expect("a gradient at x").into_data();
+            (
+                data(normed),
+                rotated.into_data().to_vec::<f32>().unwrap(),
+                g.to_vec::<f32>().unwrap(),
+            )
+        };
+        let (ours, want) = (run(true), run(false));
+        close(&ours.0, &want.0);
+        close(&ours.1, &want.1);
+        close(&ours.2, &want.2);
+        // burn-flex's passes against the tensor-op formulas.
+        let flex3 = |seed| Tensor::<Flex, 3>::from_data(TensorData::new(v(seed, n), dims), &dev);
+        let (x, dy) = (flex3(3), flex3(5));
+        let w = weight.clone().inner();
+        let fast = <Flex as KernelBackend>::rms_norm_backward(x.clone(), &w, dy.clone(), 1e-5);
+        let formula = reference::rms_norm_backward(x, &w, dy, 1e-5);
+        let flat = |t: Tensor<Flex, 3>| t.into_data().to_vec::<f32>().unwrap();
+        close(&flat(fast), &flat(formula));
+        let dy = Tensor::<Flex, 4>::from_data(TensorData::new(v(9, n), [2, heads, seq, d]), &dev);
+        let (c, s) = (cos.clone().inner(), sin.clone().inner());
+        let fast = <Flex as KernelBackend>::rope_backward(dy.clone(), &c, &s);
+        let formula = reference::rope_backward(dy, &c, &s);
+        close(&flat(fast), &flat(formula));
     }
 }

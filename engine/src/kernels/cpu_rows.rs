@@ -7,9 +7,8 @@
 //! inputs once, write one output, and compute SiLU's `exp` with a polynomial the compiler turns
 //! into vector instructions instead of a call to `expf` per value.
 //!
-//! Training (`Autodiff<Flex>`) keeps the tensor ops for RMSNorm and RoPE, whose backward is
-//! burn's; SwiGLU and attention's softmax have backward ops of their own (`autodiff.rs`), whose
-//! gradients are one pass each here.
+//! In training (`Autodiff<Flex>`) all four have backward ops of their own (`autodiff.rs`),
+//! whose gradients are one pass each here.
 
 use burn::backend::Flex;
 use burn::tensor::Tensor;
@@ -89,6 +88,71 @@ fn rms_norm_portable(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// [`KernelBackend::rms_norm_backward`](super::KernelBackend::rms_norm_backward) on the CPU:
+/// a row's statistics and its gradient in one pass over it. `None` unless all are f32 of
+/// matching shapes.
+pub fn try_rms_norm_backward(
+    x: &Tensor<Flex, 3>,
+    weight: &Tensor<Flex, 1>,
+    dy: &Tensor<Flex, 3>,
+    eps: f64,
+) -> Option<Tensor<Flex, 3>> {
+    let dims = x.dims();
+    let dim = dims[2];
+    if weight.dims() != [dim] || dy.dims() != dims {
+        return None;
+    }
+    let (xp, wp, gp) = (contiguous(x)?, contiguous(weight)?, contiguous(dy)?);
+    let (xs, ws, gs) = (
+        xp.as_slice::<f32>()?,
+        wp.as_slice::<f32>()?,
+        gp.as_slice::<f32>()?,
+    );
+    let mut out = vec![0f32; xs.len()];
+    rows_of(&mut out, dim, &|first, out| {
+        let at = first * dim..first * dim + out.len();
+        rms_norm_backward_rows(&xs[at.clone()], ws, &gs[at], eps as f32, out);
+    });
+    Some(flex(out, dims))
+}
+
+fn rms_norm_backward_rows(x: &[f32], w: &[f32], dy: &[f32], eps: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::has_avx2_fma() {
+        // SAFETY: the processor has AVX2 and FMA (checked above), all this function needs.
+        unsafe { rms_norm_backward_avx2(x, w, dy, eps, out) };
+        return;
+    }
+    rms_norm_backward_portable(x, w, dy, eps, out);
+}
+
+/// [`rms_norm_backward_portable`] compiled for AVX2/FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rms_norm_backward_avx2(x: &[f32], w: &[f32], dy: &[f32], eps: f32, out: &mut [f32]) {
+    rms_norm_backward_portable(x, w, dy, eps, out);
+}
+
+#[inline(always)]
+fn rms_norm_backward_portable(x: &[f32], w: &[f32], dy: &[f32], eps: f32, out: &mut [f32]) {
+    let dim = w.len();
+    for ((x, dy), out) in x
+        .chunks_exact(dim)
+        .zip(dy.chunks_exact(dim))
+        .zip(out.chunks_exact_mut(dim))
+    {
+        let r = 1.0 / (super::cpu::dot(x, x) / dim as f32 + eps).sqrt();
+        // mean(g · x) with g = dy · w, in `g`'s place: `out` holds g first.
+        for ((o, &dy), &w) in out.iter_mut().zip(dy).zip(w) {
+            *o = dy * w;
+        }
+        let c = r * r * r * super::cpu::dot(out, x) / dim as f32;
+        for (o, &x) in out.iter_mut().zip(x) {
+            *o = *o * r - x * c;
+        }
+    }
+}
+
 /// [`KernelBackend::rope`](super::KernelBackend::rope) on the CPU: each head of each position
 /// rotated and written head-major in one pass. `None` unless f32 with tables of `[seq, d]`
 /// and an even head dim.
@@ -128,6 +192,54 @@ pub fn try_rope(
         }
     });
     Some(flex(out, [b, heads, s, d]))
+}
+
+/// [`KernelBackend::rope_backward`](super::KernelBackend::rope_backward) on the CPU: each head
+/// of each position rotated back and written to `x`'s layout in one pass. `None` unless f32
+/// with tables of `[seq, d]`.
+pub fn try_rope_backward(
+    dy: &Tensor<Flex, 4>,
+    cos: &Tensor<Flex, 2>,
+    sin: &Tensor<Flex, 2>,
+) -> Option<Tensor<Flex, 3>> {
+    let [b, heads, s, d] = dy.dims();
+    if !d.is_multiple_of(2) || cos.dims() != [s, d] || sin.dims() != [s, d] {
+        return None;
+    }
+    let (gp, cp, sp) = (contiguous(dy)?, contiguous(cos)?, contiguous(sin)?);
+    let (gs, cs, ss) = (
+        gp.as_slice::<f32>()?,
+        cp.as_slice::<f32>()?,
+        sp.as_slice::<f32>()?,
+    );
+    let mut out = vec![0f32; gs.len()];
+    // Output row r is (batch, position, head) = (r / (s heads), r / heads % s, r % heads).
+    rows_of(&mut out, d, &|first, out| {
+        for (i, out) in out.chunks_exact_mut(d).enumerate() {
+            let r = first + i;
+            let (bi, t, hi) = (r / (s * heads), r / heads % s, r % heads);
+            let at = ((bi * heads + hi) * s + t) * d;
+            unrotate(
+                &gs[at..at + d],
+                &cs[t * d..(t + 1) * d],
+                &ss[t * d..(t + 1) * d],
+                out,
+            );
+        }
+    });
+    Some(flex(out, [b, s, heads * d]))
+}
+
+/// [`rotate`]'s transpose: `out₁ = g₁ · cos₁ + g₂ · sin₂`, `out₂ = g₂ · cos₂ − g₁ · sin₁`.
+#[inline(always)]
+fn unrotate(g: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+    let half = g.len() / 2;
+    let (g1, g2) = g.split_at(half);
+    let (o1, o2) = out.split_at_mut(half);
+    for j in 0..half {
+        o1[j] = g1[j] * cos[j] + g2[j] * sin[half + j];
+        o2[j] = g2[j] * cos[half + j] - g1[j] * sin[j];
+    }
 }
 
 /// Rotate-half: `out = x · cos + [-x₂, x₁] · sin`.

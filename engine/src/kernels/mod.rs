@@ -226,6 +226,37 @@ pub trait KernelBackend: Backend {
         reference::rope(x, cos, sin, heads)
     }
 
+    /// The gradient of [`rms_norm`](Self::rms_norm) at `x` for `dy` at its output, the weight
+    /// held fixed (the base model's norms are frozen).
+    fn rms_norm_backward(
+        x: Tensor<Self, 3>,
+        weight: &Tensor<Self, 1>,
+        dy: Tensor<Self, 3>,
+        eps: f64,
+    ) -> Tensor<Self, 3> {
+        reference::rms_norm_backward(x, weight, dy, eps)
+    }
+
+    /// The gradient of [`rope`](Self::rope) at `x` for `dy` at its output.
+    ///
+    /// # Shapes
+    /// - `dy`: `[batch, heads, seq, head_dim]`, `cos`/`sin`: `[seq, head_dim]`
+    ///   → `[batch, seq, heads * head_dim]`
+    fn rope_backward(
+        dy: Tensor<Self, 4>,
+        cos: &Tensor<Self, 2>,
+        sin: &Tensor<Self, 2>,
+    ) -> Tensor<Self, 3> {
+        reference::rope_backward(dy, cos, sin)
+    }
+
+    /// Whether `Autodiff` over this backend takes RMSNorm's and RoPE's gradients from
+    /// [`rms_norm_backward`](Self::rms_norm_backward) and [`rope_backward`](Self::rope_backward)
+    /// (one pass each on burn-flex) instead of differentiating the reference's tensor ops.
+    fn row_op_gradients() -> bool {
+        false
+    }
+
     /// SwiGLU's gating: `silu(gate) · up`.
     ///
     /// # Shapes
@@ -424,6 +455,31 @@ impl KernelBackend for burn::backend::Flex {
     ) -> Tensor<Self, 4> {
         cpu_rows::try_rope(&x, cos, sin, heads)
             .unwrap_or_else(|| reference::rope(x, cos, sin, heads))
+    }
+
+    fn rms_norm_backward(
+        x: Tensor<Self, 3>,
+        weight: &Tensor<Self, 1>,
+        dy: Tensor<Self, 3>,
+        eps: f64,
+    ) -> Tensor<Self, 3> {
+        cpu_rows::try_rms_norm_backward(&x, weight, &dy, eps)
+            .unwrap_or_else(|| reference::rms_norm_backward(x, weight, dy, eps))
+    }
+
+    fn rope_backward(
+        dy: Tensor<Self, 4>,
+        cos: &Tensor<Self, 2>,
+        sin: &Tensor<Self, 2>,
+    ) -> Tensor<Self, 3> {
+        cpu_rows::try_rope_backward(&dy, cos, sin)
+            .unwrap_or_else(|| reference::rope_backward(dy, cos, sin))
+    }
+
+    /// One pass a gradient, where burn's backward of the reference walked a dozen tensor ops
+    /// and their strided copies.
+    fn row_op_gradients() -> bool {
+        true
     }
 
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {

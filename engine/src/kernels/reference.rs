@@ -257,6 +257,48 @@ pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: &Tensor<B, 1>, eps: f64) ->
     )
 }
 
+/// The gradient of [`rms_norm`] at `x` for `dy` at its output, the weight held fixed:
+/// `r · g − x · r³ · mean(g · x)` per row, with `g = dy · w` and `r = 1 / √(mean(x²) + eps)`.
+/// Statistics in f32, as the forward's.
+pub fn rms_norm_backward<B: Backend>(
+    x: Tensor<B, 3>,
+    weight: &Tensor<B, 1>,
+    dy: Tensor<B, 3>,
+    eps: f64,
+) -> Tensor<B, 3> {
+    let dtype = dy.dtype();
+    let (x, dy) = (widen(x), widen(dy));
+    let r = ((x.clone() * x.clone()).mean_dim(2) + eps).sqrt().recip(); // [batch, seq, 1]
+    let g = dy * widen(weight.clone()).unsqueeze();
+    let gx = (g.clone() * x.clone()).mean_dim(2);
+    let r3 = r.clone() * r.clone() * r.clone();
+    to_dtype(g * r - x * (gx * r3), dtype)
+}
+
+/// The gradient of [`rope`] at `x` for `dy` at its output: the rotation is orthogonal per
+/// pair, so its transpose, `dy · cos + [ (dy · sin)₂, −(dy · sin)₁ ]`, taken back to `x`'s
+/// layout.
+///
+/// # Shapes
+/// - `dy`: `[batch, heads, seq, head_dim]`, `cos`/`sin`: `[seq, head_dim]`
+///   → `[batch, seq, heads * head_dim]`
+pub fn rope_backward<B: Backend>(
+    dy: Tensor<B, 4>,
+    cos: &Tensor<B, 2>,
+    sin: &Tensor<B, 2>,
+) -> Tensor<B, 3> {
+    let [b, heads, s, d] = dy.dims();
+    let dtype = dy.dtype();
+    let rows = |t: Tensor<B, 4>| t.reshape([b * heads, s * d]);
+    let table = |t: &Tensor<B, 2>| to_dtype(t.clone(), dtype).reshape([1, s * d]);
+    let direct = (rows(dy.clone()) * table(cos)).reshape([b, heads, s, d]);
+    let z = (rows(dy) * table(sin)).reshape([b, heads, s, d]);
+    let z1 = z.clone().slice([0..b, 0..heads, 0..s, 0..d / 2]);
+    let z2 = z.slice([0..b, 0..heads, 0..s, d / 2..d]);
+    let back = Tensor::cat(vec![z2, z1.neg()], 3);
+    (direct + back).swap_dims(1, 2).reshape([b, s, heads * d])
+}
+
 /// SwiGLU's gating, `silu(gate) · up`, with tensor ops.
 pub fn swiglu<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
     burn::tensor::activation::silu(gate) * up
