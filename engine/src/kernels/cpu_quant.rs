@@ -530,16 +530,16 @@ unsafe fn unit_codes_at(f: QFormat, q: *const u8) -> std::arch::x86_64::__m256i 
     use std::arch::x86_64::*;
     let low4 = _mm256_set1_epi8(0xF);
     let nibbles = |b: *const u8| {
-        // SAFETY: 16 bytes of the caller's block.
+        // SAFETY: 16 bytes of the caller's block (Q4: from its start; Q5: after the fifth bits).
         let v = unsafe { _mm_loadu_si128(b.cast()) };
         let both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
         _mm256_and_si256(both, low4)
     };
     match f {
-        // SAFETY (every arm): the reads lie inside the block (Q4: 16 bytes; Q5: 4 + 16; Q8_0: 32).
         QFormat::Q4_0 | QFormat::Q4_1 => nibbles(q),
         QFormat::Q5_0 | QFormat::Q5_1 => {
-            let qh = unsafe { q.cast::<u32>().read_unaligned() }.to_le();
+            // SAFETY: a Q5 block starts with its 4 bytes of fifth bits.
+            let qh = u32::from_le(unsafe { q.cast::<u32>().read_unaligned() });
             // Byte j takes byte j / 8 of qh, then its bit j % 8.
             let spread = _mm256_shuffle_epi8(
                 _mm256_set1_epi32(qh as i32),
@@ -551,8 +551,9 @@ unsafe fn unit_codes_at(f: QFormat, q: *const u8) -> std::arch::x86_64::__m256i 
             let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
             let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
             let fifth = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
-            _mm256_or_si256(nibbles(unsafe { q.add(4) }), fifth)
+            _mm256_or_si256(nibbles(q.wrapping_add(4)), fifth)
         }
+        // SAFETY: a Q8_0 block's quant bytes are its 32 codes.
         QFormat::Q8_0 => unsafe { _mm256_loadu_si256(q.cast()) },
         QFormat::Q4K | QFormat::Q5K | QFormat::Q6K => {
             unreachable!("a K-quant block's units come from `for_each_unit_avx2`")
@@ -1401,6 +1402,37 @@ struct Block<'a> {
     r: usize,
 }
 
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+impl<'a> Block<'a> {
+    /// What a register block of `xr` rows of x by `wr` weight rows reads, checked once to lie
+    /// inside x and the tile: x's codes and the tile's codes from their first rows (pointers for
+    /// the vector loads, `k` codes a row), x's `d` and the tile's scales (`per` a unit) from
+    /// theirs.
+    #[inline(always)]
+    fn operands(
+        &self,
+        xr: usize,
+        wr: usize,
+        per: usize,
+    ) -> (*const i8, *const u8, &'a [f32], &'a [f32]) {
+        let k = self.x.cols;
+        let units = k / UNIT;
+        assert!(
+            (self.i + xr) * k <= self.x.codes.len()
+                && (self.r + wr) * k <= self.tile.codes.len()
+                && (self.i + xr) * units <= self.x.d.len()
+                && per * (self.r + wr) * units <= self.tile.scales.len(),
+            "block outside x or the tile"
+        );
+        (
+            self.x.codes[self.i * k..].as_ptr(),
+            self.tile.codes[self.r * k..].as_ptr(),
+            &self.x.d[self.i * units..],
+            &self.tile.scales[per * self.r * units..],
+        )
+    }
+}
+
 /// One task of [`q_matmul_on`]: weight rows `first..first + rows` unpacked into `tile`, then
 /// multiplied with every row of x into `out` (`[rows, m]`).
 #[inline(always)]
@@ -1829,17 +1861,7 @@ macro_rules! x86_block {
             let k = at.x.cols;
             let units = k / UNIT;
             let per = if KIND == HALVES { 2 } else { 1 };
-            assert!(
-                (at.i + XR) * k <= at.x.codes.len()
-                    && (at.r + WR) * k <= at.tile.codes.len()
-                    && (at.i + XR) * units <= at.x.d.len()
-                    && per * (at.r + WR) * units <= at.tile.scales.len(),
-                "block outside x or the tile"
-            );
-            let xp = at.x.codes[at.i * k..].as_ptr();
-            let wp = at.tile.codes[at.r * k..].as_ptr();
-            let xd = &at.x.d[at.i * units..];
-            let ws = &at.tile.scales[per * at.r * units..];
+            let (xp, wp, xd, ws) = at.operands(XR, WR, per);
             let mut acc = [[_mm256_setzero_ps(); WR]; XR];
             for u in 0..units {
                 let mut w = [_mm256_setzero_si256(); WR];
@@ -1929,17 +1951,7 @@ fn block_neon<const XR: usize, const WR: usize, const KIND: u8>(
     let k = at.x.cols;
     let units = k / UNIT;
     let per = if KIND == HALVES { 2 } else { 1 };
-    assert!(
-        (at.i + XR) * k <= at.x.codes.len()
-            && (at.r + WR) * k <= at.tile.codes.len()
-            && (at.i + XR) * units <= at.x.d.len()
-            && per * (at.r + WR) * units <= at.tile.scales.len(),
-        "block outside x or the tile"
-    );
-    let xp = at.x.codes[at.i * k..].as_ptr();
-    let wp = at.tile.codes[at.r * k..].as_ptr();
-    let xd = &at.x.d[at.i * units..];
-    let ws = &at.tile.scales[per * at.r * units..];
+    let (xp, wp, xd, ws) = at.operands(XR, WR, per);
     let mut acc = [[vdupq_n_f32(0.0); WR]; XR];
     for u in 0..units {
         let mut w = [[vdupq_n_s8(0); 2]; WR];
