@@ -1256,10 +1256,10 @@ macro_rules! x86_fused_unit {
                         // SAFETY: GROUP blocks' scale bytes of this row.
                         unsafe { group_affine(f, s[sb * g..sb * (g + GROUP)].as_ptr()) }
                     } else {
-                        let mut bytes = [0u8; 4 * GROUP];
-                        bytes[..sb * n].copy_from_slice(&s[sb * g..sb * (g + n)]);
-                        // SAFETY: `bytes` holds 4 · GROUP bytes.
-                        unsafe { group_affine(f, bytes.as_ptr()) }
+                        let mut padded = [0u8; 4 * GROUP];
+                        padded[..sb * n].copy_from_slice(&s[sb * g..sb * (g + n)]);
+                        // SAFETY: `padded` holds 4 · GROUP bytes.
+                        unsafe { group_affine(f, padded.as_ptr()) }
                     };
                     let mask = lanes_below(n);
                     let mut ad = [[0f32; GROUP]; XR];
