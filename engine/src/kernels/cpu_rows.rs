@@ -80,12 +80,17 @@ unsafe fn rms_norm_avx2(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 fn rms_norm_portable(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let dim = w.len();
     for (x, out) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-        let mean = super::cpu::dot(x, x) / dim as f32;
-        let inv = 1.0 / (mean + eps).sqrt();
+        let inv = inv_rms(x, eps);
         for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
             *o = x * inv * w;
         }
     }
+}
+
+/// `1 / √(mean(x²) + eps)` of a row: RMSNorm's scale, which its forward and backward share.
+#[inline(always)]
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    1.0 / (super::cpu::dot(x, x) / x.len() as f32 + eps).sqrt()
 }
 
 /// [`KernelBackend::rms_norm_backward`](super::KernelBackend::rms_norm_backward) on the CPU:
@@ -141,7 +146,7 @@ fn rms_norm_backward_portable(x: &[f32], w: &[f32], dy: &[f32], eps: f32, out: &
         .zip(dy.chunks_exact(dim))
         .zip(out.chunks_exact_mut(dim))
     {
-        let r = 1.0 / (super::cpu::dot(x, x) / dim as f32 + eps).sqrt();
+        let r = inv_rms(x, eps);
         // mean(g · x) with g = dy · w, in `g`'s place: `out` holds g first.
         for ((o, &dy), &w) in out.iter_mut().zip(dy).zip(w) {
             *o = dy * w;
