@@ -211,14 +211,11 @@ impl ModelPanel {
 /// What the user should know about the loaded model.
 fn model_card(ui: &mut egui::Ui, m: &Model, gpu: Option<&GpuInfo>) {
     let i = m.info();
-    let c = on_model!(m, m => &m.model.config);
     let (place, device) = match m {
         Model::Gpu(_) => ("on the GPU", "GPU"),
         Model::Cpu(_) => ("in memory", "CPU"),
     };
-    // Keys and values of every layer, f32, for a full context.
-    let kv_bytes =
-        2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * i.context_length;
+    let kv_bytes = on_model!(m, m => m.model.kv_cache_bytes(i.context_length));
     super::facts(ui, "model-card", |row| {
         row("File", i.path.display().to_string());
         row("Format", i.format.to_string());

@@ -60,7 +60,7 @@ pub(crate) fn transpose(values: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
     let rows = |t: usize, out: &mut [f32]| {
         let i0 = t * BLOCK;
         #[cfg(target_arch = "x86_64")]
-        let j0 = if has_avx2_fma() {
+        let j0 = if has_avx2_fma_f16c() {
             // SAFETY: the processor has AVX2 (checked above).
             unsafe { transpose_eights_avx2(&values, m, n, i0, out) }
         } else {
@@ -209,11 +209,13 @@ impl BlockKernel for Portable {
     }
 }
 
-/// Whether the processor has AVX2 and FMA, which every x86 kernel of the CPU path needs (std
-/// caches the answer).
+/// Whether the processor has AVX2, FMA and F16C, which every x86 kernel of the CPU path needs
+/// (every processor with AVX2 has F16C, but the kernels that convert f16 rely on it; std caches
+/// the answers).
 #[cfg(target_arch = "x86_64")]
-pub fn has_avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+pub fn has_avx2_fma_f16c() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx2") && has!("fma") && has!("f16c")
 }
 
 /// AVX2 and FMA intrinsics. Only [`Avx2::detect`] makes one, so holding one proves the
@@ -225,7 +227,7 @@ struct Avx2(());
 #[cfg(target_arch = "x86_64")]
 impl Avx2 {
     fn detect() -> Option<Self> {
-        has_avx2_fma().then_some(Avx2(()))
+        has_avx2_fma_f16c().then_some(Avx2(()))
     }
 }
 
@@ -386,20 +388,74 @@ pub fn try_matmul(x: &Tensor<Flex, 2>, w: &Tensor<Flex, 2>) -> Option<Tensor<Fle
 /// (batch row, KV head); a prefill's are split so that every core has work.
 const ROWS_PER_TASK: usize = 32;
 
-/// A `[batch, heads, positions, head_dim]` view of f32 storage with unit stride along
+/// What the KV cache holds its keys and values in: f32, or f16 (half the bytes a decode step
+/// streams from the cache; [`try_attention`] widens them as it reads them).
+pub(crate) trait CacheElem: burn::tensor::Element + bytemuck::Pod {
+    const DTYPE: DType;
+
+    /// `row` as f32: the row itself, or widened into `buf` (at least as long).
+    fn widen<'b>(row: &'b [Self], buf: &'b mut [f32]) -> &'b [f32];
+
+    /// Eight values from `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// Eight values are readable at `p`, and the processor has AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl CacheElem for f32 {
+    const DTYPE: DType = DType::F32;
+
+    #[inline(always)]
+    fn widen<'b>(row: &'b [f32], _: &'b mut [f32]) -> &'b [f32] {
+        row
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl CacheElem for half::f16 {
+    const DTYPE: DType = DType::F16;
+
+    #[inline]
+    fn widen<'b>(row: &'b [half::f16], buf: &'b mut [f32]) -> &'b [f32] {
+        use half::slice::HalfFloatSliceExt;
+        let buf = &mut buf[..row.len()];
+        row.convert_to_f32_slice(buf);
+        buf
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(p: *const half::f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's (eight f16 are 16 bytes).
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.cast()) })
+    }
+}
+
+/// A `[batch, heads, positions, head_dim]` view of `T` storage with unit stride along
 /// `head_dim` (the KV cache's slice of filled positions is one).
-struct View<'a> {
-    data: &'a [f32],
+struct View<'a, T> {
+    data: &'a [T],
     start: usize,
     /// Strides of batch, head and position.
     strides: [usize; 3],
 }
 
-impl<'a> View<'a> {
-    /// `None` unless f32, with non-negative strides, unit along the last dimension, and every
-    /// element inside the storage.
+impl<'a, T: CacheElem> View<'a, T> {
+    /// `None` unless of dtype `T`, with non-negative strides, unit along the last dimension,
+    /// and every element inside the storage.
     fn of(t: &'a FlexTensor, dims: [usize; 4]) -> Option<Self> {
-        if t.dtype() != DType::F32 {
+        if t.dtype() != T::DTYPE {
             return None;
         }
         let layout = t.layout();
@@ -412,7 +468,7 @@ impl<'a> View<'a> {
             usize::try_from(s2).ok()?,
         ];
         let start = layout.start_offset();
-        let data = t.storage::<f32>();
+        let data = t.storage::<T>();
         let last = dims
             .iter()
             .zip(strides.iter().chain([&1]))
@@ -427,18 +483,19 @@ impl<'a> View<'a> {
 
     /// The `d`-long row at `(b, h, p)`.
     #[inline(always)]
-    fn row(&self, b: usize, h: usize, p: usize, d: usize) -> &'a [f32] {
+    fn row(&self, b: usize, h: usize, p: usize, d: usize) -> &'a [T] {
         let at = self.start + b * self.strides[0] + h * self.strides[1] + p * self.strides[2];
         &self.data[at..at + d]
     }
 }
 
-/// `softmax(q·kᵀ·scale + mask)·v`, reading keys and values where they lie in the KV cache and
-/// holding one row of scores per task (the reference materialises `[b, h, rows, total]` of
-/// them, gigabytes for a batch of long prompts); positions the mask hides are skipped. Tasks of
-/// up to [`ROWS_PER_TASK`] query rows of one (batch row, KV head), on every core. `None` where
-/// the shapes or layouts are not these (the caller uses the reference): `q`: `[b, h, rows, d]`,
-/// `keys`/`values`: `[b, h, total, d]`, `mask`: `[b or 1, 1, rows, total]`.
+/// `softmax(q·kᵀ·scale + mask)·v`, reading keys and values where they lie in the KV cache (f32
+/// or f16, widened as they are read) and holding one row of scores per task (the reference
+/// materialises `[b, h, rows, total]` of them, gigabytes for a batch of long prompts);
+/// positions the mask hides are skipped. Tasks of up to [`ROWS_PER_TASK`] query rows of one
+/// (batch row, KV head), on every core. `None` where the shapes, dtypes or layouts are not
+/// these (the caller uses the reference): `q`: `[b, h, rows, d]` f32, `keys`/`values`:
+/// `[b, h, total, d]`, both f32 or both f16, `mask`: `[b or 1, 1, rows, total]` f32.
 pub fn try_attention(
     q: &Tensor<Flex, 4>,
     keys: &Tensor<Flex, 4>,
@@ -454,9 +511,7 @@ pub fn try_attention(
     let qp: FlexTensor = q.clone().into_primitive().tensor().to_contiguous();
     let kp: FlexTensor = keys.clone().into_primitive().tensor();
     let vp: FlexTensor = values.clone().into_primitive().tensor();
-    let q = View::of(&qp, [b, h, rows, d])?;
-    let k = View::of(&kp, [b, h, total, d])?;
-    let v = View::of(&vp, [b, h, total, d])?;
+    let q = View::<f32>::of(&qp, [b, h, rows, d])?;
     let mp: Option<FlexTensor> = mask.map(|m| m.clone().into_primitive().tensor().to_contiguous());
     let mask = match (&mp, mask.map(|m| m.dims())) {
         (Some(mp), Some([mb, 1, mr, mt])) if (mb == 1 || mb == b) && [mr, mt] == [rows, total] => {
@@ -465,10 +520,31 @@ pub fn try_attention(
         (None, None) => None,
         _ => return None,
     };
+    let shape = [b, h, rows, d];
+    let out = match kp.dtype() {
+        DType::F16 => attention_over::<half::f16>(&q, &kp, &vp, mask, scale, shape, total)?,
+        _ => attention_over::<f32>(&q, &kp, &vp, mask, scale, shape, total)?,
+    };
+    Some(flex(out, shape))
+}
+
+/// [`try_attention`] over keys and values of `T`: `[b, h, rows, d]` of outputs, or `None` where
+/// `keys` or `values` is not a view of `T`.
+fn attention_over<T: CacheElem>(
+    q: &View<'_, f32>,
+    keys: &FlexTensor,
+    values: &FlexTensor,
+    mask: Option<(&[f32], usize)>,
+    scale: f32,
+    [b, h, rows, d]: [usize; 4],
+    total: usize,
+) -> Option<Vec<f32>> {
+    let k = View::<T>::of(keys, [b, h, total, d])?;
+    let v = View::<T>::of(values, [b, h, total, d])?;
     let mut out = vec![0f32; b * h * rows * d];
     let out_len = out.len();
     if out_len == 0 {
-        return Some(flex(out, [b, h, rows, d]));
+        return Some(out);
     }
     // A task takes query rows `first..first + n` of (batch row, head) `bh`.
     let task = |bh: usize, first: usize, out: &mut [f32]| {
@@ -479,7 +555,7 @@ pub fn try_attention(
             &m[at..at + n * total]
         });
         let task = Task {
-            q: &q,
+            q,
             k: &k,
             v: &v,
             at: (bi, hi, first),
@@ -514,14 +590,14 @@ pub fn try_attention(
             })
             .for_each(|(i, out)| task(i / blocks, i % blocks * ROWS_PER_TASK, out));
     }
-    Some(flex(out, [b, h, rows, d]))
+    Some(out)
 }
 
 /// The views and shape of one [`try_attention`] task.
-struct Task<'a> {
-    q: &'a View<'a>,
-    k: &'a View<'a>,
-    v: &'a View<'a>,
+struct Task<'a, T> {
+    q: &'a View<'a, f32>,
+    k: &'a View<'a, T>,
+    v: &'a View<'a, T>,
     /// Batch row, KV head, and the first query row.
     at: (usize, usize, usize),
     /// Query rows, positions, head dim.
@@ -532,43 +608,46 @@ struct Task<'a> {
 }
 
 /// One (batch row, KV head) of [`try_attention`]: `out` is `[rows, d]`.
-fn attend(task: &Task<'_>, out: &mut [f32]) {
+fn attend<T: CacheElem>(task: &Task<'_, T>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the processor has AVX2 and FMA (checked above), all this function needs.
+    if has_avx2_fma_f16c() {
+        // SAFETY: the processor has AVX2, FMA and F16C (checked above), all this function needs.
         unsafe { attend_avx2(task, out) };
         return;
     }
     attend_portable(task, out);
 }
 
-/// [`attend_portable`] compiled for AVX2/FMA: inlined here, its loops get ymm registers and
-/// its `mul_add`s become single instructions.
+/// [`attend_portable`] compiled for AVX2/FMA/F16C: inlined here, its loops get ymm registers
+/// and its `mul_add`s become single instructions.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(task: &Task<'_>, out: &mut [f32]) {
-    attend_with::<true>(task, out);
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_avx2<T: CacheElem>(task: &Task<'_, T>, out: &mut [f32]) {
+    attend_with::<T, true>(task, out);
 }
 
-fn attend_portable(task: &Task<'_>, out: &mut [f32]) {
-    attend_with::<false>(task, out);
+fn attend_portable<T: CacheElem>(task: &Task<'_, T>, out: &mut [f32]) {
+    attend_with::<T, false>(task, out);
 }
 
-/// The rows of a task, `AVX2` when the caller is compiled for it (and then [`QUERY_BLOCK`]
-/// query rows at a time).
+/// The rows of a task, `AVX2` when the caller is compiled for it (and then up to
+/// [`QUERY_BLOCK`] query rows at a time).
 #[inline(always)]
-fn attend_with<const AVX2: bool>(task: &Task<'_>, out: &mut [f32]) {
+fn attend_with<T: CacheElem, const AVX2: bool>(task: &Task<'_, T>, out: &mut [f32]) {
     match task.shape.2 {
-        64 => attend_rows::<64, AVX2>(task, out),
-        128 => attend_rows::<128, AVX2>(task, out),
-        _ => attend_rows::<0, AVX2>(task, out),
+        64 => attend_rows::<T, 64, AVX2>(task, out),
+        128 => attend_rows::<T, 128, AVX2>(task, out),
+        _ => attend_rows::<T, 0, AVX2>(task, out),
     }
 }
 
 /// The rows of a task, for head dim `D` (0: any, read from the task). A known `D` keeps a
 /// query row, a key row's product and the output row in registers.
 #[inline(always)]
-fn attend_rows<const D: usize, const AVX2: bool>(task: &Task<'_>, out: &mut [f32]) {
+fn attend_rows<T: CacheElem, const D: usize, const AVX2: bool>(
+    task: &Task<'_, T>,
+    out: &mut [f32],
+) {
     let Task {
         q,
         k,
@@ -581,20 +660,30 @@ fn attend_rows<const D: usize, const AVX2: bool>(task: &Task<'_>, out: &mut [f32
     debug_assert!(D == 0 || D == d);
     debug_assert_eq!(out.len(), rows * d);
     let mut p = vec![0f32; QUERY_BLOCK * total];
-    // Whole blocks of query rows first, where the kernel for them runs.
-    let blocked = if AVX2 && D != 0 && D.is_multiple_of(2 * LANES) {
-        rows - rows % QUERY_BLOCK
-    } else {
-        0
-    };
     #[cfg(target_arch = "x86_64")]
-    for r0 in (0..blocked).step_by(QUERY_BLOCK) {
-        let out = &mut out[r0 * d..(r0 + QUERY_BLOCK) * d];
-        // SAFETY: `AVX2` only from `attend_avx2`, called where the processor has AVX2 and FMA.
-        unsafe { attend_block_avx2::<D>(task, r0, &mut p, out) };
+    if AVX2 && D != 0 && D.is_multiple_of(8 * LANES) {
+        // Blocks of up to four query rows, the last one shorter.
+        for r0 in (0..rows).step_by(QUERY_BLOCK) {
+            let n = QUERY_BLOCK.min(rows - r0);
+            let out = &mut out[r0 * d..(r0 + n) * d];
+            // SAFETY: `AVX2` only from `attend_avx2`, called where the processor has AVX2, FMA
+            // and F16C.
+            // About eight sums in flight: `N · P` scores, `N · W` vectors of output.
+            unsafe {
+                match n {
+                    1 => attend_block_avx2::<T, D, 1, 8, 8>(task, r0, &mut p, out),
+                    2 => attend_block_avx2::<T, D, 2, 4, 4>(task, r0, &mut p, out),
+                    3 => attend_block_avx2::<T, D, 3, 2, 2>(task, r0, &mut p, out),
+                    _ => attend_block_avx2::<T, D, QUERY_BLOCK, 2, 2>(task, r0, &mut p, out),
+                }
+            }
+        }
+        return;
     }
     let p = &mut p[..total];
-    for (r, out) in out.chunks_exact_mut(d).enumerate().skip(blocked) {
+    // A key or value row widened to f32 (f16 caches).
+    let mut buf = vec![0f32; d];
+    for (r, out) in out.chunks_exact_mut(d).enumerate() {
         let qr = q.row(bi, hi, first + r, d);
         let mask = mask.map(|m| &m[r * total..(r + 1) * total]);
         for (j, pj) in p.iter_mut().enumerate() {
@@ -602,7 +691,7 @@ fn attend_rows<const D: usize, const AVX2: bool>(task: &Task<'_>, out: &mut [f32
             *pj = if m == f32::NEG_INFINITY {
                 m
             } else {
-                dot_n::<D>(qr, k.row(bi, hi, j, d)) * scale + m
+                dot_n::<D>(qr, T::widen(k.row(bi, hi, j, d), &mut buf)) * scale + m
             };
         }
         let Some(inv) = exp_scores(p) else {
@@ -614,7 +703,8 @@ fn attend_rows<const D: usize, const AVX2: bool>(task: &Task<'_>, out: &mut [f32
             out.fill(0.0);
             for (j, &pj) in p.iter().enumerate() {
                 if pj != 0.0 {
-                    for (o, x) in out.iter_mut().zip(v.row(bi, hi, j, d)) {
+                    let vr = T::widen(v.row(bi, hi, j, d), &mut buf);
+                    for (o, x) in out.iter_mut().zip(vr) {
                         *o = pj.mul_add(*x, *o);
                     }
                 }
@@ -624,8 +714,7 @@ fn attend_rows<const D: usize, const AVX2: bool>(task: &Task<'_>, out: &mut [f32
             let mut acc = [0f32; D];
             for (j, &pj) in p.iter().enumerate() {
                 if pj != 0.0 {
-                    let vr: &[f32; D] = v
-                        .row(bi, hi, j, d)
+                    let vr: &[f32; D] = T::widen(v.row(bi, hi, j, d), &mut buf)
                         .try_into()
                         .unwrap_or_else(|_| unreachable!());
                     for (o, x) in acc.iter_mut().zip(vr) {
@@ -659,20 +748,36 @@ pub(crate) fn exp_scores(p: &mut [f32]) -> Option<f32> {
     Some(1.0 / lanes(p, 0.0, |a, b| a + b))
 }
 
-/// Query rows [`attend_block_avx2`] takes at once.
+/// Query rows [`attend_block_avx2`] takes at most at once.
 const QUERY_BLOCK: usize = 4;
 
-/// Query rows `r0..r0 + QUERY_BLOCK` of a task together, as [`attend_rows`] takes each (the
-/// same operations in the same order, so the same bits): each key and value row is read once
-/// for the four of them, where a prefill's rows each streamed the whole cache (a KV head's
-/// keys and values at 1,000 positions pass a core's L2). The scores go to `p`
-/// (`[QUERY_BLOCK, total]`), the outputs to `out` (`[QUERY_BLOCK, D]`), 16 columns at a time.
-/// Intrinsics: plain loops came out packed across the query rows, slower than one row at a
-/// time.
+/// Query rows `r0..r0 + N` of a task together (`N` ≤ [`QUERY_BLOCK`]): each key and value row
+/// is read once for the `N` of them (a prefill's rows each streamed the whole cache: a KV
+/// head's keys and values at 1,000 positions pass a core's L2), and f16 rows are widened as
+/// they are loaded. The scores go to `p` (`[N, total]`), the outputs to `out` (`[N, D]`).
+///
+/// Both passes keep about eight independent sums in flight: scores for `P` positions at once,
+/// outputs `8·W` columns at a time. One chain of FMAs a row (a position's score, or 16
+/// columns of output) waited on each FMA's latency: attention was a quarter of SmolLM2's
+/// decode at 1,000 positions. Every value is still the same chain as [`attend_rows`]' single
+/// rows (scores in 8 lanes summed in [`sum_lanes`]' order, outputs one FMA a position), so
+/// the bits do not depend on `N`, `P` or `W`. Intrinsics: plain loops came out packed across
+/// the query rows, slower than one row at a time.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-fn attend_block_avx2<const D: usize>(task: &Task<'_>, r0: usize, p: &mut [f32], out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+fn attend_block_avx2<
+    T: CacheElem,
+    const D: usize,
+    const N: usize,
+    const P: usize,
+    const W: usize,
+>(
+    task: &Task<'_, T>,
+    r0: usize,
+    p: &mut [f32],
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let Task {
         q,
@@ -688,41 +793,51 @@ fn attend_block_avx2<const D: usize>(task: &Task<'_>, r0: usize, p: &mut [f32], 
             .try_into()
             .unwrap_or_else(|_| unreachable!())
     };
-    let qs: [&[f32; D]; QUERY_BLOCK] = std::array::from_fn(row);
-    let masks: [Option<&[f32]>; QUERY_BLOCK] =
+    let qs: [&[f32; D]; N] = std::array::from_fn(row);
+    let masks: [Option<&[f32]>; N] =
         std::array::from_fn(|r| mask.map(|m| &m[(r0 + r) * total..(r0 + r + 1) * total]));
-    let p = &mut p[..QUERY_BLOCK * total];
-    let out = &mut out[..QUERY_BLOCK * D];
-    for j in 0..total {
-        let m: [f32; QUERY_BLOCK] = std::array::from_fn(|r| masks[r].map_or(0.0, |m| m[j]));
-        if m.iter().all(|&m| m == f32::NEG_INFINITY) {
-            (0..QUERY_BLOCK).for_each(|r| p[r * total + j] = f32::NEG_INFINITY);
+    let p = &mut p[..N * total];
+    let out = &mut out[..N * D];
+    for j0 in (0..total).step_by(P) {
+        // Positions past the end repeat the last one; their scores are dropped.
+        let js: [usize; P] = std::array::from_fn(|i| (j0 + i).min(total - 1));
+        let m: [[f32; P]; N] = std::array::from_fn(|r| js.map(|j| masks[r].map_or(0.0, |m| m[j])));
+        if m.iter().flatten().all(|&m| m == f32::NEG_INFINITY) {
+            for r in 0..N {
+                p[r * total + j0..r * total + (j0 + P).min(total)].fill(f32::NEG_INFINITY);
+            }
             continue;
         }
-        let kr: &[f32; D] = k
-            .row(bi, hi, j, d)
-            .try_into()
-            .unwrap_or_else(|_| unreachable!());
-        let mut acc = [_mm256_setzero_ps(); QUERY_BLOCK];
+        let krs: [&[T; D]; P] = js.map(|j| {
+            k.row(bi, hi, j, d)
+                .try_into()
+                .unwrap_or_else(|_| unreachable!())
+        });
+        let mut acc = [[_mm256_setzero_ps(); P]; N];
         for c in (0..D).step_by(LANES) {
-            // SAFETY: c + 8 <= D, the length of every row here.
-            let kv = unsafe { _mm256_loadu_ps(kr.as_ptr().add(c)) };
-            for (acc, qr) in acc.iter_mut().zip(&qs) {
+            // SAFETY: c + 8 <= D, the length of every row here; AVX2 and F16C (this
+            // function's).
+            let qv: [__m256; N] = qs.map(|qr| unsafe { _mm256_loadu_ps(qr.as_ptr().add(c)) });
+            for (i, kr) in krs.iter().enumerate() {
                 // SAFETY: as above.
-                let qv = unsafe { _mm256_loadu_ps(qr.as_ptr().add(c)) };
-                *acc = _mm256_fmadd_ps(qv, kv, *acc);
+                let kv = unsafe { T::load8(kr.as_ptr().add(c)) };
+                for (acc, qv) in acc.iter_mut().zip(&qv) {
+                    acc[i] = _mm256_fmadd_ps(*qv, kv, acc[i]);
+                }
             }
         }
-        for (r, (acc, &m)) in acc.into_iter().zip(&m).enumerate() {
-            p[r * total + j] = if m == f32::NEG_INFINITY {
-                m
-            } else {
-                // SAFETY: `__m256` is eight f32 lanes.
-                sum_lanes(unsafe { std::mem::transmute::<__m256, [f32; LANES]>(acc) }) * scale + m
-            };
+        for (r, (acc, m)) in acc.iter().zip(&m).enumerate() {
+            let sums = sum_lanes_avx2(acc);
+            for (i, (&sum, &m)) in sums.iter().zip(m).enumerate().take(total - j0) {
+                p[r * total + j0 + i] = if m == f32::NEG_INFINITY {
+                    m
+                } else {
+                    sum * scale + m
+                };
+            }
         }
     }
-    let mut inv = [0f32; QUERY_BLOCK];
+    let mut inv = [0f32; N];
     for (p, inv) in p.chunks_exact_mut(total).zip(&mut inv) {
         *inv = exp_scores(p).unwrap_or_else(|| {
             // Nothing visible: NaN, as the single rows (zeros times NaN below).
@@ -732,47 +847,65 @@ fn attend_block_avx2<const D: usize>(task: &Task<'_>, r0: usize, p: &mut [f32], 
     }
     // The positions any of the rows sees (a causal mask hides the end of most rows' span, left
     // padding its start), found once for the passes below.
-    let seen = |j: usize| (0..QUERY_BLOCK).any(|r| p[r * total + j] != 0.0);
+    let seen = |j: usize| (0..N).any(|r| p[r * total + j] != 0.0);
     let start = (0..total).find(|&j| seen(j)).unwrap_or(total);
     let end = (start..total)
         .rev()
         .find(|&j| seen(j))
         .map_or(start, |j| j + 1);
-    for c0 in (0..D).step_by(2 * LANES) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; QUERY_BLOCK];
+    for c0 in (0..D).step_by(W * LANES) {
+        let mut acc = [[_mm256_setzero_ps(); W]; N];
         for j in start..end {
-            let pj: [f32; QUERY_BLOCK] = std::array::from_fn(|r| p[r * total + j]);
+            let pj: [f32; N] = std::array::from_fn(|r| p[r * total + j]);
             if pj.iter().all(|&x| x == 0.0) {
                 continue;
             }
-            let vr: &[f32; D] = v
+            let vr: &[T; D] = v
                 .row(bi, hi, j, d)
                 .try_into()
                 .unwrap_or_else(|_| unreachable!());
-            // SAFETY: c0 + 16 <= D (D a multiple of 16).
-            let vv = unsafe {
-                [
-                    _mm256_loadu_ps(vr.as_ptr().add(c0)),
-                    _mm256_loadu_ps(vr.as_ptr().add(c0 + LANES)),
-                ]
-            };
+            // SAFETY: c0 + 8·W <= D (D a multiple of 8·W); AVX2 and F16C.
+            let vv: [__m256; W] =
+                std::array::from_fn(|w| unsafe { T::load8(vr.as_ptr().add(c0 + w * LANES)) });
             for (acc, &pj) in acc.iter_mut().zip(&pj) {
                 if pj != 0.0 {
                     let b = _mm256_set1_ps(pj);
-                    acc[0] = _mm256_fmadd_ps(b, vv[0], acc[0]);
-                    acc[1] = _mm256_fmadd_ps(b, vv[1], acc[1]);
+                    for (a, v) in acc.iter_mut().zip(&vv) {
+                        *a = _mm256_fmadd_ps(b, *v, *a);
+                    }
                 }
             }
         }
         for (r, (acc, inv)) in acc.iter().zip(inv).enumerate() {
             let inv = _mm256_set1_ps(inv);
-            for (h, a) in acc.iter().enumerate() {
-                let o = &mut out[r * D + c0 + h * LANES..][..LANES];
+            for (w, a) in acc.iter().enumerate() {
+                let o = &mut out[r * D + c0 + w * LANES..][..LANES];
                 // SAFETY: writes the 8 floats of `o`.
                 unsafe { _mm256_storeu_ps(o.as_mut_ptr(), _mm256_mul_ps(*a, inv)) };
             }
         }
     }
+}
+
+/// The lanes of each of `acc` summed in [`sum_lanes`]' order, four vectors at a time:
+/// `((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))` is the halves added, then two
+/// horizontal adds.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn sum_lanes_avx2<const P: usize>(acc: &[std::arch::x86_64::__m256; P]) -> [f32; P] {
+    use std::arch::x86_64::*;
+    let halves = |a: __m256| _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    let mut sums = [0f32; P];
+    for (i, out) in sums.chunks_mut(4).enumerate() {
+        let s: [__m128; 4] =
+            std::array::from_fn(|k| acc.get(4 * i + k).map_or(_mm_setzero_ps(), |&a| halves(a)));
+        let h = _mm_hadd_ps(_mm_hadd_ps(s[0], s[1]), _mm_hadd_ps(s[2], s[3]));
+        // SAFETY: `__m128` is four f32 lanes.
+        let h = unsafe { std::mem::transmute::<__m128, [f32; 4]>(h) };
+        out.copy_from_slice(&h[..out.len()]);
+    }
+    sums
 }
 
 /// The sum of 8 lanes in [`dot_n`]'s order.
@@ -832,9 +965,9 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `cache` (`[b, h, capacity, d]`) with `values` (`[b, h, seq, d]`) written at positions
-/// `past..`: in place where the f32 buffer is contiguous and not shared, else through
-/// `slice_assign` (which copies the buffer).
+/// `cache` (`[b, h, capacity, d]`, f32 or f16) with `values` (`[b, h, seq, d]`, f32) written
+/// at positions `past..`: in place where the cache's buffer is contiguous and not shared (f16
+/// rounded to nearest), else through `slice_assign` (which copies the buffer).
 pub fn write_positions(
     cache: Tensor<Flex, 4>,
     past: usize,
@@ -844,19 +977,29 @@ pub fn write_positions(
     let [vb, vh, seq, vd] = values.dims();
     let fits = [vb, vh, vd] == [b, h, d] && past + seq <= cap;
     let mut p: FlexTensor = cache.into_primitive().tensor();
-    let whole = p.dtype() == DType::F32
+    let dtype = p.dtype();
+    let whole = matches!(dtype, DType::F32 | DType::F16)
         && p.is_contiguous()
         && p.layout().start_offset() == 0
-        && p.bytes().len() == 4 * b * h * cap * d;
-    let src = contiguous(&values).filter(|_| fits && whole);
-    if let (Some(src), Some(dst)) = (&src, p.try_storage_mut::<f32>().filter(|_| fits && whole)) {
-        for (bh, rows) in src.storage::<f32>().chunks_exact(seq * d).enumerate() {
-            dst[(bh * cap + past) * d..][..seq * d].copy_from_slice(rows);
+        && p.bytes().len() == dtype.size() * b * h * cap * d;
+    if let Some(src) = contiguous(&values).filter(|_| fits && whole) {
+        let rows = src.storage::<f32>().chunks_exact(seq * d).enumerate();
+        let at = |bh: usize| (bh * cap + past) * d..(bh * cap + past + seq) * d;
+        // (`try_storage_mut` panics on another dtype.)
+        let written = if dtype == DType::F32 {
+            p.try_storage_mut::<f32>()
+                .map(|dst| rows.for_each(|(bh, rows)| dst[at(bh)].copy_from_slice(rows)))
+        } else {
+            use half::slice::HalfFloatSliceExt;
+            p.try_storage_mut::<half::f16>()
+                .map(|dst| rows.for_each(|(bh, rows)| dst[at(bh)].convert_from_f32_slice(rows)))
+        };
+        if written.is_some() {
+            return Tensor::from_primitive(TensorPrimitive::Float(p));
         }
-        return Tensor::from_primitive(TensorPrimitive::Float(p));
     }
     Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(p))
-        .slice_assign([0..vb, 0..vh, past..past + seq, 0..vd], values)
+        .slice_assign([0..vb, 0..vh, past..past + seq, 0..vd], values.cast(dtype))
 }
 
 /// The contiguous f32 values of `t`, or `None` for another dtype.
@@ -975,37 +1118,40 @@ mod tests {
         }
     }
 
-    /// The KV cache's append writes where `slice_assign` would, into the same buffer, and
-    /// leaves a buffer another tensor shares as it was.
+    /// The KV cache's append writes where `slice_assign` would, into the same buffer (f32, and
+    /// f16 rounded as burn-flex's cast rounds), and leaves a buffer another tensor shares as it
+    /// was.
     #[test]
     fn positions_are_written_in_place() {
-        let shape = [2, 3, 7, 8];
-        let cache = flex(values(2 * 3 * 7 * 8, 1), shape);
-        let new = flex(values(2 * 3 * 2 * 8, 2), [2, 3, 2, 8]);
-        let want = cache
-            .clone()
-            .slice_assign([0..2, 0..3, 4..6, 0..8], new.clone());
-        let ptr = |t: &Tensor<Flex, 4>| {
-            let p: FlexTensor = t.clone().into_primitive().tensor();
-            p.bytes().as_ptr() as usize
-        };
-        let before = ptr(&cache);
-        let shared = cache.clone();
-        let copied = write_positions(cache, 4, new.clone());
-        assert_eq!(copied.to_data(), want.to_data());
-        assert_ne!(
-            ptr(&copied),
-            before,
-            "wrote into a buffer another tensor shares"
-        );
-        let unique = shared.clone();
-        let shared_data = shared.to_data();
-        drop(shared);
-        let before = ptr(&unique);
-        let got = write_positions(unique, 4, new);
-        assert_eq!(ptr(&got), before, "the buffer was copied");
-        assert_eq!(got.to_data(), want.to_data());
-        assert_ne!(shared_data, got.to_data(), "nothing was written");
+        for dtype in [DType::F32, DType::F16] {
+            let shape = [2, 3, 7, 8];
+            let cache = flex(values(2 * 3 * 7 * 8, 1), shape).cast(dtype);
+            let new = flex(values(2 * 3 * 2 * 8, 2), [2, 3, 2, 8]);
+            let want = cache
+                .clone()
+                .slice_assign([0..2, 0..3, 4..6, 0..8], new.clone().cast(dtype));
+            let ptr = |t: &Tensor<Flex, 4>| {
+                let p: FlexTensor = t.clone().into_primitive().tensor();
+                p.bytes().as_ptr() as usize
+            };
+            let before = ptr(&cache);
+            let shared = cache.clone();
+            let copied = write_positions(cache, 4, new.clone());
+            assert_eq!(copied.to_data(), want.to_data(), "{dtype:?}");
+            assert_ne!(
+                ptr(&copied),
+                before,
+                "wrote into a buffer another tensor shares"
+            );
+            let unique = shared.clone();
+            let shared_data = shared.to_data();
+            drop(shared);
+            let before = ptr(&unique);
+            let got = write_positions(unique, 4, new);
+            assert_eq!(ptr(&got), before, "the buffer was copied ({dtype:?})");
+            assert_eq!(got.to_data(), want.to_data(), "{dtype:?}");
+            assert_ne!(shared_data, got.to_data(), "nothing was written");
+        }
     }
 
     /// Against the reference on a view of a larger cache (as `LayerCache::append` returns
@@ -1020,19 +1166,51 @@ mod tests {
         attention_case(4, 3, 3, 64, 600, 520);
         // Rows split into tasks of 32 with a short last one.
         attention_case(2, 3, 70, 16, 100, 90);
-        // Blocks of four query rows (head dims 64 and 128) and the rows after them.
+        // Blocks of four query rows (head dims 64 and 128) and a shorter last block: 70 rows
+        // end in 2, decode's 7 (a task a row) in 1, 43 in 3.
         attention_case(2, 2, 70, 64, 100, 90);
-        attention_case(1, 1, 40, 128, 50, 45);
+        attention_case(1, 2, 7, 64, 700, 650);
+        attention_case(1, 1, 43, 128, 50, 45);
+    }
+
+    /// [`attention_case`] over an f16 cache (burn-flex's kernel state for it), against the
+    /// reference on the same values widened to f32.
+    #[test]
+    fn attention_on_an_f16_cache_matches_the_reference() {
+        let f16 = Some(DType::F16);
+        attention_case_in(1, 2, 3, 8, 10, 7, f16);
+        attention_case_in(4, 3, 3, 64, 600, 520, f16);
+        attention_case_in(2, 3, 70, 16, 100, 90, f16);
+        attention_case_in(1, 2, 7, 64, 700, 650, f16);
+        attention_case_in(1, 1, 43, 128, 50, 45, f16);
     }
 
     fn attention_case(b: usize, h: usize, rows: usize, d: usize, cap: usize, total: usize) {
+        attention_case_in(b, h, rows, d, cap, total, None);
+    }
+
+    /// `try_attention` against the reference, the keys and values a view of a cache of
+    /// `cap` positions (of `dtype`, f32 where `None`).
+    fn attention_case_in(
+        b: usize,
+        h: usize,
+        rows: usize,
+        d: usize,
+        cap: usize,
+        total: usize,
+        dtype: Option<DType>,
+    ) {
         let dev = Default::default();
         let t = |n: usize, seed: u64, shape: [usize; 4]| {
             Tensor::<Flex, 4>::from_data(TensorData::new(values(n, seed), shape), &dev)
         };
         let q = t(b * h * rows * d, 5, [b, h, rows, d]);
-        let view =
-            |seed| t(b * h * cap * d, seed, [b, h, cap, d]).slice([0..b, 0..h, 0..total, 0..d]);
+        let view = |seed| {
+            let cache = t(b * h * cap * d, seed, [b, h, cap, d]);
+            dtype
+                .map_or(cache.clone(), |dt| cache.cast(dt))
+                .slice([0..b, 0..h, 0..total, 0..d])
+        };
         let (keys, vals) = (view(6), view(7));
         // Row `bi` sees positions `bi..`, as left padding hides a row's first positions.
         let per_row: Vec<f32> = (0..b * rows * total)
@@ -1063,7 +1241,8 @@ mod tests {
             let Some(got) = try_attention(&q, &keys, &vals, mask, 0.25) else {
                 panic!("a query on a cache view should take the CPU kernel");
             };
-            let want = reference::attention(q.clone(), keys.clone(), vals.clone(), mask, 0.25);
+            let [k, v] = [&keys, &vals].map(|t| t.clone().cast(DType::F32));
+            let want = reference::attention(q.clone(), k, v, mask, 0.25);
             let diff = (got - want).abs().max().into_scalar();
             assert!(diff < 1e-5, "max |diff| {diff}");
         }

@@ -763,7 +763,7 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if crate::kernels::cpu::has_avx2_fma() {
+            if crate::kernels::cpu::has_avx2_fma_f16c() {
                 if has!("avx512vnni") && has!("avx512vl") {
                     return Isa::Vnni;
                 }

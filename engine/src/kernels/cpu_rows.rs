@@ -61,7 +61,7 @@ pub fn try_rms_norm(
 
 fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::cpu::has_avx2_fma() {
+    if super::cpu::has_avx2_fma_f16c() {
         // SAFETY: the processor has AVX2 and FMA (checked above), all this function needs.
         unsafe { rms_norm_avx2(x, w, eps, out) };
         return;
@@ -123,7 +123,7 @@ pub fn try_rms_norm_backward(
 
 fn rms_norm_backward_rows(x: &[f32], w: &[f32], dy: &[f32], eps: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::cpu::has_avx2_fma() {
+    if super::cpu::has_avx2_fma_f16c() {
         // SAFETY: the processor has AVX2 and FMA (checked above), all this function needs.
         unsafe { rms_norm_backward_avx2(x, w, dy, eps, out) };
         return;
@@ -309,7 +309,7 @@ pub fn try_swiglu_backward(
 
 fn swiglu_grad_values(of_gate: bool, gate: &[f32], up: &[f32], dy: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::cpu::has_avx2_fma() {
+    if super::cpu::has_avx2_fma_f16c() {
         // SAFETY: the processor has AVX2 and FMA (checked above), all this function needs.
         unsafe { swiglu_grad_avx2(of_gate, gate, up, dy, out) };
         return;
@@ -375,7 +375,7 @@ pub fn try_softmax_backward(y: &Tensor<Flex, 4>, dy: &Tensor<Flex, 4>) -> Option
 
 fn softmax_rows(x: &[f32], width: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::cpu::has_avx2_fma() {
+    if super::cpu::has_avx2_fma_f16c() {
         // SAFETY: the processor has AVX2 and FMA (checked above), all this function needs.
         unsafe { softmax_rows_avx2(x, width, out) };
         return;
@@ -403,7 +403,7 @@ fn softmax_rows_portable(x: &[f32], width: usize, out: &mut [f32]) {
 
 fn softmax_grad_rows(y: &[f32], dy: &[f32], width: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::cpu::has_avx2_fma() {
+    if super::cpu::has_avx2_fma_f16c() {
         // SAFETY: the processor has AVX2 and FMA (checked above), all this function needs.
         unsafe { softmax_grad_rows_avx2(y, dy, width, out) };
         return;
@@ -431,7 +431,7 @@ fn softmax_grad_rows_portable(y: &[f32], dy: &[f32], width: usize, out: &mut [f3
 
 fn swiglu_values(gate: &[f32], up: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::cpu::has_avx2_fma() {
+    if super::cpu::has_avx2_fma_f16c() {
         // SAFETY: the processor has AVX2 and FMA (checked above), all this function needs.
         unsafe { swiglu_avx2(gate, up, out) };
         return;

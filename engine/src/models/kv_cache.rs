@@ -45,7 +45,8 @@ impl<B: KernelBackend> KvCache<B> {
     }
 }
 
-/// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]` each.
+/// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]` each, in the
+/// backend's [`kv_cache_dtype`](KernelBackend::kv_cache_dtype).
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: KernelBackend> {
     pub(super) keys: Tensor<B, 4>,

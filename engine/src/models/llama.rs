@@ -7,7 +7,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 
 use super::config::Config;
 pub use super::kv_cache::{KvCache, LayerCache};
-use super::{Embedding, Linear, LoraApply, RmsNorm};
+use super::{Embedding, Linear, LinearWeight, LoraApply, RmsNorm};
 use crate::adapter::{Adapter, Target};
 use crate::error::{Error, Result};
 use crate::io::WeightSource;
@@ -219,16 +219,39 @@ impl<B: KernelBackend> Llama<B> {
         m
     }
 
+    /// The dtype of this model's KV cache: the backend's compact one
+    /// ([`KernelBackend::kv_cache_dtype`]) where the key projection is block-quantised (its
+    /// 8-bit activations on the CPU path already round far more than f16 does), f32 for f32
+    /// and 16-bit weights, whose outputs match transformers' within 1e-4.
+    pub fn kv_cache_dtype(&self) -> DType {
+        let quantised = self.layers.first().is_some_and(|l| {
+            matches!(&l.projections[Target::K.index()].weight, LinearWeight::Quantized(q) if !q.format.is_half())
+        });
+        if quantised {
+            B::kv_cache_dtype(&self.device)
+        } else {
+            DType::F32
+        }
+    }
+
+    /// Bytes of the KV cache of one sequence at `positions` (keys and values of every layer).
+    pub fn kv_cache_bytes(&self, positions: usize) -> usize {
+        let c = &self.config;
+        let elem = self.kv_cache_dtype().size();
+        2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elem * positions
+    }
+
     /// A KV cache for `capacity` positions (at most the model's context length).
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache<B> {
         let c = &self.config;
         let capacity = capacity.min(c.max_position_embeddings).max(1);
         let shape = [batch, c.num_key_value_heads, capacity, c.head_dim];
         let spare = Tensor::<B, 4>::empty([1, 1, 1, 1], &self.device);
+        let dtype = self.kv_cache_dtype();
         let layers = (0..c.num_hidden_layers)
             .map(|_| LayerCache {
-                keys: Tensor::zeros(shape, &self.device),
-                values: Tensor::zeros(shape, &self.device),
+                keys: Tensor::zeros(shape, (&self.device, dtype)),
+                values: Tensor::zeros(shape, (&self.device, dtype)),
                 spare: spare.clone(),
             })
             .collect();
