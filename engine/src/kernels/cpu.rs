@@ -666,9 +666,9 @@ fn attend_rows<T: CacheElem, const D: usize, const AVX2: bool>(
         for r0 in (0..rows).step_by(QUERY_BLOCK) {
             let n = QUERY_BLOCK.min(rows - r0);
             let out = &mut out[r0 * d..(r0 + n) * d];
+            // About eight sums in flight: `N · P` scores, `N · W` vectors of output.
             // SAFETY: `AVX2` only from `attend_avx2`, called where the processor has AVX2, FMA
             // and F16C.
-            // About eight sums in flight: `N · P` scores, `N · W` vectors of output.
             unsafe {
                 match n {
                     1 => attend_block_avx2::<T, D, 1, 8, 8>(task, r0, &mut p, out),
