@@ -7,15 +7,11 @@
 //! the program, and the grader proves the tests ran.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use codelsi_engine::cancel::CancelToken;
 use codelsi_engine::eval::sandbox::Isolation;
 use codelsi_engine::eval::{self, Completion, Harness, Limits, Problem, SampleResult, Status};
-
-/// The tests that run programs take turns, so that a process one leaves behind is its own.
-static SANDBOX: Mutex<()> = Mutex::new(());
 
 fn harness(limits: Limits, jobs: usize) -> Harness {
     let h = Harness::new(limits, jobs, false, &mut |s| eprintln!("{s}"))
@@ -132,7 +128,7 @@ fn js(s: &Path) -> String {
 
 #[test]
 fn hostile_programs_are_contained_and_fail() {
-    let _turn = SANDBOX.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = codelsi_tests::sandbox_turn();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -223,7 +219,7 @@ fn hostile_programs_are_contained_and_fail() {
 fn escapes_seen_stay_shut() {
     use std::os::unix::net::UnixListener;
 
-    let _turn = SANDBOX.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = codelsi_tests::sandbox_turn();
     let dir = host_dir("escapes");
     let victim = dir.join("victim.txt");
     std::fs::write(&victim, "untouched").unwrap();
@@ -380,7 +376,7 @@ fn escapes_seen_stay_shut() {
 /// fail.
 #[test]
 fn forged_passes_fail() {
-    let _turn = SANDBOX.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = codelsi_tests::sandbox_turn();
     let cases: Vec<(&str, String)> = vec![
         ("marker_exit", "  console.log(\"__codelsi_tests_done__\"); process.exit(0);\n}".into()),
         ("assert_patched", "  require(\"assert\").deepEqual = () => {}; return -1;\n}".into()),
@@ -438,7 +434,7 @@ fn forged_passes_fail() {
 
 #[test]
 fn canonical_mbtsp_solutions_pass_as_expected() {
-    let _turn = SANDBOX.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = codelsi_tests::sandbox_turn();
     let h = harness(Limits::default(), 0);
     let problems = eval::load_suite("mbpp-ts").unwrap_or_else(|e| panic!("{e}"));
     let completions: Vec<Completion> = problems

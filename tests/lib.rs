@@ -7,6 +7,13 @@ use codelsi_engine::device::{Wgpu, init_wgpu};
 
 pub type B = Wgpu;
 
+/// The tests that run programs in the evaluation's sandbox take turns (they share one binary):
+/// a process one leaves behind is then its own, and the times one measures are not another's.
+pub fn sandbox_turn() -> std::sync::MutexGuard<'static, ()> {
+    static SANDBOX: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SANDBOX.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }

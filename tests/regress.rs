@@ -342,6 +342,7 @@ fn data_files_and_held_out_split() {
 #[test]
 fn measures_solutions_on_scaled_inputs() {
     let _apart = CPU_BOUND.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = codelsi_tests::sandbox_turn();
     let problems = load_suite("mbpp-ts").unwrap_or_else(|e| panic!("{e}"));
     // MBTSP/514: the sum of a list, one pass over it.
     let picked: Vec<_> = problems
