@@ -470,7 +470,9 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
 
 /// The CPU path's quantised products, format by format, and a decode step's products.
 fn cpu_kernels() {
-    use codelsi_engine::kernels::cpu_quant::{Isa, QActs, QWeights, q_matmul, q_matmul_tiled};
+    use codelsi_engine::kernels::cpu_quant::{
+        Isa, QActs, QWeights, q_matmul, q_matmul_on, q_matmul_tiled,
+    };
     use rayon::prelude::*;
     println!(
         "device: {}, {}",
@@ -518,6 +520,34 @@ fn cpu_kernels() {
             })
             .collect();
         println!("{format:?} 4096×4096: {}", line.join("; "));
+        if format.is_half() {
+            continue;
+        }
+        // Decode's fused products (x per block, as `q_matmul` takes one row) and prefill's
+        // tiles (x per unit) on each instruction set this processor has, x quantised once.
+        let (n, k) = (4096, 4096);
+        let q = QMatrix::quantize(format, n, k, &values(n * k));
+        let w = QWeights::from(&q);
+        let decode = QActs::quantize_blocks(&values(k), 1, k, format.block_len());
+        let prefill = QActs::quantize(&values(128 * k), 128, k);
+        let isas: Vec<String> = Isa::available()
+            .into_iter()
+            .filter(|&isa| isa != Isa::Portable)
+            .map(|isa| {
+                let one = best_of(10, || {
+                    std::hint::black_box(q_matmul_on(isa, &decode, &w));
+                });
+                let tiles = best_of(5, || {
+                    std::hint::black_box(q_matmul_tiled(isa, &prefill, &w));
+                });
+                format!(
+                    "{isa:?}: m 1 {:.1} GB/s, m 128 through tiles {:.0} GMAC/s",
+                    q.gpu_bytes() as f64 / one / 1e9,
+                    (128 * n * k) as f64 / tiles / 1e9
+                )
+            })
+            .collect();
+        println!("  {}", isas.join("; "));
     }
     // Qwen2.5-Coder-0.5B-Instruct Q4_K_M: 24 layers; per layer q and o 896², k and v 128×896,
     // gate and up 4864×896, down 896×4864; the tied head 151,936×896 (Q8_0). Most tensors are

@@ -224,10 +224,10 @@ struct Tile {
     scales: Vec<f32>,
     /// `[rows * units * per]`: `c`, likewise.
     mins: Vec<f32>,
-    /// The codes again for [`gemm_avx2`], [`LANES`] rows interleaved: per group of 8 rows and
-    /// unit, 8 steps of 32 bytes, step `j` holding bytes `4j..4j + 4` of each row in turn, so
-    /// that a register's eight i32 lanes are eight weight rows (rows past the tile are zero).
-    /// AVX2 only, as the two below.
+    /// The codes again for [`gemm_avx2`] and [`gemm_vnni`], [`LANES`] rows interleaved: per
+    /// group of 8 rows and unit, 8 steps of 32 bytes, step `j` holding bytes `4j..4j + 4` of
+    /// each row in turn, so that a register's eight i32 lanes are eight weight rows (rows past
+    /// the tile are zero). x86 only, as the two below.
     #[cfg(target_arch = "x86_64")]
     lanes: Vec<u8>,
     /// `scales` and `mins` likewise: `[groups * units * per * LANES]`.
@@ -295,8 +295,8 @@ impl Tile {
             block_scales(f, s, scales, mins);
         }
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2 {
-            // SAFETY: `Isa::detect` chose AVX2 only where the processor has it.
+        if matches!(isa, Isa::Avx2 | Isa::Vnni) {
+            // SAFETY: `Isa::detect` chose these only where the processor has AVX2.
             unsafe { self.interleave_avx2(w.cols, per) };
         }
     }
@@ -976,7 +976,7 @@ fn widen_portable(format: QFormat, bytes: &[u8], out: &mut [f32]) {
 pub const FUSED_MAX_ROWS: usize = 4;
 
 /// Whether a fused kernel takes `format` with x quantised per `block` values: the formats of
-/// one unit a block (`fused_unit_*`) whatever the block, the K-quants (`fused_kquant_avx2`)
+/// one unit a block (`fused_unit_*`) whatever the block, the K-quants (`fused_kquant_*`)
 /// with x per super-block.
 pub fn fuses(format: QFormat, block: usize) -> bool {
     !format.is_half() && (format.block_len() == UNIT || block == format.block_len())
@@ -1044,27 +1044,27 @@ fn fused_task(isa: Isa, x: &QActs, w: &QWeights<'_>, first: usize, out: &mut [f3
     let m = x.rows;
     let rows = first..first + out.len() / m;
     macro_rules! formats {
-        ($unit:ident, $xr:literal) => {
+        ($unit:ident, $kquant:ident, $xr:literal) => {
             match w.format {
                 QFormat::Q4_0 => $unit::<$xr, 0>(w, rows, x, out),
                 QFormat::Q4_1 => $unit::<$xr, 1>(w, rows, x, out),
                 QFormat::Q5_0 => $unit::<$xr, 2>(w, rows, x, out),
                 QFormat::Q5_1 => $unit::<$xr, 3>(w, rows, x, out),
                 QFormat::Q8_0 => $unit::<$xr, 4>(w, rows, x, out),
-                QFormat::Q4K => fused_kquant_avx2::<$xr, 5>(w, rows, x, out),
-                QFormat::Q5K => fused_kquant_avx2::<$xr, 6>(w, rows, x, out),
-                QFormat::Q6K => fused_kquant_avx2::<$xr, 7>(w, rows, x, out),
+                QFormat::Q4K => $kquant::<$xr, 5>(w, rows, x, out),
+                QFormat::Q5K => $kquant::<$xr, 6>(w, rows, x, out),
+                QFormat::Q6K => $kquant::<$xr, 7>(w, rows, x, out),
                 _ => unreachable!("`fuses` admits no other format"),
             }
         };
     }
     macro_rules! shapes {
-        ($unit:ident) => {
+        ($unit:ident, $kquant:ident) => {
             match m {
-                1 => formats!($unit, 1),
-                2 => formats!($unit, 2),
-                3 => formats!($unit, 3),
-                _ => formats!($unit, 4),
+                1 => formats!($unit, $kquant, 1),
+                2 => formats!($unit, $kquant, 2),
+                3 => formats!($unit, $kquant, 3),
+                _ => formats!($unit, $kquant, 4),
             }
         };
     }
@@ -1072,135 +1072,176 @@ fn fused_task(isa: Isa, x: &QActs, w: &QWeights<'_>, first: usize, out: &mut [f3
     // (`available` lists no more than `detect` found); the kernels check the shapes.
     unsafe {
         match isa {
-            Isa::Vnni => shapes!(fused_unit_vnni),
-            _ => shapes!(fused_unit_avx2),
+            Isa::Vnni => shapes!(fused_unit_vnni, fused_kquant_vnni),
+            _ => shapes!(fused_unit_avx2, fused_kquant_avx2),
         }
     }
 }
 
-/// The fused kernel of the K-quants (Q4_K, Q5_K, Q6_K) for up to four rows of x quantised per
-/// 256-value super-block (`x.block`), as llama.cpp's `q4_K · q8_K`: weight rows `rows` times
-/// the `XR` rows of x, into `out` (`[rows, XR]`). A super-block shares x's scale, so the
-/// weights' 6- or 8-bit unit scales multiply the byte products as integers (`vpmaddwd`) and
-/// each super-block ends in one conversion and one multiply-add a row of x. The minimums
-/// (Q6_K: its offset of 32) meet x's integer sums per 16. AVX-512 VNNI's `vpdpbusd` would sum
-/// the products in fours before the scales could weigh its pairs, so VNNI runs this too.
+/// Stamps out the fused kernel of the K-quants for one way of weighing byte-product pairs by
+/// their unit's scale.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn fused_kquant_avx2<const XR: usize, const F: usize>(
-    w: &QWeights<'_>,
-    rows: std::ops::Range<usize>,
-    x: &QActs,
-    out: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    let f = QFormat::ALL[F];
-    let k = w.cols;
-    let units = k / UNIT;
-    let blocks = k / 256;
-    let (qb, sb) = block_sizes(f);
-    assert!(
-        matches!(f, QFormat::Q4K | QFormat::Q5K | QFormat::Q6K)
-            && x.block == 256
-            && x.rows == XR
-            && x.codes.len() == XR * k
-            && out.len() == rows.len() * XR,
-        "x, out or the format is not what the kernel was chosen for"
-    );
-    let q6 = f == QFormat::Q6K;
-    // Unit u's scale in every i16 lane: Q4_K and Q5_K pick i16 u of a register holding the
-    // eight scales in both halves; Q6_K picks bytes 2u and 2u + 1 (one scale per 16 weights)
-    // of its sixteen, widened after.
-    let pick: [__m256i; 8] =
-        std::array::from_fn(|u| _mm256_set1_epi16((((2 * u + 1) << 8) | (2 * u)) as i16));
-    let pick6: [__m128i; 8] = std::array::from_fn(|u| {
-        let byte = |b: usize| (b as u64) * 0x0101_0101_0101_0101;
-        _mm_set_epi64x(byte(2 * u + 1) as i64, byte(2 * u) as i64)
-    });
-    let row_of_x = |p: usize, unit: usize| -> __m256i {
-        let xc: &[i8; UNIT] = x.codes[p * k + UNIT * unit..][..UNIT]
-            .try_into()
-            .unwrap_or_else(|_| unreachable!());
-        // SAFETY: reads the 32 bytes of `xc`.
-        unsafe { _mm256_loadu_si256(xc.as_ptr().cast()) }
-    };
-    for (row, out) in rows.zip(out.chunks_exact_mut(XR)) {
-        let q = &w.qs[qb * blocks * row..qb * blocks * (row + 1)];
-        let s = &w.scales[sb * blocks * row..sb * blocks * (row + 1)];
-        let mut acc = [_mm256_setzero_ps(); XR];
-        let mut acc_min = [_mm_setzero_ps(); XR];
-        for (b, (q, s)) in q.chunks_exact(qb).zip(s.chunks_exact(sb)).enumerate() {
-            let first = 8 * b;
-            // The block's d (and dmin), its unit scales and (Q4_K, Q5_K) minimums as bytes.
-            let (d, dmin, scale_bytes) = if q6 {
-                // SAFETY: reads the 16 scale bytes.
-                let sc = unsafe { _mm_loadu_si128(bytes::<16>(s).as_ptr().cast()) };
-                (f16c(u16::from_le_bytes(*bytes::<2>(&s[16..]))).0, 0.0, sc)
-            } else {
-                // `scale_min_k4` for all eight units at once, four bytes a word.
-                let word = |i: usize| u32::from_le_bytes(*bytes::<4>(&s[4 + 4 * i..]));
-                let (w0, w1, w2) = (word(0), word(1), word(2));
-                let (six, four, two) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
-                let scales_lo = w0 & six;
-                let mins_lo = w1 & six;
-                let scales_hi = (w2 & four) | (((w0 >> 6) & two) << 4);
-                let mins_hi = ((w2 >> 4) & four) | (((w1 >> 6) & two) << 4);
-                let sc = _mm_set_epi32(
-                    mins_hi as i32,
-                    mins_lo as i32,
-                    scales_hi as i32,
-                    scales_lo as i32,
-                );
-                let (d, dmin) = f16c(u32::from_le_bytes(*bytes::<4>(s)));
-                (d, dmin, sc)
-            };
-            let scales16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scale_bytes));
-            let mut sumi = [_mm256_setzero_si256(); XR];
-            for_each_unit_avx2(f, q, |u, wv| {
-                let scale = if q6 {
-                    _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scale_bytes, pick6[u]))
-                } else {
-                    _mm256_shuffle_epi8(scales16, pick[u])
-                };
-                for (p, sumi) in sumi.iter_mut().enumerate() {
-                    let pairs = _mm256_maddubs_epi16(wv, row_of_x(p, first + u));
-                    *sumi = _mm256_add_epi32(*sumi, _mm256_madd_epi16(pairs, scale));
-                }
+macro_rules! x86_fused_kquant {
+    ($name:ident, $features:literal, $weigh:ident) => {
+        /// The fused kernel of the K-quants (Q4_K, Q5_K, Q6_K) for up to four rows of x
+        /// quantised per 256-value super-block (`x.block`), as llama.cpp's `q4_K · q8_K`:
+        /// weight rows `rows` times the `XR` rows of x, into `out` (`[rows, XR]`). A
+        /// super-block shares x's scale, so the weights' 6- or 8-bit unit scales multiply the
+        /// byte products as integers (`$weigh`) and each super-block ends in one conversion and
+        /// one multiply-add a row of x. The minimums (Q6_K: its offset of 32) meet x's integer
+        /// sums per 16. (VNNI's `vpdpbusd` would sum the products in fours before the scales
+        /// could weigh its pairs: VNNI keeps `vpmaddubsw` and weighs with `vpdpwssd`.)
+        #[target_feature(enable = $features)]
+        fn $name<const XR: usize, const F: usize>(
+            w: &QWeights<'_>,
+            rows: std::ops::Range<usize>,
+            x: &QActs,
+            out: &mut [f32],
+        ) {
+            use std::arch::x86_64::*;
+            let f = QFormat::ALL[F];
+            let k = w.cols;
+            let units = k / UNIT;
+            let blocks = k / 256;
+            let (qb, sb) = block_sizes(f);
+            assert!(
+                matches!(f, QFormat::Q4K | QFormat::Q5K | QFormat::Q6K)
+                    && x.block == 256
+                    && x.rows == XR
+                    && x.codes.len() == XR * k
+                    && out.len() == rows.len() * XR,
+                "x, out or the format is not what the kernel was chosen for"
+            );
+            let q6 = f == QFormat::Q6K;
+            // Unit u's scale in every i16 lane: Q4_K and Q5_K pick i16 u of a register holding the
+            // eight scales in both halves; Q6_K picks bytes 2u and 2u + 1 (one scale per 16 weights)
+            // of its sixteen, widened after.
+            let pick: [__m256i; 8] =
+                std::array::from_fn(|u| _mm256_set1_epi16((((2 * u + 1) << 8) | (2 * u)) as i16));
+            let pick6: [__m128i; 8] = std::array::from_fn(|u| {
+                let byte = |b: usize| (b as u64) * 0x0101_0101_0101_0101;
+                _mm_set_epi64x(byte(2 * u + 1) as i64, byte(2 * u) as i64)
             });
-            for p in 0..XR {
-                let at = p * units + first;
-                let xd = x.d[at];
-                let sums: &[i16; 16] = x.half_isums[2 * at..][..16]
+            let row_of_x = |p: usize, unit: usize| -> __m256i {
+                let xc: &[i8; UNIT] = x.codes[p * k + UNIT * unit..][..UNIT]
                     .try_into()
                     .unwrap_or_else(|_| unreachable!());
-                // SAFETY: reads the 32 bytes of `sums`.
-                let sums = unsafe { _mm256_loadu_si256(sums.as_ptr().cast()) };
-                if q6 {
-                    // The offset of 32: Σ_halves scale · 32 · Σ x codes.
-                    let offset = _mm256_madd_epi16(sums, _mm256_cvtepi8_epi16(scale_bytes));
-                    sumi[p] = _mm256_sub_epi32(sumi[p], _mm256_slli_epi32::<5>(offset));
-                } else {
-                    // The minimums (bytes 8-15, widened) times the units' sums (pairs of halves).
-                    let unit_sums = _mm_hadd_epi16(
-                        _mm256_castsi256_si128(sums),
-                        _mm256_extracti128_si256::<1>(sums),
-                    );
-                    let mins = _mm_cvtepu8_epi16(_mm_srli_si128::<8>(scale_bytes));
-                    let m = _mm_cvtepi32_ps(_mm_madd_epi16(mins, unit_sums));
-                    acc_min[p] = _mm_fmadd_ps(_mm_set1_ps(dmin * xd), m, acc_min[p]);
+                // SAFETY: reads the 32 bytes of `xc`.
+                unsafe { _mm256_loadu_si256(xc.as_ptr().cast()) }
+            };
+            for (row, out) in rows.zip(out.chunks_exact_mut(XR)) {
+                let q = &w.qs[qb * blocks * row..qb * blocks * (row + 1)];
+                let s = &w.scales[sb * blocks * row..sb * blocks * (row + 1)];
+                let mut acc = [_mm256_setzero_ps(); XR];
+                let mut acc_min = [_mm_setzero_ps(); XR];
+                for (b, (q, s)) in q.chunks_exact(qb).zip(s.chunks_exact(sb)).enumerate() {
+                    let first = 8 * b;
+                    // The block's d (and dmin), its unit scales and (Q4_K, Q5_K) minimums as bytes.
+                    let (d, dmin, scale_bytes) = if q6 {
+                        // SAFETY: reads the 16 scale bytes.
+                        let sc = unsafe { _mm_loadu_si128(bytes::<16>(s).as_ptr().cast()) };
+                        (f16c(u16::from_le_bytes(*bytes::<2>(&s[16..]))).0, 0.0, sc)
+                    } else {
+                        // `scale_min_k4` for all eight units at once, four bytes a word.
+                        let word = |i: usize| u32::from_le_bytes(*bytes::<4>(&s[4 + 4 * i..]));
+                        let (w0, w1, w2) = (word(0), word(1), word(2));
+                        let (six, four, two) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+                        let scales_lo = w0 & six;
+                        let mins_lo = w1 & six;
+                        let scales_hi = (w2 & four) | (((w0 >> 6) & two) << 4);
+                        let mins_hi = ((w2 >> 4) & four) | (((w1 >> 6) & two) << 4);
+                        let sc = _mm_set_epi32(
+                            mins_hi as i32,
+                            mins_lo as i32,
+                            scales_hi as i32,
+                            scales_lo as i32,
+                        );
+                        let (d, dmin) = f16c(u32::from_le_bytes(*bytes::<4>(s)));
+                        (d, dmin, sc)
+                    };
+                    let scales16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scale_bytes));
+                    let mut sumi = [_mm256_setzero_si256(); XR];
+                    for_each_unit_avx2(f, q, |u, wv| {
+                        let scale = if q6 {
+                            _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scale_bytes, pick6[u]))
+                        } else {
+                            _mm256_shuffle_epi8(scales16, pick[u])
+                        };
+                        for (p, sumi) in sumi.iter_mut().enumerate() {
+                            let pairs = _mm256_maddubs_epi16(wv, row_of_x(p, first + u));
+                            *sumi = $weigh(*sumi, pairs, scale);
+                        }
+                    });
+                    for p in 0..XR {
+                        let at = p * units + first;
+                        let xd = x.d[at];
+                        let sums: &[i16; 16] = x.half_isums[2 * at..][..16]
+                            .try_into()
+                            .unwrap_or_else(|_| unreachable!());
+                        // SAFETY: reads the 32 bytes of `sums`.
+                        let sums = unsafe { _mm256_loadu_si256(sums.as_ptr().cast()) };
+                        if q6 {
+                            // The offset of 32: Σ_halves scale · 32 · Σ x codes.
+                            let offset = _mm256_madd_epi16(sums, _mm256_cvtepi8_epi16(scale_bytes));
+                            sumi[p] = _mm256_sub_epi32(sumi[p], _mm256_slli_epi32::<5>(offset));
+                        } else {
+                            // The minimums (bytes 8-15, widened) times the units' sums (pairs of halves).
+                            let unit_sums = _mm_hadd_epi16(
+                                _mm256_castsi256_si128(sums),
+                                _mm256_extracti128_si256::<1>(sums),
+                            );
+                            let mins = _mm_cvtepu8_epi16(_mm_srli_si128::<8>(scale_bytes));
+                            let m = _mm_cvtepi32_ps(_mm_madd_epi16(mins, unit_sums));
+                            acc_min[p] = _mm_fmadd_ps(_mm_set1_ps(dmin * xd), m, acc_min[p]);
+                        }
+                        let sumf = _mm256_cvtepi32_ps(sumi[p]);
+                        acc[p] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd), sumf, acc[p]);
+                    }
                 }
-                let sumf = _mm256_cvtepi32_ps(sumi[p]);
-                acc[p] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd), sumf, acc[p]);
+                for p in 0..XR {
+                    let m = acc_min[p];
+                    let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+                    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+                    out[p] = hsum8(acc[p]) - _mm_cvtss_f32(m);
+                }
             }
         }
-        for p in 0..XR {
-            let m = acc_min[p];
-            let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-            let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-            out[p] = hsum8(acc[p]) - _mm_cvtss_f32(m);
-        }
-    }
+    };
 }
+
+/// AVX2's weighing: `vpmaddwd` of the pairs by the scales, added to the sums.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn weigh_avx2(
+    sums: std::arch::x86_64::__m256i,
+    pairs: std::arch::x86_64::__m256i,
+    scale: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_add_epi32(sums, _mm256_madd_epi16(pairs, scale))
+}
+
+/// VNNI's: the same in one `vpdpwssd`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+fn weigh_vnni(
+    sums: std::arch::x86_64::__m256i,
+    pairs: std::arch::x86_64::__m256i,
+    scale: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    std::arch::x86_64::_mm256_dpwssd_epi32(sums, pairs, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+x86_fused_kquant!(fused_kquant_avx2, "avx2,fma,f16c", weigh_avx2);
+#[cfg(target_arch = "x86_64")]
+x86_fused_kquant!(
+    fused_kquant_vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    weigh_vnni
+);
 
 /// Units whose scales [`x86_fused_unit`]'s kernels decode at once (one register of f32).
 #[cfg(target_arch = "x86_64")]
@@ -1402,7 +1443,7 @@ struct Block<'a> {
     r: usize,
 }
 
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[cfg(target_arch = "aarch64")]
 impl<'a> Block<'a> {
     /// What a register block of `xr` rows of x by `wr` weight rows reads, checked once to lie
     /// inside x and the tile: x's codes and the tile's codes from their first rows (pointers for
@@ -1530,10 +1571,13 @@ const HALVES: u8 = 2;
 #[inline(always)]
 fn tile_product(isa: Isa, format: QFormat, x: &QActs, tile: &Tile, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
-        // SAFETY: `Isa::detect` chose AVX2 only where the processor has AVX2 and FMA.
-        unsafe { lanes_product_avx2(format, x, tile, out) };
-        return;
+    match isa {
+        // SAFETY: `Isa::detect` chose these only where the processor has their features
+        // (`available` lists no more than `detect` found).
+        Isa::Avx2 => return unsafe { lanes_product_avx2(format, x, tile, out) },
+        // SAFETY: as above.
+        Isa::Vnni => return unsafe { lanes_product_vnni(format, x, tile, out) },
+        Isa::Portable => {}
     }
     let kind = Kind::of(format);
     let m = x.rows;
@@ -1558,143 +1602,211 @@ fn tile_product(isa: Isa, format: QFormat, x: &QActs, tile: &Tile, out: &mut [f3
     add_min_terms(x, tile, out);
 }
 
-/// [`tile_product`]'s scaled byte products on AVX2 from the tile's interleaved codes
-/// ([`Tile::lanes`]): [`gemm_avx2`] for each group of [`LANES`] weight rows and [`XROWS`] rows
-/// of x, each register block's lanes written to their weight rows.
+/// Stamps out [`tile_product`]'s scaled byte products from the tile's interleaved codes
+/// ([`Tile::lanes`]) for one byte-product instruction: `$gemm` for each group of [`LANES`]
+/// weight rows and [`XROWS`] rows of x, each register block's lanes written to their weight
+/// rows. `$step(pairs, w, x)` adds one step's byte products of unsigned `w` and signed `x` to
+/// `pairs`, and `$widen` turns a run of such steps into i32 sums.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn lanes_product_avx2(format: QFormat, x: &QActs, tile: &Tile, out: &mut [f32]) {
-    let m = x.rows;
-    for g in 0..tile.rows.div_ceil(LANES) {
-        let rows = (tile.rows - g * LANES).min(LANES);
-        let mut i = 0;
-        while i < m {
-            let xr = XROWS.min(m - i);
-            let mut acc = [[0f32; LANES]; XROWS];
-            macro_rules! shapes {
-                ($kind:expr, $run:literal) => {
-                    match xr {
-                        4 => gemm_avx2::<4, { $kind }, $run>(x, tile, g, i, &mut acc),
-                        3 => gemm_avx2::<3, { $kind }, $run>(x, tile, g, i, &mut acc),
-                        2 => gemm_avx2::<2, { $kind }, $run>(x, tile, g, i, &mut acc),
-                        _ => gemm_avx2::<1, { $kind }, $run>(x, tile, g, i, &mut acc),
+macro_rules! x86_lanes_product {
+    ($product:ident, $gemm:ident, $features:literal, $step:ident, $widen:ident) => {
+        #[target_feature(enable = $features)]
+        fn $product(format: QFormat, x: &QActs, tile: &Tile, out: &mut [f32]) {
+            let m = x.rows;
+            for g in 0..tile.rows.div_ceil(LANES) {
+                let rows = (tile.rows - g * LANES).min(LANES);
+                let mut i = 0;
+                while i < m {
+                    let xr = XROWS.min(m - i);
+                    let mut acc = [[0f32; LANES]; XROWS];
+                    macro_rules! shapes {
+                        ($kind:expr, $run:literal) => {
+                            match xr {
+                                4 => $gemm::<4, { $kind }, $run>(x, tile, g, i, &mut acc),
+                                3 => $gemm::<3, { $kind }, $run>(x, tile, g, i, &mut acc),
+                                2 => $gemm::<2, { $kind }, $run>(x, tile, g, i, &mut acc),
+                                _ => $gemm::<1, { $kind }, $run>(x, tile, g, i, &mut acc),
+                            }
+                        };
                     }
-                };
-            }
-            // Pairs of byte products summed in i16 for as many steps as the codes' width allows:
-            // 8 · 2 · 15 · 127, 4 · 2 · 31 · 127 and 2 · 2 · 63 · 127 stay below 2¹⁵, as does
-            // Q8_0's one step of 2 · 128 · 127.
-            match format {
-                QFormat::Q8_0 => shapes!(SIGNED, 1),
-                QFormat::Q6K => shapes!(HALVES, 2),
-                QFormat::Q5_0 | QFormat::Q5_1 | QFormat::Q5K => shapes!(UNSIGNED, 4),
-                _ => shapes!(UNSIGNED, 8),
-            }
-            for (p, acc) in acc.iter().enumerate().take(xr) {
-                for (l, &a) in acc.iter().enumerate().take(rows) {
-                    out[(g * LANES + l) * m + i + p] = a;
+                    // AVX2 sums pairs of byte products in i16 for as many steps as the codes'
+                    // width allows: 8 · 2 · 15 · 127, 4 · 2 · 31 · 127 and 2 · 2 · 63 · 127 stay
+                    // below 2¹⁵, as does Q8_0's one step of 2 · 128 · 127. (VNNI sums in i32
+                    // from the first step; the runs only group its adds.)
+                    match format {
+                        QFormat::Q8_0 => shapes!(SIGNED, 1),
+                        QFormat::Q6K => shapes!(HALVES, 2),
+                        QFormat::Q5_0 | QFormat::Q5_1 | QFormat::Q5K => shapes!(UNSIGNED, 4),
+                        _ => shapes!(UNSIGNED, 8),
+                    }
+                    for (p, acc) in acc.iter().enumerate().take(xr) {
+                        for (l, &a) in acc.iter().enumerate().take(rows) {
+                            out[(g * LANES + l) * m + i + p] = a;
+                        }
+                    }
+                    i += xr;
                 }
             }
-            i += xr;
         }
-    }
+
+        /// One register block of the product above: weight rows `8g..8g + 8` of the tile, one
+        /// per lane, against rows `i..i + XR` of x. Per 4 columns, one load of the 8 rows'
+        /// bytes and a broadcast of each row of x's 4 bytes into the byte product, summed for
+        /// `RUN` such steps, then widened to i32; each unit (Q6_K: each half) ends in one
+        /// conversion and one multiply-add by its scales, and one multiply-add of its offsets
+        /// by x's sum (a pass of its own over x's sums, per weight row, cost a fifth of the
+        /// products). No lane is summed across: lane `l` is weight row `8g + l`, so a row of x
+        /// costs 5 registers and no horizontal sum.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn $gemm<const XR: usize, const KIND: u8, const RUN: usize>(
+            x: &QActs,
+            tile: &Tile,
+            g: usize,
+            i: usize,
+            out: &mut [[f32; LANES]; XROWS],
+        ) {
+            use std::arch::x86_64::*;
+            let k = x.cols;
+            let units = k / UNIT;
+            let per = if KIND == HALVES { 2 } else { 1 };
+            // 4-byte steps under one scale.
+            let steps = LANES / per;
+            assert!(
+                (i + XR) * k <= x.codes.len()
+                    && (i + XR) * units <= x.d.len()
+                    && (g + 1) * LANES * k <= tile.lanes.len()
+                    && (g + 1) * units * per * LANES <= tile.lane_scales.len()
+                    && (g + 1) * units * per * LANES <= tile.lane_mins.len(),
+                "block outside x or the tile"
+            );
+            let wp = tile.lanes[g * LANES * k..].as_ptr();
+            let sp = tile.lane_scales[g * units * per * LANES..].as_ptr();
+            let mp = tile.lane_mins[g * units * per * LANES..].as_ptr();
+            let xsums = if per == 2 {
+                &x.half_sums[i * units * 2..(i + XR) * units * 2]
+            } else {
+                &x.unit_sums[i * units..(i + XR) * units]
+            };
+            let xp = x.codes[i * k..].as_ptr();
+            let xd = &x.d[i * units..(i + XR) * units];
+            let mut acc = [_mm256_setzero_ps(); XR];
+            for u in 0..units {
+                for h in 0..per {
+                    let mut sums = [_mm256_setzero_si256(); XR];
+                    for run in (h * steps..(h + 1) * steps).step_by(RUN) {
+                        let mut pairs = [_mm256_setzero_si256(); XR];
+                        for j in run..run + RUN {
+                            // SAFETY: step j of unit u of group g lies inside `lanes` (asserted).
+                            let w = unsafe {
+                                _mm256_loadu_si256(wp.add((u * LANES + j) * UNIT).cast())
+                            };
+                            let wu = if KIND == SIGNED {
+                                _mm256_sign_epi8(w, w)
+                            } else {
+                                w
+                            };
+                            for (p, pairs) in pairs.iter_mut().enumerate() {
+                                // SAFETY: 4 bytes of row i + p of x, inside its k columns
+                                // (asserted).
+                                let word = unsafe {
+                                    xp.add(p * k + UNIT * u + 4 * j)
+                                        .cast::<i32>()
+                                        .read_unaligned()
+                                };
+                                let xv = _mm256_set1_epi32(word);
+                                let xv = if KIND == SIGNED {
+                                    _mm256_sign_epi8(xv, w)
+                                } else {
+                                    xv
+                                };
+                                *pairs = $step(*pairs, wu, xv);
+                            }
+                        }
+                        for (s, p) in sums.iter_mut().zip(&pairs) {
+                            *s = _mm256_add_epi32(*s, $widen(*p));
+                        }
+                    }
+                    // SAFETY: the 8 scales of unit u's half h in group g (asserted).
+                    let s = unsafe { _mm256_loadu_ps(sp.add((u * per + h) * LANES)) };
+                    // SAFETY: as the scales.
+                    let c = unsafe { _mm256_loadu_ps(mp.add((u * per + h) * LANES)) };
+                    for (p, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
+                        let scale = _mm256_mul_ps(s, _mm256_set1_ps(xd[p * units + u]));
+                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*sums), scale, *acc);
+                        if KIND != SIGNED {
+                            let xs = _mm256_set1_ps(xsums[(p * units + u) * per + h]);
+                            *acc = _mm256_fmadd_ps(c, xs, *acc);
+                        }
+                    }
+                }
+            }
+            for (out, acc) in out.iter_mut().zip(&acc) {
+                // SAFETY: writes the 8 floats of `out`.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), *acc) };
+            }
+        }
+    };
 }
 
-/// One register block of [`lanes_product_avx2`]: weight rows `8g..8g + 8` of the tile, one per
-/// lane, against rows `i..i + XR` of x. Per 4 columns, one load of the 8 rows' bytes and a
-/// broadcast of each row of x's 4 bytes into `vpmaddubsw`; its pairs are summed in i16 for
-/// `RUN` such steps, then widened by `vpmaddwd`; each unit (Q6_K: each half) ends in one
-/// conversion and one multiply-add by its scales, and one multiply-add of its offsets by x's
-/// sum (a pass of its own over x's sums, per weight row, cost a fifth of the products). No lane is summed across: lane `l` is weight
-/// row `8g + l`, so a row of x costs 5 registers and no horizontal sum.
+/// AVX2's step: `vpmaddubsw` sums byte products in pairs (i16), added to the run's pairs.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-fn gemm_avx2<const XR: usize, const KIND: u8, const RUN: usize>(
-    x: &QActs,
-    tile: &Tile,
-    g: usize,
-    i: usize,
-    out: &mut [[f32; LANES]; XROWS],
-) {
+#[target_feature(enable = "avx2")]
+fn pairs_avx2(
+    pairs: std::arch::x86_64::__m256i,
+    w: std::arch::x86_64::__m256i,
+    x: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
-    let k = x.cols;
-    let units = k / UNIT;
-    let per = if KIND == HALVES { 2 } else { 1 };
-    // 4-byte steps under one scale.
-    let steps = LANES / per;
-    assert!(
-        (i + XR) * k <= x.codes.len()
-            && (i + XR) * units <= x.d.len()
-            && (g + 1) * LANES * k <= tile.lanes.len()
-            && (g + 1) * units * per * LANES <= tile.lane_scales.len()
-            && (g + 1) * units * per * LANES <= tile.lane_mins.len(),
-        "block outside x or the tile"
-    );
-    let wp = tile.lanes[g * LANES * k..].as_ptr();
-    let sp = tile.lane_scales[g * units * per * LANES..].as_ptr();
-    let mp = tile.lane_mins[g * units * per * LANES..].as_ptr();
-    let xsums = if per == 2 {
-        &x.half_sums[i * units * 2..(i + XR) * units * 2]
-    } else {
-        &x.unit_sums[i * units..(i + XR) * units]
-    };
-    let xp = x.codes[i * k..].as_ptr();
-    let xd = &x.d[i * units..(i + XR) * units];
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); XR];
-    for u in 0..units {
-        for h in 0..per {
-            let mut sums = [_mm256_setzero_si256(); XR];
-            for run in (h * steps..(h + 1) * steps).step_by(RUN) {
-                let mut pairs = [_mm256_setzero_si256(); XR];
-                for j in run..run + RUN {
-                    // SAFETY: step j of unit u of group g lies inside `lanes` (asserted).
-                    let w = unsafe { _mm256_loadu_si256(wp.add((u * LANES + j) * UNIT).cast()) };
-                    let wu = if KIND == SIGNED {
-                        _mm256_sign_epi8(w, w)
-                    } else {
-                        w
-                    };
-                    for (p, pairs) in pairs.iter_mut().enumerate() {
-                        // SAFETY: 4 bytes of row i + p of x, inside its k columns (asserted).
-                        let word = unsafe {
-                            xp.add(p * k + UNIT * u + 4 * j)
-                                .cast::<i32>()
-                                .read_unaligned()
-                        };
-                        let xv = _mm256_set1_epi32(word);
-                        let xv = if KIND == SIGNED {
-                            _mm256_sign_epi8(xv, w)
-                        } else {
-                            xv
-                        };
-                        *pairs = _mm256_add_epi16(*pairs, _mm256_maddubs_epi16(wu, xv));
-                    }
-                }
-                for (s, p) in sums.iter_mut().zip(&pairs) {
-                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(*p, ones));
-                }
-            }
-            // SAFETY: the 8 scales of unit u's half h in group g (asserted).
-            let s = unsafe { _mm256_loadu_ps(sp.add((u * per + h) * LANES)) };
-            // SAFETY: as the scales.
-            let c = unsafe { _mm256_loadu_ps(mp.add((u * per + h) * LANES)) };
-            for (p, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
-                let scale = _mm256_mul_ps(s, _mm256_set1_ps(xd[p * units + u]));
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*sums), scale, *acc);
-                if KIND != SIGNED {
-                    let xs = _mm256_set1_ps(xsums[(p * units + u) * per + h]);
-                    *acc = _mm256_fmadd_ps(c, xs, *acc);
-                }
-            }
-        }
-    }
-    for (out, acc) in out.iter_mut().zip(&acc) {
-        // SAFETY: writes the 8 floats of `out`.
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), *acc) };
-    }
+    _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w, x))
 }
+
+/// AVX2's widening: the run's i16 pairs summed in fours by `vpmaddwd` with ones.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn widen_pairs_avx2(pairs: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+}
+
+/// VNNI's step: one `vpdpbusd`, the four byte products of each lane added to its i32.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+fn quads_vnni(
+    sums: std::arch::x86_64::__m256i,
+    w: std::arch::x86_64::__m256i,
+    x: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    std::arch::x86_64::_mm256_dpbusd_epi32(sums, w, x)
+}
+
+/// VNNI's sums are i32 already.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn as_sums(sums: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
+    sums
+}
+
+#[cfg(target_arch = "x86_64")]
+x86_lanes_product!(
+    lanes_product_avx2,
+    gemm_avx2,
+    "avx2,fma",
+    pairs_avx2,
+    widen_pairs_avx2
+);
+#[cfg(target_arch = "x86_64")]
+x86_lanes_product!(
+    lanes_product_vnni,
+    gemm_vnni,
+    "avx2,fma,avx512vnni,avx512vl",
+    quads_vnni,
+    as_sums
+);
 
 /// Adds `Σ c · d · Σ code_x` over the units (or halves) to each output: the weight row's
 /// offsets `c` times x's sums. Per weight row, 32 rows of x at a time with x's sums stored
@@ -1786,14 +1898,10 @@ fn block(
     }
     match isa {
         Isa::Portable => kinds!(block_portable),
-        // SAFETY: `Isa::detect` chose these only where the processor has their features
-        // (`available` lists no more than `detect` found).
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { kinds!(block_avx2) },
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Vnni => unsafe { kinds!(block_vnni) },
-        // SAFETY: as above.
+        Isa::Avx2 | Isa::Vnni => unreachable!("x86 multiplies a tile's interleaved codes"),
+        // SAFETY: `Isa::detect` chose it only where the processor has the dot-product
+        // extension (`available` lists no more than `detect` found).
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => unsafe { kinds!(block_neon) },
     }
@@ -1845,66 +1953,6 @@ fn block_portable<const XR: usize, const WR: usize, const KIND: u8>(
     }
 }
 
-/// Stamps out the x86 register-block kernel for one byte-product instruction sequence.
-#[cfg(target_arch = "x86_64")]
-macro_rules! x86_block {
-    ($name:ident, $features:literal, $dot:ident) => {
-        /// The scaled byte products of one register block: per unit, the codes of `WR` weight
-        /// rows are loaded once and multiplied with each of `XR` rows of x, each product's
-        /// eight i32 lanes converted and accumulated with its unit's scales times x's `d`.
-        #[target_feature(enable = $features)]
-        fn $name<const XR: usize, const WR: usize, const KIND: u8>(
-            at: &Block<'_>,
-            out: &mut [[f32; WROWS]; XROWS],
-        ) {
-            use std::arch::x86_64::*;
-            let k = at.x.cols;
-            let units = k / UNIT;
-            let per = if KIND == HALVES { 2 } else { 1 };
-            let (xp, wp, xd, ws) = at.operands(XR, WR, per);
-            let mut acc = [[_mm256_setzero_ps(); WR]; XR];
-            for u in 0..units {
-                let mut w = [_mm256_setzero_si256(); WR];
-                let mut s = [_mm256_setzero_ps(); WR];
-                for q in 0..WR {
-                    // SAFETY: row r + q of the tile has k codes (asserted above), and
-                    // 32 u + 32 <= k.
-                    w[q] = unsafe { _mm256_loadu_si256(wp.add(q * k + UNIT * u).cast()) };
-                    s[q] = if KIND == HALVES {
-                        // Lanes 0-3 of a byte product sum the unit's first half, 4-7 its second.
-                        let (a0, a1) = (ws[2 * (q * units + u)], ws[2 * (q * units + u) + 1]);
-                        _mm256_set_m128(_mm_set1_ps(a1), _mm_set1_ps(a0))
-                    } else {
-                        _mm256_set1_ps(ws[q * units + u])
-                    };
-                }
-                for p in 0..XR {
-                    // SAFETY: as above, for row i + p of x.
-                    let xv = unsafe { _mm256_loadu_si256(xp.add(p * k + UNIT * u).cast()) };
-                    let d = _mm256_set1_ps(xd[p * units + u]);
-                    for q in 0..WR {
-                        let dot = if KIND == SIGNED {
-                            $dot(_mm256_sign_epi8(w[q], w[q]), _mm256_sign_epi8(xv, w[q]))
-                        } else {
-                            $dot(w[q], xv)
-                        };
-                        let scale = _mm256_mul_ps(s[q], d);
-                        acc[p][q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[p][q]);
-                    }
-                }
-            }
-            for (out, acc) in out.iter_mut().zip(&acc) {
-                for (o, a) in out.iter_mut().zip(acc) {
-                    let v = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
-                    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-                    let v = _mm_add_ss(v, _mm_movehdup_ps(v));
-                    *o = _mm_cvtss_f32(v);
-                }
-            }
-        }
-    };
-}
-
 /// Unsigned bytes times signed bytes, summed in fours into eight i32 lanes: `vpmaddubsw` then
 /// `vpmaddwd` with ones. No pair saturates: codes are at most 63 (Q8_0's absolute values 128
 /// meet x's at most 127, 2 · 128 · 127 < 2¹⁵).
@@ -1930,11 +1978,6 @@ fn dot_vnni(
     use std::arch::x86_64::*;
     _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
 }
-
-#[cfg(target_arch = "x86_64")]
-x86_block!(block_avx2, "avx2,fma", dot_avx2);
-#[cfg(target_arch = "x86_64")]
-x86_block!(block_vnni, "avx2,fma,avx512vnni,avx512vl", dot_vnni);
 
 /// The scaled byte products of one register block on aarch64: per unit, the codes of `WR`
 /// weight rows are loaded once (two 16-byte registers each) and multiplied with each of `XR`
