@@ -1963,8 +1963,7 @@ fn dot_avx2(
     w: std::arch::x86_64::__m256i,
     x: std::arch::x86_64::__m256i,
 ) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
-    _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+    widen_pairs_avx2(std::arch::x86_64::_mm256_maddubs_epi16(w, x))
 }
 
 /// The same in one `vpdpbusd`.
@@ -1975,8 +1974,7 @@ fn dot_vnni(
     w: std::arch::x86_64::__m256i,
     x: std::arch::x86_64::__m256i,
 ) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
+    quads_vnni(std::arch::x86_64::_mm256_setzero_si256(), w, x)
 }
 
 /// The scaled byte products of one register block on aarch64: per unit, the codes of `WR`
