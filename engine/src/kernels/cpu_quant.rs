@@ -14,7 +14,9 @@
 //!   (aarch64 with the dot-product extension). On AVX2 the tile holds its codes a second time
 //!   with 8 weight rows interleaved, so that a register's lanes are 8 weight rows and four rows
 //!   of x take a register block with no horizontal sum ([`gemm_avx2`]); VNNI and `sdot` take
-//!   four rows of x against two weight rows; a portable loop serves other processors.
+//!   four rows of x against two weight rows; a portable loop serves other processors. On
+//!   processors with AMX-INT8 the tiles take one `tdpbusd` per unit for 16 weight rows by 16
+//!   rows of x instead ([`amx`]).
 //! - The backward's `dy · W` ([`q_matmul_t`]) dequantises one 32-column unit of every weight
 //!   row at a time and multiplies in f32: gradients are not quantised.
 //! - 16-bit float weights (F16, BF16) are widened to f32 a tile at a time and multiplied with
@@ -29,6 +31,9 @@ use burn::tensor::Tensor;
 use crate::kernels::cpu::{contiguous, dot, dot_rows, flex, transpose};
 use crate::kernels::{QTensor, pool};
 use crate::quant::{QFormat, QMatrix};
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
 
 /// Values per unit: every format's blocks are whole units (a K-quant super-block holds 8).
 const UNIT: usize = 32;
@@ -97,6 +102,9 @@ pub struct QActs {
     /// that the weights' offsets meet 32 rows of x in four registers ([`add_min_terms`]); made
     /// on first use, as the AVX2 tiles add the offsets in their own loop.
     sums_t: std::sync::OnceLock<(Vec<f32>, Vec<f32>)>,
+    /// x laid out for AMX's tile products, made on first use.
+    #[cfg(target_arch = "x86_64")]
+    amx: std::sync::OnceLock<amx::Acts>,
 }
 
 impl QActs {
@@ -158,7 +166,15 @@ impl QActs {
             half_sums,
             unit_sums,
             sums_t: std::sync::OnceLock::new(),
+            #[cfg(target_arch = "x86_64")]
+            amx: std::sync::OnceLock::new(),
         }
+    }
+
+    /// [`amx`](Self::amx): x as AMX's B operand.
+    #[cfg(target_arch = "x86_64")]
+    fn amx(&self) -> &amx::Acts {
+        self.amx.get_or_init(|| amx::Acts::new(self))
     }
 
     /// [`sums_t`](Self::sums_t): `(half sums, unit sums)` transposed.
@@ -227,7 +243,8 @@ struct Tile {
     /// The codes again for [`gemm_avx2`] and [`gemm_vnni`], [`LANES`] rows interleaved: per
     /// group of 8 rows and unit, 8 steps of 32 bytes, step `j` holding bytes `4j..4j + 4` of
     /// each row in turn, so that a register's eight i32 lanes are eight weight rows (rows past
-    /// the tile are zero). x86 only, as the two below.
+    /// the tile are zero). x86 only, as the two below. On AMX, the codes unit by unit instead:
+    /// `[units, 16 rows, 32]` ([`amx::lay_out`]).
     #[cfg(target_arch = "x86_64")]
     lanes: Vec<u8>,
     /// `scales` and `mins` likewise: `[groups * units * per * LANES]`.
@@ -262,10 +279,19 @@ impl Tile {
         let units = w.cols / UNIT;
         let per_block = f.block_len() / UNIT;
         self.rows = rows;
-        self.codes.resize(rows * w.cols, 0);
+        // AMX's tile products read a whole tile of 16 rows whatever `rows`.
+        #[cfg(target_arch = "x86_64")]
+        let stored = if isa == Isa::Amx {
+            rows.max(TILE_ROWS)
+        } else {
+            rows
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let stored = rows;
+        self.codes.resize(stored * w.cols, 0);
         let per = scales_per_unit(f);
-        self.scales.resize(rows * units * per, 0.0);
-        self.mins.resize(rows * units * per, 0.0);
+        self.scales.resize(stored * units * per, 0.0);
+        self.mins.resize(stored * units * per, 0.0);
         let blocks = first * units / per_block..(first + rows) * units / per_block;
         let (qb, sb) = block_sizes(f);
         let q = &w.qs[qb * blocks.start..qb * blocks.end];
@@ -274,7 +300,7 @@ impl Tile {
         let codes = self.codes.chunks_exact_mut(bl);
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Vnni => {
+            Isa::Avx2 | Isa::Vnni | Isa::Amx => {
                 for (q, codes) in q.chunks_exact(qb).zip(codes) {
                     // SAFETY: `Isa::detect` chose these only where the processor has AVX2.
                     unsafe { block_codes_avx2(f, q, codes) };
@@ -298,6 +324,10 @@ impl Tile {
         if matches!(isa, Isa::Avx2 | Isa::Vnni) {
             // SAFETY: `Isa::detect` chose these only where the processor has AVX2.
             unsafe { self.interleave_avx2(w.cols, per) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Amx {
+            amx::lay_out(self, f, w.cols);
         }
     }
 
@@ -742,6 +772,9 @@ pub enum Isa {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Vnni,
+    /// VNNI, with prefill's tiles on AMX-INT8 (Xeon Sapphire Rapids and later, on Linux).
+    #[cfg(target_arch = "x86_64")]
+    Amx,
     /// aarch64 with the dot-product extension (`sdot`: Armv8.4, optional from 8.2; Apple M1 and
     /// later, Cortex-A76 and later, Neoverse).
     #[cfg(target_arch = "aarch64")]
@@ -749,13 +782,67 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// Every instruction set, ordered by what each adds: a processor runs a prefix of it.
+    const ALL: &[Isa] = &[
+        Isa::Portable,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Vnni,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Amx,
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon,
+    ];
+
+    /// The instruction set the products run on: the best this processor has, or a lesser one
+    /// that `CODELSI_CPU_ISA` names (`portable`, `avx2`, `vnni`, `amx`, `neon`), to compare
+    /// them or to step around one.
     pub fn detect() -> Self {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
-            let isa = Self::find();
+            let best = Self::find();
+            let isa = match std::env::var("CODELSI_CPU_ISA") {
+                Ok(name) => Self::at_most(best, &name),
+                Err(_) => best,
+            };
             tracing::debug!(isa = isa.name(), "the CPU path's integer products");
             isa
         })
+    }
+
+    /// The instruction set `name` names if this processor runs it, else `best` (with a warning).
+    fn at_most(best: Self, name: &str) -> Self {
+        let runs = &Self::ALL[..=Self::ALL.iter().position(|&i| i == best).unwrap_or(0)];
+        match runs
+            .iter()
+            .find(|i| i.short_name() == name.trim().to_lowercase())
+        {
+            Some(&isa) => isa,
+            None => {
+                tracing::warn!(
+                    asked = name,
+                    using = best.short_name(),
+                    "CODELSI_CPU_ISA names no instruction set this processor runs"
+                );
+                best
+            }
+        }
+    }
+
+    /// `CODELSI_CPU_ISA`'s name for it.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Vnni => "vnni",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => "amx",
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => "neon",
+        }
     }
 
     /// The best instruction set this processor has.
@@ -765,6 +852,9 @@ impl Isa {
             use std::arch::is_x86_feature_detected as has;
             if crate::kernels::cpu::has_avx2_fma_f16c() {
                 if has!("avx512vnni") && has!("avx512vl") {
+                    if has!("avx512f") && amx::granted() {
+                        return Isa::Amx;
+                    }
                     return Isa::Vnni;
                 }
                 return Isa::Avx2;
@@ -785,6 +875,8 @@ impl Isa {
             Isa::Avx2 => "AVX2 integer products (vpmaddubsw)",
             #[cfg(target_arch = "x86_64")]
             Isa::Vnni => "AVX-512 VNNI integer products (vpdpbusd)",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => "AMX-INT8 tile products (tdpbusd), VNNI for decode",
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => "NEON integer products (sdot)",
         }
@@ -794,7 +886,7 @@ impl Isa {
     /// others take every product through tiles).
     fn fuses(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if matches!(self, Isa::Avx2 | Isa::Vnni) {
+        if matches!(self, Isa::Avx2 | Isa::Vnni | Isa::Amx) {
             return true;
         }
         false
@@ -802,18 +894,11 @@ impl Isa {
 
     /// Every instruction set this processor can run (tests compare them).
     pub fn available() -> Vec<Self> {
-        let all = [
-            Isa::Portable,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Vnni,
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon,
-        ];
-        // The list is ordered by what each adds: a processor runs a prefix of it.
-        let best = all.iter().position(|&i| i == Self::detect()).unwrap_or(0);
-        all[..=best].to_vec()
+        let best = Self::ALL
+            .iter()
+            .position(|&i| i == Self::detect())
+            .unwrap_or(0);
+        Self::ALL[..=best].to_vec()
     }
 }
 
@@ -938,7 +1023,7 @@ thread_local! {
 /// 16-bit floats (little-endian bytes) of `format` to f32.
 fn widen(format: QFormat, bytes: &[u8], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if matches!(Isa::detect(), Isa::Avx2 | Isa::Vnni) {
+    if matches!(Isa::detect(), Isa::Avx2 | Isa::Vnni | Isa::Amx) {
         // SAFETY: the processor has AVX2 (`Isa::detect`).
         unsafe { widen_avx2(format, bytes, out) };
         return;
@@ -1017,6 +1102,9 @@ fn tiled_task(isa: Isa, x: &QActs, w: &QWeights<'_>, first: usize, out: &mut [f3
         #[cfg(target_arch = "x86_64")]
         Isa::Vnni => unsafe { unpack_and_multiply_vnni(isa, w, rows, x, tile, out) },
         // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Amx => unsafe { unpack_and_multiply_amx(isa, w, rows, x, tile, out) },
+        // SAFETY: as above.
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => unsafe { unpack_and_multiply_neon(isa, w, rows, x, tile, out) },
     });
@@ -1072,7 +1160,7 @@ fn fused_task(isa: Isa, x: &QActs, w: &QWeights<'_>, first: usize, out: &mut [f3
     // (`available` lists no more than `detect` found); the kernels check the shapes.
     unsafe {
         match isa {
-            Isa::Vnni => shapes!(fused_unit_vnni, fused_kquant_vnni),
+            Isa::Vnni | Isa::Amx => shapes!(fused_unit_vnni, fused_kquant_vnni),
             _ => shapes!(fused_unit_avx2, fused_kquant_avx2),
         }
     }
@@ -1521,6 +1609,23 @@ fn unpack_and_multiply_vnni(
     tile_product(isa, w.format, x, tile, out);
 }
 
+/// The same with AMX for the products ([`amx::product`]); the unpacking is AVX2's, as VNNI's.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn unpack_and_multiply_amx(
+    isa: Isa,
+    w: &QWeights<'_>,
+    (first, rows): (usize, usize),
+    x: &QActs,
+    tile: &mut Tile,
+    out: &mut [f32],
+) {
+    unpack_avx2(isa, w, (first, rows), tile);
+    // SAFETY: `Isa::Amx` is chosen only where the processor has AVX-512F and VL and the tiles
+    // were granted (`Isa::find`).
+    unsafe { amx::product(w.format, x, tile, out) };
+}
+
 /// [`unpack_and_multiply`] compiled with the dot-product extension (the register-block
 /// kernels inlined; the unpacking is NEON's, which aarch64 always has).
 #[cfg(target_arch = "aarch64")]
@@ -1577,6 +1682,8 @@ fn tile_product(isa: Isa, format: QFormat, x: &QActs, tile: &Tile, out: &mut [f3
         Isa::Avx2 => return unsafe { lanes_product_avx2(format, x, tile, out) },
         // SAFETY: as above.
         Isa::Vnni => return unsafe { lanes_product_vnni(format, x, tile, out) },
+        // SAFETY: as above (`Isa::Amx` implies AVX-512F and VL, and the tiles granted).
+        Isa::Amx => return unsafe { amx::product(format, x, tile, out) },
         Isa::Portable => {}
     }
     let kind = Kind::of(format);
@@ -1899,7 +2006,9 @@ fn block(
     match isa {
         Isa::Portable => kinds!(block_portable),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Vnni => unreachable!("x86 multiplies a tile's interleaved codes"),
+        Isa::Avx2 | Isa::Vnni | Isa::Amx => {
+            unreachable!("x86 multiplies its tiles in lanes_product_* or amx::product")
+        }
         // SAFETY: `Isa::detect` chose it only where the processor has the dot-product
         // extension (`available` lists no more than `detect` found).
         #[cfg(target_arch = "aarch64")]
@@ -2148,7 +2257,7 @@ fn times_unit(dy: &[f32], n: usize, wu: &[f32], out: &mut [f32]) {
 /// [`times_unit`] for exactly `R` rows.
 fn rows_times_unit<const R: usize>(dy: &[f32], wu: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if matches!(Isa::detect(), Isa::Avx2 | Isa::Vnni) {
+    if matches!(Isa::detect(), Isa::Avx2 | Isa::Vnni | Isa::Amx) {
         // SAFETY: the processor has AVX2 and FMA (`Isa::detect`).
         unsafe { rows_times_unit_avx2::<R>(dy, wu, out) };
         return;
@@ -2338,6 +2447,20 @@ mod tests {
                     let acts = QActs::quantize_blocks(&x, m, k, block);
                     let xq = acts.dequantize();
                     let got = q_matmul_on(isa, &acts, &w);
+                    // AMX sums the same byte products as VNNI's tiles and weighs them in the
+                    // same order (where it takes the codes signed, its offsets' terms are exact
+                    // and differ).
+                    #[cfg(target_arch = "x86_64")]
+                    if isa == Isa::Amx
+                        && !matches!(format, QFormat::Q4_0 | QFormat::Q5_0 | QFormat::Q6K)
+                    {
+                        let vnni = q_matmul_on(Isa::Vnni, &acts, &w);
+                        let same = got
+                            .iter()
+                            .zip(&vnni)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{format:?} m {m} n {n}: AMX differs from VNNI");
+                    }
                     for i in 0..m {
                         for j in 0..n {
                             let dot = |x: &[f32]| -> f64 {
