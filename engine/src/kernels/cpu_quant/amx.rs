@@ -5,9 +5,10 @@
 //! lane by lane. llama.cpp's CPU backend takes the same route (`ggml-cpu/amx`: a tile product
 //! per 32-value block, its sums stored and scaled in AVX-512); this is our own, on our tiles.
 //!
-//! - The A operand is the tile's unsigned codes as they are (`[16, k]`, a unit 32 bytes of a
-//!   row; Q8_0's signed codes take `tdpbssd`); the B operand is x laid out once per product in
-//!   AMX's pairs-of-four layout ([`Acts`]).
+//! - The A operand is the tile's codes laid out unit by unit ([`lay_out`]: 16 rows of 32
+//!   bytes), unsigned with `tdpbusd`, or signed with `tdpbssd` where the format's offset is a
+//!   multiple of its scale ([`signed_offset`]); the B operand is x laid out once per product in
+//!   AMX's layout of four consecutive columns side by side ([`Acts`]).
 //! - Each step's sums go through memory (AMX has no path to vector registers); two sets of tile
 //!   registers alternate, so that one step's product runs while the previous step's sums are
 //!   weighed.
