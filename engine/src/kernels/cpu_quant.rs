@@ -1166,6 +1166,11 @@ fn fused_task(isa: Isa, x: &QActs, w: &QWeights<'_>, first: usize, out: &mut [f3
     }
 }
 
+/// How far ahead of their reads the fused decode kernels ask for the codes, in bytes: the
+/// hardware's prefetchers alone left the 1.5B's decode at 13.5 of 21 GB/s on an Intel VM.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH: usize = 1024;
+
 /// Stamps out the fused kernel of the K-quants for one way of weighing byte-product pairs by
 /// their unit's scale.
 #[cfg(target_arch = "x86_64")]
@@ -1224,6 +1229,13 @@ macro_rules! x86_fused_kquant {
                 let mut acc_min = [_mm_setzero_ps(); XR];
                 for (b, (q, s)) in q.chunks_exact(qb).zip(s.chunks_exact(sb)).enumerate() {
                     let first = 8 * b;
+                    // The codes PREFETCH bytes on (the task's rows lie one after another), a line
+                    // at a time.
+                    for line in (0..qb).step_by(64) {
+                        // (A prefetch faults on no address.)
+                        let ahead = q.as_ptr().wrapping_add(line + PREFETCH);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                    }
                     // The block's d (and dmin), its unit scales and (Q4_K, Q5_K) minimums as bytes.
                     let (d, dmin, scale_bytes) = if q6 {
                         // SAFETY: reads the 16 scale bytes.
@@ -1380,6 +1392,12 @@ macro_rules! x86_fused_unit {
                 let mut g = 0;
                 while g < units {
                     let n = GROUP.min(units - g);
+                    // The codes PREFETCH bytes on, as the K-quants' kernel (a prefetch faults on
+                    // no address).
+                    for line in (0..qb * n).step_by(64) {
+                        let ahead = q.wrapping_add(qb * g + line + PREFETCH);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                    }
                     // `a` and `c` of blocks g.. (lanes past the row's end are zero).
                     let (a, c) = if n == GROUP {
                         // SAFETY: GROUP blocks' scale bytes of this row.
@@ -2422,6 +2440,22 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    /// `CODELSI_CPU_ISA` picks an instruction set at most as far as the processor goes, and a
+    /// name it does not run leaves the best (names are trimmed, any case).
+    #[test]
+    fn a_named_instruction_set_is_at_most_the_best() {
+        assert_eq!(Isa::at_most(Isa::detect(), "Portable "), Isa::Portable);
+        assert_eq!(Isa::at_most(Isa::detect(), "no such set"), Isa::detect());
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert_eq!(Isa::at_most(Isa::Avx2, "amx"), Isa::Avx2);
+            assert_eq!(Isa::at_most(Isa::Amx, "vnni"), Isa::Vnni);
+        }
+        for isa in Isa::available() {
+            assert_eq!(Isa::at_most(Isa::detect(), isa.short_name()), isa);
+        }
     }
 
     /// Every format on every instruction set against the f64 product of the dequantised weight
