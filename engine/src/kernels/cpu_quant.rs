@@ -300,7 +300,7 @@ impl Tile {
         let codes = self.codes.chunks_exact_mut(bl);
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Vnni | Isa::Amx => {
+            _ if isa.has_avx2() => {
                 for (q, codes) in q.chunks_exact(qb).zip(codes) {
                     // SAFETY: `Isa::detect` chose these only where the processor has AVX2.
                     unsafe { block_codes_avx2(f, q, codes) };
@@ -886,10 +886,16 @@ impl Isa {
     /// others take every product through tiles).
     fn fuses(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if matches!(self, Isa::Avx2 | Isa::Vnni | Isa::Amx) {
+        if self.has_avx2() {
             return true;
         }
         false
+    }
+
+    /// x86 with AVX2, FMA and F16C: every instruction set past the portable one.
+    #[cfg(target_arch = "x86_64")]
+    fn has_avx2(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::Vnni | Isa::Amx)
     }
 
     /// Every instruction set this processor can run (tests compare them).
@@ -1023,7 +1029,7 @@ thread_local! {
 /// 16-bit floats (little-endian bytes) of `format` to f32.
 fn widen(format: QFormat, bytes: &[u8], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if matches!(Isa::detect(), Isa::Avx2 | Isa::Vnni | Isa::Amx) {
+    if Isa::detect().has_avx2() {
         // SAFETY: the processor has AVX2 (`Isa::detect`).
         unsafe { widen_avx2(format, bytes, out) };
         return;
@@ -2275,7 +2281,7 @@ fn times_unit(dy: &[f32], n: usize, wu: &[f32], out: &mut [f32]) {
 /// [`times_unit`] for exactly `R` rows.
 fn rows_times_unit<const R: usize>(dy: &[f32], wu: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if matches!(Isa::detect(), Isa::Avx2 | Isa::Vnni | Isa::Amx) {
+    if Isa::detect().has_avx2() {
         // SAFETY: the processor has AVX2 and FMA (`Isa::detect`).
         unsafe { rows_times_unit_avx2::<R>(dy, wu, out) };
         return;
@@ -2485,9 +2491,7 @@ mod tests {
                     // same order (where it takes the codes signed, its offsets' terms are exact
                     // and differ).
                     #[cfg(target_arch = "x86_64")]
-                    if isa == Isa::Amx
-                        && !matches!(format, QFormat::Q4_0 | QFormat::Q5_0 | QFormat::Q6K)
-                    {
+                    if isa == Isa::Amx && amx::signed_offset(format).is_none_or(|o| o == 0) {
                         let vnni = q_matmul_on(Isa::Vnni, &acts, &w);
                         let same = got
                             .iter()

@@ -171,7 +171,7 @@ pub(super) unsafe fn product(format: QFormat, x: &QActs, tile: &Tile, out: &mut 
 /// `d · s · (q − 32)`; Q8_0's codes are signed already): the offset then lies inside the
 /// integer sums, exactly, and the weighing skips its term. The other formats' offsets are
 /// floats of their own (Q4_1, Q5_1: `m`; Q4_K, Q5_K: `dmin · m`).
-fn signed_offset(format: QFormat) -> Option<u8> {
+pub(super) fn signed_offset(format: QFormat) -> Option<u8> {
     match format {
         QFormat::Q8_0 => Some(0),
         QFormat::Q4_0 => Some(8),
