@@ -1177,6 +1177,18 @@ fn fused_task(isa: Isa, x: &QActs, w: &QWeights<'_>, first: usize, out: &mut [f3
 #[cfg(target_arch = "x86_64")]
 const PREFETCH: usize = 1024;
 
+/// Asks for the `bytes` bytes [`PREFETCH`] past `at`, a cache line at a time (a prefetch reads
+/// nothing into registers and faults on no address, so they may lie past the weights' end).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "sse")]
+fn prefetch_ahead(at: *const u8, bytes: usize) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    for line in (0..bytes).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line + PREFETCH).cast());
+    }
+}
+
 /// Stamps out the fused kernel of the K-quants for one way of weighing byte-product pairs by
 /// their unit's scale.
 #[cfg(target_arch = "x86_64")]
@@ -1235,13 +1247,8 @@ macro_rules! x86_fused_kquant {
                 let mut acc_min = [_mm_setzero_ps(); XR];
                 for (b, (q, s)) in q.chunks_exact(qb).zip(s.chunks_exact(sb)).enumerate() {
                     let first = 8 * b;
-                    // The codes PREFETCH bytes on (the task's rows lie one after another), a line
-                    // at a time.
-                    for line in (0..qb).step_by(64) {
-                        // (A prefetch faults on no address.)
-                        let ahead = q.as_ptr().wrapping_add(line + PREFETCH);
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-                    }
+                    // (The task's rows lie one after another: this runs into the next row.)
+                    prefetch_ahead(q.as_ptr(), qb);
                     // The block's d (and dmin), its unit scales and (Q4_K, Q5_K) minimums as bytes.
                     let (d, dmin, scale_bytes) = if q6 {
                         // SAFETY: reads the 16 scale bytes.
@@ -1398,12 +1405,7 @@ macro_rules! x86_fused_unit {
                 let mut g = 0;
                 while g < units {
                     let n = GROUP.min(units - g);
-                    // The codes PREFETCH bytes on, as the K-quants' kernel (a prefetch faults on
-                    // no address).
-                    for line in (0..qb * n).step_by(64) {
-                        let ahead = q.wrapping_add(qb * g + line + PREFETCH);
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-                    }
+                    prefetch_ahead(q.wrapping_add(qb * g), qb * n);
                     // `a` and `c` of blocks g.. (lanes past the row's end are zero).
                     let (a, c) = if n == GROUP {
                         // SAFETY: GROUP blocks' scale bytes of this row.
