@@ -281,3 +281,156 @@ fn batch_matches_one_at_a_time() {
     .unwrap();
     assert!(outs.iter().all(|o| o.stop_reason == StopReason::Cancelled));
 }
+
+/// An adapter for the tiny model whose B is not zero (a fresh one changes nothing).
+fn busy_adapter(
+    config: &codelsi_engine::models::config::Config,
+    seed: u64,
+) -> codelsi_engine::adapter::Adapter<B> {
+    use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Target::parse_list("q,v,gate,down").unwrap_or_else(|e| panic!("targets: {e}")),
+        rslora: false,
+    };
+    let dev = device();
+    Adapter::<B>::init(lora, config, seed, &dev)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .map(|t| {
+            let [r, c] = t.dims();
+            let v: Vec<f32> = (0..r * c)
+                .map(|i| ((i as u64 * 2654435761 + seed) % 1000) as f32 / 1000.0 - 0.5)
+                .collect();
+            burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, [r, c]), &dev)
+        })
+}
+
+/// Continuous batching: sequences join a running batch at different steps (one with a longer
+/// prompt than the batch has positions, so every row moves), each on its own adapters (none,
+/// one, the other, both stacked), greedy and sampled; one is taken out midway and one ends
+/// early, so the batch drops positions. Each gets what it gets alone, streamed text included.
+#[test]
+fn running_batch_rows_join_and_leave_on_their_own_adapters() {
+    use codelsi_engine::generate::{GenerateOutput, RowEvent, RunningBatch};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    let (loaded, g) = tiny();
+    let (model, tok) = (&loaded.model, &loaded.tokenizer);
+    let one = Arc::new(busy_adapter(&model.config, 1));
+    let two = Arc::new(busy_adapter(&model.config, 2));
+    let long = g.prompt_ids.clone();
+    let short = long[..long.len() / 2].to_vec();
+    let longer: Vec<u32> = long.iter().chain(&long[..5]).copied().collect();
+    let greedy = |max_tokens| GenerateOptions {
+        max_tokens,
+        ..Default::default()
+    };
+    let sampled = GenerateOptions {
+        max_tokens: 7,
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_p: 0.95,
+            seed: 3,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    // (prompt, adapters, options, steps of the batch before it joins)
+    let rows = [
+        (long.clone(), vec![], greedy(12), 0),
+        (short.clone(), vec![one.clone()], greedy(10), 2),
+        (longer, vec![one.clone(), two.clone()], greedy(4), 2),
+        (short.clone(), vec![two.clone()], sampled, 3),
+        (long, vec![one.clone()], greedy(20), 3),
+    ];
+    let taken_out = 4u64;
+
+    let mut batch = RunningBatch::new(model);
+    let mut texts: HashMap<u64, String> = HashMap::new();
+    let mut outs: HashMap<u64, GenerateOutput> = HashMap::new();
+    let mut on_event = |id: u64, e: RowEvent<'_>| match e {
+        RowEvent::Text(t) => texts.entry(id).or_default().push_str(t),
+        RowEvent::Done(out) => {
+            assert!(outs.insert(id, out).is_none(), "row {id} ended twice");
+        }
+    };
+    let mut steps = 0;
+    let mut shared = 0;
+    loop {
+        for (id, (prompt, adapters, options, at)) in rows.iter().enumerate() {
+            if *at == steps {
+                batch
+                    .admit(
+                        id as u64,
+                        prompt,
+                        options,
+                        adapters.clone(),
+                        tok,
+                        &mut on_event,
+                    )
+                    .unwrap_or_else(|e| panic!("admitting row {id}: {e}"));
+            }
+        }
+        if steps == 5 {
+            let out = batch
+                .remove(taken_out)
+                .unwrap_or_else(|| panic!("row 4 left early"));
+            assert_eq!(out.stop_reason, StopReason::Cancelled);
+            assert_eq!(out.token_ids.len(), 3);
+        }
+        if batch.is_empty() && steps > 3 {
+            break;
+        }
+        shared = shared.max(batch.len());
+        batch
+            .step(tok, &mut on_event)
+            .unwrap_or_else(|e| panic!("step {steps}: {e}"));
+        steps += 1;
+    }
+    assert_eq!(shared, 5, "the rows never shared a step");
+    for (id, (prompt, adapters, options, _)) in rows.iter().enumerate() {
+        let id = id as u64;
+        if id == taken_out {
+            continue;
+        }
+        let list: Vec<&codelsi_engine::adapter::Adapter<B>> =
+            adapters.iter().map(|a| a.as_ref()).collect();
+        let want = generate_with(
+            model,
+            Adapters {
+                list: &list,
+                train: false,
+            },
+            tok,
+            prompt,
+            options,
+            &CancelToken::new(),
+            &mut |_| {},
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let got = &outs[&id];
+        assert_eq!(got.token_ids, want.token_ids, "row {id}");
+        assert_eq!(got.text, want.text, "row {id}");
+        assert_eq!(got.stop_reason, want.stop_reason, "row {id}");
+        assert_eq!(
+            texts.get(&id).map_or("", String::as_str),
+            want.text,
+            "row {id}"
+        );
+    }
+    // The adapters matter here: row 1 on the base model generates something else.
+    let base = generate_with(
+        model,
+        Adapters::none(),
+        tok,
+        &short,
+        &greedy(10),
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(base.token_ids, outs[&1].token_ids);
+}

@@ -1,15 +1,17 @@
 //! The generation loop: prefill, then decode token by token with streaming, stop strings, EOS,
 //! a cancel token, and the figures a user wants (tokens, tokens/s).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::tensor::Tensor;
 
+use crate::adapter::Adapter;
 use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use crate::io::tokenizer::Tokenizer;
 use crate::kernels::KernelBackend;
-use crate::models::llama::{Adapters, Llama};
+use crate::models::llama::{Adapters, KvCache, Llama};
 use crate::sampling::{Sampler, SamplingParams, top_logprobs};
 
 #[derive(Debug, Clone)]
@@ -189,7 +191,7 @@ pub fn generate_batch<B: KernelBackend>(
     }
     let mut done: Vec<Option<GenerateOutput>> = vec![None; requests.len()];
     // Row j of the KV cache generates for request `active[j].0`.
-    let mut active: Vec<(usize, Row<'_>)> = requests
+    let mut active: Vec<(usize, Row)> = requests
         .iter()
         .enumerate()
         .map(|(i, r)| (i, Row::new(&r.prompt_ids, &r.options)))
@@ -249,6 +251,240 @@ pub fn generate_batch<B: KernelBackend>(
         .collect()
 }
 
+/// A batch that sequences join and leave between steps (continuous batching): each row has
+/// its own prompt, options and adapters, and one forward pass a step serves them all.
+///
+/// A sequence joins with [`admit`](Self::admit), which runs its prompt alone (as
+/// [`generate_with`] does) and picks its first token; each [`step`](Self::step) then feeds
+/// every row its last token. Rows are left-padded to the longest in the cache, but each keeps
+/// its own RoPE positions (those it has alone), so rows can move in the cache: a longer row
+/// joining pads the others, and the front positions that every row has as padding are dropped
+/// when rows leave.
+pub struct RunningBatch<'m, B: KernelBackend> {
+    model: &'m Llama<B>,
+    /// `None` while the batch is empty.
+    cache: Option<KvCache<B>>,
+    rows: Vec<RunningRow<B>>,
+}
+
+struct RunningRow<B: KernelBackend> {
+    id: u64,
+    row: Row,
+    adapters: Vec<Arc<Adapter<B>>>,
+    /// Padding positions in front of this row's in the cache.
+    pad: usize,
+    /// The token this row feeds at the next step.
+    next: u32,
+    decode_start: Instant,
+}
+
+/// What a [`RunningBatch`] tells its caller about a row.
+pub enum RowEvent<'a> {
+    /// Text that became final.
+    Text(&'a str),
+    /// The row finished and left the batch.
+    Done(GenerateOutput),
+}
+
+impl<'m, B: KernelBackend> RunningBatch<'m, B> {
+    pub fn new(model: &'m Llama<B>) -> Self {
+        Self {
+            model,
+            cache: None,
+            rows: Vec::new(),
+        }
+    }
+
+    /// Rows in the batch.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Positions the batch's cache holds for each row (its longest row's length).
+    pub fn positions(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| c.len)
+    }
+
+    /// Run sequence `id`'s prompt on its adapters (stacked in order) and pick its first token.
+    /// It joins the batch unless it is already finished (EOS, a stop string, one token asked
+    /// for), in which case its output comes back through `on_event` at once.
+    pub fn admit(
+        &mut self,
+        id: u64,
+        prompt_ids: &[u32],
+        options: &GenerateOptions,
+        adapters: Vec<Arc<Adapter<B>>>,
+        tokenizer: &Tokenizer,
+        on_event: &mut dyn FnMut(u64, RowEvent<'_>),
+    ) -> Result<()> {
+        let model = self.model;
+        check_request(model, prompt_ids, options)?;
+        let mut cache = model.new_cache(1, prompt_ids.len());
+        let mut row = Row::new(prompt_ids, options);
+        let start = Instant::now();
+        let list: Vec<&Adapter<B>> = adapters.iter().map(|a| a.as_ref()).collect();
+        let adapted = Adapters {
+            list: &list,
+            train: false,
+        };
+        let mut logits =
+            logits_to_vec(model.forward_with(prompt_ids, &mut cache, false, adapted)?)?;
+        row.out.prefill_seconds = start.elapsed().as_secs_f64();
+        let room = cache.len < model.config.max_position_embeddings;
+        let step = row.step(&mut logits, room, tokenizer, &mut |t| {
+            on_event(id, RowEvent::Text(t))
+        })?;
+        let Some(next) = step else {
+            let out = row.finish(&mut |t| on_event(id, RowEvent::Text(t)));
+            on_event(id, RowEvent::Done(out));
+            return Ok(());
+        };
+        let pad = match &mut self.cache {
+            None => {
+                self.cache = Some(cache);
+                0
+            }
+            Some(batch) => {
+                if cache.len > batch.len {
+                    let by = cache.len - batch.len;
+                    batch.pad_front(by);
+                    for r in &mut self.rows {
+                        r.pad += by;
+                    }
+                }
+                batch.push_row(&cache);
+                batch.len - cache.len
+            }
+        };
+        self.rows.push(RunningRow {
+            id,
+            row,
+            adapters,
+            pad,
+            next,
+            decode_start: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// One forward pass for every row, each row's next token picked; finished rows leave.
+    pub fn step(
+        &mut self,
+        tokenizer: &Tokenizer,
+        on_event: &mut dyn FnMut(u64, RowEvent<'_>),
+    ) -> Result<()> {
+        let Some(cache) = self.cache.as_mut() else {
+            return Ok(());
+        };
+        let model = self.model;
+        let context = model.config.max_position_embeddings;
+        if cache.len + 1 > cache.capacity {
+            let want = (cache.len + 1).max(2 * cache.capacity).min(context);
+            if want <= cache.len {
+                return Err(Error::Internal(format!(
+                    "a batch of {} positions has no room left in the context of {context}",
+                    cache.len
+                )));
+            }
+            cache.grow(want);
+        }
+        // The distinct adapters of the batch, and each row's indices among them.
+        let mut list: Vec<&Adapter<B>> = Vec::new();
+        let mut uses = Vec::with_capacity(self.rows.len());
+        for r in &self.rows {
+            let mine = r
+                .adapters
+                .iter()
+                .map(
+                    |a| match list.iter().position(|&b| std::ptr::eq(b, a.as_ref())) {
+                        Some(i) => i,
+                        None => {
+                            list.push(a.as_ref());
+                            list.len() - 1
+                        }
+                    },
+                )
+                .collect();
+            uses.push(mine);
+        }
+        let next: Vec<u32> = self.rows.iter().map(|r| r.next).collect();
+        let pads: Vec<usize> = self.rows.iter().map(|r| r.pad).collect();
+        let adapters = Adapters {
+            list: &list,
+            train: false,
+        };
+        let mut logits =
+            logits_to_vec(model.forward_batch_rows(&next, &pads, cache, adapters, Some(&uses))?)?;
+        let vocab = model.config.vocab_size;
+        let len = cache.len;
+        let mut keep = Vec::with_capacity(self.rows.len());
+        let mut still = Vec::with_capacity(self.rows.len());
+        for (j, mut r) in std::mem::take(&mut self.rows).into_iter().enumerate() {
+            let id = r.id;
+            let room = len - r.pad < context;
+            let step = r.row.step(
+                &mut logits[j * vocab..(j + 1) * vocab],
+                room,
+                tokenizer,
+                &mut |t| on_event(id, RowEvent::Text(t)),
+            )?;
+            match step {
+                Some(t) => {
+                    r.next = t;
+                    keep.push(j);
+                    still.push(r);
+                }
+                None => {
+                    r.row.out.decode_seconds = r.decode_start.elapsed().as_secs_f64();
+                    let out = r.row.finish(&mut |t| on_event(id, RowEvent::Text(t)));
+                    on_event(id, RowEvent::Done(out));
+                }
+            }
+        }
+        self.rows = still;
+        if keep.len() < next.len() {
+            self.retain(&keep);
+        }
+        Ok(())
+    }
+
+    /// Take row `id` out of the batch (its client left): its output so far, stopped as
+    /// cancelled; `None` if no such row.
+    pub fn remove(&mut self, id: u64) -> Option<GenerateOutput> {
+        let at = self.rows.iter().position(|r| r.id == id)?;
+        let keep: Vec<usize> = (0..self.rows.len()).filter(|&j| j != at).collect();
+        let mut r = self.rows.remove(at);
+        self.retain(&keep);
+        r.row.out.stop_reason = StopReason::Cancelled;
+        r.row.out.decode_seconds = r.decode_start.elapsed().as_secs_f64();
+        Some(r.row.finish(&mut |_| {}))
+    }
+
+    /// The cache keeps the rows `keep` (the rows already are those), and drops the front
+    /// positions they all have as padding.
+    fn retain(&mut self, keep: &[usize]) {
+        if self.rows.is_empty() {
+            self.cache = None;
+            return;
+        }
+        let Some(cache) = self.cache.as_mut() else {
+            return;
+        };
+        cache.retain_rows(keep);
+        let front = self.rows.iter().map(|r| r.pad).min().unwrap_or(0);
+        if front > 0 {
+            cache.drop_front(front);
+            for r in &mut self.rows {
+                r.pad -= front;
+            }
+        }
+    }
+}
+
 /// What every generation checks before it allocates anything.
 fn check_request<B: KernelBackend>(
     model: &Llama<B>,
@@ -273,8 +509,8 @@ fn check_request<B: KernelBackend>(
 }
 
 /// One sequence being generated: sampling, stop detection and streaming, whatever the batch.
-struct Row<'a> {
-    options: &'a GenerateOptions,
+struct Row {
+    options: Arc<GenerateOptions>,
     sampler: Sampler,
     history: Vec<u32>,
     out: GenerateOutput,
@@ -283,10 +519,10 @@ struct Row<'a> {
     emitted: usize,
 }
 
-impl<'a> Row<'a> {
-    fn new(prompt_ids: &[u32], options: &'a GenerateOptions) -> Self {
+impl Row {
+    fn new(prompt_ids: &[u32], options: &GenerateOptions) -> Self {
         Self {
-            options,
+            options: Arc::new(options.clone()),
             sampler: Sampler::new(options.sampling.clone()),
             history: prompt_ids.to_vec(),
             out: GenerateOutput {
@@ -314,7 +550,7 @@ impl<'a> Row<'a> {
         tokenizer: &Tokenizer,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Option<u32>> {
-        let options = self.options;
+        let options = Arc::clone(&self.options);
         // The sampler may rescale the logits in place: the chosen token's log-probability is
         // read from a copy of the model's own.
         let mut raw = None;

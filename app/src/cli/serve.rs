@@ -32,6 +32,10 @@ pub struct ServeArgs {
     /// Requests that may wait for the model; past them, 429 with Retry-After.
     #[arg(long, default_value_t = 32)]
     max_queue: usize,
+    /// Sequences generated together, one forward pass a step; requests join and leave the
+    /// batch between steps, each on its own adapters.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
     /// Adapters kept loaded at once (least recently used out).
     #[arg(long, default_value_t = 8)]
     max_adapters: usize,
@@ -62,6 +66,7 @@ fn serve_on<B: OpenDevice>(args: ServeArgs) -> Result<()> {
         port: args.port,
         api_key: args.api_key,
         max_queue: args.max_queue,
+        max_batch: args.max_batch,
         max_adapters: args.max_adapters.max(1),
         catalogue,
         base_id,

@@ -108,6 +108,7 @@ impl ServePanel {
             port: self.port,
             api_key: None,
             max_queue: 32,
+            max_batch: 16,
             max_adapters: 8,
             catalogue,
             base_id,

@@ -46,6 +46,8 @@ pub struct Settings {
     pub api_key: Option<String>,
     /// Requests waiting for the model beyond the one it runs; past it, 429.
     pub max_queue: usize,
+    /// Sequences generated together, one forward pass a step (a request with `n` counts `n`).
+    pub max_batch: usize,
     /// Adapters kept loaded.
     pub max_adapters: usize,
     /// Adapter id → PEFT directory.
@@ -101,6 +103,7 @@ where
         catalogue: settings.catalogue.clone(),
         cache: vec![],
         max_cached: settings.max_adapters,
+        max_batch: settings.max_batch.max(1),
         metrics: metrics.clone(),
     };
     std::thread::Builder::new()

@@ -65,6 +65,7 @@ fn start(api_key: Option<&str>, adapters: &std::path::Path, max_queue: usize) ->
         port: 0,
         api_key: api_key.map(str::to_string),
         max_queue,
+        max_batch: 8,
         max_adapters: 1,
         catalogue,
         base_id: "tiny".into(),
@@ -547,5 +548,60 @@ fn floods_and_disconnects_leave_it_serving() {
         r["choices"][0]["text"],
         greedy(&model, &[], "function add(", 10)
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Continuous batching: twelve clients at once, on the base model, each adapter and a stack,
+/// with prompts and lengths that differ, share the running batch (at most 8 rows); each answer
+/// is the greedy output the engine gives that request alone.
+#[test]
+fn concurrent_requests_on_different_adapters_answer_as_alone() {
+    let dir = std::env::temp_dir().join(format!("codelsi-serve-batch-{}", std::process::id()));
+    let one = adapter(&dir, "one", 1);
+    let two = adapter(&dir, "two", 2);
+    let addr = start(Some(KEY), &dir, 16);
+    let model = tiny();
+    let prompts = [
+        "function add(",
+        "const x = [1, 2, 3].map(",
+        "// sort the list\n",
+    ];
+    let stacks = ["tiny", "one", "two", "one+two"];
+    let requests: Vec<(&str, &str, usize)> = (0..12)
+        .map(|i| (stacks[i % 4], prompts[i % 3], 4 + 3 * (i % 5)))
+        .collect();
+    let answers: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = requests
+            .iter()
+            .map(|&(name, prompt, max_tokens)| {
+                s.spawn(move || {
+                    let (status, r) = post(
+                        addr,
+                        "/v1/completions",
+                        json!({
+                            "model": name, "prompt": prompt, "temperature": 0,
+                            "max_tokens": max_tokens,
+                        }),
+                    );
+                    assert_eq!(status, 200, "{r}");
+                    r["choices"][0]["text"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (&(name, prompt, max_tokens), got) in requests.iter().zip(&answers) {
+        let stack: Vec<&Adapter<Flex>> = match name {
+            "one" => vec![&one],
+            "two" => vec![&two],
+            "one+two" => vec![&one, &two],
+            _ => vec![],
+        };
+        assert_eq!(
+            got,
+            &greedy(&model, &stack, prompt, max_tokens),
+            "{name} {prompt:?} {max_tokens}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

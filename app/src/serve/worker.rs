@@ -1,19 +1,21 @@
-//! The model's thread: takes the queued jobs one at a time, renders and tokenises each prompt,
-//! loads the adapters it names (kept, least recently used out) and streams what it generates
-//! back to the request's handler.
+//! The model's thread: renders and tokenises each queued job's prompt, loads the adapters it
+//! names (kept, least recently used out), runs its prompt and puts its sequences into the
+//! running batch (continuous batching: one forward pass a step for every sequence, each on its
+//! own adapters), and streams what they generate back to the requests' handlers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use codelsi_engine::adapter::Adapter;
 use codelsi_engine::cancel::CancelToken;
-use codelsi_engine::generate::{GenerateOptions, GenerateOutput, StopReason, generate_with};
+use codelsi_engine::generate::{
+    GenerateOptions, GenerateOutput, RowEvent, RunningBatch, StopReason,
+};
 use codelsi_engine::io::tokenizer::{Message, Tokenizer};
 use codelsi_engine::kernels::KernelBackend;
 use codelsi_engine::model::LoadedModel;
-use codelsi_engine::models::llama::Adapters;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::Metrics;
@@ -75,137 +77,262 @@ pub struct Worker<B: KernelBackend> {
     /// Adapter id → its PEFT directory.
     pub catalogue: BTreeMap<String, PathBuf>,
     /// Loaded adapters, most recently used last.
-    pub cache: Vec<(String, Adapter<B>)>,
+    pub cache: Vec<(String, Arc<Adapter<B>>)>,
     pub max_cached: usize,
+    /// Sequences in the running batch at most.
+    pub max_batch: usize,
     pub metrics: Arc<Metrics>,
 }
 
+/// A sequence of the running batch: completion `index` of a job.
+struct Live {
+    index: usize,
+    events: UnboundedSender<Event>,
+    cancel: CancelToken,
+    logprobs: bool,
+}
+
 impl<B: KernelBackend> Worker<B> {
-    /// Runs jobs until every sender is gone.
+    /// Runs jobs until every sender is gone: they join the running batch between its steps
+    /// while it has room, and each sequence leaves it when done.
     pub fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>) {
-        while let Ok(job) = jobs.recv() {
-            self.metrics.queued.fetch_sub(1, Relaxed);
-            if job.cancel.is_cancelled() {
+        let loaded = Arc::clone(&self.loaded);
+        let mut batch = RunningBatch::new(&loaded.model);
+        let mut live: HashMap<u64, Live> = HashMap::new();
+        let mut next_id = 0u64;
+        // A job taken from the queue that waits for room in the batch.
+        let mut waiting: Option<Job> = None;
+        let mut open = true;
+        loop {
+            // Jobs join while they fit (a job of `n` completions takes `n` rows).
+            loop {
+                let job = match waiting.take() {
+                    Some(job) => job,
+                    None if !open => break,
+                    None if batch.is_empty() => match jobs.recv() {
+                        Ok(job) => job,
+                        Err(_) => {
+                            open = false;
+                            break;
+                        }
+                    },
+                    None => match jobs.try_recv() {
+                        Ok(job) => job,
+                        Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    },
+                };
+                if !batch.is_empty() && batch.len() + job.n > self.max_batch {
+                    waiting = Some(job);
+                    break;
+                }
+                self.metrics.queued.fetch_sub(1, Relaxed);
+                if job.cancel.is_cancelled() {
+                    continue;
+                }
+                let ids: Vec<u64> = (0..job.n as u64).map(|i| next_id + i).collect();
+                next_id += job.n as u64;
+                // A panic inside the engine fails this request, not the server.
+                let admitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.admit(&job, &ids, &mut batch, &mut live)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(ApiError::server(
+                        "the model's thread panicked on this request",
+                    ))
+                });
+                if let Err(e) = admitted {
+                    for id in &ids {
+                        live.remove(id);
+                        batch.remove(*id);
+                    }
+                    let _ = job.events.send(Event::Failed(e));
+                }
+            }
+            if batch.is_empty() {
+                if !open && waiting.is_none() {
+                    return;
+                }
+                self.metrics.running.store(0, Relaxed);
                 continue;
             }
-            self.metrics.running.store(1, Relaxed);
-            // A panic inside the engine fails this request, not the server.
-            let result =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve(&job)))
-                    .unwrap_or_else(|_| {
-                        Err(ApiError::server(
-                            "the model's thread panicked on this request",
-                        ))
-                    });
-            if let Err(e) = result {
-                let _ = job.events.send(Event::Failed(e));
+            self.metrics.running.store(batch.len(), Relaxed);
+            // Sequences whose client left go at once.
+            let gone: Vec<u64> = live
+                .iter()
+                .filter(|(_, l)| l.cancel.is_cancelled())
+                .map(|(&id, _)| id)
+                .collect();
+            for id in gone {
+                live.remove(&id);
+                if let Some(out) = batch.remove(id) {
+                    self.count(&out);
+                }
             }
-            self.metrics.running.store(0, Relaxed);
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                batch.step(&loaded.tokenizer, &mut |id, event| {
+                    self.on_event(&mut live, id, event)
+                })
+            }))
+            .unwrap_or_else(|_| Err(codelsi_engine::error::Error::Internal("panicked".into())));
+            if let Err(e) = stepped {
+                // The batch's state is not to be trusted: every sequence in it fails.
+                for (_, l) in live.drain() {
+                    let _ = l.events.send(Event::Failed(ApiError::server(format!(
+                        "generation failed: {e}"
+                    ))));
+                }
+                batch = RunningBatch::new(&loaded.model);
+            }
         }
     }
 
-    fn serve(&mut self, job: &Job) -> Result<(), ApiError> {
-        let tokenizer = &self.loaded.tokenizer;
-        let ids = prompt_ids(tokenizer, &job.prompt)?;
-        let context = self.loaded.model.config.max_position_embeddings;
-        if ids.len() >= context {
+    /// Puts the `n` sequences of `job` into the batch, ids `ids`.
+    fn admit(
+        &mut self,
+        job: &Job,
+        ids: &[u64],
+        batch: &mut RunningBatch<'_, B>,
+        live: &mut HashMap<u64, Live>,
+    ) -> Result<(), ApiError> {
+        let loaded = Arc::clone(&self.loaded);
+        let tokenizer = &loaded.tokenizer;
+        let prompt = prompt_ids(tokenizer, &job.prompt)?;
+        let context = loaded.model.config.max_position_embeddings;
+        if prompt.len() >= context {
             return Err(ApiError::invalid(format!(
                 "the prompt has {} tokens; the model's context is {context}",
-                ids.len()
+                prompt.len()
             ))
             .with_code("context_length_exceeded"));
         }
-        let room = context - ids.len();
+        let room = context - prompt.len();
         let max_tokens = match job.max_tokens {
             None => DEFAULT_MAX_TOKENS.min(room),
             Some(m) if m > room => {
                 return Err(ApiError::invalid(format!(
                     "max_tokens is {m}, but the context ({context} tokens) has room for {room} after the prompt's {}",
-                    ids.len()
+                    prompt.len()
                 ))
                 .with_code("context_length_exceeded"));
             }
             Some(m) => m,
         };
         self.load_adapters(&job.adapters)?;
-        let _ = job.events.send(Event::Started {
-            prompt_tokens: ids.len(),
-        });
-        let adapters: Vec<&Adapter<B>> = job
+        let adapters: Vec<Arc<Adapter<B>>> = job
             .adapters
             .iter()
-            .filter_map(|id| self.cache.iter().find(|(k, _)| k == id).map(|(_, a)| a))
+            .filter_map(|id| {
+                self.cache
+                    .iter()
+                    .find(|(k, _)| k == id)
+                    .map(|(_, a)| Arc::clone(a))
+            })
             .collect();
-        for index in 0..job.n {
+        let _ = job.events.send(Event::Started {
+            prompt_tokens: prompt.len(),
+        });
+        for (index, &id) in ids.iter().enumerate() {
             let mut options = job.options.clone();
             options.max_tokens = max_tokens;
             options.sampling.seed = options.sampling.seed.wrapping_add(index as u64);
-            let out = generate_with(
-                &self.loaded.model,
-                Adapters {
-                    list: &adapters,
-                    train: false,
+            live.insert(
+                id,
+                Live {
+                    index,
+                    events: job.events.clone(),
+                    cancel: job.cancel.clone(),
+                    logprobs: job.options.top_logprobs > 0,
                 },
-                &self.loaded.tokenizer,
-                &ids,
-                &options,
-                &job.cancel,
-                &mut |text| {
-                    if job
-                        .events
-                        .send(Event::Text {
-                            index,
-                            text: text.to_string(),
-                        })
-                        .is_err()
-                    {
-                        // The handler is gone: its client left.
-                        job.cancel.cancel();
-                    }
-                },
-            )
-            .map_err(|e| ApiError::server(format!("generation failed: {e}")))?;
-            self.metrics
-                .generated_tokens
-                .fetch_add(out.token_ids.len() as u64, Relaxed);
-            if out.stop_reason == StopReason::Cancelled {
-                return Ok(());
-            }
-            let text_of = |id: u32| {
-                self.loaded
-                    .tokenizer
-                    .decode(&[id], false)
-                    .unwrap_or_default()
-            };
-            let (pieces, top) = if job.options.top_logprobs > 0 {
-                // The tokens whose text starts inside the output (a stop string's token, cut
-                // from the text, is left out).
-                let mut at = 0;
-                let pieces: Vec<String> = out
-                    .token_ids
-                    .iter()
-                    .map(|&id| text_of(id))
-                    .take_while(|p| {
-                        let inside = at < out.text.len();
-                        at += p.len();
-                        inside
-                    })
-                    .collect();
-                let top = out
-                    .top_logprobs
-                    .iter()
-                    .map(|p| p.iter().map(|&(id, lp)| (text_of(id), lp)).collect())
-                    .collect();
-                (pieces, top)
-            } else {
-                (vec![], vec![])
-            };
-            let _ = job.events.send(Event::Done {
-                index,
-                done: Box::new(Finished { out, pieces, top }),
-            });
+            );
+            batch
+                .admit(
+                    id,
+                    &prompt,
+                    &options,
+                    adapters.clone(),
+                    tokenizer,
+                    &mut |id, event| self.on_event(live, id, event),
+                )
+                .map_err(|e| ApiError::server(format!("generation failed: {e}")))?;
         }
         Ok(())
+    }
+
+    /// Passes a sequence's text or its end to its request's handler.
+    fn on_event(&self, live: &mut HashMap<u64, Live>, id: u64, event: RowEvent<'_>) {
+        let Some(l) = live.get(&id) else {
+            return;
+        };
+        match event {
+            RowEvent::Text(text) => {
+                let text = Event::Text {
+                    index: l.index,
+                    text: text.to_string(),
+                };
+                if l.events.send(text).is_err() {
+                    // The handler is gone: its client left.
+                    l.cancel.cancel();
+                }
+            }
+            RowEvent::Done(out) => {
+                let Some(l) = live.remove(&id) else {
+                    return;
+                };
+                self.count(&out);
+                if out.stop_reason == StopReason::Cancelled {
+                    return;
+                }
+                let done = self.finished(out, l.logprobs);
+                let _ = l.events.send(Event::Done {
+                    index: l.index,
+                    done: Box::new(done),
+                });
+            }
+        }
+    }
+
+    fn count(&self, out: &GenerateOutput) {
+        self.metrics
+            .generated_tokens
+            .fetch_add(out.token_ids.len() as u64, Relaxed);
+    }
+
+    /// The output with its tokens' texts when log-probabilities were asked for.
+    fn finished(&self, out: GenerateOutput, logprobs: bool) -> Finished {
+        let text_of = |id: u32| {
+            self.loaded
+                .tokenizer
+                .decode(&[id], false)
+                .unwrap_or_default()
+        };
+        let (pieces, top) = if logprobs {
+            // The tokens whose text starts inside the output (a stop string's token, cut
+            // from the text, is left out).
+            let mut at = 0;
+            let pieces: Vec<String> = out
+                .token_ids
+                .iter()
+                .map(|&id| text_of(id))
+                .take_while(|p| {
+                    let inside = at < out.text.len();
+                    at += p.len();
+                    inside
+                })
+                .collect();
+            let top = out
+                .top_logprobs
+                .iter()
+                .map(|p| p.iter().map(|&(id, lp)| (text_of(id), lp)).collect())
+                .collect();
+            (pieces, top)
+        } else {
+            (vec![], vec![])
+        };
+        Finished { out, pieces, top }
     }
 
     /// Loads the adapters `ids` names that are not cached, dropping the least recently used
@@ -225,7 +352,7 @@ impl<B: KernelBackend> Worker<B> {
             let model = &self.loaded.model;
             let adapter = Adapter::<B>::load_peft(dir, &model.config, model.device())
                 .map_err(|e| ApiError::server(format!("loading adapter `{id}`: {e}")))?;
-            self.cache.push((id.clone(), adapter));
+            self.cache.push((id.clone(), Arc::new(adapter)));
         }
         while self.cache.len() > self.max_cached.max(ids.len()) {
             let Some(at) = self.cache.iter().position(|(k, _)| !ids.contains(k)) else {

@@ -3,7 +3,7 @@
 //! untied LM head. Generic over any [`KernelBackend`]; weights quantised or not.
 
 use burn::backend::Autodiff;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::config::Config;
 pub use super::kv_cache::{KvCache, LayerCache};
@@ -33,6 +33,12 @@ pub struct LayerCtx<'a, B: KernelBackend> {
     pub rope: &'a (Tensor<B, 2>, Tensor<B, 2>),
     pub mask: Option<&'a Tensor<B, 4>>,
     pub adapters: Adapters<'a, B>,
+    /// Rows of one batch on different adapters: for each batch row, the indices in
+    /// `adapters.list` of the adapters it adds. `None`: every row adds every adapter.
+    pub rows: Option<&'a [Vec<usize>]>,
+    /// Each row's one new position has its own RoPE position (row `b`'s is row `b` of the
+    /// tables): rows of a running batch sit at their own positions, whatever their padding.
+    pub rope_rows: bool,
 }
 
 // Manual impls: a derive would require `B: Copy`.
@@ -303,7 +309,7 @@ impl<B: KernelBackend> Llama<B> {
             )));
         }
         let seq = token_ids.len();
-        let x = self.forward_rows(token_ids, &[0], cache, adapters)?;
+        let x = self.forward_rows(token_ids, &[0], cache, adapters, None)?;
         let h = self.config.hidden_size;
         let x = if all_logits {
             x
@@ -328,7 +334,30 @@ impl<B: KernelBackend> Llama<B> {
         cache: &mut KvCache<B>,
         adapters: Adapters<'_, B>,
     ) -> Result<Tensor<B, 2>> {
+        self.forward_batch_rows(token_ids, pads, cache, adapters, None)
+    }
+
+    /// [`forward_batch`](Self::forward_batch) with each row on its own adapters: `rows[b]`
+    /// lists the indices in `adapters.list` that row `b` adds (the base product is shared by
+    /// every row; each adapter's small products run on its rows only).
+    pub fn forward_batch_rows(
+        &self,
+        token_ids: &[u32],
+        pads: &[usize],
+        cache: &mut KvCache<B>,
+        adapters: Adapters<'_, B>,
+        rows: Option<&[Vec<usize>]>,
+    ) -> Result<Tensor<B, 2>> {
         let batch = pads.len();
+        if let Some(rows) = rows
+            && (rows.len() != batch || rows.iter().flatten().any(|&i| i >= adapters.list.len()))
+        {
+            return Err(Error::Internal(format!(
+                "adapters for {} rows (of {} adapters) in a batch of {batch}",
+                rows.len(),
+                adapters.list.len()
+            )));
+        }
         if batch == 0 || cache.batch() != batch || !token_ids.len().is_multiple_of(batch) {
             return Err(Error::Internal(format!(
                 "a batch of {batch} rows with {} tokens and a KV cache of batch {}",
@@ -337,7 +366,7 @@ impl<B: KernelBackend> Llama<B> {
             )));
         }
         let seq = token_ids.len() / batch;
-        let x = self.forward_rows(token_ids, pads, cache, adapters)?;
+        let x = self.forward_rows(token_ids, pads, cache, adapters, rows)?;
         let h = self.config.hidden_size;
         let last = x
             .slice([0..batch, seq - 1..seq, 0..h])
@@ -353,6 +382,7 @@ impl<B: KernelBackend> Llama<B> {
         pads: &[usize],
         cache: &mut KvCache<B>,
         adapters: Adapters<'_, B>,
+        rows: Option<&[Vec<usize>]>,
     ) -> Result<Tensor<B, 3>> {
         let batch = pads.len();
         let seq = token_ids.len() / batch;
@@ -363,7 +393,7 @@ impl<B: KernelBackend> Llama<B> {
         }
         let h = self.config.hidden_size;
         let x = self.embed(token_ids)?.reshape([batch, seq, h]);
-        self.forward_embedded(x, pads, cache, adapters)
+        self.forward_embedded_rows(x, pads, cache, adapters, rows)
     }
 
     /// The decoder over input embeddings (tokens the embedding table does not hold, such as an
@@ -379,6 +409,17 @@ impl<B: KernelBackend> Llama<B> {
         pads: &[usize],
         cache: &mut KvCache<B>,
         adapters: Adapters<'_, B>,
+    ) -> Result<Tensor<B, 3>> {
+        self.forward_embedded_rows(x, pads, cache, adapters, None)
+    }
+
+    fn forward_embedded_rows(
+        &self,
+        x: Tensor<B, 3>,
+        pads: &[usize],
+        cache: &mut KvCache<B>,
+        adapters: Adapters<'_, B>,
+        rows: Option<&[Vec<usize>]>,
     ) -> Result<Tensor<B, 3>> {
         let [batch, seq, _] = x.dims();
         if batch != pads.len() || cache.batch() != batch {
@@ -402,7 +443,17 @@ impl<B: KernelBackend> Llama<B> {
             )));
         }
         let past = cache.len;
-        let rope = self.rope(past..past + seq);
+        // A running batch's rows (`rows`) each sit at their own position: the positions after
+        // their own (unpadded) ones, as each would alone.
+        let rope = match rows {
+            Some(_) if seq == 1 => self.rope(pads.iter().map(|&pad| past - pad.min(past))),
+            Some(_) => {
+                return Err(Error::Internal(format!(
+                    "a running batch advances one position a step, not {seq}"
+                )));
+            }
+            None => self.rope(past..past + seq),
+        };
         // A single new position of unpadded rows sees everything: no mask.
         let mask = if pads.iter().all(|&p| p == 0) {
             (seq > 1).then(|| self.padded_mask(&[0], past, seq))
@@ -417,6 +468,8 @@ impl<B: KernelBackend> Llama<B> {
                 rope: &rope,
                 mask: mask.as_ref(),
                 adapters,
+                rows,
+                rope_rows: rows.is_some(),
             };
             x = layer.forward(x, ctx, Some((kv, past)));
         }
@@ -492,6 +545,8 @@ impl<B: KernelBackend> Llama<B> {
             rope: &inputs.rope,
             mask: Some(&inputs.mask),
             adapters,
+            rows: None,
+            rope_rows: false,
         };
         self.layers[i].forward(x, ctx, None)
     }
@@ -597,7 +652,68 @@ impl<B: KernelBackend> DecoderLayer<B> {
 
     /// The projection `t`, with the adapters that touch it in this layer.
     fn project(&self, t: Target, x: Tensor<B, 3>, ctx: LayerCtx<'_, B>) -> Tensor<B, 3> {
+        if let Some(rows) = ctx.rows {
+            let [y] = self.project_rows([t], x, ctx, rows);
+            return y;
+        }
         self.projections[t.index()].forward_adapted(x, &ctx.adapters.on(ctx.index, t))
+    }
+
+    /// The projections `ts` of `x` with each batch row's own adapters (`rows`, as
+    /// [`LayerCtx::rows`]): the base products for every row together, then each adapter's
+    /// term on the rows that use it, added in place.
+    fn project_rows<const N: usize>(
+        &self,
+        ts: [Target; N],
+        x: Tensor<B, 3>,
+        ctx: LayerCtx<'_, B>,
+        rows: &[Vec<usize>],
+    ) -> [Tensor<B, 3>; N] {
+        let [batch, seq, inp] = x.dims();
+        let layers = ts.map(|t| &self.projections[t.index()]);
+        let mut ys: Vec<Tensor<B, 2>> = Linear::forward_many(&layers, x.clone())
+            .into_iter()
+            .zip(&layers)
+            .map(|(y, l)| y.reshape([batch * seq, l.out_features]))
+            .collect();
+        let x = x.reshape([batch * seq, inp]);
+        for (i, adapter) in ctx.adapters.list.iter().enumerate() {
+            let users: Vec<i32> = rows
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.contains(&i))
+                .flat_map(|(b, _)| b * seq..(b + 1) * seq)
+                .map(|r| r as i32)
+                .collect();
+            if users.is_empty() {
+                continue;
+            }
+            let count = users.len();
+            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(users, [count]), &x.device());
+            let xs = x.clone().select(0, idx.clone());
+            for (y, &t) in ys.iter_mut().zip(&ts) {
+                let Some(pair) = adapter.get(ctx.index, t) else {
+                    continue;
+                };
+                let lora = LoraApply {
+                    pair,
+                    scale: adapter.scale(),
+                    dropout: 0.0,
+                };
+                let term = lora.term(&xs);
+                *y = y
+                    .clone()
+                    .select_assign(0, idx.clone(), term, IndexingUpdateOp::Add);
+            }
+        }
+        let mut ys = ys
+            .into_iter()
+            .zip(layers)
+            .map(|(y, l)| y.reshape([batch, seq, l.out_features]));
+        ts.map(|_| {
+            ys.next()
+                .unwrap_or_else(|| unreachable!("one output a target"))
+        })
     }
 
     /// The projections `ts` of the same input: together ([`Linear::forward_many`]) where no
@@ -608,6 +724,9 @@ impl<B: KernelBackend> DecoderLayer<B> {
         x: Tensor<B, 3>,
         ctx: LayerCtx<'_, B>,
     ) -> [Tensor<B, 3>; N] {
+        if let Some(rows) = ctx.rows {
+            return self.project_rows(ts, x, ctx, rows);
+        }
         if ts
             .iter()
             .any(|&t| !ctx.adapters.on(ctx.index, t).is_empty())
@@ -641,8 +760,19 @@ impl<B: KernelBackend> DecoderLayer<B> {
         let rep = n_heads / n_kv;
         let (cos, sin) = ctx.rope;
         let [q, k, v] = self.project_many([Target::Q, Target::K, Target::V], x, ctx);
-        let q = B::rope(q, cos, sin, n_heads); // [b, n_heads, seq, hd]
-        let k = B::rope(k, cos, sin, n_kv); // [b, n_kv, seq, hd]
+        let (q, k) = if ctx.rope_rows {
+            // One position a row, each with its own row of the tables: the rows go through
+            // RoPE as one sequence.
+            let rows = |t: Tensor<B, 3>, heads: usize| {
+                B::rope(t.reshape([1, batch, heads * hd]), cos, sin, heads).swap_dims(0, 2)
+            };
+            (rows(q, n_heads), rows(k, n_kv))
+        } else {
+            (
+                B::rope(q, cos, sin, n_heads), // [b, n_heads, seq, hd]
+                B::rope(k, cos, sin, n_kv),    // [b, n_kv, seq, hd]
+            )
+        };
         let v = v.reshape([batch, seq, n_kv, hd]).swap_dims(1, 2);
 
         let (keys, values) = match cache {
