@@ -283,10 +283,11 @@ fn batch_matches_one_at_a_time() {
 }
 
 /// An adapter for the tiny model whose B is not zero (a fresh one changes nothing).
-fn busy_adapter(
+fn busy_adapter<Bk: codelsi_engine::kernels::KernelBackend>(
     config: &codelsi_engine::models::config::Config,
     seed: u64,
-) -> codelsi_engine::adapter::Adapter<B> {
+    dev: &Bk::Device,
+) -> codelsi_engine::adapter::Adapter<Bk> {
     use codelsi_engine::adapter::{Adapter, LoraConfig, Target};
     let lora = LoraConfig {
         rank: 4,
@@ -295,15 +296,14 @@ fn busy_adapter(
         targets: Target::parse_list("q,v,gate,down").unwrap_or_else(|e| panic!("targets: {e}")),
         rslora: false,
     };
-    let dev = device();
-    Adapter::<B>::init(lora, config, seed, &dev)
+    Adapter::<Bk>::init(lora, config, seed, dev)
         .unwrap_or_else(|e| panic!("{e}"))
         .map(|t| {
             let [r, c] = t.dims();
             let v: Vec<f32> = (0..r * c)
                 .map(|i| ((i as u64 * 2654435761 + seed) % 1000) as f32 / 1000.0 - 0.5)
                 .collect();
-            burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, [r, c]), &dev)
+            burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(v, [r, c]), dev)
         })
 }
 
@@ -313,19 +313,43 @@ fn busy_adapter(
 /// early, so the batch drops positions. Each gets what it gets alone, streamed text included.
 #[test]
 fn running_batch_rows_join_and_leave_on_their_own_adapters() {
+    running_batch_on::<B>(&device(), None, false);
+}
+
+/// The same on the CPU path (burn-flex), its weights quantised so that its integer products
+/// run: there a row gets bit for bit its log-probabilities alone, whatever its padding and the
+/// rows beside it (its attention's sums depended on its padding, and the products' kernels on
+/// the number of rows; 8-bit activations turn a last bit into a quantisation step).
+#[test]
+fn running_batch_on_the_cpu_path() {
+    running_batch_on::<burn::backend::Flex>(
+        &Default::default(),
+        Some(codelsi_engine::quant::QFormat::Q8_0),
+        true,
+    );
+}
+
+fn running_batch_on<Bk: codelsi_engine::kernels::KernelBackend>(
+    dev: &Bk::Device,
+    quantize: Option<codelsi_engine::quant::QFormat>,
+    exact: bool,
+) {
     use codelsi_engine::generate::{GenerateOutput, RowEvent, RunningBatch};
     use std::collections::HashMap;
     use std::sync::Arc;
 
-    let (loaded, g) = tiny();
+    let (_, g) = tiny();
+    let loaded = load_model::<Bk>(&fixtures().join("tiny_llama"), quantize, dev, &mut |_| {})
+        .unwrap_or_else(|e| panic!("loading the tiny model: {e}"));
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
-    let one = Arc::new(busy_adapter(&model.config, 1));
-    let two = Arc::new(busy_adapter(&model.config, 2));
+    let one = Arc::new(busy_adapter::<Bk>(&model.config, 1, dev));
+    let two = Arc::new(busy_adapter::<Bk>(&model.config, 2, dev));
     let long = g.prompt_ids.clone();
     let short = long[..long.len() / 2].to_vec();
     let longer: Vec<u32> = long.iter().chain(&long[..5]).copied().collect();
     let greedy = |max_tokens| GenerateOptions {
         max_tokens,
+        top_logprobs: 2,
         ..Default::default()
     };
     let sampled = GenerateOptions {
@@ -396,7 +420,7 @@ fn running_batch_rows_join_and_leave_on_their_own_adapters() {
         if id == taken_out {
             continue;
         }
-        let list: Vec<&codelsi_engine::adapter::Adapter<B>> =
+        let list: Vec<&codelsi_engine::adapter::Adapter<Bk>> =
             adapters.iter().map(|a| a.as_ref()).collect();
         let want = generate_with(
             model,
@@ -420,6 +444,9 @@ fn running_batch_rows_join_and_leave_on_their_own_adapters() {
             want.text,
             "row {id}"
         );
+        if exact {
+            assert_eq!(got.top_logprobs, want.top_logprobs, "row {id}");
+        }
     }
     // The adapters matter here: row 1 on the base model generates something else.
     let base = generate_with(

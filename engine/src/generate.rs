@@ -417,8 +417,12 @@ impl<'m, B: KernelBackend> RunningBatch<'m, B> {
             list: &list,
             train: false,
         };
-        let mut logits =
-            logits_to_vec(model.forward_batch_rows(&next, &pads, cache, adapters, Some(&uses))?)?;
+        // Each row computes what it would alone (the CPU path's products otherwise change
+        // kernels with the number of rows).
+        let logits = crate::kernels::cpu_quant::rows_as_alone(|| {
+            model.forward_batch_rows(&next, &pads, cache, adapters, Some(&uses))
+        })?;
+        let mut logits = logits_to_vec(logits)?;
         let vocab = model.config.vocab_size;
         let len = cache.len;
         let mut keep = Vec::with_capacity(self.rows.len());

@@ -732,12 +732,16 @@ fn attend_rows<T: CacheElem, const D: usize, const AVX2: bool>(
 /// A row of scores to unnormalised probabilities in place, `exp(p − max)` with the polynomial
 /// `exp` (vectorised; `expf` is a call a value) and `-∞` exactly 0; returns `1 / Σ`, or `None`
 /// where every score is `-∞`.
+///
+/// The sum's lanes start at the first visible position, so a row left-padded in a batch sums
+/// its probabilities in the order it does alone (its bits do not depend on its padding; with
+/// 8-bit activations downstream, a last-bit change moves logits by a quantisation step).
 #[inline(always)]
 pub(crate) fn exp_scores(p: &mut [f32]) -> Option<f32> {
+    let first = p.iter().position(|&x| x != f32::NEG_INFINITY)?;
+    let (hidden, p) = p.split_at_mut(first);
+    hidden.fill(0.0);
     let max = lanes(p, f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        return None;
-    }
     for pj in p.iter_mut() {
         *pj = if *pj == f32::NEG_INFINITY {
             0.0

@@ -914,6 +914,29 @@ impl Isa {
     }
 }
 
+thread_local! {
+    /// Set while [`rows_as_alone`] runs its closure on this thread.
+    static ROWS_AS_ALONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the products of this thread giving each row of x the bits it gets alone: past
+/// [`FUSED_MAX_ROWS`] rows, x goes through the fused kernels that many rows at a time instead
+/// of through the tiles (whose sums run in another order, and, for the K-quants, whose x is
+/// quantised per unit instead of per super-block). A running batch of decode rows computes with
+/// this, so that a sequence generates the same tokens in any batch as alone.
+pub fn rows_as_alone<R>(f: impl FnOnce() -> R) -> R {
+    let before = ROWS_AS_ALONE.replace(true);
+    let r = f();
+    ROWS_AS_ALONE.set(before);
+    r
+}
+
+/// Under [`rows_as_alone`], the rows of x the fused kernels take at once, where they would
+/// take fewer than `m`.
+fn alone_chunk(isa: Isa, m: usize) -> Option<usize> {
+    (ROWS_AS_ALONE.get() && m > FUSED_MAX_ROWS && isa.fuses()).then_some(FUSED_MAX_ROWS)
+}
+
 /// `x · Wᵀ` with `x: [m, k]` row-major f32 and `W: [n, k]` quantised or 16-bit; returns
 /// `[m, n]`.
 pub fn q_matmul(x: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
@@ -921,6 +944,12 @@ pub fn q_matmul(x: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
         return half_matmul(x, m, w);
     }
     let isa = Isa::detect();
+    if let Some(rows) = alone_chunk(isa, m) {
+        return x
+            .chunks(rows * w.cols)
+            .flat_map(|x| q_matmul(x, x.len() / w.cols, w))
+            .collect();
+    }
     let block = block_for(isa, m, w.format);
     q_matmul_on(isa, &QActs::quantize_blocks(x, m, w.cols, block), w)
 }
@@ -940,6 +969,16 @@ pub fn q_matmul_many(x: &[f32], m: usize, ws: &[QWeights<'_>]) -> Vec<Vec<f32>> 
         return ws.iter().map(|w| q_matmul(x, m, w)).collect();
     }
     let isa = Isa::detect();
+    if let Some(rows) = alone_chunk(isa, m) {
+        let k = ws[0].cols;
+        let mut outs = vec![Vec::with_capacity(m * ws[0].rows); ws.len()];
+        for x in x.chunks(rows * k) {
+            for (out, part) in outs.iter_mut().zip(q_matmul_many(x, x.len() / k, ws)) {
+                out.extend(part);
+            }
+        }
+        return outs;
+    }
     let k = ws[0].cols;
     let mut acts: Vec<QActs> = Vec::new();
     let which: Vec<usize> = ws

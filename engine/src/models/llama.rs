@@ -660,8 +660,8 @@ impl<B: KernelBackend> DecoderLayer<B> {
     }
 
     /// The projections `ts` of `x` with each batch row's own adapters (`rows`, as
-    /// [`LayerCtx::rows`]): the base products for every row together, then each adapter's
-    /// term on the rows that use it, added in place.
+    /// [`LayerCtx::rows`]): the base products for every row together, then each row's
+    /// adapters' terms, added in place.
     fn project_rows<const N: usize>(
         &self,
         ts: [Target; N],
@@ -677,33 +677,32 @@ impl<B: KernelBackend> DecoderLayer<B> {
             .map(|(y, l)| y.reshape([batch * seq, l.out_features]))
             .collect();
         let x = x.reshape([batch * seq, inp]);
-        for (i, adapter) in ctx.adapters.list.iter().enumerate() {
-            let users: Vec<i32> = rows
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| r.contains(&i))
-                .flat_map(|(b, _)| b * seq..(b + 1) * seq)
-                .map(|r| r as i32)
-                .collect();
-            if users.is_empty() {
+        // Row by row, each row's adapters in its stack's order, as its decode step adds them
+        // alone (the small products' sums run in an order that depends on their number of
+        // rows, and the terms' sum on their order).
+        for (b, stack) in rows.iter().enumerate() {
+            if stack.is_empty() {
                 continue;
             }
-            let count = users.len();
-            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(users, [count]), &x.device());
-            let xs = x.clone().select(0, idx.clone());
-            for (y, &t) in ys.iter_mut().zip(&ts) {
-                let Some(pair) = adapter.get(ctx.index, t) else {
-                    continue;
-                };
-                let lora = LoraApply {
-                    pair,
-                    scale: adapter.scale(),
-                    dropout: 0.0,
-                };
-                let term = lora.term(&xs);
-                *y = y
-                    .clone()
-                    .select_assign(0, idx.clone(), term, IndexingUpdateOp::Add);
+            let idx: Vec<i32> = (b * seq..(b + 1) * seq).map(|r| r as i32).collect();
+            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [seq]), &x.device());
+            let xs = x.clone().slice([b * seq..(b + 1) * seq, 0..inp]);
+            for &i in stack {
+                let adapter = ctx.adapters.list[i];
+                for (y, &t) in ys.iter_mut().zip(&ts) {
+                    let Some(pair) = adapter.get(ctx.index, t) else {
+                        continue;
+                    };
+                    let lora = LoraApply {
+                        pair,
+                        scale: adapter.scale(),
+                        dropout: 0.0,
+                    };
+                    let term = lora.term(&xs);
+                    *y = y
+                        .clone()
+                        .select_assign(0, idx.clone(), term, IndexingUpdateOp::Add);
+                }
             }
         }
         let mut ys = ys
