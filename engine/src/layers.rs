@@ -36,7 +36,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "generate",
         &[
-            "error", "cancel", "sampling", "io", "kernels", "device", "models",
+            "error", "cancel", "sampling", "io", "kernels", "device", "models", "adapter",
         ],
     ),
     (

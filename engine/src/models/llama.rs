@@ -338,8 +338,10 @@ impl<B: KernelBackend> Llama<B> {
     }
 
     /// [`forward_batch`](Self::forward_batch) with each row on its own adapters: `rows[b]`
-    /// lists the indices in `adapters.list` that row `b` adds (the base product is shared by
-    /// every row; each adapter's small products run on its rows only).
+    /// lists the indices in `adapters.list` that row `b` adds, in its stack's order (the base
+    /// product is shared by every row; the adapters' small products run row by row). Every row
+    /// advances one position, at its own RoPE position (`cache.len - pads[b]`): a running
+    /// batch's rows keep the positions they have alone.
     pub fn forward_batch_rows(
         &self,
         token_ids: &[u32],
