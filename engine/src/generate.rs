@@ -304,11 +304,6 @@ impl<'m, B: KernelBackend> RunningBatch<'m, B> {
         self.rows.is_empty()
     }
 
-    /// Positions the batch's cache holds for each row (its longest row's length).
-    pub fn positions(&self) -> usize {
-        self.cache.as_ref().map_or(0, |c| c.len)
-    }
-
     /// Run sequence `id`'s prompt on its adapters (stacked in order) and pick its first token.
     /// It joins the batch unless it is already finished (EOS, a stop string, one token asked
     /// for), in which case its output comes back through `on_event` at once.
