@@ -99,7 +99,7 @@ fn peft_adapter_gives_peft_outputs() {
     let list = [&adapter];
     let with = Adapters {
         list: &list,
-        train: false,
+        train: None,
     };
     check_greedy(
         "with the PEFT adapter",
@@ -469,7 +469,7 @@ fn merge_hf_base_and_bad_requests() {
         &loaded.model,
         Adapters {
             list: &list,
-            train: false,
+            train: None,
         },
     );
     let base_logits = logits(&loaded.model, Adapters::none());

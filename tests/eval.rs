@@ -511,7 +511,7 @@ fn domain_fit_measures_base_and_adapter() {
     let run = |list: &[&Adapter<B>]| {
         domain_fit(
             &loaded.model,
-            Adapters { list, train: false },
+            Adapters { list, train: None },
             &loaded.tokenizer,
             &records,
             PromptTemplate::Chat,

@@ -426,7 +426,7 @@ fn running_batch_on<Bk: codelsi_engine::kernels::KernelBackend>(
             model,
             Adapters {
                 list: &list,
-                train: false,
+                train: None,
             },
             tok,
             prompt,

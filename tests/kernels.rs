@@ -172,3 +172,48 @@ fn rope_kernel_matches_references() {
         );
     }
 }
+
+/// The wgpu kernel draws `cpu::dropout_mask`'s bits (seeds with high words set, sizes not a
+/// multiple of four, a grid past one dimension), and a mask depends on its seed alone: draws
+/// from the backend's generator in between (another thread's, say) change nothing.
+#[test]
+fn dropout_mask_kernel_matches_cpu() {
+    let dev = device();
+    for &(rows, cols, keep, seed) in &[
+        (3, 5, 0.9, 7u64),
+        (17, 77, 0.5, 0xdead_beef_0123_4567),
+        (1, 70_000 * 256 + 3, 0.95, u64::MAX),
+        (4, 4, 1.0, 1),
+    ] {
+        <B as burn::tensor::backend::Backend>::seed(&dev, 1);
+        let kernel = to_vec(<B as KernelBackend>::dropout_mask(
+            [rows, cols],
+            keep,
+            seed,
+            &dev,
+        ));
+        let _ = to_vec(Tensor::<B, 1>::random(
+            [1000],
+            burn::tensor::Distribution::Default,
+            &dev,
+        ));
+        let again = to_vec(<B as KernelBackend>::dropout_mask(
+            [rows, cols],
+            keep,
+            seed,
+            &dev,
+        ));
+        let cpu = codelsi_engine::kernels::cpu::dropout_mask(rows * cols, keep, seed);
+        let what = format!("dropout mask [{rows}, {cols}] keep {keep} seed {seed:#x}");
+        assert!(
+            kernel == cpu,
+            "{what}: the kernel's bits differ from the CPU's"
+        );
+        assert!(
+            again == kernel,
+            "{what}: the generator's state changed the mask"
+        );
+        let kept = cpu.iter().filter(|&&v| v != 0.0).count() as f64 / cpu.len() as f64;
+        assert!((kept - keep).abs() < 0.1, "{what}: kept {kept}");
+    }
+}

@@ -324,7 +324,7 @@ impl<'m, B: KernelBackend> RunningBatch<'m, B> {
         let list: Vec<&Adapter<B>> = adapters.iter().map(|a| a.as_ref()).collect();
         let adapted = Adapters {
             list: &list,
-            train: false,
+            train: None,
         };
         let mut logits =
             logits_to_vec(model.forward_with(prompt_ids, &mut cache, false, adapted)?)?;
@@ -410,7 +410,7 @@ impl<'m, B: KernelBackend> RunningBatch<'m, B> {
         let pads: Vec<usize> = self.rows.iter().map(|r| r.pad).collect();
         let adapters = Adapters {
             list: &list,
-            train: false,
+            train: None,
         };
         // Each row computes what it would alone (the CPU path's products otherwise change
         // kernels with the number of rows).

@@ -131,7 +131,7 @@ fn generate_all<B: OpenDevice>(
         model,
         Adapters {
             list: &refs,
-            train: false,
+            train: None,
         },
         &loaded.tokenizer,
         problems,
@@ -178,7 +178,7 @@ fn cmd_fit<B: OpenDevice>(args: &EvalArgs, data: &std::path::Path) -> Result<()>
         let t = Instant::now();
         let report = domain_fit(
             model,
-            Adapters { list, train: false },
+            Adapters { list, train: None },
             &loaded.tokenizer,
             &records,
             template,

@@ -128,7 +128,7 @@ fn generate_on<B: OpenDevice>(args: GenerateArgs) -> Result<()> {
         model,
         Adapters {
             list: &adapter_refs,
-            train: false,
+            train: None,
         },
         tokenizer,
         &prompt_ids,
@@ -197,7 +197,7 @@ fn generate_candidates<B: KernelBackend>(
         &loaded.model,
         Adapters {
             list: adapters,
-            train: false,
+            train: None,
         },
         &loaded.tokenizer,
         &requests,

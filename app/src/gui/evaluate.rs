@@ -400,7 +400,7 @@ fn run<B: KernelBackend>(
             &model.model,
             Adapters {
                 list: &list,
-                train: false,
+                train: None,
             },
             &model.tokenizer,
             &problems,

@@ -368,7 +368,7 @@ fn run<B: KernelBackend>(
             &model.model,
             Adapters {
                 list: &list,
-                train: false,
+                train: None,
             },
             &model.tokenizer,
             &ids,

@@ -149,7 +149,7 @@ fn greedy(
         &model.model,
         Adapters {
             list: adapters,
-            train: false,
+            train: None,
         },
         &model.tokenizer,
         &ids,

@@ -431,8 +431,13 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
         B::supports_f16(device)
     }
 
-    fn dropout_mask(dims: [usize; 2], keep: f64, device: &Self::Device) -> Tensor<Self, 2> {
-        Tensor::from_inner(B::dropout_mask(dims, keep, device))
+    fn dropout_mask(
+        dims: [usize; 2],
+        keep: f64,
+        seed: u64,
+        device: &Self::Device,
+    ) -> Tensor<Self, 2> {
+        Tensor::from_inner(B::dropout_mask(dims, keep, seed, device))
     }
 
     fn nll(logits: Tensor<Self, 2>, labels: &[Option<u32>]) -> Tensor<Self, 1> {

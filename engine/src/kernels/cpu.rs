@@ -336,19 +336,25 @@ pub fn try_nll_backward(
     Some(flex(out, [rows, vocab]))
 }
 
+/// SplitMix64's finaliser: a bijection of 64-bit values whose every output bit depends on every
+/// input bit. Dropout's seeds are mixed with it (step, row, layer, projection).
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// A mask of `len` values for inverted dropout: each `1 / keep` with probability `keep` (to
 /// 1/65536), else 0. Counter-based: each four values take 16 bits apiece of SplitMix64's mix
-/// of `seed` and their index, so a seed gives one mask, filled in any order.
+/// of `seed` and their index, so a seed gives one mask, filled in any order
+/// (`shaders/dropout_mask.wgsl` computes the same bits on wgpu).
 pub fn dropout_mask(len: usize, keep: f64, seed: u64) -> Vec<f32> {
     const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
-    let threshold = (keep.clamp(0.0, 1.0) * 65536.0).round() as u64;
+    let threshold = dropout_threshold(keep);
     let value = (1.0 / keep) as f32;
     let mut out = vec![0f32; len];
     for (i, four) in out.chunks_mut(4).enumerate() {
-        let mut z = seed.wrapping_add((i as u64 + 1).wrapping_mul(GOLDEN));
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
+        let mut z = mix64(seed.wrapping_add((i as u64 + 1).wrapping_mul(GOLDEN)));
         for v in four {
             if z & 0xffff < threshold {
                 *v = value;
@@ -357,6 +363,11 @@ pub fn dropout_mask(len: usize, keep: f64, seed: u64) -> Vec<f32> {
         }
     }
     out
+}
+
+/// A value of 16 random bits is kept when below this.
+pub fn dropout_threshold(keep: f64) -> u64 {
+    (keep.clamp(0.0, 1.0) * 65536.0).round() as u64
 }
 
 /// `x · w` on the CPU path when `w` (`[k, n]`) is the transposed view of a row-major `[n, k]`

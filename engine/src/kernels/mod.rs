@@ -14,6 +14,7 @@ pub mod autodiff;
 pub mod cpu;
 pub mod cpu_quant;
 pub mod cpu_rows;
+pub mod dropout;
 pub mod matmul_strided;
 pub mod pool;
 pub mod qmatmul;
@@ -26,7 +27,7 @@ pub mod wgpu;
 pub mod wgsl;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Distribution, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 
 use crate::quant::{QFormat, QMatrix};
 
@@ -171,10 +172,18 @@ pub trait KernelBackend: Backend {
         reference::q_matmul_t(dy, w, lora)
     }
 
-    /// A mask for inverted dropout: each value `1 / keep` with probability `keep`, else 0,
-    /// drawn from the backend's generator (so [`Backend::seed`] fixes it).
-    fn dropout_mask(dims: [usize; 2], keep: f64, device: &Self::Device) -> Tensor<Self, 2> {
-        Tensor::<Self, 2>::random(dims, Distribution::Bernoulli(keep), device) * (1.0 / keep)
+    /// A mask for inverted dropout: each value `1 / keep` with probability `keep`, else 0, a
+    /// function of `seed` alone ([`cpu::dropout_mask`]'s bits on every backend). Not the
+    /// backend's generator: that is one state per process, which another thread can draw from
+    /// between a seeding and its use.
+    fn dropout_mask(
+        dims: [usize; 2],
+        keep: f64,
+        seed: u64,
+        device: &Self::Device,
+    ) -> Tensor<Self, 2> {
+        let mask = cpu::dropout_mask(dims[0] * dims[1], keep, seed);
+        Tensor::from_data(TensorData::new(mask, dims), device)
     }
 
     /// Summed negative log-likelihood of `labels` under `logits` (`[rows, vocab]`, one label a
@@ -404,17 +413,6 @@ impl KernelBackend for burn::backend::Flex {
     ) -> Tensor<Self, 2> {
         cpu::try_nll_backward(&logits, labels, &grad)
             .unwrap_or_else(|| reference::nll_backward(logits, labels, grad))
-    }
-
-    /// Four values of burn-flex's generator seed a counter-based one ([`cpu::dropout_mask`]):
-    /// the Bernoulli sampler spends 7 ns a value, a tenth of a training step.
-    fn dropout_mask(dims: [usize; 2], keep: f64, device: &Self::Device) -> Tensor<Self, 2> {
-        let draws = Tensor::<Self, 1>::random([4], Distribution::Default, device).into_data();
-        let seed = draws
-            .iter::<f32>()
-            .fold(0u64, |s, v| (s << 16) ^ (v * 65536.0) as u64);
-        let mask = cpu::dropout_mask(dims[0] * dims[1], keep, seed);
-        Tensor::from_data(TensorData::new(mask, dims), device)
     }
 
     /// Few rows of x (decode) skip gemm's packing of the weight (`cpu.rs`).

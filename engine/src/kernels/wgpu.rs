@@ -1,9 +1,11 @@
 //! burn-wgpu's implementation of [`KernelBackend`]: each op handed to the launcher of its shader
-//! family (`qmatmul.rs`, `qmatmul_t.rs`, `matmul_strided.rs`, `rms_norm.rs`, `rope.rs`).
+//! family (`qmatmul.rs`, `qmatmul_t.rs`, `matmul_strided.rs`, `rms_norm.rs`, `rope.rs`,
+//! `dropout.rs`).
 
 use burn::backend::wgpu::{BoolElement, CubeBackend, IntElement, WgpuRuntime};
 use burn::tensor::Tensor;
 
+use super::dropout::dropout_mask_wgpu;
 use super::matmul_strided::matmul_strided_wgpu;
 use super::qmatmul::{QShape, q_matmul_lora_wgpu, q_matmul_wgpu};
 use super::qmatmul_t::q_matmul_t_wgpu;
@@ -75,6 +77,20 @@ impl<I: IntElement, BT: BoolElement> KernelBackend for WgpuCube<I, BT> {
         to_dtype(rope_wgpu(widen(x), &cos, &sin, heads), dtype)
     }
 
+    fn dropout_mask(
+        dims: [usize; 2],
+        keep: f64,
+        seed: u64,
+        device: &Self::Device,
+    ) -> Tensor<Self, 2> {
+        if dims[0] * dims[1] < 1 << 31 {
+            dropout_mask_wgpu(dims, keep, seed, device)
+        } else {
+            let mask = super::cpu::dropout_mask(dims[0] * dims[1], keep, seed);
+            Tensor::from_data(burn::tensor::TensorData::new(mask, dims), device)
+        }
+    }
+
     fn memory_reserved(device: &Self::Device) -> Option<u64> {
         let client = <WgpuRuntime as cubecl::Runtime>::client(device);
         client.memory_usage().ok().map(|u| u.bytes_reserved)
@@ -97,6 +113,6 @@ impl<I: IntElement, BT: BoolElement> KernelBackend for WgpuCube<I, BT> {
     }
 
     fn kernels_impl() -> &'static str {
-        "WGSL (qmatvec, qmatmul, qmatmul_rows, qmatmul_t, matmul_strided, rms_norm, rope)"
+        "WGSL (qmatvec, qmatmul, qmatmul_rows, qmatmul_t, matmul_strided, rms_norm, rope, dropout_mask)"
     }
 }

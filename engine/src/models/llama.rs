@@ -7,10 +7,11 @@ use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::config::Config;
 pub use super::kv_cache::{KvCache, LayerCache};
-use super::{Embedding, Linear, LinearWeight, LoraApply, RmsNorm};
+use super::{Dropout, Embedding, Linear, LinearWeight, LoraApply, RmsNorm};
 use crate::adapter::{Adapter, Target};
 use crate::error::{Error, Result};
 use crate::io::WeightSource;
+use crate::kernels::cpu::mix64;
 use crate::kernels::{KernelBackend, to_dtype};
 use crate::quant::QFormat;
 
@@ -63,12 +64,16 @@ pub struct Llama<B: KernelBackend> {
     device: B::Device,
 }
 
-/// LoRA adapters applied in a forward pass. When `train`, the first is the one being trained:
-/// it alone gets dropout, and its up-projection is fused with the base product.
+/// LoRA adapters applied in a forward pass. When training (`train` holds the pass's dropout
+/// seed), the first is the one being trained: it alone gets dropout, and its up-projection is
+/// fused with the base product.
 #[derive(Debug)]
 pub struct Adapters<'a, B: KernelBackend> {
     pub list: &'a [&'a Adapter<B>],
-    pub train: bool,
+    /// `Some(seed)` in training: each projection's dropout mask is a function of the seed, the
+    /// layer and the projection, so a layer run again (gradient checkpointing) gets the masks of
+    /// its first run.
+    pub train: Option<u64>,
 }
 
 // Manual impls: a derive would require `B: Copy`.
@@ -83,7 +88,7 @@ impl<'a, B: KernelBackend> Adapters<'a, B> {
     pub fn none() -> Self {
         Self {
             list: &[],
-            train: false,
+            train: None,
         }
     }
 
@@ -95,10 +100,12 @@ impl<'a, B: KernelBackend> Adapters<'a, B> {
                 a.get(layer, t).map(|pair| LoraApply {
                     pair,
                     scale: a.scale(),
-                    dropout: if self.train && i == 0 {
-                        a.config.dropout
-                    } else {
-                        0.0
+                    dropout: match self.train {
+                        Some(seed) if i == 0 => Some(Dropout {
+                            p: a.config.dropout,
+                            seed: mix64(mix64(seed ^ layer as u64) ^ t as u64),
+                        }),
+                        _ => None,
                     },
                 })
             })
@@ -698,7 +705,7 @@ impl<B: KernelBackend> DecoderLayer<B> {
                     let lora = LoraApply {
                         pair,
                         scale: adapter.scale(),
-                        dropout: 0.0,
+                        dropout: None,
                     };
                     let term = lora.term(&xs);
                     *y = y

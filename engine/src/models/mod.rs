@@ -315,17 +315,22 @@ impl<B: KernelBackend> Linear<B> {
 pub struct LoraApply<'a, B: KernelBackend> {
     pub pair: &'a LoraPair<B>,
     pub scale: f32,
-    /// Dropout probability on the adapter's input; 0 outside training.
-    pub dropout: f32,
+    /// Dropout on the adapter's input; `None` outside training.
+    pub dropout: Option<Dropout>,
+}
+
+/// Dropout with probability `p`, its mask drawn from `seed`.
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
 }
 
 impl<B: KernelBackend> LoraApply<'_, B> {
     /// `x` after dropout (inverted: kept values scaled by `1 / (1 - p)`), or `None` without.
     fn dropped(&self, x: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
-        if self.dropout <= 0.0 {
-            return None;
-        }
-        let mask = B::dropout_mask(x.dims(), 1.0 - self.dropout as f64, &x.device());
+        let d = self.dropout.filter(|d| d.p > 0.0)?;
+        let mask = B::dropout_mask(x.dims(), 1.0 - d.p as f64, d.seed, &x.device());
         Some(x.clone() * to_dtype(mask, x.dtype()))
     }
 

@@ -122,7 +122,7 @@ impl<B: KernelBackend> Regressor<B> {
         let list = [adapter];
         let adapters = Adapters {
             list: &list,
-            train: false,
+            train: None,
         };
         let steps = spec.metrics.len() * TOKENS_PER_NUMBER;
         let h = model.config.hidden_size;

@@ -117,7 +117,7 @@ pub fn evaluate<B: KernelBackend>(
     list.extend(frozen.iter().copied());
     let adapters = Adapters {
         list: &list,
-        train: false,
+        train: None,
     };
     mean_loss_of(model, adapters, Some(&untracked), objective, rows, cancel)
 }

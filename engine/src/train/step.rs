@@ -3,7 +3,6 @@
 
 use burn::backend::Autodiff;
 use burn::optim::SimpleOptimizer;
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Tensor};
 
 use super::data::Row;
@@ -12,6 +11,7 @@ use super::{Optim, TrainJob};
 use crate::adapter::Adapter;
 use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
+use crate::kernels::cpu::mix64;
 use crate::kernels::{KernelBackend, to_dtype, widen};
 use crate::models::llama::Adapters;
 
@@ -19,27 +19,24 @@ use crate::models::llama::Adapters;
 /// backward and the adapter's (f32) gradients divided by it after (static loss scaling).
 pub(super) const F16_LOSS_SCALE: f64 = 1024.0;
 
-/// The dropout seed of `layer` in row `row` of step `step`. Each layer reseeds, so a layer
-/// recomputed for gradient checkpointing draws the masks of its first pass, and a run gives the
-/// same gradients with checkpointing or without.
-pub(super) fn layer_seed(seed: u64, step: usize, row: usize, layer: usize) -> u64 {
-    let s = seed
-        .wrapping_add(step as u64 * 7919)
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    s ^ ((row as u64) << 32 | layer as u64)
+/// The dropout seed of row `row` of step `step`: each projection of each layer draws its mask
+/// from it ([`Adapters::train`]), so a layer recomputed for gradient checkpointing draws the
+/// masks of its first pass, and a run gives the same gradients with checkpointing or without.
+pub(super) fn row_seed(seed: u64, step: usize, row: usize) -> u64 {
+    mix64(mix64(mix64(seed) ^ step as u64) ^ row as u64)
 }
 
 /// What the passes over one row share.
-pub(super) struct RowPass<'a> {
+pub(super) struct RowPass {
     /// Labelled tokens in the whole step (the loss is their mean).
     targets: usize,
     /// The activations' type.
     dtype: DType,
-    /// Reseeds dropout for a layer.
-    reseed: &'a dyn Fn(usize),
+    /// Dropout's seed for this row.
+    seed: u64,
 }
 
-impl RowPass<'_> {
+impl RowPass {
     fn loss_scale(&self) -> f64 {
         if self.dtype == DType::F16 {
             F16_LOSS_SCALE
@@ -67,14 +64,14 @@ pub(super) fn row_grads_full<B: KernelBackend>(
     job: &TrainJob<'_, B>,
     tracked: &Adapter<Autodiff<B>>,
     row: &Row,
-    pass: &RowPass<'_>,
+    pass: &RowPass,
 ) -> Result<(f64, Vec<Tensor<B, 2>>)> {
     let model = job.model;
     let mut list: Vec<&Adapter<Autodiff<B>>> = vec![tracked];
     list.extend(job.frozen.iter().copied());
     let adapters = Adapters {
         list: &list,
-        train: true,
+        train: Some(pass.seed),
     };
     let inputs = model.packed_inputs(packed(row), pass.dtype)?;
     let mut x = to_dtype(
@@ -82,7 +79,6 @@ pub(super) fn row_grads_full<B: KernelBackend>(
         pass.dtype,
     );
     for i in 0..model.layers.len() {
-        (pass.reseed)(i);
         x = model.layer_packed(i, x, &inputs, adapters);
     }
     let loss = row_loss(model, tracked, job.objective, widen(x), row)? / pass.targets as f64;
@@ -106,7 +102,7 @@ pub(super) fn row_grads_checkpointed<B: KernelBackend>(
     job: &TrainJob<'_, B>,
     tracked: &Adapter<Autodiff<B>>,
     row: &Row,
-    pass: &RowPass<'_>,
+    pass: &RowPass,
 ) -> Result<(f64, Vec<Tensor<B, 2>>)> {
     type Ad<B> = Autodiff<B>;
     let model = job.model;
@@ -116,14 +112,16 @@ pub(super) fn row_grads_checkpointed<B: KernelBackend>(
     plain_list.extend(job.frozen.iter().copied());
     let mut tracked_list: Vec<&Adapter<Ad<B>>> = vec![tracked];
     tracked_list.extend(job.frozen.iter().copied());
-    let adapters = |list| Adapters { list, train: true };
+    let adapters = |list| Adapters {
+        list,
+        train: Some(pass.seed),
+    };
 
     let inputs = model.packed_inputs(packed(row), pass.dtype)?;
     let layers = model.layers.len();
     let mut saved: Vec<Tensor<B, 3>> = Vec::with_capacity(layers);
     let mut x = to_dtype(model.embed(&row.tokens)?, pass.dtype);
     for i in 0..layers {
-        (pass.reseed)(i);
         saved.push(x.clone().inner());
         x = model.layer_packed(i, x, &inputs, adapters(&plain_list));
     }
@@ -138,7 +136,6 @@ pub(super) fn row_grads_checkpointed<B: KernelBackend>(
 
     let mut per_layer: Vec<Vec<Tensor<B, 2>>> = vec![Vec::new(); layers];
     for i in (0..layers).rev() {
-        (pass.reseed)(i);
         let input = Tensor::<Ad<B>, 3>::from_inner(saved[i].clone()).require_grad();
         let out = model.layer_packed(i, input.clone(), &inputs, adapters(&tracked_list));
         let grads = (out * Tensor::<Ad<B>, 3>::from_inner(upstream.clone()))
@@ -175,7 +172,6 @@ pub(super) fn train_step<B: KernelBackend>(
     cancel: &CancelToken,
 ) -> Result<Option<(f64, Vec<Tensor<B, 2>>)>> {
     let c = &job.config;
-    let device = job.model.device().clone();
     let targets: usize = rows.iter().map(|r| r.targets()).sum::<usize>().max(1);
     let tracked = adapter.map(|t| Tensor::<Autodiff<B>, 2>::from_inner(t.clone()).require_grad());
     let mut sum: Option<Vec<Tensor<B, 2>>> = None;
@@ -184,13 +180,10 @@ pub(super) fn train_step<B: KernelBackend>(
         if cancel.is_cancelled() {
             return Ok(None);
         }
-        let reseed = |layer: usize| {
-            <Autodiff<B> as Backend>::seed(&device, layer_seed(c.seed, step, r, layer));
-        };
         let pass = RowPass {
             targets,
             dtype,
-            reseed: &reseed,
+            seed: row_seed(c.seed, step, r),
         };
         // An adapter's new tokens get their gradients from the embedding and the head, which
         // the per-layer recomputation does not walk: such adapters (regression, short rows)
