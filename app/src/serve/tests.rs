@@ -1,5 +1,5 @@
-//! The server on the tiny random model (burn-flex), driven over loopback with a plain HTTP/1.1
-//! client: OpenAI's shapes, greedy output equal to the engine's `generate_with`, streaming,
+//! The server on the tiny random model (burn-flex; the default model for fill-in-the-middle),
+//! driven over loopback with a plain HTTP/1.1 client or the `openai` package: OpenAI's shapes, greedy output equal to the engine's `generate_with`, streaming,
 //! adapters by `model`, auth, and a 4xx for each kind of bad request with the server still up.
 
 use std::collections::BTreeMap;
@@ -54,8 +54,25 @@ fn adapter(dir: &std::path::Path, name: &str, seed: u64) -> Adapter<Flex> {
     adapter
 }
 
-/// A server on a free port, on its own thread for the rest of the test binary.
+/// A server of the tiny model on a free port, on its own thread for the rest of the test binary.
 fn start(api_key: Option<&str>, adapters: &std::path::Path, max_queue: usize) -> SocketAddr {
+    start_with(
+        std::sync::Arc::new(tiny()),
+        "tiny",
+        api_key,
+        adapters,
+        max_queue,
+    )
+}
+
+/// A server of `model` (called `base_id`) on a free port.
+fn start_with(
+    model: std::sync::Arc<LoadedModel<Flex>>,
+    base_id: &str,
+    api_key: Option<&str>,
+    adapters: &std::path::Path,
+    max_queue: usize,
+) -> SocketAddr {
     let catalogue: BTreeMap<String, PathBuf> = ["one", "two"]
         .iter()
         .map(|n| (n.to_string(), adapters.join(n)))
@@ -68,16 +85,13 @@ fn start(api_key: Option<&str>, adapters: &std::path::Path, max_queue: usize) ->
         max_batch: 8,
         max_adapters: 1,
         catalogue,
-        base_id: "tiny".into(),
+        base_id: base_id.into(),
         metrics: Default::default(),
         stop: CancelToken::new(),
     };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        serve(std::sync::Arc::new(tiny()), settings, |addr| {
-            tx.send(addr).unwrap()
-        })
-        .unwrap();
+        serve(model, settings, |addr| tx.send(addr).unwrap()).unwrap();
     });
     rx.recv().unwrap()
 }
@@ -485,6 +499,82 @@ fn the_openai_package_talks_to_it() {
     assert_eq!(got["bad_key"], "AuthenticationError");
     assert_eq!(got["fim"], "BadRequestError");
     assert_eq!(got["unknown"], "NotFoundError");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What the `openai` package does against the default model, which has FIM tokens: an editor's
+/// inline completion (`suffix`), streamed with a stop sequence, and a chat.
+const OPENAI_FIM_CLIENT: &str = r#"
+import json, sys
+from openai import OpenAI
+base, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
+c = OpenAI(base_url=base, api_key=key, max_retries=0)
+out = {}
+prefix, suffix = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
+r = c.completions.create(model=model, prompt=prefix, suffix=suffix, max_tokens=12, temperature=0)
+out["fim"], out["fim_finish"] = r.choices[0].text, r.choices[0].finish_reason
+s = c.completions.create(model=model, prompt=prefix, suffix=suffix, max_tokens=12, temperature=0,
+                         stop=["b"], stream=True)
+out["fim_stop"] = "".join(ch.choices[0].text for ch in s if ch.choices)
+msgs = [{"role": "user", "content": "Write a TypeScript function that adds two numbers."}]
+r = c.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0)
+out["chat"] = r.choices[0].message.content
+print(json.dumps(out))
+"#;
+
+/// The default model (Qwen2.5-Coder-0.5B-Instruct) behind the server, driven by the `openai`
+/// package: fill-in-the-middle equals the engine's greedy output on the FIM prompt (and fills
+/// the hole: the body returns), a stop sequence cuts the streamed text before it, and a chat
+/// equals the engine's output on the chat template.
+#[test]
+#[ignore = "needs the openai Python package: .ci/run installs it and sets CODELSI_OPENAI_PYTHONPATH"]
+fn the_openai_package_fills_in_the_middle_on_the_default_model() {
+    let pythonpath = std::env::var("CODELSI_OPENAI_PYTHONPATH")
+        .expect("CODELSI_OPENAI_PYTHONPATH: the folder .ci/run installs the openai package into");
+    let path =
+        codelsi_engine::fetch::ensure_model(codelsi_engine::fetch::DEFAULT_MODEL, &mut |_| {})
+            .unwrap_or_else(|e| panic!("fetching the default model: {e}"));
+    let model = std::sync::Arc::new(
+        load_model::<Flex>(&path, None, &Default::default(), &mut |_| {}).unwrap(),
+    );
+    let dir = std::env::temp_dir().join(format!("codelsi-serve-fim-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let id = codelsi_engine::fetch::DEFAULT_MODEL;
+    let addr = start_with(model.clone(), id, Some(KEY), &dir, 4);
+    let output = std::process::Command::new("python3")
+        .env("PYTHONPATH", &pythonpath)
+        .args([
+            "-c",
+            OPENAI_FIM_CLIENT,
+            &format!("http://{addr}/v1"),
+            KEY,
+            id,
+        ])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let got: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let [p, s, m] = super::worker::FIM_TOKENS;
+    let fim_prompt = format!("{p}def add(a, b):\n    {s}\n\nprint(add(1, 2))\n{m}");
+    let want = greedy(&model, &[], &fim_prompt, 12);
+    assert_eq!(got["fim"], want);
+    assert!(want.contains("return"), "the middle it filled: {want:?}");
+    let cut = &want[..want.find('b').expect("the greedy middle has a b")];
+    assert_eq!(got["fim_stop"], cut);
+    let chat_prompt = model
+        .tokenizer
+        .apply_chat_template(
+            &[Message::user(
+                "Write a TypeScript function that adds two numbers.",
+            )],
+            true,
+        )
+        .unwrap();
+    assert_eq!(got["chat"], greedy(&model, &[], &chat_prompt, 16));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
