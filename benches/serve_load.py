@@ -5,7 +5,8 @@
 
 Sends `--requests` streamed greedy completions from `--clients` threads at once, each request a
 (model, prompt, max_tokens) from a fixed cycle, and reports: requests complete, time to first
-token (p50, p99), and aggregate completion tokens per second over the whole run. With
+token (p50, p99), and aggregate completion tokens per second over the whole run (a request
+counts as complete when its stream ends with a finish reason). With
 `--save F` it writes each request's text; with `--check F` it compares each answer with the
 text saved for the same request (the reference run: one client, one request at a time).
 Standard library only.
@@ -50,6 +51,7 @@ def one_request(url, model, prompt, max_tokens, key):
     text = []
     tokens = None
     chunks = 0
+    finish = None
     with urllib.request.urlopen(req, timeout=600) as r:
         for line in r:
             line = line.decode().strip()
@@ -62,6 +64,7 @@ def one_request(url, model, prompt, max_tokens, key):
             if msg.get("usage"):
                 tokens = msg["usage"].get("completion_tokens")
             for c in msg.get("choices") or []:
+                finish = c.get("finish_reason") or finish
                 piece = c.get("text") or ""
                 if piece and first is None:
                     first = time.perf_counter() - start
@@ -74,6 +77,8 @@ def one_request(url, model, prompt, max_tokens, key):
         "seconds": time.perf_counter() - start,
         # Without usage in the stream, a chunk stands for a token (llama.cpp's server sends one a token).
         "tokens": tokens if tokens is not None else chunks,
+        # A stream cut short (a server that interrupts it) ends without one.
+        "finish": finish,
     }
 
 
@@ -125,7 +130,10 @@ def main():
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    done = [r for r in results if r is not None]
+    done = [r for r in results if r is not None and r["finish"]]
+    for i, r in enumerate(results):
+        if r is not None and not r["finish"]:
+            errors.append(f"request {i}: the stream ended without a finish reason")
     tokens = sum(r["tokens"] for r in done)
     ttft = [r["ttft"] for r in done]
     line = (
