@@ -413,6 +413,25 @@ fn bad_requests_get_4xx_and_the_server_keeps_serving() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// What `script` prints (JSON), run by python3 with the `openai` package on its path.
+fn run_python(script: &str, args: &[&str]) -> Value {
+    let pythonpath = std::env::var("CODELSI_OPENAI_PYTHONPATH")
+        .expect("CODELSI_OPENAI_PYTHONPATH: the folder .ci/run installs the openai package into");
+    let output = std::process::Command::new("python3")
+        .env("PYTHONPATH", &pythonpath)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 /// What the official `openai` package does against the server, as JSON.
 const OPENAI_CLIENT: &str = r#"
 import json, sys
@@ -460,24 +479,12 @@ print(json.dumps(out))
 #[test]
 #[ignore = "needs the openai Python package: .ci/run installs it and sets CODELSI_OPENAI_PYTHONPATH"]
 fn the_openai_package_talks_to_it() {
-    let pythonpath = std::env::var("CODELSI_OPENAI_PYTHONPATH")
-        .expect("CODELSI_OPENAI_PYTHONPATH: the folder .ci/run installs the openai package into");
     let dir = std::env::temp_dir().join(format!("codelsi-serve-py-{}", std::process::id()));
     let one = adapter(&dir, "one", 1);
     let two = adapter(&dir, "two", 2);
     let addr = start(Some(KEY), &dir, 4);
     let model = tiny();
-    let output = std::process::Command::new("python3")
-        .env("PYTHONPATH", &pythonpath)
-        .args(["-c", OPENAI_CLIENT, &format!("http://{addr}/v1"), KEY])
-        .output()
-        .expect("python3 runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let got: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let got = run_python(OPENAI_CLIENT, &[&format!("http://{addr}/v1"), KEY]);
     let chat_prompt = model
         .tokenizer
         .apply_chat_template(&[Message::user("Write a function.")], true)
@@ -512,7 +519,7 @@ c = OpenAI(base_url=base, api_key=key, max_retries=0)
 out = {}
 prefix, suffix = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
 r = c.completions.create(model=model, prompt=prefix, suffix=suffix, max_tokens=12, temperature=0)
-out["fim"], out["fim_finish"] = r.choices[0].text, r.choices[0].finish_reason
+out["fim"] = r.choices[0].text
 s = c.completions.create(model=model, prompt=prefix, suffix=suffix, max_tokens=12, temperature=0,
                          stop=["b"], stream=True)
 out["fim_stop"] = "".join(ch.choices[0].text for ch in s if ch.choices)
@@ -529,8 +536,6 @@ print(json.dumps(out))
 #[test]
 #[ignore = "needs the openai Python package: .ci/run installs it and sets CODELSI_OPENAI_PYTHONPATH"]
 fn the_openai_package_fills_in_the_middle_on_the_default_model() {
-    let pythonpath = std::env::var("CODELSI_OPENAI_PYTHONPATH")
-        .expect("CODELSI_OPENAI_PYTHONPATH: the folder .ci/run installs the openai package into");
     let path =
         codelsi_engine::fetch::ensure_model(codelsi_engine::fetch::DEFAULT_MODEL, &mut |_| {})
             .unwrap_or_else(|e| panic!("fetching the default model: {e}"));
@@ -541,23 +546,7 @@ fn the_openai_package_fills_in_the_middle_on_the_default_model() {
     std::fs::create_dir_all(&dir).unwrap();
     let id = codelsi_engine::fetch::DEFAULT_MODEL;
     let addr = start_with(model.clone(), id, Some(KEY), &dir, 4);
-    let output = std::process::Command::new("python3")
-        .env("PYTHONPATH", &pythonpath)
-        .args([
-            "-c",
-            OPENAI_FIM_CLIENT,
-            &format!("http://{addr}/v1"),
-            KEY,
-            id,
-        ])
-        .output()
-        .expect("python3 runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let got: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let got = run_python(OPENAI_FIM_CLIENT, &[&format!("http://{addr}/v1"), KEY, id]);
     let [p, s, m] = super::worker::FIM_TOKENS;
     let fim_prompt = format!("{p}def add(a, b):\n    {s}\n\nprint(add(1, 2))\n{m}");
     let want = greedy(&model, &[], &fim_prompt, 12);

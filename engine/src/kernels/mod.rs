@@ -182,8 +182,7 @@ pub trait KernelBackend: Backend {
         seed: u64,
         device: &Self::Device,
     ) -> Tensor<Self, 2> {
-        let mask = cpu::dropout_mask(dims[0] * dims[1], keep, seed);
-        Tensor::from_data(TensorData::new(mask, dims), device)
+        host_dropout_mask(dims, keep, seed, device)
     }
 
     /// Summed negative log-likelihood of `labels` under `logits` (`[rows, vocab]`, one label a
@@ -369,6 +368,17 @@ pub trait KernelBackend: Backend {
 /// blocks and are multiplied with x quantised to 8 bits by integer dot products (`cpu_quant.rs`);
 /// other weights are f32, multiplied by burn-flex's gemm (multi-threaded, SIMD) or by `cpu.rs`
 /// for few rows of x.
+/// [`cpu::dropout_mask`] made on the host and uploaded to `device`.
+pub fn host_dropout_mask<B: Backend>(
+    dims: [usize; 2],
+    keep: f64,
+    seed: u64,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let mask = cpu::dropout_mask(dims[0] * dims[1], keep, seed);
+    Tensor::from_data(TensorData::new(mask, dims), device)
+}
+
 impl KernelBackend for burn::backend::Flex {
     fn computes(_format: QFormat) -> bool {
         true

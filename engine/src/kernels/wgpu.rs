@@ -86,8 +86,7 @@ impl<I: IntElement, BT: BoolElement> KernelBackend for WgpuCube<I, BT> {
         if dims[0] * dims[1] < 1 << 31 {
             dropout_mask_wgpu(dims, keep, seed, device)
         } else {
-            let mask = super::cpu::dropout_mask(dims[0] * dims[1], keep, seed);
-            Tensor::from_data(burn::tensor::TensorData::new(mask, dims), device)
+            super::host_dropout_mask(dims, keep, seed, device)
         }
     }
 
