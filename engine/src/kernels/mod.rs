@@ -364,10 +364,6 @@ pub trait KernelBackend: Backend {
     }
 }
 
-/// burn-flex, the CPU backend for machines without a usable GPU: quantised weights stay in their
-/// blocks and are multiplied with x quantised to 8 bits by integer dot products (`cpu_quant.rs`);
-/// other weights are f32, multiplied by burn-flex's gemm (multi-threaded, SIMD) or by `cpu.rs`
-/// for few rows of x.
 /// [`cpu::dropout_mask`] made on the host and uploaded to `device`.
 pub fn host_dropout_mask<B: Backend>(
     dims: [usize; 2],
@@ -379,6 +375,10 @@ pub fn host_dropout_mask<B: Backend>(
     Tensor::from_data(TensorData::new(mask, dims), device)
 }
 
+/// burn-flex, the CPU backend for machines without a usable GPU: quantised weights stay in their
+/// blocks and are multiplied with x quantised to 8 bits by integer dot products (`cpu_quant.rs`);
+/// other weights are f32, multiplied by burn-flex's gemm (multi-threaded, SIMD) or by `cpu.rs`
+/// for few rows of x.
 impl KernelBackend for burn::backend::Flex {
     fn computes(_format: QFormat) -> bool {
         true
