@@ -925,10 +925,16 @@ thread_local! {
 /// quantised per unit instead of per super-block). A running batch of decode rows computes with
 /// this, so that a sequence generates the same tokens in any batch as alone.
 pub fn rows_as_alone<R>(f: impl FnOnce() -> R) -> R {
-    let before = ROWS_AS_ALONE.replace(true);
-    let r = f();
-    ROWS_AS_ALONE.set(before);
-    r
+    /// Puts the flag back however `f` ends: the server's model thread outlives a panic in a
+    /// step, and its next prompt must not run with the flag left on.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ROWS_AS_ALONE.set(self.0);
+        }
+    }
+    let _restore = Restore(ROWS_AS_ALONE.replace(true));
+    f()
 }
 
 /// Under [`rows_as_alone`], the rows of x the fused kernels take at once, where they would
