@@ -4,7 +4,16 @@
 //! [--steps N] [--grad-checkpoint] [--activations auto|f16|f32] [--samples 16,64]`, and
 //! `... -- import [--src DIR]... [--threads N] [--max-file-kb K]`
 //!
-//! `--device cpu` runs model, train and predict on the CPU path (burn-flex) instead of wgpu.
+//! `--device cpu` runs model, train and predict on the CPU path (burn-flex) instead of wgpu;
+//! `--device cuda[:N]` on burn-cuda (a build with `--features cuda`). `--quantize q8_0` (train)
+//! quantises an f32/bf16 model at load.
+//!
+//! - train `--replicas N`: data-parallel over N devices (cuda:0.., or N logical replicas on the
+//!   CPU), each on its share of a step's `--batch` rows (default: N).
+//! - vs-cpu: the last position's logits of a 64-token prompt on the chosen device against the
+//!   CPU path's on the same file (the CPU path is the one the golden tests hold to the
+//!   reference): the largest difference relative to the largest logit, and whether the top
+//!   tokens agree. Exits with an error past 1e-2.
 //!
 //! - kernels: device copy bandwidth (the roofline for a memory-bound mat-vec), then GB/s of the
 //!   quantised mat-vec kernel per format and GFLOP/s of the tiled and row-block kernels.
@@ -195,6 +204,10 @@ fn model<B: KernelBackend>(device: &B::Device, spec: &str, batches: &[usize]) ->
     Ok(())
 }
 
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the bench's settings, each a flag of its own"
+)]
 fn train_bench<B: KernelBackend>(
     device: &B::Device,
     spec: &str,
@@ -202,14 +215,45 @@ fn train_bench<B: KernelBackend>(
     steps: usize,
     grad_checkpoint: bool,
     activations: codelsi_engine::train::Activations,
+    quantize: Option<QFormat>,
+    replicas: &[B::Device],
 ) -> Result<()> {
     use burn::backend::Autodiff;
     use codelsi_engine::cancel::CancelToken;
     use codelsi_engine::train::data::Row;
-    use codelsi_engine::train::{TrainConfig, TrainEvent, TrainJob, train};
+    use codelsi_engine::train::{
+        Parallel, Replica, TrainConfig, TrainEvent, TrainJob, train_parallel,
+    };
 
     let path = resolve_model(spec, &mut |_| {})?;
-    let loaded = load_model::<Autodiff<B>>(&path, None, device, &mut |_| {})?;
+    let loaded = load_model::<Autodiff<B>>(&path, quantize, device, &mut |_| {})?;
+    // Replicas 1..: the model again on each further device (shared on the same device).
+    let others = replicas
+        .iter()
+        .skip(1)
+        .filter(|d| *d != device)
+        .map(|d| load_model::<Autodiff<B>>(&path, quantize, d, &mut |_| {}))
+        .collect::<codelsi_engine::Result<Vec<_>>>()?;
+    let mut others_iter = others.iter();
+    let par = Parallel {
+        replicas: replicas
+            .iter()
+            .skip(1)
+            .enumerate()
+            .map(|(k, d)| Replica {
+                model: if d == device {
+                    &loaded.model
+                } else {
+                    others_iter.next().map_or(&loaded.model, |m| &m.model)
+                },
+                frozen: &[],
+                name: format!("replica {}", k + 1),
+            })
+            .collect(),
+        first: "replica 0".into(),
+        fault: None,
+    };
+    let count = par.count();
     let text = "export function parse(input: string): Token[] {\n  const out: Token[] = [];\n  for (const c of input) { out.push({ kind: kindOf(c), text: c }); }\n  return out;\n}\n";
     let mut tokens = loaded.tokenizer.encode(&text.repeat(64), false)?;
     tokens.truncate(seq);
@@ -221,10 +265,11 @@ fn train_bench<B: KernelBackend>(
         labels: (0..n).map(|i| tokens.get(i + 1).copied()).collect(),
         tokens,
     };
-    let rows = vec![row; 4];
+    // One row per replica a step.
+    let rows = vec![row; 4 * count];
     let config = TrainConfig {
         max_steps: Some(steps.max(2)),
-        batch: 1,
+        batch: count,
         checkpoint_every: 0,
         grad_checkpoint,
         activations,
@@ -237,7 +282,7 @@ fn train_bench<B: KernelBackend>(
     let mut peak = None;
     let mut trainable = 0;
     let mut act = "";
-    let summary = train(
+    let summary = train_parallel(
         TrainJob {
             model: &loaded.model,
             frozen: &[],
@@ -251,6 +296,7 @@ fn train_bench<B: KernelBackend>(
             objective: None,
             init: None,
         },
+        &par,
         &CancelToken::new(),
         &mut |e| match e {
             TrainEvent::Started {
@@ -274,7 +320,7 @@ fn train_bench<B: KernelBackend>(
     let timed = &times[1..];
     let per_step = timed.iter().sum::<f64>() / timed.len() as f64;
     println!(
-        "train {}{}, {act} activations: seq {n}, r=16 alpha=32 all 7 projections, {} trainable: {:.1} tok/s ({:.2} s/step over {} steps after warm-up), peak device memory {}; loss {:.3} → {:.3}",
+        "train {}{}{}, {act} activations: seq {n}, r=16 alpha=32 all 7 projections, {} trainable: {:.1} tok/s ({:.2} s/step over {} steps after warm-up), peak device memory {}; loss {:.3} → {:.3}",
         path.file_name()
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default(),
@@ -283,8 +329,13 @@ fn train_bench<B: KernelBackend>(
         } else {
             ""
         },
+        if count > 1 {
+            format!(", {count} replicas (one row each a step; peak memory is replica 0's)")
+        } else {
+            String::new()
+        },
         trainable,
-        n as f64 / per_step,
+        (n * count) as f64 / per_step,
         per_step,
         timed.len(),
         peak.map_or("n/a".into(), |b| format!(
@@ -753,28 +804,118 @@ fn main() -> Result<()> {
         cpu_kernels();
         return Ok(());
     }
-    if flag_value(&args, "--device") == Some("cpu") {
-        if what == "kernels" {
-            anyhow::bail!("the kernels bench times the WGSL kernels: run it without --device cpu");
-        }
+    let device_flag = flag_value(&args, "--device").unwrap_or("gpu");
+    if what == "kernels" && device_flag != "gpu" {
+        anyhow::bail!("the kernels bench times the WGSL kernels: run it without --device");
+    }
+    if device_flag == "cpu" {
         println!("device: {}", codelsi_engine::device::cpu_info());
-        return backend_benches::<burn::backend::Flex>(&Default::default(), &args, what, spec);
+        let replicas = vec![Default::default(); number_arg(&args, "--replicas", 1)];
+        return backend_benches::<burn::backend::Flex>(
+            &Default::default(),
+            &replicas,
+            &args,
+            what,
+            spec,
+        );
+    }
+    if let Some(index) = device_flag.strip_prefix("cuda") {
+        return cuda_benches(index.trim_start_matches(':'), &args, what, spec);
     }
     let (device, gpu) = init_wgpu()?;
     println!("adapter: {gpu}");
     if matches!(what, "kernels" | "all") {
         kernels(&device);
     }
-    backend_benches::<B>(&device, &args, what, spec)
+    backend_benches::<B>(&device, std::slice::from_ref(&device), &args, what, spec)
+}
+
+/// `--device cuda[:N]`: the benches on burn-cuda, from device N (replicas on N, N+1, ...).
+#[cfg(feature = "cuda")]
+fn cuda_benches(index: &str, args: &[String], what: &str, spec: &str) -> Result<()> {
+    use codelsi_engine::model::OpenDevice;
+    let first: usize = if index.is_empty() { 0 } else { index.parse()? };
+    let replicas = (first..first + number_arg(args, "--replicas", 1))
+        .map(|i| burn::backend::Cuda::open_index(i).map(|(d, _)| d))
+        .collect::<codelsi_engine::Result<Vec<_>>>()?;
+    let (device, info) = burn::backend::Cuda::open_index(first)?;
+    println!("device: {info}");
+    backend_benches::<burn::backend::Cuda>(&device, &replicas, args, what, spec)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_benches(_: &str, _: &[String], _: &str, _: &str) -> Result<()> {
+    anyhow::bail!(
+        "--device cuda: build the benches with CUDA: cargo build --release -p codelsi-benches --features cuda"
+    )
+}
+
+/// The number after `flag`, or `default`.
+fn number_arg(args: &[String], flag: &str, default: usize) -> usize {
+    flag_value(args, flag)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The last position's logits of a 64-token prompt on `device` against the CPU path's.
+fn vs_cpu<B: KernelBackend>(device: &B::Device, spec: &str) -> Result<()> {
+    fn last_logits<Bk: KernelBackend>(
+        device: &Bk::Device,
+        path: &std::path::Path,
+    ) -> Result<(Vec<f32>, usize)> {
+        let loaded = load_model::<Bk>(path, None, device, &mut |_| {})?;
+        let prompt: Vec<u32> = loaded.tokenizer.encode(
+            &"export function parse(input: string): Token[] { const out = []; ".repeat(8),
+            false,
+        )?;
+        let prompt = &prompt[..prompt.len().min(64)];
+        let mut cache = loaded.model.new_cache(1, prompt.len());
+        let logits = loaded.model.forward(prompt, &mut cache, false)?;
+        let v: Vec<f32> = logits
+            .into_data()
+            .to_vec()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let vocab = loaded.model.config.vocab_size;
+        Ok((v[v.len() - vocab..].to_vec(), prompt.len()))
+    }
+    let path = resolve_model(spec, &mut |_| {})?;
+    let (got, n) = last_logits::<B>(device, &path)?;
+    let (want, _) = last_logits::<burn::backend::Flex>(&Default::default(), &path)?;
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let diff = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m })
+            .0
+    };
+    println!(
+        "vs-cpu {}: {n}-token prompt, last logits: max |diff| {diff:.3e}, {:.3e} of max |logit| {scale:.2}; top token {} (device) vs {} (CPU path)",
+        path.display(),
+        diff / scale,
+        argmax(&got),
+        argmax(&want)
+    );
+    if diff / scale > 1e-2 {
+        anyhow::bail!("the device's logits differ from the CPU path's by more than 1e-2");
+    }
+    Ok(())
 }
 
 /// The benches that run on any backend: model, train, predict.
 fn backend_benches<B: KernelBackend>(
     device: &B::Device,
+    replicas: &[B::Device],
     args: &[String],
     what: &str,
     spec: &str,
 ) -> Result<()> {
+    if what == "vs-cpu" {
+        return vs_cpu::<B>(device, spec);
+    }
     if matches!(what, "model" | "all") {
         model::<B>(device, spec, &list_arg(args, "--batches", "1,8,32")?)?;
     }
@@ -790,7 +931,10 @@ fn backend_benches<B: KernelBackend>(
                 codelsi_engine::train::Activations::parse(s)
             })?;
         let (seq, steps) = (number("--seq", 512), number("--steps", 3));
-        train_bench::<B>(device, spec, seq, steps, ckpt, act)?;
+        let quantize = flag_value(args, "--quantize")
+            .map(|s| QFormat::parse(s).ok_or_else(|| anyhow::anyhow!("--quantize {s}?")))
+            .transpose()?;
+        train_bench::<B>(device, spec, seq, steps, ckpt, act, quantize, replicas)?;
     }
     if matches!(what, "predict" | "all") {
         predict_bench::<B>(device, spec, &list_arg(args, "--samples", "16,64")?)?;

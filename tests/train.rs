@@ -1,7 +1,8 @@
 //! Training on a tiny random model (tests/fixtures/tiny_llama, quantised to Q8_0 at load so the
 //! WGSL kernels run): the whole model's adapter gradient against the plain-tensor reference
 //! path, an overfit run, resume after an interruption giving the uninterrupted loss curve,
-//! gradient checkpointing giving the same run, f16 activations following the f32 run.
+//! gradient checkpointing giving the same run, f16 activations following the f32 run,
+//! data-parallel replicas giving the one-device run, and a failing replica stopping cleanly.
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::Tensor;
@@ -15,7 +16,8 @@ use codelsi_engine::models::llama::{Adapters, Llama, Packed};
 use codelsi_engine::quant::QFormat;
 use codelsi_engine::train::data::{self, PromptTemplate, Record, Row};
 use codelsi_engine::train::{
-    Activations, Decay, TrainConfig, TrainEvent, TrainJob, TrainSummary, evaluate, row_nll, train,
+    Activations, Decay, FaultCheck, Parallel, Replica, TrainConfig, TrainEvent, TrainJob,
+    TrainSummary, evaluate, row_nll, train, train_parallel,
 };
 use codelsi_tests::{B, assert_close, device, random_values, randomized, tiny_q8, to_vec};
 
@@ -767,5 +769,163 @@ fn autodiff_view_trains_like_a_training_load() {
     assert_close("loss", &[loss], &[want_loss], 1e-6, 1e-6);
     for (g, w) in grads.iter().zip(&want_grads) {
         assert_close("gradient", g, w, 1e-6, 1e-6);
+    }
+}
+
+/// [`run`] with the step's rows shared among `replicas` logical devices of the CPU path (burn's
+/// all-reduce between threads, as between GPUs), each on `model`.
+fn run_replicated(
+    model: &Llama<Autodiff<Flex>>,
+    replicas: usize,
+    rows: &[Row],
+    config: &TrainConfig,
+    out: &std::path::Path,
+    resume: bool,
+    fault: Option<&FaultCheck>,
+) -> codelsi_engine::Result<TrainSummary> {
+    let par = Parallel {
+        replicas: (1..replicas)
+            .map(|k| Replica {
+                model,
+                frozen: &[],
+                name: format!("cpu replica {k}"),
+            })
+            .collect(),
+        first: "cpu replica 0".into(),
+        fault,
+    };
+    train_parallel(
+        TrainJob {
+            model,
+            frozen: &[],
+            train: rows,
+            val: &rows[..1],
+            config,
+            out,
+            base_model: "tiny_llama",
+            run: Default::default(),
+            resume,
+            objective: None,
+            init: None,
+        },
+        &par,
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+}
+
+/// Data parallel: two and three replicas, each on its share of a step's four rows (three take
+/// 1, 1 and 2), train the adapter one device trains with the same global batch, dropout on.
+#[test]
+fn data_parallel_trains_like_one_device() {
+    let _serial = serial();
+    let loaded = tiny_q8::<AD>();
+    let rows = rows(&loaded, 256, false);
+    assert_eq!(rows.len(), 4);
+    let model = confident_tiny_on::<Flex>(None, &Default::default());
+    let cfg = TrainConfig {
+        batch: 4,
+        ..config(4, 1e-2, 0.1)
+    };
+    let one_out = temp("dp-one");
+    let one = run(&model, &rows, &cfg, &one_out, false, None);
+    let dev = Default::default();
+    let want = Adapter::<Flex>::load_peft(&one_out, &model.config, &dev).unwrap();
+    // Training moved the adapter (B starts at zero), so the comparisons mean something.
+    let (_, b0) = &want.named_tensors()[1];
+    assert!(to_vec((*b0).clone()).iter().any(|v| v.abs() > 1e-4));
+    for replicas in [2, 3] {
+        let out = temp(&format!("dp-{replicas}"));
+        let got = run_replicated(&model, replicas, &rows, &cfg, &out, false, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let curve = |s: &TrainSummary| s.losses.iter().map(|l| l.1 as f32).collect::<Vec<_>>();
+        eprintln!(
+            "{replicas} replicas {:?}\none device {:?}",
+            curve(&got),
+            curve(&one)
+        );
+        assert_eq!(got.losses.len(), 4);
+        assert_close("loss curve", &curve(&got), &curve(&one), 1e-6, 1e-5);
+        let adapter = Adapter::<Flex>::load_peft(&out, &model.config, &dev).unwrap();
+        for ((name, x), (_, y)) in want.named_tensors().iter().zip(adapter.named_tensors()) {
+            assert_close(name, &to_vec(y.clone()), &to_vec((*x).clone()), 1e-5, 1e-4);
+        }
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    std::fs::remove_dir_all(&one_out).unwrap();
+}
+
+/// A replica that fails mid-run stops every replica at the same step, with an error naming it
+/// and a checkpoint of the last whole step that `--resume` continues on the uninterrupted
+/// run's curve; a replica that panics stops the run too, and neither hangs.
+#[test]
+fn a_failing_replica_stops_the_run_cleanly() {
+    let _serial = serial();
+    let loaded = tiny_q8::<AD>();
+    let rows = rows(&loaded, 256, false);
+    let model = confident_tiny_on::<Flex>(None, &Default::default());
+    let cfg = TrainConfig {
+        batch: 4,
+        ..config(4, 1e-2, 0.1)
+    };
+    let straight_out = temp("dp-straight");
+    let straight = run_replicated(&model, 2, &rows, &cfg, &straight_out, false, None)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let out = temp("dp-fails");
+    let fail_at_2: &FaultCheck = &|replica, step| {
+        if replica == 1 && step == 2 {
+            return Err(codelsi_engine::Error::Internal(
+                "out of memory (injected)".into(),
+            ));
+        }
+        Ok(())
+    };
+    let err = match run_replicated(&model, 2, &rows, &cfg, &out, false, Some(fail_at_2)) {
+        Err(e) => e,
+        Ok(_) => panic!("a run with a failing replica finished"),
+    };
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    let codelsi_engine::Error::ReplicaFailed {
+        step,
+        replica,
+        checkpoint,
+        ..
+    } = &err
+    else {
+        panic!("not a replica failure: {msg}");
+    };
+    assert_eq!((*step, *replica), (2, 1), "{msg}");
+    assert!(checkpoint.is_some() && msg.contains("injected") && msg.contains("--resume"));
+    let resumed =
+        run_replicated(&model, 2, &rows, &cfg, &out, true, None).unwrap_or_else(|e| panic!("{e}"));
+    let curve = |s: &TrainSummary| s.losses.iter().map(|l| l.1 as f32).collect::<Vec<_>>();
+    assert_eq!(resumed.steps, 4);
+    assert_close(
+        "resumed curve",
+        &curve(&resumed),
+        &curve(&straight),
+        1e-6,
+        1e-5,
+    );
+
+    let panics_at_1: &FaultCheck = &|replica, step| {
+        assert!(!(replica == 0 && step == 1), "a kernel panicked (injected)");
+        Ok(())
+    };
+    let out2 = temp("dp-panics");
+    match run_replicated(&model, 3, &rows, &cfg, &out2, false, Some(panics_at_1)) {
+        Err(codelsi_engine::Error::ReplicaFailed {
+            step: 1,
+            replica: 0,
+            what,
+            ..
+        }) => assert!(what.contains("injected"), "{what}"),
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("a run with a panicking replica finished"),
+    }
+    for d in [straight_out, out, out2] {
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

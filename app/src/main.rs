@@ -5,7 +5,7 @@ mod cli;
 mod gui;
 mod serve;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use codelsi_engine::device::init_wgpu;
 
 use cli::{eval, generate, import, measure, merge, models, predict, serve as serve_cmd, train};
@@ -20,9 +20,10 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     /// Where the engine runs: `gpu` (wgpu: Vulkan, Metal, DX12), `cpu` (burn-flex on every
-    /// core), or `auto`: the GPU when wgpu finds a hardware one, else the CPU (a software
-    /// Vulkan such as lavapipe runs the model several times slower than the CPU path).
-    #[arg(long, global = true, value_enum, default_value = "auto")]
+    /// core), `cuda` or `cuda:N` (burn-cuda, in a build with the `cuda` feature), or `auto`:
+    /// the GPU when wgpu finds a hardware one, else the CPU (a software Vulkan such as
+    /// lavapipe runs the model several times slower than the CPU path).
+    #[arg(long, global = true, value_parser = DeviceChoice::parse, default_value = "auto")]
     device: DeviceChoice,
     /// Threads the CPU path computes on (the import and the sandbox runs too); default: one per
     /// physical core.
@@ -102,11 +103,28 @@ enum Command {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum, PartialEq, Debug)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum DeviceChoice {
     Auto,
     Gpu,
     Cpu,
+    /// CUDA device N.
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "gpu" => Ok(Self::Gpu),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                _ => Err(format!("`{s}` is not one of auto, gpu, cpu, cuda, cuda:N")),
+            },
+        }
+    }
 }
 
 /// The engine a command (or the app) runs on, once `--device auto` is resolved.
@@ -115,6 +133,21 @@ enum Engine {
     #[default]
     Gpu,
     Cpu,
+    /// burn-cuda (builds with the `cuda` feature).
+    #[cfg(feature = "cuda")]
+    Cuda,
+}
+
+/// `--device cuda` in a build without CUDA: said before anything loads.
+fn check_device_choice(choice: DeviceChoice) -> anyhow::Result<()> {
+    match choice {
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => anyhow::bail!(
+            "--device cuda: this codelsi was built without CUDA; build it with \
+             `cargo build --release -p codelsi --features cuda` (NVIDIA driver needed, no toolkit)"
+        ),
+        _ => Ok(()),
+    }
 }
 
 static DEVICE: std::sync::OnceLock<DeviceChoice> = std::sync::OnceLock::new();
@@ -126,6 +159,11 @@ fn engine() -> Engine {
         || match DEVICE.get().copied().unwrap_or(DeviceChoice::Auto) {
             DeviceChoice::Gpu => Engine::Gpu,
             DeviceChoice::Cpu => Engine::Cpu,
+            #[cfg(feature = "cuda")]
+            DeviceChoice::Cuda(_) => Engine::Cuda,
+            // Refused in `main` before any command runs.
+            #[cfg(not(feature = "cuda"))]
+            DeviceChoice::Cuda(_) => Engine::Gpu,
             DeviceChoice::Auto => match init_wgpu() {
                 Ok((_, info)) if info.device_type != "Cpu" => Engine::Gpu,
                 _ => Engine::Cpu,
@@ -140,6 +178,8 @@ macro_rules! on_engine {
         match $crate::engine() {
             $crate::Engine::Gpu => $f::<codelsi_engine::device::Wgpu>($($arg),*),
             $crate::Engine::Cpu => $f::<burn::backend::Flex>($($arg),*),
+            #[cfg(feature = "cuda")]
+            $crate::Engine::Cuda => $f::<burn::backend::Cuda>($($arg),*),
         }
     };
 }
@@ -151,7 +191,14 @@ fn main() {
     let cli = Cli::parse();
     init_logs(cli.verbose);
     let _ = DEVICE.set(cli.device);
+    if let DeviceChoice::Cuda(n) = cli.device {
+        codelsi_engine::device::set_cuda_index(n);
+    }
     codelsi_engine::device::set_cpu_threads(cli.threads);
+    if let Err(e) = check_device_choice(cli.device) {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
     let result = match cli.command {
         None => gui::run((cli.model != "none").then_some(cli.model)),
         Some(Command::Generate(args)) => generate::cmd_generate(args),

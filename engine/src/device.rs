@@ -86,6 +86,58 @@ pub fn init_wgpu() -> Result<(WgpuDevice, GpuInfo)> {
     }
 }
 
+/// The CUDA device `--device cuda:N` chose (0 until set).
+static CUDA_INDEX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Choose the CUDA device the CUDA backend opens by default (`--device cuda:N`).
+pub fn set_cuda_index(index: usize) {
+    CUDA_INDEX.store(index, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The CUDA device chosen with [`set_cuda_index`].
+pub fn cuda_index() -> usize {
+    CUDA_INDEX.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Open CUDA device `index` (burn-cuda), checked with a first allocation: without a driver or
+/// with no such device, cubecl panics, which becomes an error the user can act on.
+#[cfg(feature = "cuda")]
+pub fn open_cuda(index: usize) -> Result<(burn::backend::cuda::CudaDevice, GpuInfo)> {
+    use burn::tensor::Tensor;
+    let device = burn::backend::cuda::CudaDevice::new(index);
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let probe = std::panic::catch_unwind(|| {
+        Tensor::<burn::backend::Cuda, 1>::zeros([1], &device)
+            .into_data()
+            .num_bytes()
+    });
+    std::panic::set_hook(hook);
+    match probe {
+        Ok(_) => Ok((
+            device,
+            GpuInfo {
+                name: format!("cuda:{index}"),
+                backend: "CUDA".into(),
+                device_type: "DiscreteGpu".into(),
+                driver: "burn-cuda (CubeCL)".into(),
+            },
+        )),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown error".into());
+            Err(Error::NoAdapter(format!(
+                "CUDA device {index} could not be opened: {}. It needs an NVIDIA GPU and its \
+                 driver (libcuda)",
+                msg.lines().next().unwrap_or_default()
+            )))
+        }
+    }
+}
+
 /// The first failure of a device thread since the process started (see [`watch_faults`]).
 static FAULT: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
@@ -187,11 +239,13 @@ pub fn cpu_info() -> GpuInfo {
 }
 
 impl GpuInfo {
-    /// The engine behind this device, for reports: `burn-flex` on the CPU path, else
-    /// `wgpu/<graphics API>`.
+    /// The engine behind this device, for reports: `burn-flex` on the CPU path, `burn-cuda` on
+    /// CUDA, else `wgpu/<graphics API>`.
     pub fn engine(&self) -> String {
         if self.backend == CPU_BACKEND {
             self.backend.clone()
+        } else if self.backend == "CUDA" {
+            "burn-cuda".into()
         } else {
             format!("wgpu/{}", self.backend)
         }

@@ -129,6 +129,20 @@ pub enum Error {
     #[error("the gradient norm is {norm}: training diverged (lower the learning rate)")]
     Diverged { norm: f64 },
 
+    /// One replica of a data-parallel run failed: every replica stopped at the same step.
+    #[error(
+        "training stopped at step {step}: replica {replica} ({device}) failed: {what}; {}",
+        resume_hint(.checkpoint)
+    )]
+    ReplicaFailed {
+        step: usize,
+        replica: usize,
+        device: String,
+        what: String,
+        /// Where the checkpoint of the last whole step was written, when one could be.
+        checkpoint: Option<PathBuf>,
+    },
+
     /// A state the engine's own logic should never reach (a bug, to be reported).
     #[error("internal error: {0}")]
     Internal(String),
@@ -144,6 +158,16 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn resume_hint(checkpoint: &Option<PathBuf>) -> String {
+    match checkpoint {
+        Some(dir) => format!(
+            "the last whole step is checkpointed in {}: `--resume` continues from it",
+            dir.display()
+        ),
+        None => "the last checkpoint written continues with `--resume`".into(),
+    }
+}
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

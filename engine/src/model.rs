@@ -19,6 +19,18 @@ use crate::quant::QFormat;
 pub trait OpenDevice: KernelBackend {
     /// The device to load onto, and what it is (for reports).
     fn open() -> Result<(Self::Device, device::GpuInfo)>;
+
+    /// Device `index` of this backend (`cuda:1`), for data-parallel replicas. A backend with
+    /// one device opens only index 0.
+    fn open_index(index: usize) -> Result<(Self::Device, device::GpuInfo)> {
+        match index {
+            0 => Self::open(),
+            _ => Err(Error::Setting(format!(
+                "device {index}: this backend opens one device per process (the wgpu path \
+                 uses the first adapter; several wgpu adapters are not supported yet)"
+            ))),
+        }
+    }
 }
 
 impl OpenDevice for device::Wgpu {
@@ -31,11 +43,31 @@ impl OpenDevice for burn::backend::Flex {
     fn open() -> Result<(Self::Device, device::GpuInfo)> {
         Ok((Default::default(), device::cpu_info()))
     }
+
+    /// The CPU is one device: every index is it (logical replicas, which share its cores).
+    fn open_index(_index: usize) -> Result<(Self::Device, device::GpuInfo)> {
+        Self::open()
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl OpenDevice for burn::backend::Cuda {
+    fn open() -> Result<(Self::Device, device::GpuInfo)> {
+        Self::open_index(device::cuda_index())
+    }
+
+    fn open_index(index: usize) -> Result<(Self::Device, device::GpuInfo)> {
+        device::open_cuda(index)
+    }
 }
 
 impl<B: OpenDevice> OpenDevice for burn::backend::Autodiff<B> {
     fn open() -> Result<(Self::Device, device::GpuInfo)> {
         B::open()
+    }
+
+    fn open_index(index: usize) -> Result<(Self::Device, device::GpuInfo)> {
+        B::open_index(index)
     }
 }
 

@@ -73,6 +73,16 @@ pub fn load<B: OpenDevice>(
     quantize: Option<QFormat>,
     quiet: bool,
 ) -> Result<(LoadedModel<B>, GpuInfo)> {
+    load_on::<B>(spec, quantize, quiet, None)
+}
+
+/// [`load`] onto device `index` of `B` (`None`: the one `--device` chose).
+pub fn load_on<B: OpenDevice>(
+    spec: &str,
+    quantize: Option<QFormat>,
+    quiet: bool,
+    index: Option<usize>,
+) -> Result<(LoadedModel<B>, GpuInfo)> {
     let mut report = |e: LoadEvent| {
         if quiet {
             return;
@@ -94,7 +104,10 @@ pub fn load<B: OpenDevice>(
         }
     };
     let path = resolve_model(spec, &mut report)?;
-    let (device, gpu) = B::open()?;
+    let (device, gpu) = match index {
+        None => B::open()?,
+        Some(i) => B::open_index(i)?,
+    };
     // Engine errors already name the file and the problem.
     let loaded = load_model::<B>(&path, quantize, &device, &mut report)?;
     Ok((loaded, gpu))

@@ -5,16 +5,20 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use burn::backend::Autodiff;
+use codelsi_engine::adapter::Adapter;
 use codelsi_engine::adapter::{LoraConfig, Target};
 use codelsi_engine::model::OpenDevice;
+use codelsi_engine::model::{LoadedModel, load_model};
 use codelsi_engine::quant::QFormat;
 use codelsi_engine::regress::{NumberObjective, RegressionData, RegressionSpec};
 use codelsi_engine::train::data::PromptTemplate;
 use codelsi_engine::train::meta::RunInfo;
 use codelsi_engine::train::run::{DEFAULT_VAL_FRAC, InstructRun};
-use codelsi_engine::train::{Activations, Decay, TrainConfig, TrainEvent, TrainJob, train};
+use codelsi_engine::train::{
+    Activations, Decay, Parallel, Replica, TrainConfig, TrainEvent, TrainJob, train_parallel,
+};
 
-use super::{Format, load, parse_quant};
+use super::{Format, load_on, parse_quant};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
@@ -113,6 +117,45 @@ pub struct TrainArgs {
     /// `json` prints one JSON object per event instead of a progress bar.
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
+    /// Data-parallel training: one replica per device, each on its share of every step's
+    /// rows, the adapter's gradients summed before each optimiser step; the same run as one
+    /// device with the same --batch. `cuda:0,cuda:1` (a build with the `cuda` feature), or
+    /// `cpu,cpu`: logical replicas sharing the CPU's cores (no faster; it checks a launch).
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
+}
+
+/// `--devices`: one kind of device (`cpu`, `gpu` or `cuda`) and the index of each replica's.
+fn parse_devices(list: &[String]) -> Result<(&'static str, Vec<usize>)> {
+    let mut kind = None;
+    let mut indices = Vec::new();
+    for entry in list {
+        let (k, index) = match entry.split_once(':') {
+            None => (entry.as_str(), 0),
+            Some((k, n)) => (
+                k,
+                n.parse()
+                    .with_context(|| format!("--devices: `{entry}`: the index is not a number"))?,
+            ),
+        };
+        let k = match k {
+            "cpu" => "cpu",
+            "gpu" => "gpu",
+            "cuda" => "cuda",
+            _ => anyhow::bail!("--devices: `{entry}` is not cpu, gpu[:N] or cuda[:N]"),
+        };
+        if kind.is_some_and(|have| have != k) {
+            anyhow::bail!(
+                "--devices: every replica runs on one kind of device, not {k} beside others"
+            );
+        }
+        if k != "cpu" && indices.contains(&index) {
+            anyhow::bail!("--devices: {entry} is named twice");
+        }
+        kind = Some(k);
+        indices.push(index);
+    }
+    Ok((kind.unwrap_or("cpu"), indices))
 }
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -145,13 +188,35 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         activations: Activations::parse(&args.activations)?,
     };
     config.validate()?;
-    crate::on_engine!(train_on(&args, &config))
+    if args.devices.is_empty() {
+        return crate::on_engine!(train_on(&args, &config, &[]));
+    }
+    let (kind, indices) = parse_devices(&args.devices)?;
+    if args.task == Task::Regression && indices.len() > 1 {
+        anyhow::bail!("--devices: regression adapters train on one device for now");
+    }
+    match kind {
+        "cpu" => train_on::<burn::backend::Flex>(&args, &config, &indices),
+        "gpu" => train_on::<codelsi_engine::device::Wgpu>(&args, &config, &indices),
+        #[cfg(feature = "cuda")]
+        "cuda" => train_on::<burn::backend::Cuda>(&args, &config, &indices),
+        _ => anyhow::bail!(
+            "--devices cuda: this codelsi was built without CUDA; build it with \
+             `cargo build --release -p codelsi --features cuda`"
+        ),
+    }
 }
 
-/// The training run on `B` (the model loads on `Autodiff<B>`).
-fn train_on<B: OpenDevice>(args: &TrainArgs, config: &TrainConfig) -> Result<()> {
+/// The training run on `B` (the model loads on `Autodiff<B>`), on the devices `indices` of `B`
+/// (none: the one `--device` chose).
+fn train_on<B: OpenDevice>(
+    args: &TrainArgs,
+    config: &TrainConfig,
+    indices: &[usize],
+) -> Result<()> {
     let json = args.format == Format::Json;
-    let (loaded, gpu) = load::<Autodiff<B>>(&args.model, args.quantize, json)?;
+    let first = indices.first().copied();
+    let (loaded, gpu) = load_on::<Autodiff<B>>(&args.model, args.quantize, json, first)?;
     if args.task == Task::Regression {
         return train_regression(args, config, &loaded, &gpu);
     }
@@ -193,8 +258,66 @@ fn train_on<B: OpenDevice>(args: &TrainArgs, config: &TrainConfig) -> Result<()>
         );
     }
 
-    let model_name = loaded.info.file_name();
+    // Replicas 1..: the model on each further device (the first's, where it is the same
+    // device: logical replicas on the CPU), with the base adapters there.
+    let mut models: Vec<LoadedModel<Autodiff<B>>> = Vec::new();
+    let mut slots: Vec<(Option<usize>, String)> = Vec::new();
+    for &i in indices.iter().skip(1) {
+        let (device, info) = <Autodiff<B> as OpenDevice>::open_index(i)?;
+        let name = format!("{info} (replica {})", slots.len() + 1);
+        if device == *loaded.model.device() {
+            slots.push((None, name));
+        } else {
+            let path = &loaded.info.path;
+            models.push(load_model::<Autodiff<B>>(
+                path,
+                args.quantize,
+                &device,
+                &mut |_| {},
+            )?);
+            slots.push((Some(models.len() - 1), name));
+        }
+    }
+    let replica_frozen = models
+        .iter()
+        .map(|m| {
+            args.base_adapters
+                .iter()
+                .map(|dir| {
+                    let a = Adapter::<B>::load_peft(dir, &m.model.config, m.model.device())?;
+                    Ok(a.map(|t| burn::tensor::Tensor::from_inner(t.clone())))
+                })
+                .collect::<codelsi_engine::Result<Vec<Adapter<Autodiff<B>>>>>()
+        })
+        .collect::<codelsi_engine::Result<Vec<_>>>()?;
+    let replica_refs: Vec<Vec<&Adapter<Autodiff<B>>>> =
+        replica_frozen.iter().map(|f| f.iter().collect()).collect();
     let frozen = assembled.frozen_refs();
+    let replicas = slots
+        .iter()
+        .map(|(slot, name)| match slot {
+            Some(k) => Replica {
+                model: &models[*k].model,
+                frozen: &replica_refs[*k],
+                name: name.clone(),
+            },
+            None => Replica {
+                model: &loaded.model,
+                frozen: &frozen,
+                name: name.clone(),
+            },
+        })
+        .collect();
+    let par = Parallel {
+        replicas,
+        first: format!("{gpu} (replica 0)"),
+        fault: None,
+    };
+    if !json && par.count() > 1 {
+        eprintln!("data parallel: {} replicas", par.count());
+    }
+
+    let model_name = loaded.info.file_name();
     let job = TrainJob {
         model: &loaded.model,
         frozen: &frozen,
@@ -208,11 +331,16 @@ fn train_on<B: OpenDevice>(args: &TrainArgs, config: &TrainConfig) -> Result<()>
         objective: None,
         init: args.init_adapter.as_deref(),
     };
-    run(args, config, job)
+    run(args, config, job, &par)
 }
 
 /// Run a training job with a progress bar (or JSON events), and say how it ended.
-fn run<B: OpenDevice>(args: &TrainArgs, config: &TrainConfig, job: TrainJob<'_, B>) -> Result<()> {
+fn run<B: OpenDevice>(
+    args: &TrainArgs,
+    config: &TrainConfig,
+    job: TrainJob<'_, B>,
+    par: &Parallel<'_, B>,
+) -> Result<()> {
     let json = args.format == Format::Json;
     let cancel = super::ctrl_c_token();
     let bar = super::progress_bar(
@@ -220,7 +348,7 @@ fn run<B: OpenDevice>(args: &TrainArgs, config: &TrainConfig, job: TrainJob<'_, 
         "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
     );
     let mut last_val = None;
-    let summary = train(job, &cancel, &mut |e| {
+    let summary = train_parallel(job, par, &cancel, &mut |e| {
         if json {
             if let Ok(s) = serde_json::to_string(&e) {
                 println!("{s}");
@@ -392,5 +520,5 @@ fn train_regression<B: OpenDevice>(
         objective: Some(&objective),
         init: args.init_adapter.as_deref(),
     };
-    run(args, config, job)
+    run(args, config, job, &Parallel::default())
 }

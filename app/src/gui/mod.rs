@@ -304,6 +304,13 @@ impl eframe::App for App {
 
 /// Open the window. `model`: load this model at once (`default` fetches the default model).
 pub fn run(model: Option<String>) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if crate::engine() == Engine::Cuda {
+        anyhow::bail!(
+            "the desktop app runs on wgpu or the CPU; --device cuda is for the headless \
+             commands (train, generate, eval, serve, predict)"
+        );
+    }
     let mut options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("codelsi")
@@ -338,6 +345,9 @@ pub fn run(model: Option<String>) -> Result<()> {
                 (Engine::Cpu, _) => app.shared.gpu = Some(codelsi_engine::device::cpu_info()),
                 (Engine::Gpu, Ok((_, gpu))) => app.shared.gpu = Some(gpu),
                 (Engine::Gpu, Err(e)) => app.model.show_error(e.to_string()),
+                // Refused at the start of `run`.
+                #[cfg(feature = "cuda")]
+                (Engine::Cuda, _) => {}
             }
             if let Some(spec) = model {
                 app.model.load(&cc.egui_ctx, spec, app.shared.engine);

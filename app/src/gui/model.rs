@@ -83,6 +83,12 @@ impl ModelPanel {
                         let (m, info) = open_and_load::<Flex>(&path, &mut report)?;
                         (Model::Cpu(m), info)
                     }
+                    #[cfg(feature = "cuda")]
+                    Engine::Cuda => {
+                        return Err(codelsi_engine::Error::Setting(
+                            "the desktop app runs on wgpu or the CPU".into(),
+                        ));
+                    }
                 })
             })();
             tx.send(match result {

@@ -5,14 +5,17 @@
 //!
 //! Each optimiser step takes `batch` packed rows; each row is its own forward and backward
 //! (micro-batch of one row) and the gradients are summed, so memory is that of one row at any
-//! batch size. The loss is the mean over the step's response tokens.
+//! batch size. The loss is the mean over the step's response tokens. With several devices
+//! (`parallel.rs`), each replica takes a share of the step's rows and the gradients are summed
+//! across replicas by an all-reduce.
 //!
 //! Everything a step does is a function of the step number (the row order of an epoch is a
 //! seeded shuffle; dropout is seeded per step), so a checkpoint needs only the adapter, the
 //! optimiser's moments and the step.
 //!
 //! Here: the job, its events and the loop. `config.rs` holds the settings, `data.rs` turns
-//! records into rows, `loss.rs` a row's loss, `step.rs` an optimiser step, `checkpoint.rs`
+//! records into rows, `loss.rs` a row's loss, `step.rs` an optimiser step, `parallel.rs` its
+//! replicas on several devices, `checkpoint.rs`
 //! saving and resuming, `objective.rs` what a task adds to the loss, `meta.rs` the record
 //! written beside an adapter.
 
@@ -22,6 +25,7 @@ pub mod data;
 mod loss;
 pub mod meta;
 pub mod objective;
+mod parallel;
 pub mod run;
 mod step;
 
@@ -48,7 +52,9 @@ use data::Row;
 pub use loss::{evaluate, mean_loss, row_nll};
 use meta::{AdapterMeta, RunInfo};
 use objective::Objective;
-use step::{apply_step, train_step};
+pub use parallel::{FaultCheck, Parallel, Replica, share};
+use parallel::{Outcome, Work};
+use step::{Share, apply_step};
 
 /// What a training run reports as it goes.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -161,10 +167,30 @@ struct Optim<B: Backend> {
     states: Vec<Option<burn::optim::AdamWState<B, 2>>>,
 }
 
+/// AdamW as a run configures it.
+fn adamw(c: &TrainConfig) -> burn::optim::AdamW {
+    AdamWConfig::new()
+        .with_weight_decay(c.weight_decay)
+        .with_epsilon(1e-8)
+        .build()
+}
+
 /// Train. Events go to `on_event` (the CLI shows a progress bar, the app a plot); `cancel`
 /// stops after the current row, writing a checkpoint first.
 pub fn train<B: KernelBackend>(
     job: TrainJob<'_, B>,
+    cancel: &CancelToken,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<TrainSummary> {
+    train_parallel(job, &Parallel::default(), cancel, on_event)
+}
+
+/// [`train`] with the step's rows shared among `parallel`'s replicas, one per device: the same
+/// run as on one device with the same `batch`, within float rounding. A replica that fails
+/// stops the run with [`Error::ReplicaFailed`], after a checkpoint of the last whole step.
+pub fn train_parallel<B: KernelBackend>(
+    job: TrainJob<'_, B>,
+    par: &Parallel<'_, B>,
     cancel: &CancelToken,
     on_event: &mut dyn FnMut(TrainEvent),
 ) -> Result<TrainSummary> {
@@ -173,6 +199,19 @@ pub fn train<B: KernelBackend>(
     if job.train.is_empty() {
         return Err(Error::InvalidArgument("no training rows".into()));
     }
+    for r in &par.replicas {
+        if r.model.config != job.model.config || r.frozen.len() != job.frozen.len() {
+            return Err(Error::Setting(format!(
+                "replica on {} holds another model or other base adapters than {}",
+                r.name, par.first
+            )));
+        }
+    }
+    let _turn = (par.count() > 1).then(|| {
+        parallel::ONE_RUN_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    });
     let device = job.model.device().clone();
     let steps_per_epoch = job.train.len().div_ceil(c.batch);
     let total = (steps_per_epoch * c.epochs).min(c.max_steps.unwrap_or(usize::MAX));
@@ -181,10 +220,7 @@ pub fn train<B: KernelBackend>(
 
     let mut adapter: Adapter<B>;
     let mut optim = Optim::<B> {
-        adamw: AdamWConfig::new()
-            .with_weight_decay(c.weight_decay)
-            .with_epsilon(1e-8)
-            .build(),
+        adamw: adamw(c),
         states: vec![],
     };
     let mut state = TrainerState {
@@ -282,27 +318,129 @@ pub fn train<B: KernelBackend>(
     let tokens_at_start = state.tokens;
     let resumed_at = state.step;
     let mut peak = B::memory_reserved(&device);
-    let mut cancelled = false;
-    while state.step < total {
-        let step = state.step;
-        let epoch = step / steps_per_epoch;
-        let mut order: Vec<usize> = (0..job.train.len()).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(
-            c.seed ^ ((epoch as u64 + 1) * 0x9E37),
-        ));
-        let within = step % steps_per_epoch;
-        let rows: Vec<&Row> = order[within * c.batch..((within + 1) * c.batch).min(order.len())]
-            .iter()
-            .map(|&i| &job.train[i])
-            .collect();
-        match train_step(&job, &adapter, &rows, step, dtype, cancel)? {
-            None => {
-                cancelled = true;
-                break;
+    let count = par.count();
+    let shapes: Vec<[usize; 2]> = adapter
+        .named_tensors()
+        .iter()
+        .map(|(_, t)| t.dims())
+        .collect();
+    let cancelled = std::thread::scope(|s| -> Result<bool> {
+        // Replicas 1..: a thread each, with a copy of the adapter and the optimiser.
+        let (fail_tx, failures) = std::sync::mpsc::channel();
+        let mut senders = Vec::new();
+        let mut threads = Vec::new();
+        if count > 1 {
+            burn_collective::reset_collective::<B>();
+            for (i, replica) in par.replicas.iter().enumerate() {
+                let (tx, rx) = std::sync::mpsc::channel::<Work>();
+                let view = TrainJob {
+                    model: replica.model,
+                    frozen: replica.frozen,
+                    run: RunInfo::default(),
+                    ..job
+                };
+                let (a, o, f) = (adapter.clone(), optim.states.clone(), fail_tx.clone());
+                threads.push(s.spawn(move || {
+                    parallel::replica_loop(i + 1, count, view, a, o, rx, f, cancel, par.fault)
+                }));
+                senders.push(tx);
             }
-            Some((loss, grads)) => {
-                peak = max_opt(peak, B::memory_reserved(&device));
+            parallel::register::<B>(0, count, &device)?;
+        }
+        let mut cancelled = false;
+        let result = (|| -> Result<()> {
+            while state.step < total {
+                let step = state.step;
+                let epoch = step / steps_per_epoch;
+                let mut order: Vec<usize> = (0..job.train.len()).collect();
+                order.shuffle(&mut StdRng::seed_from_u64(
+                    c.seed ^ ((epoch as u64 + 1) * 0x9E37),
+                ));
+                let within = step % steps_per_epoch;
+                let picked = &order[within * c.batch..((within + 1) * c.batch).min(order.len())];
+                let rows: Vec<&Row> = picked.iter().map(|&i| &job.train[i]).collect();
+                let targets = rows.iter().map(|r| r.targets()).sum::<usize>().max(1);
                 let lr = c.lr_at(step, total);
+                let n = rows.len();
+                // A replica's thread ends only with a run that stops; one gone now cannot
+                // take part in the all-reduce, so no share is handed out.
+                if let Some(k) = threads.iter().position(|t| t.is_finished()) {
+                    return Err(Error::ReplicaFailed {
+                        step,
+                        replica: k + 1,
+                        device: par.name(k + 1).into(),
+                        what: "its thread ended".into(),
+                        checkpoint: None,
+                    });
+                }
+                for (k, tx) in senders.iter().enumerate() {
+                    let part = share(n, k + 1, count);
+                    let work = Work {
+                        step,
+                        rows: picked[part.clone()].to_vec(),
+                        first: part.start,
+                        targets,
+                        lr,
+                        dtype,
+                    };
+                    // A closed channel shows as a failure in the all-reduce below.
+                    let _ = tx.send(work);
+                }
+                let part = share(n, 0, count);
+                let own_share = Share {
+                    step,
+                    rows: &rows[part.clone()],
+                    first: part.start,
+                    targets,
+                };
+                let own =
+                    parallel::run_share(&job, &adapter, &own_share, dtype, cancel, (0, par.fault));
+                let own_failed = own.as_ref().err().map(|e| e.to_string());
+                let outcome = if count == 1 {
+                    match own {
+                        Err(e) => return Err(e),
+                        Ok(None) => Outcome::Cancelled,
+                        Ok(Some((loss, grads))) => Outcome::Done(loss, grads),
+                    }
+                } else {
+                    parallel::all_reduce_step(0, &own, &shapes, &device)?
+                };
+                let (loss, grads) = match outcome {
+                    Outcome::Done(loss, grads) => (loss, grads),
+                    Outcome::Cancelled => {
+                        cancelled = true;
+                        break;
+                    }
+                    Outcome::Failed => {
+                        let mut errors: Vec<(usize, String)> = failures.try_iter().collect();
+                        if let Some(e) = &own_failed {
+                            errors.push((0, e.clone()));
+                        }
+                        errors.sort_by_key(|e| e.0);
+                        let (replica, what) = errors
+                            .into_iter()
+                            .next()
+                            .unwrap_or((0, "no replica said why".into()));
+                        // Replica 0's adapter and optimiser are those of the last whole step
+                        // unless it is the one that failed.
+                        let checkpoint = own_failed.is_none().then(|| ckpt.clone());
+                        if own_failed.is_none() {
+                            save_checkpoint(&ckpt, &adapter, &optim, &state, job.base_model)?;
+                            on_event(TrainEvent::Checkpoint {
+                                step,
+                                path: ckpt.clone(),
+                            });
+                        }
+                        return Err(Error::ReplicaFailed {
+                            step,
+                            replica,
+                            device: par.name(replica).into(),
+                            what,
+                            checkpoint,
+                        });
+                    }
+                };
+                peak = max_opt(peak, B::memory_reserved(&device));
                 let grad_norm = apply_step(&mut adapter, &mut optim, grads, lr, c.max_grad_norm)?;
                 let tokens: usize = rows.iter().map(|r| r.tokens.len()).sum();
                 state.tokens += tokens;
@@ -323,24 +461,48 @@ pub fn train<B: KernelBackend>(
                     eta_seconds: eta,
                     peak_bytes: peak,
                 });
+                let last = state.step == total;
+                if c.eval_every > 0 && state.step.is_multiple_of(c.eval_every) && !last {
+                    eval_and_report(&job, &adapter, &mut state, cancel, on_event)?;
+                }
+                if c.checkpoint_every > 0 && state.step.is_multiple_of(c.checkpoint_every) && !last
+                {
+                    save_checkpoint(&ckpt, &adapter, &optim, &state, job.base_model)?;
+                    on_event(TrainEvent::Checkpoint {
+                        step: state.step,
+                        path: ckpt.clone(),
+                    });
+                }
+                if cancel.is_cancelled() {
+                    cancelled = true;
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        // Replicas wait for work: without senders they end.
+        drop(senders);
+        let mut lost = None;
+        for (k, t) in threads.into_iter().enumerate() {
+            if t.join().is_err() {
+                lost.get_or_insert(k + 1);
             }
         }
-        let last = state.step == total;
-        if c.eval_every > 0 && state.step.is_multiple_of(c.eval_every) && !last {
-            eval_and_report(&job, &adapter, &mut state, cancel, on_event)?;
+        if count > 1 {
+            parallel::finish::<B>(0);
         }
-        if c.checkpoint_every > 0 && state.step.is_multiple_of(c.checkpoint_every) && !last {
-            save_checkpoint(&ckpt, &adapter, &optim, &state, job.base_model)?;
-            on_event(TrainEvent::Checkpoint {
+        result?;
+        match lost {
+            Some(k) => Err(Error::ReplicaFailed {
                 step: state.step,
-                path: ckpt.clone(),
-            });
+                replica: k,
+                device: par.name(k).into(),
+                what: "its thread panicked".into(),
+                checkpoint: None,
+            }),
+            None => Ok(cancelled),
         }
-        if cancel.is_cancelled() {
-            cancelled = true;
-            break;
-        }
-    }
+    })?;
 
     if !cancelled {
         eval_and_report(&job, &adapter, &mut state, cancel, on_event)?;

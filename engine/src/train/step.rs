@@ -157,33 +157,47 @@ pub(super) fn row_grads_checkpointed<B: KernelBackend>(
     Ok((value, per_layer.into_iter().flatten().collect()))
 }
 
-/// One optimiser step's forward and backward passes: the mean loss and the summed gradients,
-/// or `None` when cancelled.
+/// The rows of a step that one replica trains on.
+pub(super) struct Share<'r> {
+    pub step: usize,
+    pub rows: &'r [&'r Row],
+    /// Index of `rows[0]` among the step's rows: a row's dropout seed is its index in the step,
+    /// so a row draws the same masks whichever replica trains it.
+    pub first: usize,
+    /// Labelled tokens in the whole step, every replica's rows (the loss is their mean).
+    pub targets: usize,
+}
+
+/// The forward and backward passes of a share of an optimiser step: its part of the mean loss
+/// and its gradients, summed over its rows (zeros for a share without rows), or `None` when
+/// cancelled.
 #[allow(
     clippy::type_complexity,
-    reason = "the step's loss and gradients, named in the doc line; a struct would be used once"
+    reason = "the share's loss and gradients, named in the doc line; a struct would be used once"
 )]
 pub(super) fn train_step<B: KernelBackend>(
     job: &TrainJob<'_, B>,
     adapter: &Adapter<B>,
-    rows: &[&Row],
-    step: usize,
+    share: &Share<'_>,
     dtype: DType,
     cancel: &CancelToken,
 ) -> Result<Option<(f64, Vec<Tensor<B, 2>>)>> {
     let c = &job.config;
-    let targets: usize = rows.iter().map(|r| r.targets()).sum::<usize>().max(1);
     let tracked = adapter.map(|t| Tensor::<Autodiff<B>, 2>::from_inner(t.clone()).require_grad());
-    let mut sum: Option<Vec<Tensor<B, 2>>> = None;
+    let mut sum: Vec<Tensor<B, 2>> = adapter
+        .named_tensors()
+        .iter()
+        .map(|(_, t)| t.zeros_like())
+        .collect();
     let mut loss_total = 0.0;
-    for (r, row) in rows.iter().enumerate() {
+    for (r, row) in share.rows.iter().enumerate() {
         if cancel.is_cancelled() {
             return Ok(None);
         }
         let pass = RowPass {
-            targets,
+            targets: share.targets,
             dtype,
-            seed: row_seed(c.seed, step, r),
+            seed: row_seed(c.seed, share.step, share.first + r),
         };
         // An adapter's new tokens get their gradients from the embedding and the head, which
         // the per-layer recomputation does not walk: such adapters (regression, short rows)
@@ -194,12 +208,13 @@ pub(super) fn train_step<B: KernelBackend>(
             row_grads_full(job, &tracked, row, &pass)?
         };
         loss_total += value;
-        sum = Some(match sum {
-            None => g,
-            Some(s) => s.into_iter().zip(g).map(|(a, b)| a + b).collect(),
-        });
+        sum = if r == 0 {
+            g
+        } else {
+            sum.into_iter().zip(g).map(|(a, b)| a + b).collect()
+        };
     }
-    Ok(sum.map(|g| (loss_total, g)))
+    Ok(Some((loss_total, sum)))
 }
 
 /// Clip, then AdamW on every tensor. Returns the gradient norm before clipping.
