@@ -252,6 +252,7 @@ fn train_bench<B: KernelBackend>(
             .collect(),
         first: "replica 0".into(),
         fault: None,
+        nodes: None,
     };
     let count = par.count();
     let text = "export function parse(input: string): Token[] {\n  const out: Token[] = [];\n  for (const c of input) { out.push({ kind: kindOf(c), text: c }); }\n  return out;\n}\n";

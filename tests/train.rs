@@ -793,6 +793,7 @@ fn run_replicated(
             .collect(),
         first: "cpu replica 0".into(),
         fault,
+        nodes: None,
     };
     train_parallel(
         TrainJob {

@@ -15,7 +15,8 @@ use codelsi_engine::train::data::PromptTemplate;
 use codelsi_engine::train::meta::RunInfo;
 use codelsi_engine::train::run::{DEFAULT_VAL_FRAC, InstructRun};
 use codelsi_engine::train::{
-    Activations, Decay, Parallel, Replica, TrainConfig, TrainEvent, TrainJob, train_parallel,
+    Activations, Decay, Nodes, Parallel, Replica, TrainConfig, TrainEvent, TrainJob,
+    start_orchestrator, train_parallel,
 };
 
 use super::{Format, load_on, parse_quant};
@@ -123,6 +124,47 @@ pub struct TrainArgs {
     /// `cpu,cpu`: logical replicas sharing the CPU's cores (no faster; it checks a launch).
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
+    /// Data parallel over several machines: `host:port` of every node, in rank order, the same
+    /// list on each (with the same data and settings). Node 0 runs the coordinator on its port;
+    /// each node serves its tensors on its port + 1. Each node's replicas are its --devices.
+    #[arg(long, value_delimiter = ',', requires = "node_rank")]
+    nodes: Vec<String>,
+    /// This machine's place in --nodes (0 for the first).
+    #[arg(long)]
+    node_rank: Option<usize>,
+}
+
+/// `--nodes` and `--node-rank` as the engine takes them.
+fn parse_nodes(list: &[String], rank: Option<usize>) -> Result<Option<Nodes>> {
+    let Some(rank) = rank else {
+        return Ok(None);
+    };
+    if rank >= list.len() {
+        anyhow::bail!("--node-rank {rank}: --nodes lists {} node(s)", list.len());
+    }
+    let split = |entry: &str| -> Result<(String, u16)> {
+        let (host, port) = entry
+            .rsplit_once(':')
+            .with_context(|| format!("--nodes: `{entry}` is not host:port"))?;
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("--nodes: `{entry}`: the port is not a number"))?;
+        if port == u16::MAX {
+            anyhow::bail!(
+                "--nodes: `{entry}`: the port after it serves tensors; choose a lower one"
+            );
+        }
+        Ok((host.to_string(), port))
+    };
+    let (host0, port0) = split(&list[0])?;
+    let (host, port) = split(&list[rank])?;
+    Ok(Some(Nodes {
+        rank,
+        count: list.len(),
+        orchestrator: format!("ws://{host0}:{port0}"),
+        address: format!("ws://{host}:{}", port + 1),
+        data_port: port + 1,
+    }))
 }
 
 /// `--devices`: one kind of device (`cpu`, `gpu` or `cuda`) and the index of each replica's.
@@ -188,6 +230,9 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         activations: Activations::parse(&args.activations)?,
     };
     config.validate()?;
+    if args.node_rank.is_some() && args.task == Task::Regression {
+        anyhow::bail!("--nodes: regression adapters train on one device for now");
+    }
     if args.devices.is_empty() {
         return crate::on_engine!(train_on(&args, &config, &[]));
     }
@@ -308,12 +353,32 @@ fn train_on<B: OpenDevice>(
             },
         })
         .collect();
+    let nodes = parse_nodes(&args.nodes, args.node_rank)?;
     let par = Parallel {
         replicas,
         first: format!("{gpu} (replica 0)"),
         fault: None,
+        nodes,
     };
-    if !json && par.count() > 1 {
+    if let Some(n) = &par.nodes {
+        if n.rank == 0 {
+            let port = n
+                .orchestrator
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok());
+            start_orchestrator(port.context("the first node's port")?)?;
+        }
+        if !json {
+            eprintln!(
+                "data parallel: node {} of {}, {} replica(s) here, {} in all",
+                n.rank,
+                n.count,
+                par.count(),
+                par.count() * n.count
+            );
+        }
+    } else if !json && par.count() > 1 {
         eprintln!("data parallel: {} replicas", par.count());
     }
 

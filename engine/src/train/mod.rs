@@ -52,7 +52,7 @@ use data::Row;
 pub use loss::{evaluate, mean_loss, row_nll};
 use meta::{AdapterMeta, RunInfo};
 use objective::Objective;
-pub use parallel::{FaultCheck, Parallel, Replica, share};
+pub use parallel::{FaultCheck, Nodes, Parallel, Replica, share, start_orchestrator};
 use parallel::{Outcome, Work};
 use step::{Share, apply_step};
 
@@ -207,7 +207,8 @@ pub fn train_parallel<B: KernelBackend>(
             )));
         }
     }
-    let _turn = (par.count() > 1).then(|| {
+    let layout = par.layout();
+    let _turn = (layout.total() > 1).then(|| {
         parallel::ONE_RUN_AT_A_TIME
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -318,7 +319,7 @@ pub fn train_parallel<B: KernelBackend>(
     let tokens_at_start = state.tokens;
     let resumed_at = state.step;
     let mut peak = B::memory_reserved(&device);
-    let count = par.count();
+    let total_replicas = layout.total();
     let shapes: Vec<[usize; 2]> = adapter
         .named_tensors()
         .iter()
@@ -329,7 +330,7 @@ pub fn train_parallel<B: KernelBackend>(
         let (fail_tx, failures) = std::sync::mpsc::channel();
         let mut senders = Vec::new();
         let mut threads = Vec::new();
-        if count > 1 {
+        if total_replicas > 1 {
             burn_collective::reset_collective::<B>();
             for (i, replica) in par.replicas.iter().enumerate() {
                 let (tx, rx) = std::sync::mpsc::channel::<Work>();
@@ -340,12 +341,24 @@ pub fn train_parallel<B: KernelBackend>(
                     ..job
                 };
                 let (a, o, f) = (adapter.clone(), optim.states.clone(), fail_tx.clone());
+                let nodes = par.nodes.as_ref();
                 threads.push(s.spawn(move || {
-                    parallel::replica_loop(i + 1, count, view, a, o, rx, f, cancel, par.fault)
+                    parallel::replica_loop(
+                        i + 1,
+                        layout,
+                        nodes,
+                        view,
+                        a,
+                        o,
+                        rx,
+                        f,
+                        cancel,
+                        par.fault,
+                    )
                 }));
                 senders.push(tx);
             }
-            parallel::register::<B>(0, count, &device)?;
+            parallel::register::<B>(0, layout, par.nodes.as_ref(), &device)?;
         }
         let mut cancelled = false;
         let result = (|| -> Result<()> {
@@ -367,14 +380,14 @@ pub fn train_parallel<B: KernelBackend>(
                 if let Some(k) = threads.iter().position(|t| t.is_finished()) {
                     return Err(Error::ReplicaFailed {
                         step,
-                        replica: k + 1,
-                        device: par.name(k + 1).into(),
+                        replica: layout.global(k + 1),
+                        device: par.name(layout.global(k + 1)),
                         what: "its thread ended".into(),
                         checkpoint: None,
                     });
                 }
                 for (k, tx) in senders.iter().enumerate() {
-                    let part = share(n, k + 1, count);
+                    let part = share(n, layout.global(k + 1), total_replicas);
                     let work = Work {
                         step,
                         rows: picked[part.clone()].to_vec(),
@@ -386,7 +399,7 @@ pub fn train_parallel<B: KernelBackend>(
                     // A closed channel shows as a failure in the all-reduce below.
                     let _ = tx.send(work);
                 }
-                let part = share(n, 0, count);
+                let part = share(n, layout.global(0), total_replicas);
                 let own_share = Share {
                     step,
                     rows: &rows[part.clone()],
@@ -396,14 +409,14 @@ pub fn train_parallel<B: KernelBackend>(
                 let own =
                     parallel::run_share(&job, &adapter, &own_share, dtype, cancel, (0, par.fault));
                 let own_failed = own.as_ref().err().map(|e| e.to_string());
-                let outcome = if count == 1 {
+                let outcome = if total_replicas == 1 {
                     match own {
                         Err(e) => return Err(e),
                         Ok(None) => Outcome::Cancelled,
                         Ok(Some((loss, grads))) => Outcome::Done(loss, grads),
                     }
                 } else {
-                    parallel::all_reduce_step(0, &own, &shapes, &device)?
+                    parallel::all_reduce_step(0, layout, &own, &shapes, &device)?
                 };
                 let (loss, grads) = match outcome {
                     Outcome::Done(loss, grads) => (loss, grads),
@@ -411,16 +424,18 @@ pub fn train_parallel<B: KernelBackend>(
                         cancelled = true;
                         break;
                     }
-                    Outcome::Failed => {
+                    Outcome::Failed(failed) => {
                         let mut errors: Vec<(usize, String)> = failures.try_iter().collect();
                         if let Some(e) = &own_failed {
-                            errors.push((0, e.clone()));
+                            errors.push((layout.global(0), e.clone()));
                         }
                         errors.sort_by_key(|e| e.0);
+                        // A replica of another node fails without a message here.
+                        let first = failed.first().copied().unwrap_or_default();
                         let (replica, what) = errors
                             .into_iter()
                             .next()
-                            .unwrap_or((0, "no replica said why".into()));
+                            .unwrap_or((first, "a replica of another node failed".into()));
                         // Replica 0's adapter and optimiser are those of the last whole step
                         // unless it is the one that failed.
                         let checkpoint = own_failed.is_none().then(|| ckpt.clone());
@@ -434,7 +449,7 @@ pub fn train_parallel<B: KernelBackend>(
                         return Err(Error::ReplicaFailed {
                             step,
                             replica,
-                            device: par.name(replica).into(),
+                            device: par.name(replica),
                             what,
                             checkpoint,
                         });
@@ -488,15 +503,15 @@ pub fn train_parallel<B: KernelBackend>(
                 lost.get_or_insert(k + 1);
             }
         }
-        if count > 1 {
+        if total_replicas > 1 {
             parallel::finish::<B>(0);
         }
         result?;
         match lost {
             Some(k) => Err(Error::ReplicaFailed {
                 step: state.step,
-                replica: k,
-                device: par.name(k).into(),
+                replica: layout.global(k),
+                device: par.name(layout.global(k)),
                 what: "its thread panicked".into(),
                 checkpoint: None,
             }),
