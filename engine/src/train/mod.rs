@@ -488,7 +488,9 @@ pub fn train_parallel<B: KernelBackend>(
                         path: ckpt.clone(),
                     });
                 }
-                if cancel.is_cancelled() {
+                // With replicas, the next step's all-reduce carries the cancel to every one
+                // (another node must not wait for this one at an all-reduce it never enters).
+                if cancel.is_cancelled() && total_replicas == 1 {
                     cancelled = true;
                     break;
                 }
