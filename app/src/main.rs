@@ -86,7 +86,7 @@ enum Command {
     /// Turn a repository (or an instruction file) into a training dataset, on this machine.
     Import(import::ImportArgs),
     /// Fine-tune a LoRA adapter on instruction data (JSONL, Alpaca or chat form).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Fold LoRA adapters into the base model and write it (HF safetensors f16, or GGUF).
     Merge(merge::MergeArgs),
     /// Build a regression dataset: run programs in the sandbox on scaled inputs and record
@@ -204,7 +204,7 @@ fn main() {
         Some(Command::Generate(args)) => generate::cmd_generate(args),
         Some(Command::Import(args)) => import::cmd_import(args),
         Some(Command::Eval(args)) => eval::cmd_eval(args),
-        Some(Command::Train(args)) => train::cmd_train(args),
+        Some(Command::Train(args)) => train::cmd_train(*args),
         Some(Command::Merge(args)) => merge::cmd_merge(args),
         Some(Command::Measure(args)) => measure::cmd_measure(args),
         Some(Command::Predict(args)) => predict::cmd_predict(args),

@@ -1,7 +1,6 @@
 use std::{
     marker::PhantomData,
     sync::{Arc, Mutex},
-    vec,
 };
 
 use burn_communication::{CommunicationChannel, Message, Protocol, ProtocolClient};
