@@ -110,7 +110,8 @@ pub fn open_cuda(index: usize) -> Result<(burn::backend::cuda::CudaDevice, GpuIn
     let probe = std::panic::catch_unwind(|| {
         Tensor::<burn::backend::Cuda, 1>::zeros([1], &device)
             .into_data()
-            .num_bytes()
+            .as_bytes()
+            .len()
     });
     std::panic::set_hook(hook);
     match probe {
