@@ -222,6 +222,29 @@ fn config(steps: usize, lr: f64, dropout: f32) -> TrainConfig {
     }
 }
 
+/// A job on the tiny model without frozen adapters, validated on the first row.
+fn job<'a, Bk: KernelBackend>(
+    model: &'a Llama<Autodiff<Bk>>,
+    rows: &'a [Row],
+    config: &'a TrainConfig,
+    out: &'a std::path::Path,
+    resume: bool,
+) -> TrainJob<'a, Bk> {
+    TrainJob {
+        model,
+        frozen: &[],
+        train: rows,
+        val: &rows[..1],
+        config,
+        out,
+        base_model: "tiny_llama",
+        run: Default::default(),
+        resume,
+        objective: None,
+        init: None,
+    }
+}
+
 fn run<Bk: KernelBackend>(
     model: &Llama<Autodiff<Bk>>,
     rows: &[Row],
@@ -231,29 +254,13 @@ fn run<Bk: KernelBackend>(
     stop_at: Option<usize>,
 ) -> TrainSummary {
     let cancel = CancelToken::new();
-    train(
-        TrainJob {
-            model,
-            frozen: &[],
-            train: rows,
-            val: &rows[..1],
-            config,
-            out,
-            base_model: "tiny_llama",
-            run: Default::default(),
-            resume,
-            objective: None,
-            init: None,
-        },
-        &cancel,
-        &mut |e| {
-            if let (TrainEvent::Step { step, .. }, Some(k)) = (&e, stop_at)
-                && *step == k
-            {
-                cancel.cancel();
-            }
-        },
-    )
+    train(job(model, rows, config, out, resume), &cancel, &mut |e| {
+        if let (TrainEvent::Step { step, .. }, Some(k)) = (&e, stop_at)
+            && *step == k
+        {
+            cancel.cancel();
+        }
+    })
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -355,19 +362,7 @@ fn resume_continues_the_same_loss_curve() {
     // Starting over in the same directory without --resume would lose the run: refused.
     let cancel = CancelToken::new();
     let refused = train(
-        TrainJob {
-            model: &loaded.model,
-            frozen: &[],
-            train: &rows,
-            val: &[],
-            config: &c,
-            out: &b,
-            base_model: "tiny_llama",
-            run: Default::default(),
-            resume: false,
-            objective: None,
-            init: None,
-        },
+        job(&loaded.model, &rows, &c, &b, false),
         &cancel,
         &mut |_| {},
     );
@@ -796,19 +791,7 @@ fn run_replicated(
         nodes: None,
     };
     train_parallel(
-        TrainJob {
-            model,
-            frozen: &[],
-            train: rows,
-            val: &rows[..1],
-            config,
-            out,
-            base_model: "tiny_llama",
-            run: Default::default(),
-            resume,
-            objective: None,
-            init: None,
-        },
+        job(model, rows, config, out, resume),
         &par,
         &CancelToken::new(),
         &mut |_| {},

@@ -68,11 +68,7 @@ pub fn init_wgpu() -> Result<(WgpuDevice, GpuInfo)> {
                 })
             }
             Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown error".into());
+                let msg = panic_message(panic.as_ref());
                 Err(format!(
                     "{msg}. Install a Vulkan driver (on Debian/Ubuntu without a GPU: \
                      `apt-get install mesa-vulkan-drivers libvulkan1` for the software one)"
@@ -84,6 +80,15 @@ pub fn init_wgpu() -> Result<(WgpuDevice, GpuInfo)> {
         Ok(i) => Ok((device, i.clone())),
         Err(e) => Err(Error::NoAdapter(e.clone())),
     }
+}
+
+/// What a panic said (its `String` or `&str` payload).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// The CUDA device `--device cuda:N` chose (0 until set).
@@ -125,11 +130,7 @@ pub fn open_cuda(index: usize) -> Result<(burn::backend::cuda::CudaDevice, GpuIn
             },
         )),
         Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown error".into());
+            let msg = panic_message(panic.as_ref());
             Err(Error::NoAdapter(format!(
                 "CUDA device {index} could not be opened: {}. It needs an NVIDIA GPU and its \
                  driver (libcuda)",
@@ -157,12 +158,7 @@ fn watch_faults() {
             if !device_thread {
                 return previous(info);
             }
-            let msg = info
-                .payload()
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "a device thread panicked".into());
+            let msg = panic_message(info.payload());
             // cubecl's messages end with a backtrace note; the first line says what failed.
             let first = msg.lines().next().unwrap_or_default();
             let first = first

@@ -27,7 +27,7 @@ use burn::tensor::{DType, ElementConversion, Tensor, TensorPrimitive};
 use burn_collective::{CollectiveConfig, PeerId, ReduceOperation};
 
 use super::data::Row;
-use super::step::{Share, apply_step, train_step};
+use super::step::{Share, ShareResult, apply_step, train_step};
 use super::{Optim, TrainJob, adamw};
 use crate::adapter::Adapter;
 use crate::cancel::CancelToken;
@@ -156,9 +156,6 @@ pub fn share(n: usize, k: usize, replicas: usize) -> Range<usize> {
     k * n / replicas..(k + 1) * n / replicas
 }
 
-/// What a replica hands the all-reduce for one step.
-pub(super) type ShareResult<B> = Result<Option<(f64, Vec<Tensor<B, 2>>)>>;
-
 /// A share's passes, a fault check first; a panic becomes an error.
 pub(super) fn run_share<B: KernelBackend>(
     job: &TrainJob<'_, B>,
@@ -176,11 +173,7 @@ pub(super) fn run_share<B: KernelBackend>(
         train_step(job, adapter, share, dtype, cancel)
     }))
     .unwrap_or_else(|panic| {
-        let msg = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "a panic without a message".into());
+        let msg = crate::device::panic_message(panic.as_ref());
         Err(Error::Internal(format!("panicked: {msg}")))
     })
 }

@@ -168,20 +168,19 @@ pub(super) struct Share<'r> {
     pub targets: usize,
 }
 
-/// The forward and backward passes of a share of an optimiser step: its part of the mean loss
-/// and its gradients, summed over its rows (zeros for a share without rows), or `None` when
+/// A share's part of the mean loss and its gradients summed over its rows, or `None` when
 /// cancelled.
-#[allow(
-    clippy::type_complexity,
-    reason = "the share's loss and gradients, named in the doc line; a struct would be used once"
-)]
+pub(super) type ShareResult<B> = Result<Option<(f64, Vec<Tensor<B, 2>>)>>;
+
+/// The forward and backward passes of a share of an optimiser step (zeros for a share without
+/// rows).
 pub(super) fn train_step<B: KernelBackend>(
     job: &TrainJob<'_, B>,
     adapter: &Adapter<B>,
     share: &Share<'_>,
     dtype: DType,
     cancel: &CancelToken,
-) -> Result<Option<(f64, Vec<Tensor<B, 2>>)>> {
+) -> ShareResult<B> {
     let c = &job.config;
     let tracked = adapter.map(|t| Tensor::<Autodiff<B>, 2>::from_inner(t.clone()).require_grad());
     let mut sum: Vec<Tensor<B, 2>> = adapter
