@@ -121,7 +121,7 @@ pub struct TrainArgs {
     /// Data-parallel training: one replica per device, each on its share of every step's
     /// rows, the adapter's gradients summed before each optimiser step; the same run as one
     /// device with the same --batch. `cuda:0,cuda:1` (a build with the `cuda` feature), or
-    /// `cpu,cpu`: logical replicas sharing the CPU's cores (no faster; it checks a launch).
+    /// `cpu,cpu`: logical replicas sharing the CPU's cores (for checking a launch).
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
     /// Data parallel over several machines: `host:port` of every node, in rank order, the same
