@@ -587,3 +587,53 @@ fn train_regression<B: OpenDevice>(
     };
     run(args, config, job, &Parallel::default())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_devices, parse_nodes};
+
+    fn list(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// `--devices` and `--nodes` as a user types them, and the mistakes a user makes, each
+    /// refused with what is wrong.
+    #[test]
+    fn devices_and_nodes_parse_or_say_what_is_wrong() {
+        let ok = |s: &[&str]| parse_devices(&list(s)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ok(&["cuda:0", "cuda:1"]), ("cuda", vec![0, 1]));
+        assert_eq!(ok(&["cpu", "cpu"]), ("cpu", vec![0, 0]));
+        assert_eq!(ok(&["gpu"]), ("gpu", vec![0]));
+        for (bad, says) in [
+            (&["cuda:0", "cpu"][..], "one kind"),
+            (&["cuda:x"][..], "not a number"),
+            (&["cuda:1", "cuda:1"][..], "twice"),
+            (&["tpu:0"][..], "not cpu, gpu[:N] or cuda[:N]"),
+        ] {
+            let err = parse_devices(&list(bad)).map_or_else(|e| e.to_string(), |_| String::new());
+            assert!(err.contains(says), "{bad:?}: `{err}`");
+        }
+
+        let nodes = list(&["a.lan:29500", "b.lan:29600"]);
+        let n = parse_nodes(&nodes, Some(1))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("no nodes"));
+        assert_eq!((n.rank, n.count), (1, 2));
+        assert_eq!(n.orchestrator, "ws://a.lan:29500");
+        assert_eq!(
+            (n.address.as_str(), n.data_port),
+            ("ws://b.lan:29601", 29601)
+        );
+        assert!(parse_nodes(&nodes, None).is_ok_and(|n| n.is_none()));
+        for (bad, rank, says) in [
+            (list(&["a:1", "b:2"]), 2, "lists 2 node"),
+            (list(&["a"]), 0, "not host:port"),
+            (list(&["a:port"]), 0, "not a number"),
+            (list(&["a:65535"]), 0, "lower one"),
+        ] {
+            let err =
+                parse_nodes(&bad, Some(rank)).map_or_else(|e| e.to_string(), |_| String::new());
+            assert!(err.contains(says), "{bad:?} rank {rank}: `{err}`");
+        }
+    }
+}
