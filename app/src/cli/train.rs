@@ -13,7 +13,7 @@ use codelsi_engine::quant::QFormat;
 use codelsi_engine::regress::{NumberObjective, RegressionData, RegressionSpec};
 use codelsi_engine::train::data::PromptTemplate;
 use codelsi_engine::train::meta::RunInfo;
-use codelsi_engine::train::run::{DEFAULT_VAL_FRAC, InstructRun};
+use codelsi_engine::train::run::{DEFAULT_VAL_FRAC, InstructRun, load_frozen};
 use codelsi_engine::train::{
     Activations, Decay, Nodes, Parallel, Replica, TrainConfig, TrainEvent, TrainJob,
     start_orchestrator, train_parallel,
@@ -134,8 +134,9 @@ pub struct TrainArgs {
     node_rank: Option<usize>,
 }
 
-/// `--nodes` and `--node-rank` as the engine takes them.
-fn parse_nodes(list: &[String], rank: Option<usize>) -> Result<Option<Nodes>> {
+/// `--nodes` and `--node-rank` as the engine takes them, with the first node's port (where
+/// node 0 runs the orchestrator).
+fn parse_nodes(list: &[String], rank: Option<usize>) -> Result<Option<(Nodes, u16)>> {
     let Some(rank) = rank else {
         return Ok(None);
     };
@@ -158,13 +159,14 @@ fn parse_nodes(list: &[String], rank: Option<usize>) -> Result<Option<Nodes>> {
     };
     let (host0, port0) = split(&list[0])?;
     let (host, port) = split(&list[rank])?;
-    Ok(Some(Nodes {
+    let nodes = Nodes {
         rank,
         count: list.len(),
         orchestrator: format!("ws://{host0}:{port0}"),
         address: format!("ws://{host}:{}", port + 1),
         data_port: port + 1,
-    }))
+    };
+    Ok(Some((nodes, port0)))
 }
 
 /// `--devices`: one kind of device (`cpu`, `gpu` or `cuda`) and the index of each replica's.
@@ -230,16 +232,13 @@ pub fn cmd_train(args: TrainArgs) -> Result<()> {
         activations: Activations::parse(&args.activations)?,
     };
     config.validate()?;
-    if args.node_rank.is_some() && args.task == Task::Regression {
-        anyhow::bail!("--nodes: regression adapters train on one device for now");
+    if args.task == Task::Regression && (args.node_rank.is_some() || args.devices.len() > 1) {
+        anyhow::bail!("--devices, --nodes: regression adapters train on one device for now");
     }
     if args.devices.is_empty() {
         return crate::on_engine!(train_on(&args, &config, &[]));
     }
     let (kind, indices) = parse_devices(&args.devices)?;
-    if args.task == Task::Regression && indices.len() > 1 {
-        anyhow::bail!("--devices: regression adapters train on one device for now");
-    }
     match kind {
         "cpu" => train_on::<burn::backend::Flex>(&args, &config, &indices),
         "gpu" => train_on::<codelsi_engine::device::Wgpu>(&args, &config, &indices),
@@ -325,15 +324,7 @@ fn train_on<B: OpenDevice>(
     }
     let replica_frozen = models
         .iter()
-        .map(|m| {
-            args.base_adapters
-                .iter()
-                .map(|dir| {
-                    let a = Adapter::<B>::load_peft(dir, &m.model.config, m.model.device())?;
-                    Ok(a.map(|t| burn::tensor::Tensor::from_inner(t.clone())))
-                })
-                .collect::<codelsi_engine::Result<Vec<Adapter<Autodiff<B>>>>>()
-        })
+        .map(|m| load_frozen::<B>(&args.base_adapters, &m.model.config, m.model.device()))
         .collect::<codelsi_engine::Result<Vec<_>>>()?;
     let replica_refs: Vec<Vec<&Adapter<Autodiff<B>>>> =
         replica_frozen.iter().map(|f| f.iter().collect()).collect();
@@ -354,21 +345,18 @@ fn train_on<B: OpenDevice>(
         })
         .collect();
     let nodes = parse_nodes(&args.nodes, args.node_rank)?;
+    if let Some((n, port0)) = &nodes
+        && n.rank == 0
+    {
+        start_orchestrator(*port0)?;
+    }
     let par = Parallel {
         replicas,
         first: format!("{gpu} (replica 0)"),
         fault: None,
-        nodes,
+        nodes: nodes.map(|(n, _)| n),
     };
     if let Some(n) = &par.nodes {
-        if n.rank == 0 {
-            let port = n
-                .orchestrator
-                .rsplit(':')
-                .next()
-                .and_then(|p| p.parse().ok());
-            start_orchestrator(port.context("the first node's port")?)?;
-        }
         if !json {
             eprintln!(
                 "data parallel: node {} of {}, {} replica(s) here, {} in all",
@@ -615,10 +603,10 @@ mod tests {
         }
 
         let nodes = list(&["a.lan:29500", "b.lan:29600"]);
-        let n = parse_nodes(&nodes, Some(1))
+        let (n, port0) = parse_nodes(&nodes, Some(1))
             .unwrap_or_else(|e| panic!("{e}"))
             .unwrap_or_else(|| panic!("no nodes"));
-        assert_eq!((n.rank, n.count), (1, 2));
+        assert_eq!((n.rank, n.count, port0), (1, 2, 29500));
         assert_eq!(n.orchestrator, "ws://a.lan:29500");
         assert_eq!(
             (n.address.as_str(), n.data_port),

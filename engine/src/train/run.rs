@@ -59,6 +59,22 @@ impl<B: KernelBackend> Assembled<B> {
     }
 }
 
+/// The adapters in `dirs` for a model of `config`'s shape on `device`, as untracked leaves on
+/// `Autodiff<B>`: a run's frozen base adapters (each data-parallel replica loads its own).
+pub fn load_frozen<B: KernelBackend>(
+    dirs: &[PathBuf],
+    config: &Config,
+    device: &B::Device,
+) -> Result<Vec<Adapter<Autodiff<B>>>> {
+    dirs.iter()
+        .map(|dir| {
+            // The error names the adapter's files.
+            let adapter = Adapter::<B>::load_peft(dir, config, device)?;
+            Ok(adapter.map(|t| Tensor::<Autodiff<B>, 2>::from_inner(t.clone())))
+        })
+        .collect()
+}
+
 impl InstructRun {
     /// Prepare the rows and load the base adapters for a model of `config`'s shape on `device`
     /// (the frozen adapters are untracked leaves on `Autodiff<B>`).
@@ -83,15 +99,7 @@ impl InstructRun {
             },
             tokenizer,
         )?;
-        let frozen = self
-            .base_adapters
-            .iter()
-            .map(|dir| {
-                // The error names the adapter's files.
-                let adapter = Adapter::<B>::load_peft(dir, config, device)?;
-                Ok(adapter.map(|t| Tensor::<Autodiff<B>, 2>::from_inner(t.clone())))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let frozen = load_frozen::<B>(&self.base_adapters, config, device)?;
         let run = RunInfo {
             data: Some(self.data.clone()),
             val: self.val.clone(),
