@@ -197,14 +197,12 @@ pub fn load_model<B: KernelBackend>(
     let weights = config.gguf_weights(&gguf);
     let model = Llama::load(config.clone(), &weights, quantize, device, &mut upload)?;
     let file_bytes = gguf.tensors.iter().map(|t| t.len).sum();
-    let info = info(
-        path,
-        "GGUF",
-        &config,
-        type_census(&gguf),
-        &model,
-        file_bytes,
-    );
+    let quantization = match quantize {
+        // Every linear weight widened (`--base-dtype`).
+        Some(q) if q.is_half() => format!("{} → {q:?} at load", type_census(&gguf)),
+        _ => type_census(&gguf),
+    };
+    let info = info(path, "GGUF", &config, quantization, &model, file_bytes);
     uploaded::<B>(device, &info)?;
     tracing::debug!(path = %path.display(), seconds = started.elapsed().as_secs_f64(),
         device_bytes = info.device_bytes, types = %info.quantization, backend = B::kernels_impl(),

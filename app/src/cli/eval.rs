@@ -24,6 +24,8 @@ pub struct EvalArgs {
     /// LoRA adapter directories applied to the model (repeat to stack).
     #[arg(long = "adapter")]
     adapters: Vec<PathBuf>,
+    #[command(flatten)]
+    base: super::BaseArgs,
     /// `humaneval-ts`, `mbpp-ts`, or a problems JSONL (`task_id`, `prompt`, `test`).
     #[arg(long, default_value = "humaneval-ts")]
     suite: String,
@@ -99,7 +101,7 @@ fn generate_all<B: OpenDevice>(
     cancel: &CancelToken,
     json: bool,
 ) -> Result<Vec<Completion>> {
-    let (loaded, gpu) = super::load::<B>(&args.model, None, json)?;
+    let (loaded, gpu) = super::load::<B>(&args.model, &args.base, json)?;
     let model = &loaded.model;
     let adapters = super::load_adapters(&args.adapters, model)?;
     let refs: Vec<&Adapter<B>> = adapters.iter().collect();
@@ -157,7 +159,7 @@ fn cmd_fit<B: OpenDevice>(args: &EvalArgs, data: &std::path::Path) -> Result<()>
     if let Some(n) = args.limit {
         records.truncate(n);
     }
-    let (loaded, _) = super::load::<B>(&args.model, None, json)?;
+    let (loaded, _) = super::load::<B>(&args.model, &args.base, json)?;
     let model = &loaded.model;
     let adapters = super::load_adapters(&args.adapters, model)?;
     let refs: Vec<&Adapter<B>> = adapters.iter().collect();

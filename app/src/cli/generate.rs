@@ -16,11 +16,10 @@ use codelsi_engine::kernels::KernelBackend;
 use codelsi_engine::model::LoadedModel;
 use codelsi_engine::model::OpenDevice;
 use codelsi_engine::models::llama::Adapters;
-use codelsi_engine::quant::QFormat;
 use codelsi_engine::regress::{PredictSettings, Regressor};
 use codelsi_engine::sampling::SamplingParams;
 
-use super::{Format, ctrl_c_token, load, load_adapters, parse_quant};
+use super::{BaseArgs, Format, ctrl_c_token, load, load_adapters};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -51,10 +50,8 @@ pub struct GenerateArgs {
     /// Stop when the output contains this string (repeatable).
     #[arg(long = "stop")]
     stop: Vec<String>,
-    /// Quantise f32 (and f16) weights at load (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k,
-    /// or f16/bf16 to keep 16 bits); GGUF weights already in one of these stay as they are.
-    #[arg(long, value_parser = parse_quant)]
-    quantize: Option<QFormat>,
+    #[command(flatten)]
+    base: BaseArgs,
     /// A LoRA adapter directory (PEFT format, as `codelsi train` writes); repeat to stack.
     #[arg(long = "adapter")]
     adapters: Vec<PathBuf>,
@@ -81,7 +78,7 @@ pub fn cmd_generate(args: GenerateArgs) -> Result<()> {
 
 fn generate_on<B: OpenDevice>(args: GenerateArgs) -> Result<()> {
     let json = args.format == Format::Json;
-    let (loaded, gpu) = load::<B>(&args.model, args.quantize, json)?;
+    let (loaded, gpu) = load::<B>(&args.model, &args.base, json)?;
     let LoadedModel {
         model, tokenizer, ..
     } = &loaded;

@@ -35,6 +35,49 @@ pub fn parse_quant(s: &str) -> Result<QFormat, String> {
     QFormat::parse(s).ok_or_else(|| format!("`{s}` is not one of {}", QFormat::names()))
 }
 
+/// How the model's frozen weights are held on the device: `--base-dtype` and `--quantize`.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct BaseArgs {
+    /// The frozen base's type on the device: bf16 or f16 widen every linear weight, quantised
+    /// blocks too (plain LoRA; on CUDA the products run on tensor cores); quantized keeps the
+    /// file's blocks (QLoRA-style, the least memory). Default: bf16 on a CUDA device that has
+    /// it, quantized elsewhere.
+    #[arg(long, value_enum)]
+    pub base_dtype: Option<BaseDtype>,
+    /// Quantise f32 and 16-bit weights at load (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k;
+    /// f16 or bf16 act as `--base-dtype`); GGUF weights already quantised stay as they are.
+    #[arg(long, value_parser = parse_quant)]
+    pub quantize: Option<QFormat>,
+}
+
+#[derive(Clone, Copy, ValueEnum, Debug, PartialEq)]
+pub enum BaseDtype {
+    Bf16,
+    F16,
+    Quantized,
+}
+
+impl BaseArgs {
+    /// The format [`load_model`] holds the weights in on `device` (`None`: the file's blocks).
+    pub fn format<B: KernelBackend>(&self, device: &B::Device) -> Result<Option<QFormat>> {
+        Ok(match (self.base_dtype, self.quantize) {
+            (None, None) => B::default_base(device),
+            (None, q) => q,
+            (Some(BaseDtype::Quantized), None) => None,
+            (Some(BaseDtype::Quantized), Some(q)) if !q.is_half() => Some(q),
+            (Some(BaseDtype::Bf16), None) => Some(QFormat::Bf16),
+            (Some(BaseDtype::F16), None) => Some(QFormat::F16),
+            (Some(base), Some(q)) => anyhow::bail!(
+                "--base-dtype {} with --quantize {}: a 16-bit base holds every weight in 16 \
+                 bits, and --quantize applies to a quantized base; give one of them",
+                base.to_possible_value()
+                    .map_or_else(String::new, |v| v.get_name().to_owned()),
+                q.ggml().name().to_lowercase(),
+            ),
+        })
+    }
+}
+
 /// The process's cancel token, set by Ctrl-C. `ctrlc` takes one handler per process, so every
 /// command (and every run inside `eval --compare`) shares this one.
 pub fn ctrl_c_token() -> CancelToken {
@@ -70,16 +113,16 @@ pub fn load_adapters<B: KernelBackend>(
 /// `Autodiff<B>`).
 pub fn load<B: OpenDevice>(
     spec: &str,
-    quantize: Option<QFormat>,
+    base: &BaseArgs,
     quiet: bool,
 ) -> Result<(LoadedModel<B>, GpuInfo)> {
-    load_on::<B>(spec, quantize, quiet, None)
+    load_on::<B>(spec, base, quiet, None)
 }
 
 /// [`load`] onto device `index` of `B` (`None`: the one `--device` chose).
 pub fn load_on<B: OpenDevice>(
     spec: &str,
-    quantize: Option<QFormat>,
+    base: &BaseArgs,
     quiet: bool,
     index: Option<usize>,
 ) -> Result<(LoadedModel<B>, GpuInfo)> {
@@ -108,8 +151,9 @@ pub fn load_on<B: OpenDevice>(
         None => B::open()?,
         Some(i) => B::open_index(i)?,
     };
+    let format = base.format::<B>(&device)?;
     // Engine errors already name the file and the problem.
-    let loaded = load_model::<B>(&path, quantize, &device, &mut report)?;
+    let loaded = load_model::<B>(&path, format, &device, &mut report)?;
     Ok((loaded, gpu))
 }
 
@@ -157,4 +201,49 @@ pub fn resident_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+    use clap::Parser;
+    use codelsi_engine::quant::QFormat;
+
+    use super::BaseArgs;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        base: BaseArgs,
+    }
+
+    /// `--base-dtype` and `--quantize` as typed: the format the loader gets on the CPU path, or
+    /// why the pair makes no sense.
+    #[test]
+    fn base_dtype_and_quantize_combine_or_say_why_not() {
+        let format = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("codelsi").chain(args.iter().copied()))
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            cli.base
+                .format::<Flex>(&Default::default())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(format(&[]), Ok(None), "the CPU path keeps the blocks");
+        assert_eq!(format(&["--base-dtype", "bf16"]), Ok(Some(QFormat::Bf16)));
+        assert_eq!(format(&["--base-dtype", "f16"]), Ok(Some(QFormat::F16)));
+        assert_eq!(format(&["--base-dtype", "quantized"]), Ok(None));
+        assert_eq!(format(&["--quantize", "q8_0"]), Ok(Some(QFormat::Q8_0)));
+        assert_eq!(
+            format(&["--base-dtype", "quantized", "--quantize", "q4_k"]),
+            Ok(Some(QFormat::Q4K))
+        );
+        for bad in [
+            ["--base-dtype", "bf16", "--quantize", "q8_0"],
+            ["--base-dtype", "quantized", "--quantize", "f16"],
+        ] {
+            let e = format(&bad).expect_err("refused");
+            let said = format!("{} with --quantize {}", bad[1], bad[3]);
+            assert!(e.contains(&said), "{bad:?}: {e}");
+        }
+    }
 }

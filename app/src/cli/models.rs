@@ -7,9 +7,8 @@ use clap::Subcommand;
 use codelsi_engine::fetch::{DEFAULT_MODEL, FetchStep, cache_dir, catalogue, ensure_model};
 use codelsi_engine::kernels::KernelBackend;
 use codelsi_engine::model::OpenDevice;
-use codelsi_engine::quant::QFormat;
 
-use super::{load, parse_quant, print_fetch, resident_bytes};
+use super::{BaseArgs, load, print_fetch, resident_bytes};
 use crate::on_engine;
 
 #[derive(Subcommand)]
@@ -26,8 +25,8 @@ pub enum ModelsCommand {
     Info {
         #[arg(long, default_value = "default")]
         model: String,
-        #[arg(long, value_parser = parse_quant)]
-        quantize: Option<QFormat>,
+        #[command(flatten)]
+        base: BaseArgs,
     },
 }
 
@@ -78,14 +77,14 @@ pub fn cmd_models(command: ModelsCommand) -> Result<()> {
             })?;
             println!("{}", path.display());
         }
-        ModelsCommand::Info { model, quantize } => on_engine!(model_info(&model, quantize))?,
+        ModelsCommand::Info { model, base } => on_engine!(model_info(&model, &base))?,
     }
     Ok(())
 }
 
 /// `codelsi models info`: what a model is and what it takes on `B`'s device.
-fn model_info<B: OpenDevice>(model: &str, quantize: Option<QFormat>) -> Result<()> {
-    let (loaded, gpu) = load::<B>(model, quantize, false)?;
+fn model_info<B: OpenDevice>(model: &str, base: &BaseArgs) -> Result<()> {
+    let (loaded, gpu) = load::<B>(model, base, false)?;
     let i = &loaded.info;
     println!("path:          {}", i.path.display());
     println!("format:        {}", i.format);

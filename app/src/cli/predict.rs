@@ -87,7 +87,7 @@ pub fn cmd_predict(args: PredictArgs) -> Result<()> {
 /// `codelsi predict` on `B`: the held-out split or the files named.
 fn predict_on<B: OpenDevice>(args: &PredictArgs, dir: &Path) -> Result<()> {
     let json = args.format == Format::Json;
-    let (loaded, gpu) = load::<B>(&args.model, None, json)?;
+    let (loaded, gpu) = load::<B>(&args.model, &Default::default(), json)?;
     let regressor = Regressor::<B>::load(dir, &loaded.model)?;
     let spec = &regressor.spec;
     // What to predict for: the held-out split (with the training side, for the baselines),
@@ -211,7 +211,7 @@ fn baselines_only<B: OpenDevice>(args: &PredictArgs, json: bool) -> Result<()> {
     let Some(data) = &args.data else {
         bail!("--baselines-only needs --data");
     };
-    let (loaded, _) = load::<B>(&args.model, None, json)?;
+    let (loaded, _) = load::<B>(&args.model, &Default::default(), json)?;
     let examples = regress::read_examples(data)?;
     let metrics = if args.metrics.is_empty() {
         regress::metric_names(&examples)

@@ -5,9 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use codelsi_engine::model::OpenDevice;
-use codelsi_engine::quant::QFormat;
 
-use super::{ctrl_c_token, load, parse_quant};
+use super::{BaseArgs, ctrl_c_token, load};
 use crate::serve::{Settings, serve};
 
 #[derive(clap::Args)]
@@ -39,9 +38,8 @@ pub struct ServeArgs {
     /// Adapters kept loaded at once (least recently used out).
     #[arg(long, default_value_t = 8)]
     max_adapters: usize,
-    /// Quantise f32 (and f16) weights at load, as `generate --quantize`.
-    #[arg(long, value_parser = parse_quant)]
-    quantize: Option<QFormat>,
+    #[command(flatten)]
+    base: BaseArgs,
 }
 
 pub fn cmd_serve(args: ServeArgs) -> Result<()> {
@@ -55,7 +53,7 @@ fn serve_on<B: OpenDevice>(args: ServeArgs) -> Result<()> {
         dirs.push(local);
     }
     let catalogue = adapter_catalogue(&dirs)?;
-    let (loaded, gpu) = load::<B>(&args.model, args.quantize, false)?;
+    let (loaded, gpu) = load::<B>(&args.model, &args.base, false)?;
     let base_id = loaded.info.id();
     eprintln!("{} on {}", base_id, gpu.name);
     for (id, dir) in &catalogue {

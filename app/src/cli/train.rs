@@ -9,7 +9,6 @@ use codelsi_engine::adapter::Adapter;
 use codelsi_engine::adapter::{LoraConfig, Target};
 use codelsi_engine::model::OpenDevice;
 use codelsi_engine::model::{LoadedModel, load_model};
-use codelsi_engine::quant::QFormat;
 use codelsi_engine::regress::{NumberObjective, RegressionData, RegressionSpec};
 use codelsi_engine::train::data::PromptTemplate;
 use codelsi_engine::train::meta::RunInfo;
@@ -19,7 +18,7 @@ use codelsi_engine::train::{
     start_orchestrator, train_parallel,
 };
 
-use super::{Format, load_on, parse_quant};
+use super::{BaseArgs, Format, load_on};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
@@ -105,8 +104,8 @@ pub struct TrainArgs {
     /// same metrics; the optimiser and the schedule start afresh.
     #[arg(long, conflicts_with = "resume")]
     init_adapter: Option<PathBuf>,
-    #[arg(long, value_parser = parse_quant)]
-    quantize: Option<QFormat>,
+    #[command(flatten)]
+    base: BaseArgs,
     /// `instruct` (LoRA on instruction data) or `regression` (an adapter that predicts
     /// numbers from code: `--data` is JSONL/CSV of `code` and metrics, as `codelsi measure`
     /// writes; validation is split by group).
@@ -260,7 +259,7 @@ fn train_on<B: OpenDevice>(
 ) -> Result<()> {
     let json = args.format == Format::Json;
     let first = indices.first().copied();
-    let (loaded, gpu) = load_on::<Autodiff<B>>(&args.model, args.quantize, json, first)?;
+    let (loaded, gpu) = load_on::<Autodiff<B>>(&args.model, &args.base, json, first)?;
     if args.task == Task::Regression {
         return train_regression(args, config, &loaded, &gpu);
     }
@@ -315,7 +314,7 @@ fn train_on<B: OpenDevice>(
             let path = &loaded.info.path;
             models.push(load_model::<Autodiff<B>>(
                 path,
-                args.quantize,
+                args.base.format::<Autodiff<B>>(&device)?,
                 &device,
                 &mut |_| {},
             )?);

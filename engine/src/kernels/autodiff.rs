@@ -461,6 +461,10 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
         B::computes(format)
     }
 
+    fn default_base(device: &Self::Device) -> Option<crate::quant::QFormat> {
+        B::default_base(device)
+    }
+
     fn max_tensor_bytes(device: &Self::Device) -> Option<u64> {
         B::max_tensor_bytes(device)
     }

@@ -313,6 +313,14 @@ pub trait KernelBackend: Backend {
         false
     }
 
+    /// The format a model's frozen linear weights are held in on `device` when the user names
+    /// none (`--base-dtype`, `--quantize`): `None` keeps the file's blocks where the backend
+    /// computes them, f32 elsewhere; CUDA: bf16 where the device has it (the weights widened
+    /// once, the products on tensor cores).
+    fn default_base(_device: &Self::Device) -> Option<QFormat> {
+        None
+    }
+
     /// `x · W` for a dense linear weight held as `[in, out]` (see `LinearWeight::Dense`).
     fn dense_matmul(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
         reference::dense_matmul(x, w)
@@ -537,4 +545,8 @@ impl KernelBackend for burn::backend::Flex {
 
 /// burn-cuda (the datacenter path) runs the plain-tensor reference until it has kernels of its own.
 #[cfg(feature = "cuda")]
-impl KernelBackend for burn::backend::Cuda {}
+impl KernelBackend for burn::backend::Cuda {
+    fn default_base(device: &Self::Device) -> Option<QFormat> {
+        <Self as Backend>::supports_dtype(device, DType::BF16).then_some(QFormat::Bf16)
+    }
+}

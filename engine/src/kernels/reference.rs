@@ -3,7 +3,7 @@
 
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::{AdapterShare, LoraEpilogue, QTensor, to_dtype, widen};
 use crate::quant::QFormat;
@@ -124,8 +124,13 @@ pub fn dequantize<B: Backend>(w: &QTensor<B>) -> Tensor<B, 2> {
 
 /// `x · W` for a dense weight held as `[in, out]`, in `x`'s type.
 pub fn dense_matmul<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
-    let w = to_dtype(w.clone(), x.dtype());
-    x.matmul(w)
+    let (xd, wd) = (x.dtype(), w.dtype());
+    if matches!(wd, DType::BF16 | DType::F16) && xd != wd {
+        // A 16-bit base (`--base-dtype`): the product in the weight's dtype, where the backend
+        // has its tensor-core matmul (accumulating in f32), and the result back in x's.
+        return to_dtype(to_dtype(x, wd).matmul(w.clone()), xd);
+    }
+    x.matmul(to_dtype(w.clone(), xd))
 }
 
 /// Attention of query rows over keys and values: `softmax(q·kᵀ·scale + mask)·v`.

@@ -5,7 +5,7 @@ pub mod kv_cache;
 pub mod llama;
 
 use burn::backend::Autodiff;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::adapter::LoraPair;
 use crate::error::{Error, Result};
@@ -64,26 +64,26 @@ impl<B: KernelBackend> LinearWeight<B> {
 
     fn device_bytes(&self) -> usize {
         match self {
-            Self::Dense(w) => w.shape().num_elements() * 4,
+            Self::Dense(w) => w.shape().num_elements() * w.dtype().size(),
             Self::Quantized(q) => q.device_bytes(),
             Self::Split(parts) => parts.iter().map(Self::device_bytes).sum(),
         }
     }
 
-    /// `[out, in]` f32 values (row-major) on the device, split by rows where they exceed
-    /// `limit` bytes.
+    /// `[out, in]` f32 values (row-major) on the device as `dtype`, split by rows where they
+    /// exceed `limit` bytes.
     fn upload_dense(
         values: Vec<f32>,
         out: usize,
         inp: usize,
+        dtype: DType,
         limit: u64,
         device: &B::Device,
     ) -> Self {
-        let parts = split_rows(out, (4 * inp) as u64, limit);
+        let parts = split_rows(out, (dtype.size() * inp) as u64, limit);
         let upload = |v: Vec<f32>, rows: usize| {
-            Self::Dense(
-                Tensor::<B, 2>::from_data(TensorData::new(v, [rows, inp]), device).transpose(),
-            )
+            let w = Tensor::<B, 2>::from_data(TensorData::new(v, [rows, inp]), device);
+            Self::Dense(to_dtype(w, dtype).transpose())
         };
         if parts.len() == 1 {
             return upload(values, out);
@@ -148,7 +148,11 @@ impl<B: KernelBackend> Linear<B> {
 
     /// Upload `[out, in]` weights: ggml blocks of a format the backend computes on stay as they
     /// are ([`KernelBackend::computes`]; 16-bit ones unless `quantize` is given); anything else
-    /// becomes f32, or is quantised to `quantize` when given. A weight larger than the device's largest buffer is split by rows.
+    /// becomes f32, or is quantised to `quantize` when given. A 16-bit `quantize` (the CLI's
+    /// `--base-dtype bf16|f16`) holds every weight in it, quantised blocks widened too: as
+    /// blocks where the backend computes the format, else as a dense tensor of that dtype (the
+    /// reference path: CUDA's tensor-core matmuls). A weight larger than the device's largest
+    /// buffer is split by rows.
     pub fn load(
         weight: HostTensor,
         bias: Option<HostTensor>,
@@ -175,13 +179,16 @@ impl<B: KernelBackend> Linear<B> {
             }
             None => None,
         };
+        let half = quantize.filter(|f| f.is_half());
         let quantize = quantize.filter(|f| B::computes(*f));
-        // Blocks stay as they are, except 16-bit ones when `quantize` asks for a format.
+        // Blocks stay as they are, except 16-bit ones when `quantize` asks for a format, and any
+        // other than the 16-bit format asked for.
         let native = match &weight.data {
             HostData::Blocks { ty, .. } => ty.gpu_format().filter(|f| {
                 B::computes(*f)
                     && in_features.is_multiple_of(f.block_len())
                     && !(f.is_half() && quantize.is_some())
+                    && half.is_none_or(|h| h == *f)
             }),
             _ => None,
         };
@@ -208,7 +215,13 @@ impl<B: KernelBackend> Linear<B> {
                         )
                     }
                     _ => {
-                        LinearWeight::upload_dense(values, out_features, in_features, limit, device)
+                        let dtype = match half {
+                            Some(QFormat::Bf16) => DType::BF16,
+                            Some(QFormat::F16) => DType::F16,
+                            _ => DType::F32,
+                        };
+                        let (out, inp) = (out_features, in_features);
+                        LinearWeight::upload_dense(values, out, inp, dtype, limit, device)
                     }
                 }
             }
@@ -425,5 +438,142 @@ impl Embedding {
 
     pub fn host_bytes(&self) -> usize {
         self.bytes.len() + 4 * self.values.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{DType, Tensor, TensorData};
+
+    use super::{Linear, LinearWeight};
+    use crate::io::{HostData, HostTensor};
+    use crate::kernels::QTensor;
+    use crate::quant::{QFormat, quantize_blocks};
+
+    const OUT: usize = 40;
+    const IN: usize = 96;
+    const ROWS: usize = 5;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + seed) * 7919 % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (i % 3) as f32))
+            .collect()
+    }
+
+    /// `[OUT, IN]` Q4_1 blocks, as a GGUF holds them.
+    fn q4_1_weight() -> HostTensor {
+        HostTensor {
+            name: "w".into(),
+            shape: vec![OUT, IN],
+            data: HostData::Blocks {
+                ty: QFormat::Q4_1.ggml(),
+                bytes: quantize_blocks(QFormat::Q4_1, &values(OUT * IN, 1)),
+            },
+        }
+    }
+
+    /// `a · bᵀ` in f64, `a: [m, k]`, `b: [n, k]`.
+    fn product_t(a: &[f32], b: &[f32], k: usize) -> Vec<f32> {
+        let mut y = Vec::new();
+        for ra in a.chunks(k) {
+            for rb in b.chunks(k) {
+                y.push(
+                    ra.iter()
+                        .zip(rb)
+                        .map(|(&p, &q)| p as f64 * q as f64)
+                        .sum::<f64>() as f32,
+                );
+            }
+        }
+        y
+    }
+
+    fn assert_near(what: &str, got: &[f32], want: &[f32], rel: f32) {
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let worst = got
+            .iter()
+            .zip(want)
+            .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        assert!(
+            worst <= rel * scale,
+            "{what}: {worst} off, values up to {scale}"
+        );
+    }
+
+    fn format_of<B: crate::kernels::KernelBackend>(l: &Linear<B>) -> Option<QFormat> {
+        match &l.weight {
+            LinearWeight::Quantized(QTensor { format, .. }) => Some(*format),
+            _ => None,
+        }
+    }
+
+    /// `--base-dtype bf16|f16`: a 16-bit format widens a GGUF's quantised blocks, where a
+    /// quantised `--quantize` leaves them as they are; the product stays that of the file's
+    /// weights to the 16-bit format's rounding.
+    #[test]
+    fn a_half_base_widens_quantised_blocks() {
+        let device = Default::default();
+        let weights = q4_1_weight().into_f32();
+        let x = values(ROWS * IN, 2);
+        let exact = product_t(&x, &weights, IN);
+        for (asked, held, rel) in [
+            (None, QFormat::Q4_1, 2e-2),
+            (Some(QFormat::Q8_0), QFormat::Q4_1, 2e-2),
+            (Some(QFormat::F16), QFormat::F16, 2e-3),
+            (Some(QFormat::Bf16), QFormat::Bf16, 1e-2),
+        ] {
+            let l = Linear::<Flex>::load(q4_1_weight(), None, asked, &device)
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(format_of(&l), Some(held), "{asked:?}");
+            let xt = Tensor::<Flex, 2>::from_data(TensorData::new(x.clone(), [ROWS, IN]), &device);
+            let y = l
+                .forward(xt.unsqueeze())
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            assert_near(&format!("{asked:?}"), &y, &exact, rel);
+        }
+    }
+
+    /// Where the backend has no kernel for a 16-bit format (the reference path: CUDA), the weight
+    /// is a dense tensor of that dtype, half the bytes of f32; the product and its gradient at x
+    /// run in the weight's dtype and come back in x's.
+    #[test]
+    fn a_dense_half_weight_multiplies_in_its_dtype() {
+        type A = Autodiff<Flex>;
+        let device = Default::default();
+        let weights = values(OUT * IN, 3);
+        let x = values(ROWS * IN, 4);
+        let dy = values(ROWS * OUT, 5);
+        let w = LinearWeight::<A>::upload_dense(
+            weights.clone(),
+            OUT,
+            IN,
+            DType::BF16,
+            u64::MAX,
+            &device,
+        );
+        assert_eq!(w.device_bytes(), OUT * IN * 2);
+        let xt = Tensor::<A, 2>::from_data(TensorData::new(x.clone(), [ROWS, IN]), &device)
+            .require_grad();
+        let y = w.product(xt.clone());
+        assert_eq!(y.dtype(), DType::F32);
+        let y_host = y.clone().into_data().to_vec::<f32>().unwrap();
+        // bf16 weights and inputs (8 significant bits), the sum in f32, the result rounded to bf16.
+        assert_near("y", &y_host, &product_t(&x, &weights, IN), 2e-2);
+
+        let dyt = Tensor::<A, 2>::from_data(TensorData::new(dy.clone(), [ROWS, OUT]), &device);
+        let grads = (y * dyt).sum().backward();
+        let dx = xt.grad(&grads).expect("x's gradient");
+        assert_eq!(dx.dtype(), DType::F32);
+        // dX = dY · W: W transposed as the `[n, k]` operand.
+        let wt: Vec<f32> = (0..IN)
+            .flat_map(|i| (0..OUT).map(move |o| (o, i)))
+            .map(|(o, i)| weights[o * IN + i])
+            .collect();
+        let dx_host = dx.into_data().to_vec::<f32>().unwrap();
+        assert_near("dx", &dx_host, &product_t(&dy, &wt, OUT), 2e-2);
     }
 }
