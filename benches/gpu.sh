@@ -21,6 +21,9 @@
 #     targets and optimiser: tokens/s and CUDA max allocated.
 #  5. with more than one GPU (nvidia-smi -L): train --replicas N, data parallel on cuda:0..N-1.
 # Then the wgpu (Vulkan) path's decode/prefill on the 1.5b shape, where a Vulkan driver exists.
+# With WORKLOAD=1 (and 13b among the shapes), last: the paper's workload scaled, `codelsi train`
+# on the 13B shape, 20K instruction records (MBTSP's, repeated) x 3 epochs, r=16 alpha=32, its
+# wall time; it needs `codelsi` built with CUDA too ($CODELSI, default target/release/codelsi).
 # Everything goes to OUT/gpu.log too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,10 +52,27 @@ for shape in ${SHAPES//,/ }; do
         "$BENCH" train --device cuda --replicas "$GPUS" --model "$dir" --seq 512 --steps 3 --base-dtype bf16
     fi
     # The 7b and 13b folders take 13 and 26 GB: keep the disk for the next shape.
-    [ "$shape" = 1.5b ] || rm -rf "$dir"
+    [ "$shape" = 1.5b ] || { [ "$shape" = 13b ] && [ "${WORKLOAD:-0}" = 1 ]; } || rm -rf "$dir"
 done
 
 if [ -d "$OUT/random-1.5b" ]; then
     echo "== wgpu (Vulkan) on the 1.5b shape"
     "$BENCH" model --model "$OUT/random-1.5b" --batches 1,32 || echo "(no Vulkan driver for wgpu here)"
+fi
+
+if [ "${WORKLOAD:-0}" = 1 ] && [ -d "$OUT/random-13b" ]; then
+    echo "== the paper's workload on the 13b shape: 20K records x 3 epochs"
+    CODELSI="${CODELSI:-target/release/codelsi}"
+    "$PY" benches/make_mbtsp_instructions.py engine/suites/mbpp-ts.jsonl "$OUT/mbtsp"
+    "$PY" - "$OUT/mbtsp/mbtsp-train.jsonl" "$OUT/ts20k.jsonl" <<'PY'
+import sys
+rows = open(sys.argv[1]).read().splitlines()
+with open(sys.argv[2], "w") as f:
+    f.write("\n".join(rows[i % len(rows)] for i in range(20000)) + "\n")
+PY
+    start=$(date +%s)
+    "$CODELSI" --device cuda train --model "$OUT/random-13b" --data "$OUT/ts20k.jsonl" \
+        --val "$OUT/mbtsp/mbtsp-val.jsonl" --out "$OUT/adapter-13b" --rank 16 --alpha 32 \
+        --epochs 3 --batch 16 --max-len 512 --base-dtype bf16 --format json | tail -1
+    echo "workload wall time: $(( $(date +%s) - start )) s (the paper: under an hour on 2xA100)"
 fi
