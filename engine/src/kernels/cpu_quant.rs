@@ -18,7 +18,9 @@
 //!   processors with AMX-INT8 the tiles take one `tdpbusd` per unit for 16 weight rows by 16
 //!   rows of x instead ([`amx`]).
 //! - The backward's `dy · W` ([`q_matmul_t`]) dequantises one 32-column unit of every weight
-//!   row at a time and multiplies in f32: gradients are not quantised.
+//!   row at a time and multiplies in f32: gradients are not quantised. On AMX-BF16, each f32
+//!   operand is split into two bf16 values and the tiles take three of the four cross terms,
+//!   which keeps each product to about 2⁻¹⁷ of its size (`amx::times_unit_bf16`).
 //! - 16-bit float weights (F16, BF16) are widened to f32 a tile at a time and multiplied with
 //!   f32 x (`half_matmul`).
 //!
@@ -2254,12 +2256,23 @@ pub fn q_matmul_t(dy: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
     if m == 0 || n == 0 || units == 0 {
         return vec![0.0; m * k];
     }
+    // On AMX-BF16, dy is split into two bf16 halves once for every task (`amx::SplitRows`).
+    #[cfg(target_arch = "x86_64")]
+    let split = (m >= AMX_BF16_MIN_ROWS && Isa::detect() == Isa::Amx && amx::has_bf16())
+        // SAFETY: AMX implies AVX-512F (`Isa::find`).
+        .then(|| unsafe { amx::SplitRows::new(dy, m, n) });
     // Task u writes columns 32u.. of every row as `[m, 32]`.
     let mut strips = vec![0f32; units * m * UNIT];
     pool::for_each_chunk(&mut strips, m * UNIT, &|u, strip| {
         UNIT_ROWS.with_borrow_mut(|wu| {
             wu.resize(n * UNIT, 0.0);
             dequantize_unit_column(w, u, wu);
+            #[cfg(target_arch = "x86_64")]
+            if let Some(split) = &split {
+                // SAFETY: the processor has AMX-BF16, granted, and AVX-512F (checked above).
+                unsafe { amx::times_unit_bf16(split, wu, strip) };
+                return;
+            }
             times_unit(dy, n, wu, strip);
         })
     });
@@ -2271,6 +2284,11 @@ pub fn q_matmul_t(dy: &[f32], m: usize, w: &QWeights<'_>) -> Vec<f32> {
     }
     out
 }
+
+/// Rows of `dy` from which [`q_matmul_t`] takes AMX-BF16's tiles (16 rows each) over
+/// AVX-512's FMAs.
+#[cfg(target_arch = "x86_64")]
+const AMX_BF16_MIN_ROWS: usize = 16;
 
 thread_local! {
     /// [`q_matmul_t`]'s unit of every weight row in f32, kept from call to call.
@@ -2765,26 +2783,30 @@ mod tests {
         check(4, &out);
     }
 
-    /// The transposed product against the f64 product with the dequantised weight.
+    /// The transposed product against the f64 product with the dequantised weight: 13 rows
+    /// of `dy` (FMAs), and 37 over 45 weight rows (AMX-BF16's tiles where the processor has
+    /// them: rows and `n` past whole tiles), each product within 2⁻¹⁶ of its size.
     #[test]
     fn transposed_product_matches_the_dequantised_weight() {
         for format in QFormat::EVERY {
-            let (m, n, k) = (13, 5, 2 * format.block_len());
-            let q = QMatrix::quantize(format, n, k, &values(n * k, 9));
-            let dense = q.dequantize();
-            let w = QWeights::from(&q);
-            let dy = values(m * n, 10);
-            let got = q_matmul_t(&dy, m, &w);
-            for i in 0..m {
-                for c in 0..k {
-                    let want: f64 = (0..n)
-                        .map(|j| dy[i * n + j] as f64 * dense[j * k + c] as f64)
-                        .sum();
-                    let g = got[i * k + c] as f64;
-                    assert!(
-                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{format:?} [{i}, {c}] {g} vs {want}"
-                    );
+            for (m, n) in [(13, 5), (37, 45)] {
+                let k = 2 * format.block_len();
+                let q = QMatrix::quantize(format, n, k, &values(n * k, 9));
+                let dense = q.dequantize();
+                let w = QWeights::from(&q);
+                let dy = values(m * n, 10);
+                let got = q_matmul_t(&dy, m, &w);
+                for i in 0..m {
+                    for c in 0..k {
+                        let terms = (0..n).map(|j| dy[i * n + j] as f64 * dense[j * k + c] as f64);
+                        let want: f64 = terms.clone().sum();
+                        let size: f64 = terms.map(f64::abs).sum();
+                        let g = got[i * k + c] as f64;
+                        assert!(
+                            (g - want).abs() <= 1.5e-5 * size + 1e-7,
+                            "{format:?} m {m} [{i}, {c}] {g} vs {want}"
+                        );
+                    }
                 }
             }
         }
