@@ -144,6 +144,23 @@ impl Config {
     }
 }
 
+impl Config {
+    /// All eight registers 16 rows of 64 bytes: [`times_unit_bf16`]'s operands and sums.
+    fn all_square() -> Self {
+        let mut c = Config {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+            reserved_after: [0; 16],
+        };
+        c.colsb[..8].fill(64);
+        c.rows[..8].fill(BF16_ROWS as u8);
+        c
+    }
+}
+
 /// One step's sums: `[weight row, row of x]`, as `tilestored` writes them.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
@@ -417,7 +434,7 @@ thread_local! {
 #[target_feature(enable = "avx512f")]
 fn lay_out_unit(wu: &[f32], steps: usize, b: &mut Vec<u32>) {
     let n = wu.len() / UNIT;
-    b.clear();
+    // Every value is written below: the buffer only grows.
     b.resize(steps * 4 * BF16_ROWS * 16, 0);
     let row = |j: usize, h: usize| {
         if j < n {
@@ -467,11 +484,7 @@ pub(super) unsafe fn times_unit_bf16(dy: &SplitRows, wu: &[f32], out: &mut [f32]
     );
     UNIT_TILES.with_borrow_mut(|b| {
         lay_out_unit(wu, steps, b);
-        let mut config = Config::steps_of(UNIT);
-        for t in 0..8 {
-            config.colsb[t] = 64;
-            config.rows[t] = BF16_ROWS as u8;
-        }
+        let config = Config::all_square();
         // SAFETY: `granted` asked for the tile state; the configuration is 64 readable bytes.
         unsafe {
             asm!("ldtilecfg [{0}]", in(reg) std::ptr::from_ref(&config), options(nostack, readonly))
