@@ -52,7 +52,7 @@ use burn::tensor::{Distribution, Tensor};
 use codelsi_engine::device::{Wgpu, init_wgpu};
 use codelsi_engine::kernels::qmatmul::{QShape, q_matmul_wgpu};
 use codelsi_engine::kernels::{KernelBackend, QTensor};
-use codelsi_engine::model::{load_model, resolve_model};
+use codelsi_engine::model::{BaseDtype, load_model, resolve_model};
 use codelsi_engine::quant::{QFormat, QMatrix};
 
 type B = Wgpu;
@@ -924,18 +924,14 @@ fn backend_benches<B: KernelBackend>(
     what: &str,
     spec: &str,
 ) -> Result<()> {
-    // `--base-dtype` and `--quantize` as the CLI takes them (`BaseArgs::format`).
+    // `--base-dtype` and `--quantize` as the CLI takes them.
     let quantize = flag_value(args, "--quantize")
         .map(|s| QFormat::parse(s).ok_or_else(|| anyhow::anyhow!("--quantize {s}?")))
         .transpose()?;
-    let base = match (flag_value(args, "--base-dtype"), quantize) {
-        (None, None) => B::default_base(device),
-        (None | Some("quantized"), q) => q,
-        (Some(half @ ("bf16" | "f16")), None) => QFormat::parse(half),
-        (Some(b), _) => {
-            anyhow::bail!("--base-dtype {b}: bf16, f16 or quantized (with --quantize: quantized)")
-        }
-    };
+    let base = flag_value(args, "--base-dtype")
+        .map(|s| BaseDtype::parse(s).ok_or_else(|| anyhow::anyhow!("--base-dtype {s}?")))
+        .transpose()?;
+    let base = BaseDtype::format::<B>(base, quantize, device)?;
     if what == "vs-cpu" {
         let tol = flag_value(args, "--tol").map_or(Ok(1e-2), str::parse)?;
         return vs_cpu::<B>(device, spec, base, tol);

@@ -163,7 +163,62 @@ fn type_census(gguf: &GgufFile) -> String {
         .join(", ")
 }
 
-/// Load a model and its tokenizer onto `device`.
+/// The frozen base's type on the device, as `--base-dtype` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseDtype {
+    /// Every linear weight widened to bf16 once, at load.
+    Bf16,
+    /// Every linear weight widened to f16 once, at load.
+    F16,
+    /// The file's quantised blocks kept as they are (QLoRA-style).
+    Quantized,
+}
+
+impl BaseDtype {
+    pub const ALL: [Self; 3] = [Self::Bf16, Self::F16, Self::Quantized];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+            Self::Quantized => "quantized",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|b| b.name() == name)
+    }
+
+    /// The format [`load_model`] takes for this base and `quantize` (`--quantize`) on
+    /// `device` (`None`: the file's blocks). Neither named: the backend's
+    /// [`KernelBackend::default_base`]. A 16-bit base with a quantised `quantize`, or a quantised
+    /// base with a 16-bit one, is refused.
+    pub fn format<B: KernelBackend>(
+        base: Option<Self>,
+        quantize: Option<QFormat>,
+        device: &B::Device,
+    ) -> Result<Option<QFormat>> {
+        Ok(match (base, quantize) {
+            (None, None) => B::default_base(device),
+            (None, q) => q,
+            (Some(Self::Quantized), None) => None,
+            (Some(Self::Quantized), Some(q)) if !q.is_half() => Some(q),
+            (Some(Self::Bf16), None) => Some(QFormat::Bf16),
+            (Some(Self::F16), None) => Some(QFormat::F16),
+            (Some(base), Some(q)) => {
+                return Err(Error::Setting(format!(
+                    "--base-dtype {} with --quantize {}: a 16-bit base holds every weight in 16 \
+                     bits, and --quantize applies to a quantized base; give one of them",
+                    base.name(),
+                    q.ggml().name().to_lowercase(),
+                )));
+            }
+        })
+    }
+}
+
+/// Load a model and its tokenizer onto `device`. `quantize`: the format of the base's linear
+/// weights (see [`Linear::load`](crate::models::Linear::load) and [`BaseDtype::format`]).
 pub fn load_model<B: KernelBackend>(
     path: &Path,
     quantize: Option<QFormat>,

@@ -22,7 +22,9 @@ use codelsi_engine::cancel::CancelToken;
 use codelsi_engine::device::GpuInfo;
 use codelsi_engine::fetch::{FetchStep, cache_dir};
 use codelsi_engine::kernels::KernelBackend;
-use codelsi_engine::model::{LoadEvent, LoadedModel, OpenDevice, load_model, resolve_model};
+use codelsi_engine::model::{
+    BaseDtype, LoadEvent, LoadedModel, OpenDevice, load_model, resolve_model,
+};
 use codelsi_engine::quant::QFormat;
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -42,7 +44,7 @@ pub struct BaseArgs {
     /// blocks too (plain LoRA; on CUDA the products run on tensor cores); quantized keeps the
     /// file's blocks (QLoRA-style, the least memory). Default: bf16 on a CUDA device that has
     /// it, quantized elsewhere.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = parse_base)]
     pub base_dtype: Option<BaseDtype>,
     /// Quantise f32 and 16-bit weights at load (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k;
     /// f16 or bf16 act as `--base-dtype`); GGUF weights already quantised stay as they are.
@@ -50,31 +52,18 @@ pub struct BaseArgs {
     pub quantize: Option<QFormat>,
 }
 
-#[derive(Clone, Copy, ValueEnum, Debug, PartialEq)]
-pub enum BaseDtype {
-    Bf16,
-    F16,
-    Quantized,
+fn parse_base(s: &str) -> Result<BaseDtype, String> {
+    BaseDtype::parse(s).ok_or_else(|| format!("`{s}` is not one of bf16, f16, quantized"))
 }
 
 impl BaseArgs {
     /// The format [`load_model`] holds the weights in on `device` (`None`: the file's blocks).
     pub fn format<B: KernelBackend>(&self, device: &B::Device) -> Result<Option<QFormat>> {
-        Ok(match (self.base_dtype, self.quantize) {
-            (None, None) => B::default_base(device),
-            (None, q) => q,
-            (Some(BaseDtype::Quantized), None) => None,
-            (Some(BaseDtype::Quantized), Some(q)) if !q.is_half() => Some(q),
-            (Some(BaseDtype::Bf16), None) => Some(QFormat::Bf16),
-            (Some(BaseDtype::F16), None) => Some(QFormat::F16),
-            (Some(base), Some(q)) => anyhow::bail!(
-                "--base-dtype {} with --quantize {}: a 16-bit base holds every weight in 16 \
-                 bits, and --quantize applies to a quantized base; give one of them",
-                base.to_possible_value()
-                    .map_or_else(String::new, |v| v.get_name().to_owned()),
-                q.ggml().name().to_lowercase(),
-            ),
-        })
+        Ok(BaseDtype::format::<B>(
+            self.base_dtype,
+            self.quantize,
+            device,
+        )?)
     }
 }
 
