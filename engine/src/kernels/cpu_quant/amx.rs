@@ -116,18 +116,23 @@ struct Config {
 }
 
 impl Config {
-    /// Two alternating sets for a step of `bytes` codes a row (32, or 16 for a half unit):
-    /// A in tmm0 and tmm4 (`[16, bytes]` of the tile's codes), B in tmm1 and tmm5 (`bytes / 4`
-    /// rows of 64 bytes of x), the i32 sums in tmm2 and tmm3 (`[16, 16]`).
-    fn steps_of(bytes: usize) -> Self {
-        let mut c = Config {
+    /// Palette 1 with every register unused: the constructors below set theirs.
+    fn palette_1() -> Self {
+        Config {
             palette: 1,
             start_row: 0,
             reserved: [0; 14],
             colsb: [0; 16],
             rows: [0; 16],
             reserved_after: [0; 16],
-        };
+        }
+    }
+
+    /// Two alternating sets for a step of `bytes` codes a row (32, or 16 for a half unit):
+    /// A in tmm0 and tmm4 (`[16, bytes]` of the tile's codes), B in tmm1 and tmm5 (`bytes / 4`
+    /// rows of 64 bytes of x), the i32 sums in tmm2 and tmm3 (`[16, 16]`).
+    fn steps_of(bytes: usize) -> Self {
+        let mut c = Self::palette_1();
         for a in [0, 4] {
             c.colsb[a] = bytes as u16;
             c.rows[a] = TILE_ROWS as u8;
@@ -142,19 +147,10 @@ impl Config {
         }
         c
     }
-}
 
-impl Config {
     /// All eight registers 16 rows of 64 bytes: [`times_unit_bf16`]'s operands and sums.
     fn all_square() -> Self {
-        let mut c = Config {
-            palette: 1,
-            start_row: 0,
-            reserved: [0; 14],
-            colsb: [0; 16],
-            rows: [0; 16],
-            reserved_after: [0; 16],
-        };
+        let mut c = Self::palette_1();
         c.colsb[..8].fill(64);
         c.rows[..8].fill(BF16_ROWS as u8);
         c
